@@ -1,0 +1,41 @@
+# The two commands of the README: `make demo` (set-up + the whole system end to end) and
+# `make test` (set-up + the test suite). Everything else is a step you can run alone.
+SHELL := /bin/bash
+VENV = $(shell readlink -f .venv)
+PY = .venv/bin/python
+export CTT_DELTA_JARS ?= $(HOME)/.cache/ctt/jars/delta-$(shell sed -n 's/^DELTA_VERSION = "\([^"]*\)".*/\1/p' pipelines/spark.py)
+# Spark executors must run the venv's python (it has pandas/torch) and stay on loopback locally.
+export PYSPARK_PYTHON = $(CURDIR)/.venv/bin/python
+export PYSPARK_DRIVER_PYTHON = $(CURDIR)/.venv/bin/python
+export SPARK_LOCAL_IP ?= 127.0.0.1
+export PATH := $(CURDIR)/.venv/bin:$(PATH)
+DEMO_DIR ?= demo_run
+
+.PHONY: setup test test-slow demo clean bench-sequences bench-training bench-serving bench-movielens
+
+setup:
+	@.ci/setup_env.sh >/dev/null
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m "slow"
+
+demo: setup
+	$(PY) -m jobs_demo --out $(DEMO_DIR)
+
+bench-sequences: setup
+	$(PY) benchmarks/build_sequences.py
+
+bench-training: setup
+	$(PY) benchmarks/training.py
+
+bench-serving: setup
+	$(PY) benchmarks/serving.py
+
+bench-movielens: setup
+	$(PY) benchmarks/movielens.py
+
+clean:
+	rm -rf $(DEMO_DIR) .pytest_cache build *.egg-info

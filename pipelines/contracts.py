@@ -1,0 +1,225 @@
+"""Every table, column, feature and artifact name of the system, in one place.
+
+Why one module: the Spark jobs, the trainer (which reads Delta without Spark), the Feast
+definitions and the online resolver all meet on these names. Retyping a column name as a
+string anywhere else is how training/serving skew starts, so every other module imports the
+constants below instead.
+
+This module imports pyspark types only inside :func:`spark_schema` so that `models/` and
+`serving/` can import names without pulling in Spark.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+# --------------------------------------------------------------------------------------
+# Event vocabulary
+# --------------------------------------------------------------------------------------
+EVENT_VIEW = "view"
+EVENT_CLICK = "click"
+EVENT_CONVERSION = "conversion"
+EVENT_TYPES: Tuple[str, ...] = (EVENT_VIEW, EVENT_CLICK, EVENT_CONVERSION)
+
+CONTEXT_PSEUDO = "pseudo"  # derived from the label item's categories (training + eval)
+CONTEXT_REAL = "real"  # derived from the logged subject item (evaluation only)
+
+SPLIT_TRAIN = "train"
+SPLIT_VAL = "val"
+SPLIT_TEST = "test"
+SPLITS: Tuple[str, ...] = (SPLIT_TRAIN, SPLIT_VAL, SPLIT_TEST)
+
+# Bounds used by validation.
+MIN_EVENT_TS_SECONDS = 946_684_800  # 2000-01-01T00:00:00Z
+MAX_ID = 2**62  # ids above this are treated as corrupt (hash overflow, garbage)
+MAX_CATEGORIES_PER_ITEM = 32
+
+# --------------------------------------------------------------------------------------
+# Column names
+# --------------------------------------------------------------------------------------
+USER_ID = "user_id"
+ITEM_ID = "item_id"
+EVENT_TYPE = "event_type"
+EVENT_TS = "event_ts"
+SURFACE = "surface"
+SUBJECT_ITEM_ID = "subject_item_id"
+
+CATEGORY_IDS = "category_ids"
+CATEGORY_WEIGHTS = "category_weights"
+ADVERTISER_ID = "advertiser_id"
+
+AGE_BUCKET = "age_bucket"
+COUNTRY = "country"
+GENDER = "gender"
+
+ROW_JSON = "row_json"
+SOURCE_TABLE = "source_table"
+REASON = "reason"
+INGESTED_AT = "ingested_at"
+
+AS_OF_TS = "as_of_ts"  # timestamp of the label conversion (history is strictly before it)
+ITEM_IDS = "item_ids"  # history, oldest..newest
+EVENT_TS_SECONDS = "event_ts"  # in sequences: array<long> epoch seconds aligned with item_ids
+LABEL_ITEM_ID = "label_item_id"
+SPLIT = "split"
+
+CONTEXT_CATEGORY_IDS = "context_category_ids"
+CONTEXT_WEIGHTS = "context_weights"
+CONTEXT_SOURCE = "context_source"
+
+SEQUENCE_HASH = "sequence_hash"  # in user_sequences: changes iff the user's history changed
+UPDATED_AT = "updated_at"
+
+HIDDEN_STATE = "hidden_state"
+MODEL_VERSION = "model_version"
+STATE_TS = "state_ts"
+
+# --------------------------------------------------------------------------------------
+# Tables (Delta, one folder each under the lake root)
+# --------------------------------------------------------------------------------------
+T_RAW_EVENTS = "raw_events"  # as ingested / generated, before validation
+T_RAW_ITEMS = "raw_items"
+T_RAW_USERS = "raw_users"
+T_EVENTS = "events"  # validated events
+T_ITEMS = "items"  # validated items
+T_USERS = "users"  # validated users
+T_QUARANTINE = "quarantine"
+T_SEQUENCES = "sequences"  # one row per training example (conversion)
+T_CONTEXT_ROWS = "context_rows"
+T_USER_SEQUENCES = "user_sequences"  # latest full history per user, for batch inference
+T_USER_STATES = "user_states"
+
+ALL_TABLES: Tuple[str, ...] = (
+    T_RAW_EVENTS, T_RAW_ITEMS, T_RAW_USERS, T_EVENTS, T_ITEMS, T_USERS, T_QUARANTINE,
+    T_SEQUENCES, T_CONTEXT_ROWS, T_USER_SEQUENCES, T_USER_STATES,
+)
+
+# Column lists in table order (used by schema builders, pandas baselines and readers).
+RAW_EVENTS_COLUMNS: List[str] = [USER_ID, ITEM_ID, EVENT_TYPE, EVENT_TS, SURFACE, SUBJECT_ITEM_ID]
+ITEMS_COLUMNS: List[str] = [ITEM_ID, CATEGORY_IDS, CATEGORY_WEIGHTS, ADVERTISER_ID]
+USERS_COLUMNS: List[str] = [USER_ID, AGE_BUCKET, COUNTRY, GENDER]
+QUARANTINE_COLUMNS: List[str] = [ROW_JSON, SOURCE_TABLE, REASON, INGESTED_AT]
+SEQUENCES_COLUMNS: List[str] = [USER_ID, AS_OF_TS, ITEM_IDS, EVENT_TS_SECONDS, LABEL_ITEM_ID, SPLIT]
+CONTEXT_ROWS_COLUMNS: List[str] = [
+    USER_ID, AS_OF_TS, CONTEXT_CATEGORY_IDS, CONTEXT_WEIGHTS, CONTEXT_SOURCE,
+]
+USER_SEQUENCES_COLUMNS: List[str] = [USER_ID, AS_OF_TS, ITEM_IDS, EVENT_TS_SECONDS, SEQUENCE_HASH]
+USER_STATES_COLUMNS: List[str] = [USER_ID, HIDDEN_STATE, MODEL_VERSION, STATE_TS, SEQUENCE_HASH]
+
+# Quarantine reasons (the `reason` column takes exactly these values).
+R_NULL_ID = "null_or_unparseable_id"
+R_ID_OUT_OF_RANGE = "id_out_of_range"
+R_UNKNOWN_EVENT_TYPE = "unknown_event_type"
+R_BAD_TIMESTAMP = "null_or_unparseable_timestamp"
+R_FUTURE_TIMESTAMP = "timestamp_in_future"
+R_ANCIENT_TIMESTAMP = "timestamp_before_2000"
+R_UNKNOWN_ITEM = "unknown_item"
+R_DUPLICATE_EVENT = "duplicate_event"
+R_MALFORMED_CATEGORIES = "malformed_category_arrays"
+R_BAD_DEMOGRAPHICS = "bad_demographics"
+R_DUPLICATE_KEY = "duplicate_key"
+QUARANTINE_REASONS: Tuple[str, ...] = (
+    R_NULL_ID, R_ID_OUT_OF_RANGE, R_UNKNOWN_EVENT_TYPE, R_BAD_TIMESTAMP, R_FUTURE_TIMESTAMP,
+    R_ANCIENT_TIMESTAMP, R_UNKNOWN_ITEM, R_DUPLICATE_EVENT, R_MALFORMED_CATEGORIES,
+    R_BAD_DEMOGRAPHICS, R_DUPLICATE_KEY,
+)
+
+# --------------------------------------------------------------------------------------
+# Feast names (feature_repo/ and serving/ both use these)
+# --------------------------------------------------------------------------------------
+FEAST_USER_ENTITY = "user"
+FEAST_ITEM_ENTITY = "item"
+FV_USER_SEQUENCE_STATE = "user_sequence_state"
+FV_USER_PROFILE = "user_profile"
+FV_ITEM_CATEGORIES = "item_categories"
+FEATURE_SERVICE = "contextual_two_tower_v1"
+
+
+def feature_ref(view: str, feature: str) -> str:
+    """Feast's `view:feature` reference string."""
+    return f"{view}:{feature}"
+
+
+# --------------------------------------------------------------------------------------
+# Demographic vocabularies (shared by generator, ingest, model and resolver)
+# --------------------------------------------------------------------------------------
+AGE_BUCKETS = 8  # 0 = unknown, 1..7 = age groups
+GENDERS: Tuple[str, ...] = ("unknown", "f", "m", "x")
+UNKNOWN_COUNTRY = "unknown"
+
+
+# --------------------------------------------------------------------------------------
+# Serving bundle (written by models/export.py, read by serving/ and jobs/batch_inference.py)
+# --------------------------------------------------------------------------------------
+BUNDLE_WEIGHTS = "model.safetensors"
+BUNDLE_CONFIG = "config.json"
+BUNDLE_ITEM_EMBEDDINGS = "item_embeddings.npy"  # (N, D) float32, row i <-> item_ids[i]
+BUNDLE_ITEM_IDS = "item_ids.npy"  # (N,) int64
+BUNDLE_MANIFEST = "manifest.json"
+INDEX_DIR = "scann"
+INDEX_MANIFEST = "index_manifest.json"
+
+
+@dataclass(frozen=True)
+class LakePaths:
+    """Where each Delta table lives under one root (a local folder or any Hadoop URI)."""
+
+    root: str
+
+    def table(self, name: str) -> str:
+        if name not in ALL_TABLES:
+            raise ValueError(f"unknown table {name!r}; known: {', '.join(ALL_TABLES)}")
+        return f"{self.root.rstrip('/')}/{name}"
+
+
+def spark_schema(table: str):  # -> pyspark.sql.types.StructType
+    """The Spark schema of a Delta table of the system (imported lazily: no Spark for torch code)."""
+    from pyspark.sql import types as T
+
+    long_, int_, str_, ts = T.LongType(), T.IntegerType(), T.StringType(), T.TimestampType()
+    arr_long, arr_int, arr_float = (
+        T.ArrayType(T.LongType(), False), T.ArrayType(T.IntegerType(), False),
+        T.ArrayType(T.FloatType(), False),
+    )
+    fields: Dict[str, List[Tuple[str, object, bool]]] = {
+        T_RAW_EVENTS: [
+            (USER_ID, long_, True), (ITEM_ID, long_, True), (EVENT_TYPE, str_, True),
+            (EVENT_TS, ts, True), (SURFACE, str_, True), (SUBJECT_ITEM_ID, long_, True),
+        ],
+        T_RAW_ITEMS: [
+            (ITEM_ID, long_, True), (CATEGORY_IDS, arr_int, True),
+            (CATEGORY_WEIGHTS, arr_float, True), (ADVERTISER_ID, long_, True),
+        ],
+        T_RAW_USERS: [
+            (USER_ID, long_, True), (AGE_BUCKET, int_, True), (COUNTRY, str_, True),
+            (GENDER, str_, True),
+        ],
+        T_QUARANTINE: [
+            (ROW_JSON, str_, False), (SOURCE_TABLE, str_, False), (REASON, str_, False),
+            (INGESTED_AT, ts, False),
+        ],
+        T_SEQUENCES: [
+            (USER_ID, long_, False), (AS_OF_TS, ts, False), (ITEM_IDS, arr_long, False),
+            (EVENT_TS_SECONDS, arr_long, False), (LABEL_ITEM_ID, long_, False),
+            (SPLIT, str_, False),
+        ],
+        T_CONTEXT_ROWS: [
+            (USER_ID, long_, False), (AS_OF_TS, ts, False),
+            (CONTEXT_CATEGORY_IDS, arr_int, False), (CONTEXT_WEIGHTS, arr_float, False),
+            (CONTEXT_SOURCE, str_, False),
+        ],
+        T_USER_SEQUENCES: [
+            (USER_ID, long_, False), (AS_OF_TS, ts, False), (ITEM_IDS, arr_long, False),
+            (EVENT_TS_SECONDS, arr_long, False), (SEQUENCE_HASH, str_, False),
+        ],
+        T_USER_STATES: [
+            (USER_ID, long_, False), (HIDDEN_STATE, arr_float, False),
+            (MODEL_VERSION, str_, False), (STATE_TS, ts, False), (SEQUENCE_HASH, str_, False),
+        ],
+    }
+    fields[T_EVENTS] = [(n, t, n == SUBJECT_ITEM_ID or n == SURFACE) for n, t, _ in fields[T_RAW_EVENTS]]
+    fields[T_ITEMS] = [(n, t, False) for n, t, _ in fields[T_RAW_ITEMS]]
+    fields[T_USERS] = [(n, t, False) for n, t, _ in fields[T_RAW_USERS]]
+    if table not in fields:
+        raise ValueError(f"unknown table {table!r}")
+    return T.StructType([T.StructField(n, t, nullable) for n, t, nullable in fields[table]])

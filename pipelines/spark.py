@@ -1,0 +1,92 @@
+"""The one SparkSession builder of the project, with Delta Lake configured.
+
+Why a single builder: every job must behave the same under `python jobs/x.py` (local[*]),
+`spark-submit jobs/x.py` (whatever --master the user passes) and the test suite. The builder
+therefore never overrides a master that spark-submit already set, binds the driver to loopback
+only when it runs the default local master, and finds the Delta jars in one of two ways:
+
+1. a local folder of jars resolved by `make setup` with Maven (`CTT_DELTA_JARS`, default
+   ``~/.cache/ctt/jars/delta-<version>``), passed as ``spark.jars`` so Spark ships them to
+   executors on any cluster; or
+2. Ivy coordinates in ``spark.jars.packages`` when no such folder exists.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Dict, Optional
+
+DELTA_VERSION = "4.4.0"  # newest Delta jars on Maven Central built for Spark 4.2
+SCALA_BINARY = "2.13"
+DELTA_PACKAGES = (
+    f"io.delta:delta-spark_{SCALA_BINARY}:{DELTA_VERSION},io.delta:delta-storage:{DELTA_VERSION}"
+)
+DEFAULT_MASTER = "local[*]"
+DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
+DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
+
+
+def delta_jars_dir() -> Path:
+    """Folder holding the Delta jars that `make setup` resolved with Maven."""
+    default = Path.home() / ".cache" / "ctt" / "jars" / f"delta-{DELTA_VERSION}"
+    return Path(os.environ.get("CTT_DELTA_JARS", str(default)))
+
+
+def delta_jar_conf() -> Dict[str, str]:
+    """`spark.jars` from the local folder when it holds the jars, else Ivy `spark.jars.packages`."""
+    jars = sorted(glob.glob(str(delta_jars_dir() / "*.jar")))
+    if any("delta-spark" in Path(j).name for j in jars):
+        return {"spark.jars": ",".join(jars)}
+    return {"spark.jars.packages": DELTA_PACKAGES}
+
+
+def session_conf(app_name: str, shuffle_partitions: Optional[int] = None) -> Dict[str, str]:
+    """All settings the builder applies (pure, so tests can check them without a JVM)."""
+    conf = {
+        "spark.app.name": app_name,
+        "spark.sql.extensions": DELTA_EXTENSION,
+        "spark.sql.catalog.spark_catalog": DELTA_CATALOG,
+        # Timestamps are stored and compared in UTC whatever the machine's zone is.
+        "spark.sql.session.timeZone": "UTC",
+        # Arrow makes mapInPandas / toPandas cheap; batch inference depends on it.
+        "spark.sql.execution.arrow.pyspark.enabled": "true",
+        "spark.databricks.delta.schema.autoMerge.enabled": "false",
+        "spark.ui.showConsoleProgress": "false",
+    }
+    if shuffle_partitions is not None:
+        conf["spark.sql.shuffle.partitions"] = str(shuffle_partitions)
+    conf.update(delta_jar_conf())
+    return conf
+
+
+def get_spark(app_name: str = "ctt", master: Optional[str] = None,
+              shuffle_partitions: Optional[int] = None,
+              extra_conf: Optional[Dict[str, str]] = None):  # -> SparkSession
+    """Build (or reuse) the SparkSession.
+
+    `master` wins if given; otherwise a master set by spark-submit (`spark.master` in the
+    launcher's conf) is kept; otherwise `local[*]`. Only in local mode is the driver bound to
+    127.0.0.1, so that on a cluster executors can still reach it.
+    """
+    from pyspark import SparkConf, SparkContext
+    from pyspark.sql import SparkSession
+
+    if "PYSPARK_GATEWAY_PORT" in os.environ:
+        # Under spark-submit the JVM already runs; connect to it so SparkConf sees --master etc.
+        SparkContext._ensure_initialized()
+    launched = SparkConf()  # holds spark-submit's settings when run under it
+    chosen = master or launched.get("spark.master", None) or os.environ.get("CTT_SPARK_MASTER")
+    chosen = chosen or DEFAULT_MASTER
+    builder = SparkSession.builder.master(chosen)
+    conf = session_conf(app_name, shuffle_partitions)
+    if chosen.startswith("local"):
+        conf.setdefault("spark.driver.host", "127.0.0.1")
+        conf.setdefault("spark.driver.bindAddress", "127.0.0.1")
+    for key, value in {**conf, **(extra_conf or {})}.items():
+        if key in ("spark.jars", "spark.jars.packages") and launched.get(key, None):
+            continue  # spark-submit already shipped jars (--jars / --packages / defaults)
+        builder = builder.config(key, value)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(os.environ.get("CTT_SPARK_LOG_LEVEL", "WARN"))
+    return spark
