@@ -1,0 +1,490 @@
+"""Item index for retrieval: ScaNN (tree + asymmetric hashing + exact reorder) and the exact oracle.
+
+Why this module looks the way it does:
+- The item tower is run ONCE per model version over the whole catalog (the bundle's
+  ``item_embeddings.npy``); the index is a derived artifact of that bundle, so its manifest records
+  the bundle's ``model_version``, dims, item count and the sha256 of the id array, and loading
+  refuses an index that belongs to another bundle (seed 003: "batch embedding for index
+  consistency" - a head from model B querying item vectors of model A returns garbage silently).
+- Recall is a *measured* property, not a hope: the build tunes ScaNN's search-time knobs
+  (leaves to search, pre-reorder candidates) on one half of a query sample until recall@k against
+  brute force reaches the target, then reports recall on the *other* half in the manifest.
+- Brute force (numpy matmul + argpartition) is both the oracle (``exact=True``) and the backend for
+  catalogs so small that a tree cannot beat one matmul.
+- Positions, not ids, live inside ScaNN (its optional docid mapping is pickled; we never unpickle).
+  Row ``i`` of the index is ``item_ids[i]`` of the bundle.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from pipelines import contracts as C
+from serving.errors import IndexMismatchError
+
+LOG = logging.getLogger(__name__)
+
+BACKEND_SCANN = "scann"
+BACKEND_BRUTE_FORCE = "brute_force"
+BACKENDS = (BACKEND_SCANN, BACKEND_BRUTE_FORCE)
+
+# Below this many items one (N, D) matmul costs microseconds and is exact; a ScaNN tree would need
+# partitions of a handful of points and buys nothing.
+BRUTE_FORCE_MAX_ITEMS = 2_000
+DEFAULT_K = 100
+DEFAULT_TARGET_RECALL = 0.95
+DEFAULT_N_QUERIES = 1_000  # half tunes the search knobs, half measures the reported recall
+# Tune to a little above the target so the held-out half (a different query sample) still meets it.
+TUNE_MARGIN = 0.01
+MANIFEST_VERSION = 1
+
+# Search-time grid, cheapest first. Fractions of the leaves to visit x multiples of k to reorder.
+_LEAF_FRACTIONS: Tuple[float, ...] = (0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3, 0.45, 0.7, 1.0)
+_REORDER_MULTIPLES: Tuple[int, ...] = (5, 10, 20)
+
+
+# --------------------------------------------------------------------------------------
+# Exact oracle
+# --------------------------------------------------------------------------------------
+def brute_force_topk(embeddings: np.ndarray, queries: np.ndarray,
+                     k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by dot product: ``(positions int64 (B, k), scores float32 (B, k))``, best first.
+
+    argpartition keeps it O(N) per query instead of a full O(N log N) sort.
+    """
+    q = np.atleast_2d(np.asarray(queries, dtype=np.float32))  # (B, D)
+    n = embeddings.shape[0]
+    k = min(k, n)
+    scores = q @ embeddings.T  # (B, N)
+    if k < n:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]  # (B, k) unordered
+    else:
+        part = np.broadcast_to(np.arange(n), (q.shape[0], n)).copy()
+    part_scores = np.take_along_axis(scores, part, axis=1)  # (B, k)
+    order = np.argsort(-part_scores, axis=1, kind="stable")
+    pos = np.take_along_axis(part, order, axis=1).astype(np.int64)
+    return pos, np.take_along_axis(part_scores, order, axis=1).astype(np.float32)
+
+
+def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
+    """Mean fraction of each exact top-k row found in the approximate row (both (B, k))."""
+    if approx.shape[0] != exact.shape[0]:
+        raise ValueError(f"row count differs: {approx.shape[0]} vs {exact.shape[0]}")
+    k = exact.shape[1]
+    hits = [len(np.intersect1d(a[a >= 0], e, assume_unique=False)) for a, e in zip(approx, exact)]
+    return float(np.mean(hits) / k)
+
+
+def sample_queries(embeddings: np.ndarray, n: int, seed: int = 0,
+                   noise: float = 1.0) -> np.ndarray:
+    """Model-free recall queries: random catalog vectors plus isotropic noise, L2-normalised.
+
+    With ``noise`` = 1.0 the query's cosine to its seed item is about 0.7 - similar to what a
+    trained user tower produces for its best item, and harder than querying with the items
+    themselves (which would trivially find the seed and its cluster). Callers with a model pass
+    real user-tower queries to :func:`build_index` instead or in addition.
+    """
+    rng = np.random.default_rng(seed)
+    base = embeddings[rng.integers(0, embeddings.shape[0], n)].astype(np.float32)  # (n, D)
+    g = rng.standard_normal(base.shape).astype(np.float32)
+    g *= noise / np.linalg.norm(g, axis=1, keepdims=True)
+    q = base + g
+    return q / np.linalg.norm(q, axis=1, keepdims=True)
+
+
+def sha256_array(arr: np.ndarray) -> str:
+    """Content hash of an array's bytes (C order, with dtype and shape) - the id-array fingerprint."""
+    a = np.ascontiguousarray(arr)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------------------
+# Parameters and manifest
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ScannParams:
+    """ScaNN build parameters (fixed at build) + search parameters (tuned at build, used at search)."""
+
+    num_leaves: int
+    training_sample_size: int
+    dims_per_block: int
+    anisotropic_quantization_threshold: float
+    soar_lambda: Optional[float]
+    num_neighbors: int
+    leaves_to_search: int
+    pre_reorder_num_neighbors: int
+
+    def to_dict(self) -> Dict[str, object]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, object]) -> "ScannParams":
+        return cls(**d)  # type: ignore[arg-type]
+
+
+def choose_scann_params(n_items: int, dim: int, k: int = DEFAULT_K) -> ScannParams:
+    """Size-dependent starting point (ScaNN's guidance: ~sqrt(N) leaves, AH with 2 dims/block).
+
+    - num_leaves ~ 2 sqrt(N): partitions of ~sqrt(N)/2 points keep per-leaf scoring cheap;
+    - SOAR spilling (each point also stored in a second, orthogonal-residual leaf) raises recall at
+      a given number of visited leaves for dot-product search;
+    - AH 2 dims/block with LUT16 is ScaNN's default speed/accuracy point for dims <= 256;
+    - the search knobs start at 10% of the leaves and 10k reorder candidates and are then tuned.
+    """
+    if n_items < 2:
+        raise ValueError("ScaNN needs at least 2 items")
+    num_leaves = int(min(max(8, round(2 * math.sqrt(n_items))), max(8, n_items // 20)))
+    return ScannParams(
+        num_leaves=num_leaves,
+        training_sample_size=int(min(n_items, 250_000)),
+        dims_per_block=2 if dim % 2 == 0 else 1,
+        anisotropic_quantization_threshold=0.2,
+        soar_lambda=1.5,
+        num_neighbors=int(min(k, n_items)),
+        leaves_to_search=max(1, num_leaves // 10),
+        pre_reorder_num_neighbors=int(min(n_items, 10 * k)),
+    )
+
+
+@dataclass
+class IndexManifest:
+    """What `index_manifest.json` records; loading checks the first four against the bundle."""
+
+    model_version: str
+    n_items: int
+    dim: int
+    item_ids_sha256: str
+    backend: str
+    scann: Optional[Dict[str, object]]
+    build_seconds: float
+    recall_k: int
+    recall_at_k: float  # measured on held-out queries, vs brute force
+    recall_tune_at_k: Optional[float]  # on the tuning half (ScaNN only)
+    n_recall_queries: int
+    query_source: str
+    created_at: str
+    scann_version: str
+    files_sha256: Dict[str, str] = field(default_factory=dict)
+    manifest_version: int = MANIFEST_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "IndexManifest":
+        return cls(**json.loads(text))
+
+
+# --------------------------------------------------------------------------------------
+# The index
+# --------------------------------------------------------------------------------------
+class ItemIndex:
+    """Top-k retrieval over the catalog: ScaNN when built, brute force otherwise or on request."""
+
+    def __init__(self, item_ids: np.ndarray, embeddings: np.ndarray, manifest: IndexManifest,
+                 searcher: object = None) -> None:
+        self.item_ids = np.asarray(item_ids, dtype=np.int64)  # (N,)
+        self.embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)  # (N, D)
+        self.manifest = manifest
+        self.searcher = searcher  # scann ScannSearcher or None (brute force)
+        self.params = ScannParams.from_dict(manifest.scann) if manifest.scann else None
+
+    @property
+    def size(self) -> int:
+        return int(self.item_ids.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    @property
+    def backend(self) -> str:
+        return BACKEND_SCANN if self.searcher is not None else BACKEND_BRUTE_FORCE
+
+    def search_positions(self, query: np.ndarray, k: int,
+                         exact: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+        """One query (D,) -> (positions int64 (k,), scores float32 (k,)), best first."""
+        q = np.ascontiguousarray(query, dtype=np.float32).reshape(-1)  # (D,)
+        if q.shape[0] != self.dim:
+            raise ValueError(f"query has {q.shape[0]} dims, index has {self.dim}")
+        k = int(min(k, self.size))
+        if exact or self.searcher is None:
+            pos, scores = brute_force_topk(self.embeddings, q[None, :], k)
+            return pos[0], scores[0]
+        p = self.params
+        pos, scores = self.searcher.search(
+            q, final_num_neighbors=k,
+            pre_reorder_num_neighbors=max(k, p.pre_reorder_num_neighbors),
+            leaves_to_search=p.leaves_to_search)
+        return np.asarray(pos, dtype=np.int64), np.asarray(scores, dtype=np.float32)
+
+    def search(self, query: np.ndarray, k: int,
+               exact: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+        """One query (D,) -> (item ids int64 (k,), scores float32 (k,)), best first."""
+        pos, scores = self.search_positions(query, k, exact=exact)
+        return self.item_ids[pos], scores
+
+    def search_batch_positions(self, queries: np.ndarray, k: int, exact: bool = False,
+                               leaves_to_search: Optional[int] = None,
+                               pre_reorder: Optional[int] = None) -> np.ndarray:
+        """Many queries (B, D) -> positions (B, k); used for tuning and recall measurement."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)  # (B, D)
+        k = int(min(k, self.size))
+        if exact or self.searcher is None:
+            return brute_force_topk(self.embeddings, q, k)[0]
+        p = self.params
+        pos, _ = self.searcher.search_batched(
+            q, final_num_neighbors=k,
+            pre_reorder_num_neighbors=max(k, pre_reorder or p.pre_reorder_num_neighbors),
+            leaves_to_search=leaves_to_search or p.leaves_to_search)
+        return np.asarray(pos, dtype=np.int64)
+
+
+# --------------------------------------------------------------------------------------
+# Build
+# --------------------------------------------------------------------------------------
+def _validate_catalog(item_ids: np.ndarray, embeddings: np.ndarray) -> None:
+    if item_ids.ndim != 1 or embeddings.ndim != 2:
+        raise ValueError(f"want item_ids (N,) and embeddings (N, D); got {item_ids.shape}, "
+                         f"{embeddings.shape}")
+    if item_ids.shape[0] != embeddings.shape[0]:
+        raise ValueError(f"{item_ids.shape[0]} ids but {embeddings.shape[0]} embeddings")
+    if item_ids.shape[0] == 0:
+        raise ValueError("empty catalog: nothing to index")
+    if np.unique(item_ids).shape[0] != item_ids.shape[0]:
+        raise ValueError("duplicate item ids in the catalog")
+    if not np.isfinite(embeddings).all():
+        raise ValueError("item embeddings contain NaN/inf")
+
+
+def _build_scann(embeddings: np.ndarray, params: ScannParams) -> object:
+    import scann
+
+    builder = scann.scann_ops_pybind.builder(embeddings, params.num_neighbors, "dot_product")
+    builder = builder.set_n_training_threads(os.cpu_count() or 1)
+    builder = builder.tree(
+        num_leaves=params.num_leaves, num_leaves_to_search=params.leaves_to_search,
+        training_sample_size=params.training_sample_size, soar_lambda=params.soar_lambda)
+    builder = builder.score_ah(
+        params.dims_per_block,
+        anisotropic_quantization_threshold=params.anisotropic_quantization_threshold)
+    builder = builder.reorder(params.pre_reorder_num_neighbors)
+    return builder.build()
+
+
+def tune_search(index: ItemIndex, queries: np.ndarray, exact_pos: np.ndarray, k: int,
+                target: float) -> Tuple[ScannParams, float]:
+    """Cheapest (leaves_to_search, pre_reorder) on the grid reaching `target` recall on `queries`.
+
+    The grid ends at all leaves x 20k candidates, which is near-exact; if even that misses the
+    target the build fails loudly rather than shipping a worse index.
+    """
+    p = index.params
+    n = index.size
+    best: Optional[Tuple[float, int, int]] = None
+    for frac in _LEAF_FRACTIONS:
+        leaves = max(1, int(round(frac * p.num_leaves)))
+        for mult in _REORDER_MULTIPLES:
+            reorder = int(min(n, mult * k))
+            pos = index.search_batch_positions(queries, k, leaves_to_search=leaves,
+                                               pre_reorder=reorder)
+            rec = recall_at_k(pos, exact_pos)
+            LOG.info("tune leaves=%d reorder=%d recall@%d=%.4f", leaves, reorder, k, rec)
+            if best is None or rec > best[0]:
+                best = (rec, leaves, reorder)
+            if rec >= target:
+                tuned = ScannParams(**{**p.to_dict(), "leaves_to_search": leaves,
+                                       "pre_reorder_num_neighbors": reorder})
+                return tuned, rec
+    assert best is not None
+    raise RuntimeError(f"ScaNN could not reach recall@{k} >= {target} (best {best[0]:.4f} at "
+                       f"leaves={best[1]}, reorder={best[2]}); use --backend brute_force")
+
+
+def _scann_version() -> str:
+    try:
+        return metadata.version("scann")
+    except metadata.PackageNotFoundError:
+        return "not-installed"
+
+
+def build_index(item_ids: np.ndarray, embeddings: np.ndarray, model_version: str,
+                out_dir: Optional[Path | str], *, queries: Optional[np.ndarray] = None,
+                query_source: str = "perturbed_catalog", k: int = DEFAULT_K,
+                target_recall: float = DEFAULT_TARGET_RECALL, backend: Optional[str] = None,
+                params: Optional[ScannParams] = None, n_queries: int = DEFAULT_N_QUERIES,
+                seed: int = 0) -> ItemIndex:
+    """Build, tune and measure the index of one bundle's catalog; save it under `out_dir`.
+
+    `backend` None = chosen by size (brute force up to BRUTE_FORCE_MAX_ITEMS items). Raises
+    (and writes nothing) when the held-out recall@k misses `target_recall`. `out_dir` None keeps
+    the index in memory only (benchmarks).
+    """
+    item_ids = np.ascontiguousarray(item_ids, dtype=np.int64)  # (N,)
+    embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)  # (N, D)
+    _validate_catalog(item_ids, embeddings)
+    n, dim = embeddings.shape
+    k_eff = int(min(k, n))
+    backend = backend or (BACKEND_BRUTE_FORCE if n <= BRUTE_FORCE_MAX_ITEMS else BACKEND_SCANN)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    if queries is None:
+        queries = sample_queries(embeddings, n_queries, seed=seed)
+    queries = np.ascontiguousarray(queries, dtype=np.float32)  # (Q, D)
+    if queries.ndim != 2 or queries.shape[1] != dim or queries.shape[0] < 2:
+        raise ValueError(f"recall queries must be (Q >= 2, {dim}); got {queries.shape}")
+    half = queries.shape[0] // 2
+    tune_q, eval_q = queries[:half], queries[half:]  # tune on one half, report the other
+
+    t0 = time.perf_counter()
+    manifest = IndexManifest(
+        model_version=model_version, n_items=n, dim=dim, item_ids_sha256=sha256_array(item_ids),
+        backend=backend, scann=None, build_seconds=0.0, recall_k=k_eff, recall_at_k=float("nan"),
+        recall_tune_at_k=None, n_recall_queries=int(eval_q.shape[0]), query_source=query_source,
+        created_at=datetime.now(timezone.utc).isoformat(), scann_version=_scann_version())
+    searcher = None
+    if backend == BACKEND_SCANN:
+        p = params or choose_scann_params(n, dim, k_eff)
+        searcher = _build_scann(embeddings, p)
+        manifest.scann = p.to_dict()
+        untuned = ItemIndex(item_ids, embeddings, manifest, searcher)
+        tuned, manifest.recall_tune_at_k = tune_search(
+            untuned, tune_q, brute_force_topk(embeddings, tune_q, k_eff)[0], k_eff,
+            min(1.0, target_recall + TUNE_MARGIN))
+        manifest.scann = tuned.to_dict()
+    manifest.build_seconds = round(time.perf_counter() - t0, 3)
+    index = ItemIndex(item_ids, embeddings, manifest, searcher)
+    manifest.recall_at_k = recall_at_k(index.search_batch_positions(eval_q, k_eff),
+                                       brute_force_topk(embeddings, eval_q, k_eff)[0])
+    LOG.info("index %s: %d items, held-out recall@%d=%.4f, %.1fs", backend, n, k_eff,
+             manifest.recall_at_k, manifest.build_seconds)
+    if manifest.recall_at_k < target_recall:
+        raise RuntimeError(f"held-out recall@{k_eff} {manifest.recall_at_k:.4f} < target "
+                           f"{target_recall}; nothing written (pass real --queries, or use "
+                           f"--backend brute_force)")
+    if out_dir is not None:
+        save_index(index, Path(out_dir))
+    return index
+
+
+def save_index(index: ItemIndex, out_dir: Path) -> None:
+    """Write ``out_dir/scann/`` (ScaNN assets, absent for brute force) + the manifest, atomically.
+
+    Written into a sibling temp folder and swapped in, so a rerun replaces the previous index and
+    a crash never leaves a half-written one.
+    """
+    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        files: Dict[str, str] = {}
+        if index.searcher is not None:
+            scann_dir = tmp / C.INDEX_DIR
+            scann_dir.mkdir()
+            index.searcher.serialize(str(scann_dir), relative_path=True)
+            files = {f.name: _sha256_file(f) for f in sorted(scann_dir.iterdir()) if f.is_file()}
+        index.manifest.files_sha256 = files
+        (tmp / C.INDEX_MANIFEST).write_text(index.manifest.to_json())
+        _swap_in(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_in(tmp: Path, out_dir: Path) -> None:
+    """Replace `out_dir` by `tmp` (two renames; the old copy is removed only after the swap)."""
+    old = out_dir.with_name(out_dir.name + f".old-{os.getpid()}")
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(tmp, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------
+# Load
+# --------------------------------------------------------------------------------------
+def read_manifest(index_dir: Path | str) -> IndexManifest:
+    path = Path(index_dir) / C.INDEX_MANIFEST
+    if not path.is_file():
+        raise IndexMismatchError(f"no {C.INDEX_MANIFEST} in {index_dir}: not an index folder "
+                                 f"(build one with ctt-build-index / jobs/build_index.py)")
+    try:
+        return IndexManifest.from_json(path.read_text())
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise IndexMismatchError(f"{path} is not a valid index manifest: {exc}") from exc
+
+
+def check_manifest(manifest: IndexManifest, model_version: str, item_ids: np.ndarray,
+                   embeddings: np.ndarray) -> None:
+    """Refuse an index that was not built from exactly this bundle's catalog."""
+    problems: List[str] = []
+    if manifest.model_version != model_version:
+        problems.append(f"model_version: index {manifest.model_version!r} != bundle {model_version!r}")
+    if manifest.dim != embeddings.shape[1]:
+        problems.append(f"dims: index {manifest.dim} != bundle {embeddings.shape[1]}")
+    if manifest.n_items != item_ids.shape[0]:
+        problems.append(f"item count: index {manifest.n_items} != bundle {item_ids.shape[0]}")
+    elif manifest.item_ids_sha256 != sha256_array(np.asarray(item_ids, dtype=np.int64)):
+        problems.append("item id array sha256 differs from the bundle's")
+    if problems:
+        raise IndexMismatchError(
+            "index does not belong to the loaded bundle (" + "; ".join(problems)
+            + "); rebuild it with ctt-build-index --bundle <bundle> --out <index>")
+
+
+def load_index(index_dir: Path | str, model_version: str, item_ids: np.ndarray,
+               embeddings: np.ndarray, verify_files: bool = True) -> ItemIndex:
+    """Load an index for a bundle's catalog, checking the manifest and (optionally) file hashes."""
+    index_dir = Path(index_dir)
+    manifest = read_manifest(index_dir)
+    item_ids = np.asarray(item_ids, dtype=np.int64)
+    check_manifest(manifest, model_version, item_ids, embeddings)
+    searcher = None
+    if manifest.backend == BACKEND_SCANN:
+        scann_dir = index_dir / C.INDEX_DIR
+        if not scann_dir.is_dir():
+            raise IndexMismatchError(f"manifest says scann but {scann_dir} is missing")
+        if verify_files:
+            _verify_files(scann_dir, manifest.files_sha256)
+        import scann
+
+        searcher = scann.scann_ops_pybind.load_searcher(str(scann_dir))
+        if searcher.size() != manifest.n_items:
+            raise IndexMismatchError(f"ScaNN holds {searcher.size()} points, manifest "
+                                     f"{manifest.n_items}")
+    elif manifest.backend != BACKEND_BRUTE_FORCE:
+        raise IndexMismatchError(f"unknown backend {manifest.backend!r} in {index_dir}")
+    return ItemIndex(item_ids, embeddings, manifest, searcher)
+
+
+def _verify_files(folder: Path, expected: Dict[str, str]) -> None:
+    present = {f.name for f in folder.iterdir() if f.is_file()}
+    missing = sorted(set(expected) - present)
+    if missing:
+        raise IndexMismatchError(f"index files missing in {folder}: {', '.join(missing)}")
+    for name, digest in expected.items():
+        if _sha256_file(folder / name) != digest:
+            raise IndexMismatchError(f"index file {folder / name} is corrupt (sha256 differs from "
+                                     f"the manifest); rebuild the index")
+

@@ -1,0 +1,171 @@
+"""Item index: exact oracle, ScaNN recall vs brute force, manifest checks, atomic rebuilds."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from pipelines import contracts as C
+from serving.errors import IndexMismatchError
+from serving.index import (BACKEND_BRUTE_FORCE, BACKEND_SCANN, BRUTE_FORCE_MAX_ITEMS,
+                           brute_force_topk, build_index, choose_scann_params, load_index,
+                           recall_at_k, sample_queries, sha256_array)
+
+N_ITEMS, DIM = 6000, 32
+
+
+def _catalog(n: int, dim: int, seed: int = 0):
+    """Clustered unit vectors (like trained item embeddings) with shuffled, sparse ids."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((max(2, n // 50), dim)).astype(np.float32)
+    x = centers[rng.integers(0, centers.shape[0], n)] + 0.6 * rng.standard_normal((n, dim))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    ids = rng.choice(10 * n, size=n, replace=False).astype(np.int64)
+    return ids, x
+
+
+@pytest.fixture(scope="module")
+def catalog():
+    return _catalog(N_ITEMS, DIM)
+
+
+@pytest.fixture(scope="module")
+def scann_dir(tmp_path_factory, catalog):
+    ids, emb = catalog
+    out = tmp_path_factory.mktemp("idx") / "index"
+    build_index(ids, emb, "run-a-0123abcd", out, backend=BACKEND_SCANN, n_queries=400)
+    return out
+
+
+def test_brute_force_matches_full_sort():
+    rng = np.random.default_rng(1)
+    emb = rng.standard_normal((500, 8)).astype(np.float32)
+    q = rng.standard_normal((3, 8)).astype(np.float32)
+    pos, scores = brute_force_topk(emb, q, 20)
+    full = np.argsort(-(q @ emb.T), axis=1)[:, :20]
+    np.testing.assert_array_equal(pos, full)
+    np.testing.assert_allclose(scores, np.take_along_axis(q @ emb.T, full, axis=1), rtol=1e-6)
+    assert np.all(np.diff(scores, axis=1) <= 0)
+    # k larger than the catalog returns the whole catalog, ranked
+    assert brute_force_topk(emb[:5], q, 100)[0].shape == (3, 5)
+
+
+def test_recall_at_k_counts_overlap():
+    exact = np.array([[1, 2, 3, 4]])
+    assert recall_at_k(np.array([[4, 3, 9, 8]]), exact) == 0.5
+    assert recall_at_k(exact, exact) == 1.0
+
+
+def test_params_scale_with_catalog_size():
+    small, large = choose_scann_params(10_000, 64), choose_scann_params(1_000_000, 64)
+    assert small.num_leaves < large.num_leaves
+    assert large.num_leaves == 2000 and small.dims_per_block == 2
+    assert choose_scann_params(10_000, 33).dims_per_block == 1
+
+
+def test_scann_manifest_and_recall(scann_dir, catalog):
+    ids, emb = catalog
+    manifest = json.loads((scann_dir / C.INDEX_MANIFEST).read_text())
+    assert manifest["backend"] == BACKEND_SCANN
+    assert manifest["model_version"] == "run-a-0123abcd"
+    assert (manifest["n_items"], manifest["dim"]) == (N_ITEMS, DIM)
+    assert manifest["item_ids_sha256"] == sha256_array(ids)
+    assert manifest["recall_at_k"] >= 0.95 and manifest["recall_k"] == 100
+    assert manifest["build_seconds"] > 0
+    assert {"num_leaves", "leaves_to_search", "pre_reorder_num_neighbors"} <= set(manifest["scann"])
+    assert (scann_dir / C.INDEX_DIR / "scann_assets.pbtxt").is_file()
+
+    # recall on a fresh query sample (not the one used for tuning or the manifest figure)
+    index = load_index(scann_dir, "run-a-0123abcd", ids, emb)
+    q = sample_queries(emb, 200, seed=12345)
+    approx = np.stack([index.search_positions(row, 100)[0] for row in q])
+    exact = brute_force_topk(emb, q, 100)[0]
+    assert recall_at_k(approx, exact) >= 0.95
+
+
+def test_search_returns_ids_and_true_scores(scann_dir, catalog):
+    ids, emb = catalog
+    index = load_index(scann_dir, "run-a-0123abcd", ids, emb)
+    q = sample_queries(emb, 1, seed=7)[0]
+    got_ids, got_scores = index.search(q, 10)
+    ex_ids, ex_scores = index.search(q, 10, exact=True)
+    assert got_ids.dtype == np.int64 and set(got_ids) <= set(ids.tolist())
+    # reorder is exact float32, so a returned item's score is its true dot product
+    pos = {int(i): p for p, i in enumerate(ids)}
+    np.testing.assert_allclose(got_scores, emb[[pos[int(i)] for i in got_ids]] @ q, atol=1e-5)
+    np.testing.assert_array_equal(ex_ids, ids[np.argsort(-(emb @ q))[:10]])
+    assert np.all(np.diff(got_scores) <= 1e-6)
+
+
+def test_index_folder_is_relocatable(scann_dir, catalog, tmp_path):
+    ids, emb = catalog
+    moved = tmp_path / "moved"
+    shutil.copytree(scann_dir, moved)
+    index = load_index(moved, "run-a-0123abcd", ids, emb)
+    q = sample_queries(emb, 1, seed=3)[0]
+    np.testing.assert_array_equal(index.search(q, 20)[0],
+                                  load_index(scann_dir, "run-a-0123abcd", ids, emb).search(q, 20)[0])
+
+
+@pytest.mark.parametrize("change, message", [
+    ("version", "model_version"), ("dims", "dims"), ("ids", "sha256"), ("count", "item count"),
+])
+def test_load_refuses_another_bundle(scann_dir, catalog, change, message):
+    ids, emb = catalog
+    version = "run-b-99999999" if change == "version" else "run-a-0123abcd"
+    if change == "dims":
+        emb = np.concatenate([emb, emb[:, :1]], axis=1)
+    if change == "ids":
+        ids = ids.copy()
+        ids[0] = ids.max() + 1
+    if change == "count":
+        ids, emb = ids[:-1], emb[:-1]
+    with pytest.raises(IndexMismatchError, match=message):
+        load_index(scann_dir, version, ids, emb)
+
+
+def test_load_detects_corrupt_or_missing_files(scann_dir, catalog, tmp_path):
+    ids, emb = catalog
+    bad = tmp_path / "bad"
+    shutil.copytree(scann_dir, bad)
+    victim = bad / C.INDEX_DIR / "dataset.npy"
+    data = bytearray(victim.read_bytes())
+    data[-8:] = b"\x00" * 8 if data[-8:] != b"\x00" * 8 else b"\x01" * 8
+    victim.write_bytes(bytes(data))
+    with pytest.raises(IndexMismatchError, match="corrupt"):
+        load_index(bad, "run-a-0123abcd", ids, emb)
+    victim.unlink()
+    with pytest.raises(IndexMismatchError, match="missing"):
+        load_index(bad, "run-a-0123abcd", ids, emb)
+    with pytest.raises(IndexMismatchError, match="not an index folder"):
+        load_index(tmp_path / "nowhere", "run-a-0123abcd", ids, emb)
+
+
+def test_tiny_catalog_uses_exact_brute_force_and_rebuild_replaces(tmp_path):
+    ids, emb = _catalog(300, 16, seed=2)
+    assert ids.shape[0] <= BRUTE_FORCE_MAX_ITEMS
+    out = tmp_path / "tiny"
+    index = build_index(ids, emb, "tiny-00000000", out, n_queries=50)
+    assert index.backend == BACKEND_BRUTE_FORCE and index.manifest.recall_at_k == 1.0
+    assert not (out / C.INDEX_DIR).exists()
+    # rerun with another version: the folder is replaced, no leftovers beside it
+    build_index(ids, emb, "tiny-11111111", out, n_queries=50)
+    assert load_index(out, "tiny-11111111", ids, emb).manifest.model_version == "tiny-11111111"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny"]
+    with pytest.raises(IndexMismatchError):
+        load_index(out, "tiny-00000000", ids, emb)
+
+
+def test_bad_catalogs_are_rejected(tmp_path):
+    ids, emb = _catalog(100, 8)
+    with pytest.raises(ValueError, match="duplicate"):
+        build_index(np.zeros(100, dtype=np.int64), emb, "v", tmp_path / "a")
+    emb_nan = emb.copy()
+    emb_nan[3, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        build_index(ids, emb_nan, "v", tmp_path / "b")
+    with pytest.raises(ValueError, match="ids but"):
+        build_index(ids[:-1], emb, "v", tmp_path / "c")
+    assert not any(tmp_path.iterdir())
