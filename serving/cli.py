@@ -1,0 +1,119 @@
+"""Console entry points of serving: `ctt-serve` (HTTP app) and `ctt-build-index` (ScaNN index).
+
+`jobs/serve.py` and `jobs/build_index.py` only import these, so the same code runs as a console
+script, as `python jobs/x.py` and under the tests (each `main` takes `argv`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+
+from serving.index import (BACKENDS, DEFAULT_K, DEFAULT_N_QUERIES, DEFAULT_TARGET_RECALL,
+                           build_index)
+from serving.resolver import SKEW_POLICIES, SKEW_REFUSE, Resolver
+
+LOG = logging.getLogger(__name__)
+DEFAULT_HOST = "127.0.0.1"  # loopback unless the operator asks otherwise
+DEFAULT_PORT = 8000
+
+
+def build_index_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ctt-build-index",
+        description="Embed-once ScaNN index of a bundle's catalog (item_embeddings.npy) with a "
+                    "manifest recording model_version, dims, parameters and measured recall@k.")
+    p.add_argument("--bundle", required=True, type=Path, help="model bundle folder (models.export)")
+    p.add_argument("--out", required=True, type=Path,
+                   help="index folder to write (<out>/scann + <out>/index_manifest.json)")
+    p.add_argument("--k", type=int, default=DEFAULT_K, help="k of the recall target (default 100)")
+    p.add_argument("--target-recall", type=float, default=DEFAULT_TARGET_RECALL)
+    p.add_argument("--backend", choices=BACKENDS, default=None,
+                   help="default: by catalog size (brute force for tiny catalogs, else ScaNN)")
+    p.add_argument("--queries", type=Path, default=None,
+                   help="optional .npy (Q, D) of real user-tower queries to tune/measure recall on; "
+                        "default: perturbed catalog vectors")
+    p.add_argument("--n-queries", type=int, default=DEFAULT_N_QUERIES)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def build_index_main(argv: Optional[List[str]] = None) -> int:
+    """Load the bundle (checksums verified), build + tune + measure the index, print the manifest."""
+    args = build_index_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from models.export import load_bundle
+
+    bundle = load_bundle(args.bundle)
+    queries = None
+    source = "perturbed_catalog"
+    if args.queries is not None:
+        queries = np.load(args.queries, allow_pickle=False)
+        source = f"file:{args.queries.name}"
+    index = build_index(bundle.item_ids, bundle.item_embeddings, bundle.model_version, args.out,
+                        queries=queries, query_source=source, k=args.k,
+                        target_recall=args.target_recall, backend=args.backend,
+                        n_queries=args.n_queries, seed=args.seed)
+    print(index.manifest.to_json())
+    return 0
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="ctt-serve",
+        description="Online resolver over HTTP: POST /recommend, GET /health, GET /version.")
+    p.add_argument("--host", default=DEFAULT_HOST, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--bundle", type=Path, help="model bundle folder")
+    src.add_argument("--mlflow-run-id", help="load the bundle logged by this MLflow run")
+    src.add_argument("--mlflow-model", help="registered model name (with --mlflow-version)")
+    p.add_argument("--mlflow-version", default=None)
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--index", type=Path, default=None,
+                   help="index folder from ctt-build-index (default: build one at start-up)")
+    p.add_argument("--feature-repo", type=Path, required=True,
+                   help="Feast repo folder (feature_store.yaml; `feast apply` done)")
+    p.add_argument("--skew-policy", choices=SKEW_POLICIES, default=SKEW_REFUSE,
+                   help="cached state of another model version: refuse (409) or serve as cold start")
+    p.add_argument("--torch-threads", type=int, default=1,
+                   help="intra-op threads of the head; 1 is fastest for one-row requests")
+    p.add_argument("--log-level", default="info")
+    return p
+
+
+def make_resolver(args: argparse.Namespace) -> Resolver:
+    if args.bundle is not None:
+        return Resolver.from_paths(args.bundle, args.index, args.feature_repo,
+                                   skew_policy=args.skew_policy)
+    return Resolver.from_mlflow(run_id=args.mlflow_run_id, model_name=args.mlflow_model,
+                                version=args.mlflow_version, index_dir=args.index,
+                                feature_repo_dir=args.feature_repo, tracking_uri=args.tracking_uri,
+                                skew_policy=args.skew_policy)
+
+
+def serve_main(argv: Optional[List[str]] = None) -> int:
+    """Load everything first (fail fast on a mismatched index/bundle), then run uvicorn."""
+    args = serve_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import torch
+    import uvicorn
+
+    from serving.app import create_app
+
+    torch.set_num_threads(args.torch_threads)
+    resolver = make_resolver(args)
+    LOG.info("resolver ready: %s", json.dumps(resolver.version()))
+    uvicorn.run(create_app(resolver), host=args.host, port=args.port, log_level=args.log_level,
+                workers=1)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover - use the console scripts or jobs/
+    sys.exit(serve_main())

@@ -1,0 +1,239 @@
+"""Resolver: parity with the model's full forward, version skew, cold start, request checks."""
+from __future__ import annotations
+
+from typing import List, Optional, Tuple
+
+import numpy as np
+import pytest
+import torch
+from conftest import NO_STATE_USER, STALE_USER, STALE_VERSION, STATE_AGE, UNKNOWN_ITEM
+
+from models import features
+from models.export import load_bundle
+from pipelines import contracts as C
+from serving.errors import (BadRequestError, IndexMismatchError, UnknownSubjectItemError,
+                            VersionSkewError)
+from serving.index import build_index, load_index
+from serving.resolver import (CONTEXT_TOP_K, SKEW_COLD_START, Resolver, USER_ITEM_REFS,
+                              USER_REFS)
+
+PIPELINE_TOP_K = 3  # pipelines/context.py DEFAULT_TOP_K (that module needs pyspark to import)
+
+PARITY_USERS = [1, 2, 3, 5, 8, 13, 21, 34]
+
+
+@pytest.fixture(scope="module")
+def bundle(serving_env):
+    return load_bundle(serving_env.bundle_dir)
+
+
+def _training_context(cat_ids: List[int], weights: List[float],
+                      max_ctx: int) -> Tuple[np.ndarray, np.ndarray]:
+    """What the training path feeds for an item's context: the pipelines' top-k by (weight desc,
+    id asc), renormalised (context_rows), then the trainer's pad_context to max_ctx."""
+    order = sorted(range(len(cat_ids)), key=lambda i: (-weights[i], cat_ids[i]))[:PIPELINE_TOP_K]
+    top_ids = [cat_ids[i] for i in order]
+    top_w = np.asarray(weights, dtype=np.float64)[order]
+    return features.pad_context(top_ids, (top_w / top_w.sum()).tolist(), max_ctx)
+
+
+def _expected_query(bundle, env, user: int, item: Optional[int],
+                    demo_override: Optional[dict] = None, use_history: bool = True) -> np.ndarray:
+    """The model's own full forward (or cold-start head) on the raw inputs: (D,)."""
+    cfg = bundle.config
+    if item is None:
+        ctx_ids, ctx_w = features.pad_context([], [], cfg.max_ctx)
+    else:
+        row = env.catalog.set_index(C.ITEM_ID).loc[item]
+        ctx_ids, ctx_w = _training_context(list(row[C.CATEGORY_IDS]), list(row[C.CATEGORY_WEIGHTS]),
+                                           cfg.max_ctx)
+    prof = env.users.set_index(C.USER_ID)
+    raw = {k: prof.loc[user, k] if user in prof.index else None
+           for k in (C.AGE_BUCKET, C.COUNTRY, C.GENDER)}
+    raw.update(demo_override or {})
+    age, country, gender = features.encode_demographics(raw[C.AGE_BUCKET], raw[C.COUNTRY],
+                                                        raw[C.GENDER], cfg.country_buckets)
+    args = (torch.as_tensor(ctx_ids)[None], torch.as_tensor(ctx_w)[None], torch.tensor([age]),
+            torch.tensor([country]), torch.tensor([gender]))
+    with torch.no_grad():
+        if not use_history:
+            return bundle.model.query_from_state(None, *args)[0].numpy()
+        items, ts = features.pad_history(*env.histories[user], cfg.max_len)
+        return bundle.model(torch.as_tensor(items)[None], torch.as_tensor(ts)[None], *args)[0].numpy()
+
+
+def _exact_topk(bundle, q: np.ndarray, k: int) -> Tuple[np.ndarray, np.ndarray]:
+    scores = bundle.item_embeddings @ q  # (N,)
+    order = np.argsort(-scores, kind="stable")[:k]
+    return bundle.item_ids[order], scores[order]
+
+
+@pytest.mark.parametrize("user", PARITY_USERS)
+def test_scores_match_the_model_forward(resolver, bundle, serving_env, user):
+    item = int(serving_env.catalog[C.ITEM_ID].iloc[user * 17])
+    resp = resolver.recommend(user, subject_item_id=item, k=50, exact=True)
+    want_ids, want_scores = _exact_topk(bundle, _expected_query(bundle, serving_env, user, item), 50)
+    got_ids = np.array([i for i, _ in resp.items])
+    got_scores = np.array([s for _, s in resp.items])
+    np.testing.assert_allclose(got_scores, want_scores, atol=1e-4)
+    np.testing.assert_array_equal(got_ids, want_ids)
+    assert resp.context_source == "subject_item" and not resp.cold_start
+    assert resp.model_version == serving_env.model_version == resp.state_model_version
+
+
+def test_scann_answer_agrees_with_the_exact_one(resolver, bundle, serving_env):
+    recalls = []
+    for user in PARITY_USERS:
+        approx = resolver.recommend(user, k=100)
+        exact = resolver.recommend(user, k=100, exact=True)
+        assert approx.index_backend == "scann" and exact.index_backend == "brute_force"
+        a_ids = [i for i, _ in approx.items]
+        recalls.append(len(set(a_ids) & {i for i, _ in exact.items}) / 100)
+        # ScaNN's exact reorder: a returned score is the item's true dot product
+        q = _expected_query(bundle, serving_env, user, None)
+        pos = {int(i): p for p, i in enumerate(bundle.item_ids)}
+        true = bundle.item_embeddings[[pos[i] for i in a_ids]] @ q
+        np.testing.assert_allclose([s for _, s in approx.items], true, atol=1e-4)
+    assert np.mean(recalls) >= 0.95
+
+
+def test_response_reports_version_age_and_timings(resolver, serving_env):
+    resp = resolver.recommend(3, categories=[(5, 0.9), (7, 0.1)], k=10)
+    assert len(resp.items) == 10 and resp.context_source == "explicit"
+    assert resp.state_age_seconds == pytest.approx(STATE_AGE.total_seconds(), abs=120)
+    assert set(resp.timings) == {"feast", "head", "search", "total"}
+    assert all(v >= 0 for v in resp.timings.values())
+    assert resp.timings["total"] >= resp.timings["feast"] + resp.timings["search"]
+    as_dict = resp.to_dict()
+    assert as_dict["model_version"] == serving_env.model_version and as_dict["cold_start"] is False
+
+
+def test_subject_item_context_is_its_top_k_categories(resolver, serving_env):
+    cats = serving_env.catalog.set_index(C.ITEM_ID)
+    many = cats[cats[C.CATEGORY_IDS].map(len) == 5].index[0]
+    ids, w = list(cats.loc[many, C.CATEGORY_IDS]), list(cats.loc[many, C.CATEGORY_WEIGHTS])
+    q_item = resolver.query_embedding(4, subject_item_id=int(many))
+    q_top = resolver.query_embedding(4, categories=list(zip(ids[:PIPELINE_TOP_K], w[:PIPELINE_TOP_K])))
+    q_none = resolver.query_embedding(4)
+    np.testing.assert_allclose(q_item, q_top, atol=1e-6)
+    assert not np.allclose(q_item, q_none, atol=1e-3)  # the context does change the query
+
+
+def test_context_top_k_matches_the_pipelines():
+    pytest.importorskip("pyspark")
+    from pipelines.context import DEFAULT_TOP_K
+
+    assert CONTEXT_TOP_K == DEFAULT_TOP_K == PIPELINE_TOP_K
+
+
+def test_context_ties_break_by_smaller_category_id(resolver):
+    tied = resolver.query_embedding(4, categories=[(9, 0.25), (2, 0.25), (5, 0.25), (1, 0.25)])
+    np.testing.assert_allclose(
+        tied, resolver.query_embedding(4, categories=[(1, 0.5), (2, 0.5), (5, 0.5)]), atol=1e-6)
+    assert not np.allclose(
+        tied, resolver.query_embedding(4, categories=[(9, 0.5), (2, 0.5), (5, 0.5)]), atol=1e-4)
+
+
+def test_demographics_override(resolver, bundle, serving_env):
+    override = {C.AGE_BUCKET: 6, C.COUNTRY: "JP", C.GENDER: "x"}
+    got = resolver.query_embedding(5, demographics=override)
+    np.testing.assert_allclose(got, _expected_query(bundle, serving_env, 5, None, override), atol=1e-5)
+    partial = resolver.query_embedding(5, demographics={C.COUNTRY: "JP"})
+    assert not np.allclose(partial, got, atol=1e-4)
+
+
+def test_cold_start_uses_the_no_history_path(resolver, bundle, serving_env):
+    item = int(serving_env.catalog[C.ITEM_ID].iloc[10])
+    resp = resolver.recommend(NO_STATE_USER, subject_item_id=item, k=20, exact=True)
+    assert resp.cold_start and resp.cold_start_reason == "no_state"
+    assert resp.state_age_seconds is None and resp.state_model_version is None
+    q = _expected_query(bundle, serving_env, NO_STATE_USER, item, use_history=False)
+    np.testing.assert_allclose([s for _, s in resp.items], _exact_topk(bundle, q, 20)[1], atol=1e-4)
+    # a user the store has never seen (no state, no profile) is a cold start with unknown demographics
+    unknown = resolver.recommend(123456, k=5)
+    assert unknown.cold_start and unknown.context_source == "none" and len(unknown.items) == 5
+
+
+def test_version_skew_is_refused_by_default(resolver):
+    with pytest.raises(VersionSkewError) as err:
+        resolver.recommend(STALE_USER, k=5)
+    assert STALE_VERSION in str(err.value) and resolver.model_version in str(err.value)
+    assert err.value.http_status == 409
+
+
+def test_version_skew_cold_start_policy_says_so(resolver, bundle, serving_env):
+    fallback = Resolver(bundle, resolver.index, resolver.store, skew_policy=SKEW_COLD_START)
+    resp = fallback.recommend(STALE_USER, k=20, exact=True)
+    assert resp.cold_start and resp.cold_start_reason == "version_skew"
+    assert resp.state_model_version == STALE_VERSION and resp.state_age_seconds is None
+    q = _expected_query(bundle, serving_env, STALE_USER, None, use_history=False)
+    np.testing.assert_allclose([s for _, s in resp.items], _exact_topk(bundle, q, 20)[1], atol=1e-4)
+    # users whose state matches are still served from their state
+    assert not fallback.recommend(1, k=5).cold_start
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"subject_item_id": UNKNOWN_ITEM}, UnknownSubjectItemError),
+    ({"subject_item_id": 103, "categories": [(1, 1.0)]}, BadRequestError),
+    ({"k": 0}, BadRequestError),
+    ({"k": 5000}, BadRequestError),
+    ({"categories": [(1, -0.5)]}, BadRequestError),
+    ({"categories": [(1, 0.0)]}, BadRequestError),
+    ({"categories": [(-3, 1.0)]}, BadRequestError),
+    ({"demographics": {C.AGE_BUCKET: 99}}, BadRequestError),
+    ({"demographics": {C.GENDER: "robot"}}, BadRequestError),
+    ({"demographics": {"shoe_size": 44}}, BadRequestError),
+])
+def test_bad_requests_are_rejected_with_a_reason(resolver, kwargs, error):
+    with pytest.raises(error) as err:
+        resolver.recommend(1, **kwargs)
+    assert str(err.value)
+
+
+@pytest.mark.parametrize("user", [-1, "7", 1.5, True, C.MAX_ID + 1])
+def test_bad_user_ids(resolver, user):
+    with pytest.raises(BadRequestError, match=C.USER_ID):
+        resolver.recommend(user)
+
+
+class _CountingStore:
+    """Delegates to the real FeatureStore and records every get_online_features call."""
+
+    def __init__(self, store) -> None:
+        self.store, self.calls = store, []
+
+    def get_online_features(self, features, entity_rows, **kw):
+        self.calls.append((list(features), list(entity_rows)))
+        return self.store.get_online_features(features=features, entity_rows=entity_rows, **kw)
+
+    def get_feature_service(self, name):
+        return self.store.get_feature_service(name)
+
+
+def test_one_feast_call_per_request(resolver, bundle):
+    counting = _CountingStore(resolver.store)
+    r = Resolver(bundle, resolver.index, counting)
+    r.recommend(2, subject_item_id=103, k=5)
+    r.recommend(2, k=5)
+    assert [c[0] for c in counting.calls] == [USER_ITEM_REFS, USER_REFS]
+    assert counting.calls[0][1] == [{C.USER_ID: 2, C.ITEM_ID: 103}]
+
+
+def test_index_of_another_bundle_is_refused(serving_env, bundle, tmp_path, resolver):
+    other = tmp_path / "other_index"
+    build_index(bundle.item_ids, bundle.item_embeddings, "another-run-00000000", other,
+                backend="brute_force", n_queries=20)
+    with pytest.raises(IndexMismatchError, match="model_version"):
+        Resolver.from_paths(serving_env.bundle_dir, other, serving_env.repo_dir)
+    with pytest.raises(ValueError, match="index is for"):
+        Resolver(bundle, load_index(other, "another-run-00000000", bundle.item_ids,
+                                    bundle.item_embeddings), resolver.store)
+
+
+def test_health_and_version(resolver, serving_env):
+    h = resolver.health()
+    assert h["status"] == "ok" and h["online_store"]["reachable"] is True
+    assert h["model_version"] == serving_env.model_version
+    assert h["index"]["size"] == len(serving_env.catalog) and h["index"]["backend"] == "scann"
+    v = resolver.version()
+    assert v["model_version"] == serving_env.model_version and v["index_size"] == len(serving_env.catalog)
