@@ -52,10 +52,10 @@ COLD_START_VERSION_SKEW = "version_skew"
 
 MAX_K = 1000  # larger answers belong to a batch job, not to a per-request retrieval call
 # Training contexts (pseudo and real context_rows) keep the item's top-3 categories by weight
-# (ties: smaller category id first), renormalised (pipelines/context.py DEFAULT_TOP_K). Serving must project a subject item the same
-# way or the head sees a context shape it never saw in training. TODO(lead): move this number into
-# pipelines/contracts.py (and the bundle manifest) so both sides import it; serving cannot import
-# pipelines/context.py (Spark).
+# (ties: smaller category id first), renormalised (pipelines/context.py DEFAULT_TOP_K). Serving
+# must project a subject item the same way or the head sees a context shape it never saw in
+# training. TODO(lead): move this number into pipelines/contracts.py (and the bundle manifest) so
+# both sides import it; serving cannot import pipelines/context.py (Spark).
 CONTEXT_TOP_K = 3
 DEMOGRAPHIC_KEYS = (C.AGE_BUCKET, C.COUNTRY, C.GENDER)
 HEALTH_PROBE_USER_ID = 0  # any id works: the probe measures reachability, not presence

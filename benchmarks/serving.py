@@ -1,0 +1,423 @@
+"""Serving benchmark: resolver latency (in process and over HTTP on loopback) and ScaNN vs brute force.
+
+What it measures, per catalog size (default 100k and 1M items):
+- index: ScaNN build seconds, tuned parameters, recall@100 vs brute force on held-out *model*
+  queries (the resolver's own query vectors, not random vectors);
+- search only: per-query latency of ScaNN vs the exact numpy brute force (the baseline), ratio;
+- resolver in process: end-to-end `Resolver.recommend` latency p50/p99/p999 with the breakdown
+  Feast lookup / head (context layer + MLP) / search, and the same with exact search;
+- HTTP: client-side latency of POST /recommend against a real `jobs/serve.py` (uvicorn) process
+  on 127.0.0.1, keep-alive connection, one request at a time.
+
+Set-up (all real code paths): a model (untrained, seeded, default ModelConfig - or `--bundle` to
+take a trained model's weights) is exported with `models.export.export_bundle` over a synthetic
+catalog of N items, so the item embeddings are the model's item tower over synthetic ids and
+categories. Users' states come from `encode_user_state` over random histories and are written to
+a Feast repo with a SQLite online store (the production definitions from feature_repo/ when that
+folder has them, else stand-ins with the same contract names), together with profiles and the
+categories of the subject items used by the requests.
+
+Usage: python benchmarks/serving.py [--scales 100000 1000000] [--requests 5000] [--quick]
+Writes benchmarks/results/serving.json and prints a table. Figures depend on the machine and its
+load (recorded in the json); they are measurements, nothing here is hard-coded.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+if __name__ == "__main__" and not sys.flags.safe_path:
+    # This file shares its name with the `serving` package. Run as a script, its own folder comes
+    # first on sys.path and `import serving` would import this file. Re-run under `python -P`
+    # (Python >= 3.11: the script's folder is not put on sys.path) rather than editing sys.path.
+    os.execv(sys.executable, [sys.executable, "-P", os.path.abspath(__file__), *sys.argv[1:]])
+
+import argparse  # noqa: E402  (after the re-exec guard on purpose)
+import json  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from datetime import datetime, timedelta, timezone  # noqa: E402
+from importlib import metadata  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any, Dict, List, Optional, Sequence, Tuple  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from models import features  # noqa: E402
+from models.export import Bundle, export_bundle, load_bundle  # noqa: E402
+from models.two_tower import ContextualTwoTower, ModelConfig  # noqa: E402
+from pipelines import contracts as C  # noqa: E402
+from serving.index import (BACKEND_SCANN, ItemIndex, brute_force_topk, build_index,  # noqa: E402
+                           recall_at_k)
+from serving.resolver import CONTEXT_TOP_K, Resolver  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS = REPO_ROOT / "benchmarks" / "results" / "serving.json"
+TARGETS = {"in_process_p99_ms": 2.0, "http_p99_ms": 5.0, "scann_speedup_min": 20.0,
+           "recall_at_100_min": 0.95}
+N_CATEGORIES = 2000
+PERCENTILES = (50, 90, 99, 99.9)
+
+
+# ---------------------------------------------------------------------- helpers
+def pct(samples_ms: Sequence[float]) -> Dict[str, float]:
+    a = np.asarray(samples_ms, dtype=np.float64)
+    out = {f"p{p:g}".replace(".", ""): round(float(np.percentile(a, p)), 4) for p in PERCENTILES}
+    out.update(mean=round(float(a.mean()), 4), n=int(a.size))
+    return out
+
+
+def machine() -> Dict[str, Any]:
+    cpu = "unknown"
+    if Path("/proc/cpuinfo").exists():
+        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                 if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    mem_gb = None
+    if Path("/proc/meminfo").exists():
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem_gb = round(kb / 2**20, 1)
+
+    def ver(pkg: str) -> str:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return "n/a"
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gb": mem_gb, "platform": platform.platform(),
+            "python": platform.python_version(),
+            "packages": {p: ver(p) for p in ("torch", "scann", "feast", "fastapi", "uvicorn", "numpy")},
+            "torch_threads": torch.get_num_threads()}
+
+
+def synthetic_catalog(n: int, seed: int) -> pd.DataFrame:
+    """n items, 1-5 categories each out of N_CATEGORIES (Zipf-ish popularity), weights sorted desc."""
+    rng = np.random.default_rng(seed)
+    k = rng.integers(1, 6, n)
+    pop = 1.0 / np.arange(1, N_CATEGORIES + 1) ** 0.8
+    flat_c = rng.choice(N_CATEGORIES, size=int(k.sum()), p=pop / pop.sum()).astype(np.int32)
+    flat_w = rng.uniform(0.05, 1.0, int(k.sum())).astype(np.float32)
+    cut = np.cumsum(k)[:-1]
+    cats = [np.unique(c).tolist() for c in np.split(flat_c, cut)]  # distinct ids per item
+    weights = [np.sort(w[:len(c)])[::-1].tolist() for c, w in zip(cats, np.split(flat_w, cut))]
+    return pd.DataFrame({C.ITEM_ID: rng.choice(50 * n, size=n, replace=False).astype(np.int64),
+                         C.CATEGORY_IDS: cats, C.CATEGORY_WEIGHTS: weights,
+                         C.ADVERTISER_ID: rng.integers(0, 1000, n).astype(np.int64)})
+
+
+def feast_objects(source_dir: Path) -> List[Any]:
+    """Feast declarations: the project's feature_repo/ when it defines them, else stand-ins."""
+    from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
+    from feast.types import Array, Float32, Int32, String
+
+    user = Entity(name=C.FEAST_USER_ENTITY, join_keys=[C.USER_ID], value_type=ValueType.INT64)
+    item = Entity(name=C.FEAST_ITEM_ENTITY, join_keys=[C.ITEM_ID], value_type=ValueType.INT64)
+
+    def src(name: str, ts: str) -> FileSource:
+        return FileSource(name=f"{name}_src", path=str(source_dir / f"{name}.parquet"),
+                          timestamp_field=ts)
+
+    state = FeatureView(name=C.FV_USER_SEQUENCE_STATE, entities=[user], ttl=timedelta(days=30),
+                        schema=[Field(name=C.HIDDEN_STATE, dtype=Array(Float32)),
+                                Field(name=C.MODEL_VERSION, dtype=String)],
+                        source=src(C.T_USER_STATES, C.STATE_TS))
+    profile = FeatureView(name=C.FV_USER_PROFILE, entities=[user], ttl=timedelta(0),
+                          schema=[Field(name=C.AGE_BUCKET, dtype=Int32),
+                                  Field(name=C.COUNTRY, dtype=String),
+                                  Field(name=C.GENDER, dtype=String)],
+                          source=src(C.T_USERS, C.UPDATED_AT))
+    items = FeatureView(name=C.FV_ITEM_CATEGORIES, entities=[item], ttl=timedelta(0),
+                        schema=[Field(name=C.CATEGORY_IDS, dtype=Array(Int32)),
+                                Field(name=C.CATEGORY_WEIGHTS, dtype=Array(Float32))],
+                        source=src(C.T_ITEMS, C.UPDATED_AT))
+    return [user, item, state, profile, items,
+            FeatureService(name=C.FEATURE_SERVICE, features=[state, profile, items])]
+
+
+@dataclass
+class Scenario:
+    users: np.ndarray  # (U,) user ids with a state
+    subject_items: np.ndarray  # (S,) items written to item_categories
+    queries: np.ndarray  # (Q, D) resolver query vectors (for index tuning + recall)
+
+
+def populate_feast(repo: Path, bundle: Bundle, catalog: pd.DataFrame, n_users: int,
+                   n_subject: int, seed: int) -> Tuple[Any, Scenario]:
+    """Feast repo with SQLite online store, states/profiles/subject-item categories written."""
+    from feast import FeatureStore
+
+    rng = np.random.default_rng(seed)
+    repo.mkdir(parents=True, exist_ok=True)
+    (repo / "feature_store.yaml").write_text(
+        f"project: ctt_bench\nregistry: {repo / 'registry.db'}\nprovider: local\n"
+        f"online_store:\n  type: sqlite\n  path: {repo / 'online.db'}\n"
+        f"entity_key_serialization_version: 3\n")
+    store = FeatureStore(repo_path=str(repo))
+    store.apply(feast_objects(repo))
+    cfg, model = bundle.config, bundle.model
+    item_pool = catalog[C.ITEM_ID].to_numpy()
+    users = np.arange(1, n_users + 1, dtype=np.int64)
+    lengths = rng.integers(1, cfg.max_len + 1, n_users)
+    items = np.full((n_users, cfg.max_len), features.PAD_ITEM, dtype=np.int64)
+    ts = np.zeros((n_users, cfg.max_len), dtype=np.int64)
+    for i, n in enumerate(lengths):
+        items[i, cfg.max_len - n:] = rng.choice(item_pool, size=n)
+        ts[i, cfg.max_len - n:] = np.sort(rng.integers(1_700_000_000, 1_710_000_000, n))
+    states = []
+    with torch.inference_mode():
+        for lo in range(0, n_users, 512):
+            states.append(model.encode_user_state(torch.as_tensor(items[lo:lo + 512]),
+                                                  torch.as_tensor(ts[lo:lo + 512])).numpy())
+    state_arr = np.concatenate(states).astype(np.float32)  # (U, state_dim)
+    now = datetime.now(timezone.utc)
+    store.write_to_online_store(C.FV_USER_SEQUENCE_STATE, pd.DataFrame({
+        C.USER_ID: users, C.HIDDEN_STATE: list(map(list, state_arr)),
+        C.MODEL_VERSION: bundle.model_version, C.STATE_TS: now - timedelta(hours=6)}))
+    store.write_to_online_store(C.FV_USER_PROFILE, pd.DataFrame({
+        C.USER_ID: users, C.AGE_BUCKET: rng.integers(0, C.AGE_BUCKETS, n_users).astype(np.int32),
+        C.COUNTRY: rng.choice(["US", "FR", "DE", "BR", "JP", C.UNKNOWN_COUNTRY], n_users),
+        C.GENDER: rng.choice(list(C.GENDERS), n_users), C.UPDATED_AT: now}))
+    subject = catalog.sample(n=min(n_subject, len(catalog)), random_state=seed)
+    online_items = subject[[C.ITEM_ID, C.CATEGORY_IDS, C.CATEGORY_WEIGHTS]].copy()
+    online_items[C.UPDATED_AT] = now
+    store.write_to_online_store(C.FV_ITEM_CATEGORIES, online_items)
+
+    # Query vectors exactly as the resolver builds them: state + top-k subject context + demo.
+    n_q = min(2000, n_users)
+    ctx = [features.pad_context(c[:CONTEXT_TOP_K], w[:CONTEXT_TOP_K], cfg.max_ctx)
+           for c, w in zip(subject[C.CATEGORY_IDS].iloc[:n_q], subject[C.CATEGORY_WEIGHTS].iloc[:n_q])]
+    ctx += [features.pad_context([], [], cfg.max_ctx)] * (n_q - len(ctx))
+    with torch.inference_mode():
+        q = model.query_from_state(
+            torch.as_tensor(state_arr[:n_q]), torch.as_tensor(np.stack([c[0] for c in ctx])),
+            torch.as_tensor(np.stack([c[1] for c in ctx])),
+            torch.as_tensor(rng.integers(0, C.AGE_BUCKETS, n_q)),
+            torch.as_tensor(rng.integers(0, cfg.country_buckets, n_q)),
+            torch.as_tensor(rng.integers(0, len(C.GENDERS), n_q))).numpy()
+    return store, Scenario(users=users, subject_items=subject[C.ITEM_ID].to_numpy(), queries=q)
+
+
+def request_stream(sc: Scenario, n: int, seed: int) -> List[Dict[str, Any]]:
+    """80% with a subject item (Related-Pins-like), 20% without context; 5% unknown users."""
+    rng = np.random.default_rng(seed)
+    reqs = []
+    for _ in range(n):
+        user = int(rng.choice(sc.users)) if rng.random() > 0.05 else int(10**9 + rng.integers(1e6))
+        item = int(rng.choice(sc.subject_items)) if rng.random() < 0.8 else None
+        reqs.append({C.USER_ID: user, C.SUBJECT_ITEM_ID: item, "k": 100})
+    return reqs
+
+
+# ---------------------------------------------------------------------- measurements
+def bench_search(index: ItemIndex, queries: np.ndarray, k: int = 100) -> Dict[str, Any]:
+    scann_ms, bf_ms = [], []
+    for q in queries:
+        t0 = time.perf_counter()
+        index.search_positions(q, k)
+        t1 = time.perf_counter()
+        brute_force_topk(index.embeddings, q[None, :], k)
+        t2 = time.perf_counter()
+        scann_ms.append((t1 - t0) * 1e3)
+        bf_ms.append((t2 - t1) * 1e3)
+    approx = np.stack([index.search_positions(q, k)[0] for q in queries])
+    rec = recall_at_k(approx, brute_force_topk(index.embeddings, queries, k)[0])
+    s, b = pct(scann_ms), pct(bf_ms)
+    return {"scann_ms": s, "brute_force_ms": b, "recall_at_100": round(rec, 4),
+            "speedup_p50": round(b["p50"] / s["p50"], 2), "speedup_mean": round(b["mean"] / s["mean"], 2)}
+
+
+def bench_in_process(resolver: Resolver, reqs: List[Dict[str, Any]], exact: bool,
+                     warmup: int = 200) -> Dict[str, Any]:
+    for r in reqs[:warmup]:
+        resolver.recommend(r[C.USER_ID], subject_item_id=r[C.SUBJECT_ITEM_ID], k=r["k"], exact=exact)
+    wall, parts = [], {"feast": [], "head": [], "search": []}
+    for r in reqs[warmup:]:
+        t0 = time.perf_counter()
+        resp = resolver.recommend(r[C.USER_ID], subject_item_id=r[C.SUBJECT_ITEM_ID], k=r["k"],
+                                  exact=exact)
+        wall.append((time.perf_counter() - t0) * 1e3)
+        for key in parts:
+            parts[key].append(resp.timings[key])
+    return {"total_ms": pct(wall), **{f"{k}_ms": pct(v) for k, v in parts.items()}}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bench_http(bundle_dir: Path, index_dir: Path, repo: Path, reqs: List[Dict[str, Any]],
+               warmup: int = 200) -> Dict[str, Any]:
+    import httpx
+
+    port = _free_port()
+    log = open(index_dir.parent / f"server-{port}.log", "w+")
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "jobs" / "serve.py"), "--host", "127.0.0.1", "--port",
+         str(port), "--bundle", str(bundle_dir), "--index", str(index_dir), "--feature-repo",
+         str(repo), "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+    base = f"http://127.0.0.1:{port}"
+    t_start = time.monotonic()
+    try:
+        with httpx.Client(base_url=base, timeout=30) as client:
+            while True:
+                try:
+                    if client.get("/health").status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if proc.poll() is not None or time.monotonic() - t_start > 600:
+                    log.seek(0)
+                    raise RuntimeError(f"server failed to start:\n{log.read()[-3000:]}")
+                time.sleep(0.5)
+            startup_s = time.monotonic() - t_start
+            payloads = [{k: v for k, v in r.items() if v is not None} for r in reqs]
+            for p in payloads[:warmup]:
+                client.post("/recommend", json=p).raise_for_status()
+            wall, server_total = [], []
+            for p in payloads[warmup:]:
+                t0 = time.perf_counter()
+                resp = client.post("/recommend", json=p)
+                wall.append((time.perf_counter() - t0) * 1e3)
+                resp.raise_for_status()
+                server_total.append(resp.json()["timings"]["total"])
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+    return {"client_ms": pct(wall), "server_resolver_ms": pct(server_total),
+            "server_startup_s": round(startup_s, 1)}
+
+
+# ---------------------------------------------------------------------- driver
+def run_scale(n_items: int, model: ContextualTwoTower, config: ModelConfig, work: Path,
+              args: argparse.Namespace) -> Dict[str, Any]:
+    print(f"\n== {n_items:,} items ==", flush=True)
+    t0 = time.perf_counter()
+    catalog = synthetic_catalog(n_items, seed=n_items)
+    bundle_dir = export_bundle(model, config, catalog, work / f"bundle_{n_items}", f"bench{n_items}")
+    bundle = load_bundle(bundle_dir)
+    print(f"bundle {bundle.model_version}: {time.perf_counter() - t0:.1f}s", flush=True)
+    repo = work / f"feast_{n_items}"
+    store, sc = populate_feast(repo, bundle, catalog, args.users, args.subject_items, seed=1)
+    print(f"feast populated ({args.users} users, {len(sc.subject_items)} subject items)", flush=True)
+
+    tune, held_out = sc.queries[: len(sc.queries) // 2], sc.queries[len(sc.queries) // 2:]
+    index_dir = work / f"index_{n_items}"
+    index = build_index(bundle.item_ids, bundle.item_embeddings, bundle.model_version, index_dir,
+                        queries=tune, query_source="resolver_queries", backend=BACKEND_SCANN)
+    m = index.manifest
+    print(f"index: build {m.build_seconds:.1f}s, params {m.scann}, recall@100 {m.recall_at_k:.4f}",
+          flush=True)
+    search = bench_search(index, held_out[: args.search_queries])
+    resolver = Resolver(bundle, index, store)
+    reqs = request_stream(sc, args.requests, seed=2)
+    in_proc = bench_in_process(resolver, reqs, exact=False)
+    in_proc_exact = bench_in_process(resolver, reqs[: max(400, args.requests // 5)], exact=True)
+    del resolver, store
+    http = bench_http(bundle_dir, index_dir, repo, request_stream(sc, args.http_requests, seed=3)) \
+        if not args.no_http else None
+    result = {
+        "n_items": n_items, "dim": config.dim, "state_dim": config.state_dim,
+        "model_version": bundle.model_version,
+        "index": {"build_seconds": m.build_seconds, "scann_params": m.scann,
+                  "recall_at_100_manifest": round(m.recall_at_k, 4), "query_source": m.query_source},
+        "search_only": search,
+        "in_process_scann": in_proc, "in_process_brute_force": in_proc_exact, "http": http,
+    }
+    result["targets_met"] = {
+        "in_process_p99": in_proc["total_ms"]["p99"] <= TARGETS["in_process_p99_ms"],
+        "http_p99": None if http is None else http["client_ms"]["p99"] <= TARGETS["http_p99_ms"],
+        "scann_speedup": search["speedup_p50"] >= TARGETS["scann_speedup_min"],
+        "recall": search["recall_at_100"] >= TARGETS["recall_at_100_min"],
+    }
+    return result
+
+
+def print_table(results: List[Dict[str, Any]]) -> None:
+    print("\n" + "-" * 108)
+    print(f"{'items':>10} | {'path':<22} | {'p50 ms':>8} | {'p99 ms':>8} | {'p99.9 ms':>9} | notes")
+    print("-" * 108)
+    for r in results:
+        n = f"{r['n_items']:,}"
+        rows = [("in-process (ScaNN)", r["in_process_scann"]["total_ms"],
+                 "feast p50 {:.3f} / head {:.3f} / search {:.3f}".format(
+                     r["in_process_scann"]["feast_ms"]["p50"], r["in_process_scann"]["head_ms"]["p50"],
+                     r["in_process_scann"]["search_ms"]["p50"])),
+                ("in-process (brute f.)", r["in_process_brute_force"]["total_ms"], "baseline"),
+                ("search: ScaNN", r["search_only"]["scann_ms"],
+                 f"recall@100 {r['search_only']['recall_at_100']:.4f}"),
+                ("search: brute force", r["search_only"]["brute_force_ms"],
+                 f"ScaNN speed-up x{r['search_only']['speedup_p50']:.1f} (p50)")]
+        if r["http"] is not None:
+            rows.append(("HTTP loopback", r["http"]["client_ms"],
+                         f"server-side p50 {r['http']['server_resolver_ms']['p50']:.3f}"))
+        for name, s, note in rows:
+            print(f"{n:>10} | {name:<22} | {s['p50']:>8.3f} | {s['p99']:>8.3f} | {s['p999']:>9.3f} | {note}")
+        print(f"{'':>10} | targets met: {r['targets_met']}")
+    print("-" * 108)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--scales", type=int, nargs="+", default=[100_000, 1_000_000])
+    p.add_argument("--requests", type=int, default=5200, help="in-process requests (200 warm-up)")
+    p.add_argument("--http-requests", type=int, default=5200)
+    p.add_argument("--search-queries", type=int, default=500)
+    p.add_argument("--users", type=int, default=5000)
+    p.add_argument("--subject-items", type=int, default=20000)
+    p.add_argument("--bundle", type=Path, default=None, help="take model weights from this bundle")
+    p.add_argument("--no-http", action="store_true")
+    p.add_argument("--quick", action="store_true", help="20k items, few requests (smoke run)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--work-dir", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.scales, args.requests, args.http_requests, args.users = [20_000], 700, 700, 500
+        args.subject_items, args.search_queries = 2000, 200
+    torch.set_num_threads(1)  # as ctt-serve does: one-row heads are fastest single-threaded
+    torch.manual_seed(0)
+    if args.bundle is not None:
+        src = load_bundle(args.bundle)
+        model, config, weights = src.model, src.config, f"bundle {src.model_version}"
+    else:
+        config = ModelConfig()
+        model, weights = ContextualTwoTower(config).eval(), "untrained (seed 0)"
+    load_before = os.getloadavg()
+    work = args.work_dir or Path(tempfile.mkdtemp(prefix="ctt-bench-serving-"))
+    try:
+        results = [run_scale(n, model, config, work, args) for n in args.scales]
+    finally:
+        if args.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    report = {
+        "benchmark": "serving", "date": datetime.now(timezone.utc).isoformat(),
+        "machine": machine(), "load_average_before": load_before,
+        "load_average_after": os.getloadavg(), "model_weights": weights,
+        "item_embeddings": "model item tower over a synthetic catalog (ids + 1-5 categories)",
+        "baseline": "brute force (numpy matmul + argpartition, exact)",
+        "targets": TARGETS, "args": {k: (str(v) if isinstance(v, Path) else v)
+                                     for k, v in vars(args).items()},
+        "results": results,
+    }
+    print_table(results)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
