@@ -23,7 +23,7 @@ test-slow: setup
 	$(PY) -m pytest -q -m "slow"
 
 demo: setup
-	$(PY) -m jobs_demo --out $(DEMO_DIR)
+	$(PY) jobs/demo.py --out $(DEMO_DIR)
 
 bench-sequences: setup
 	$(PY) benchmarks/build_sequences.py
