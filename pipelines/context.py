@@ -1,0 +1,95 @@
+"""Context rows: the request-time context a training/evaluation example is scored with.
+
+Two sources (``contracts.CONTEXT_PSEUDO`` / ``CONTEXT_REAL``):
+
+* pseudo -- the *label* item's top-k categories by confidence weight, weights renormalised to sum
+  to 1. Training never sees real context (seed 000): it learns from this label-derived stand-in,
+  with heavy context dropout in the model so the sequence still matters. One row per example.
+* real -- the same projection of the *subject item* logged on the label conversion (the item the
+  user was viewing). Only where the conversion has a subject item; used for evaluation only.
+
+Top-k is taken after sorting by (weight desc, category id asc), so ties are deterministic even if
+an upstream table was not sorted; weights are renormalised in double precision then stored as
+float (sum is 1 within float rounding).
+
+Contract extension: rows also carry ``label_item_id``. ``(user_id, as_of_ts)`` alone does not
+identify an example when a user converts on two items in the same second (common in real logs,
+e.g. MovieLens batch ratings), so the join to ``sequences`` is on (user_id, as_of_ts,
+label_item_id). Reported to the lead; defined here in one place until contracts has it.
+"""
+from __future__ import annotations
+
+from typing import List
+
+from pyspark.sql import Column, DataFrame
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+
+from pipelines import contracts as C
+
+DEFAULT_TOP_K = 3
+
+CONTEXT_ROWS_COLUMNS: List[str] = [
+    C.USER_ID, C.AS_OF_TS, C.LABEL_ITEM_ID, C.CONTEXT_CATEGORY_IDS, C.CONTEXT_WEIGHTS,
+    C.CONTEXT_SOURCE,
+]
+CONTEXT_ROWS_KEY: List[str] = [C.USER_ID, C.AS_OF_TS, C.LABEL_ITEM_ID, C.CONTEXT_SOURCE]
+SEQUENCES_KEY: List[str] = [C.USER_ID, C.AS_OF_TS, C.LABEL_ITEM_ID]
+
+
+def context_rows_schema() -> T.StructType:
+    """The contract schema of context_rows with label_item_id inserted after as_of_ts."""
+    base = C.spark_schema(C.T_CONTEXT_ROWS)
+    fields = {f.name: f for f in base.fields}
+    fields[C.LABEL_ITEM_ID] = T.StructField(C.LABEL_ITEM_ID, T.LongType(), False)
+    return T.StructType([fields[name] for name in CONTEXT_ROWS_COLUMNS])
+
+
+def top_k_categories(ids: Column, weights: Column, k: int) -> Column:
+    """struct(ids array<int>, weights array<float>): top-k by weight, weights summing to 1."""
+    if k < 1:
+        raise ValueError(f"context top-k must be >= 1, got {k}")
+    pairs = F.arrays_zip(ids.alias("c"), weights.alias("w"))
+    ordered = F.array_sort(pairs, lambda a, b: F.when(a["w"] > b["w"], -1)
+                           .when(a["w"] < b["w"], 1)
+                           .when(a["c"] < b["c"], -1)
+                           .when(a["c"] > b["c"], 1).otherwise(0))
+    top = F.slice(ordered, 1, k)
+    total = F.aggregate(top, F.lit(0.0).cast("double"), lambda acc, p: acc + p["w"].cast("double"))
+    return F.struct(
+        F.transform(top, lambda p: p["c"]).alias("ids"),
+        F.transform(top, lambda p: (p["w"].cast("double") / total).cast("float")).alias("weights"),
+    )
+
+
+def _context_for(examples: DataFrame, items: DataFrame, item_col: str, source: str,
+                 k: int) -> DataFrame:
+    """Join each example to the item in `item_col` and project its top-k categories."""
+    cats = items.select(F.col(C.ITEM_ID).alias("__ctx_item"),
+                        top_k_categories(F.col(C.CATEGORY_IDS), F.col(C.CATEGORY_WEIGHTS), k)
+                        .alias("__ctx"))
+    joined = examples.join(cats, examples[item_col] == cats["__ctx_item"], "inner")
+    return joined.select(
+        C.USER_ID, C.AS_OF_TS, C.LABEL_ITEM_ID,
+        F.col("__ctx.ids").alias(C.CONTEXT_CATEGORY_IDS),
+        F.col("__ctx.weights").alias(C.CONTEXT_WEIGHTS),
+        F.lit(source).alias(C.CONTEXT_SOURCE),
+    )
+
+
+def pseudo_context(examples: DataFrame, items: DataFrame, k: int = DEFAULT_TOP_K) -> DataFrame:
+    """One pseudo row per example (the label item is a clean item, so the inner join keeps all)."""
+    return _context_for(examples, items, C.LABEL_ITEM_ID, C.CONTEXT_PSEUDO, k)
+
+
+def real_context(examples: DataFrame, items: DataFrame, k: int = DEFAULT_TOP_K) -> DataFrame:
+    """One real row per example whose label conversion logged a subject item."""
+    with_subject = examples.where(F.col(C.SUBJECT_ITEM_ID).isNotNull())
+    return _context_for(with_subject, items, C.SUBJECT_ITEM_ID, C.CONTEXT_REAL, k)
+
+
+def build_context_rows(examples: DataFrame, items: DataFrame,
+                       k: int = DEFAULT_TOP_K) -> DataFrame:
+    """examples (build_examples output) + clean items -> context_rows."""
+    return (pseudo_context(examples, items, k).unionByName(real_context(examples, items, k))
+            .select(*CONTEXT_ROWS_COLUMNS))

@@ -1,0 +1,352 @@
+"""Delta write helpers shared by the data jobs: contract schemas, idempotent minimal-commit writes.
+
+Why these exist: every job must be rerunnable. Rerunning over the same input must leave each
+table's content *and* its Delta version unchanged (downstream consumers key on versions: the
+model bundle records the Delta versions of its training inputs, batch inference reads the change
+data feed of ``user_sequences``). So instead of ``mode("overwrite")`` the derived tables are
+*synchronised*: the new content is diffed against the current snapshot and
+
+* nothing changed -> no commit at all (an explicit no-op, reported as such);
+* only new rows -> one append commit;
+* otherwise -> one MERGE keyed by the table's unique row key that deletes vanished keys,
+  updates changed rows and inserts new ones, so untouched rows are not reported as changed
+  in the change data feed.
+
+Raw tables (written by the generator and by ingest) are plain overwrites/appends: they *are*
+the input, there is nothing to diff them against.
+
+Tables are always created with the contract schema (``contracts.spark_schema``), so NOT NULL
+columns are enforced by Delta on every later write, whatever nullability Spark inferred.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from pyspark import StorageLevel
+from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+from pyspark.sql.window import Window
+
+from pipelines import contracts as C
+
+# Raw tables carry one column beyond the contract: the original *string* values of a row whose
+# values failed to parse at ingest (JSON keyed by contract column names), else null. Validation
+# copies it into quarantine.row_json so that "abc" as a user id is quarantined as "abc", not as
+# null. Reuses the quarantine's column name on purpose: it is the same thing (the row as JSON).
+# Reported to the lead as a contract addition.
+RAW_ROW_JSON = C.ROW_JSON
+RAW_TABLES = (C.T_RAW_EVENTS, C.T_RAW_ITEMS, C.T_RAW_USERS)
+
+# Internal column names used only inside this module's MERGE staging.
+_TAG = "__sync_tag"
+_OCC = "__occurrence"
+_TAG_UPSERT = "U"
+_TAG_DELETE = "D"
+
+
+def raw_schema(table: str) -> T.StructType:
+    """Contract schema of a raw table plus the nullable RAW_ROW_JSON column."""
+    if table not in RAW_TABLES:
+        raise ValueError(f"{table!r} is not a raw table; raw tables: {', '.join(RAW_TABLES)}")
+    return C.spark_schema(table).add(T.StructField(RAW_ROW_JSON, T.StringType(), True))
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    """What one write did: the table's version afterwards and what changed."""
+
+    table: str
+    path: str
+    version: int
+    changed: bool
+    inserted: int = 0
+    deleted: int = 0
+    updated: int = 0
+    operation: str = "noop"  # noop | create | append | merge | overwrite | replace
+
+    def line(self) -> str:
+        return (f"{self.table:<16} v{self.version:<4} {self.operation:<9} "
+                f"+{self.inserted} -{self.deleted} ~{self.updated}")
+
+
+# --------------------------------------------------------------------------------------
+# Basic helpers
+# --------------------------------------------------------------------------------------
+def table_exists(spark: SparkSession, path: str) -> bool:
+    from delta.tables import DeltaTable
+
+    return DeltaTable.isDeltaTable(spark, path)
+
+
+def table_version(spark: SparkSession, path: str) -> int:
+    """Latest committed version of the Delta table at `path`."""
+    from delta.tables import DeltaTable
+
+    return int(DeltaTable.forPath(spark, path).history(1).select("version").first()[0])
+
+
+def read_table(spark: SparkSession, path: str, version: Optional[int] = None) -> DataFrame:
+    """A Delta table pinned to `version` (latest if None) so later commits cannot shift it."""
+    reader = spark.read.format("delta")
+    if version is not None:
+        reader = reader.option("versionAsOf", version)
+    return reader.load(path)
+
+
+def conform(df: DataFrame, schema: T.StructType) -> DataFrame:
+    """Select the schema's columns in order, cast to its types (nullability is left to Delta).
+
+    Raises a clear error for a missing column instead of letting a write fail deep inside Delta.
+    """
+    missing = [f.name for f in schema.fields if f.name not in df.columns]
+    if missing:
+        raise ValueError(f"DataFrame lacks columns {missing}; has {df.columns}")
+    current = {f.name: f.dataType for f in df.schema.fields}
+    # simpleString ignores nullability: a cast cannot turn array<int, containsNull> into
+    # array<int, not null> anyway; Delta enforces the table's NOT NULL columns on write.
+    return df.select([
+        F.col(f.name) if current[f.name].simpleString() == f.dataType.simpleString()
+        else F.col(f.name).cast(f.dataType).alias(f.name)
+        for f in schema.fields
+    ])
+
+
+def create_table(spark: SparkSession, path: str, schema: T.StructType,
+                 properties: Optional[Dict[str, str]] = None,
+                 partition_by: Sequence[str] = ()) -> None:
+    """Create an empty Delta table with exactly `schema` (NOT NULL enforced) if absent."""
+    from delta.tables import DeltaTable
+
+    builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(schema)
+    for key, value in (properties or {}).items():
+        builder = builder.property(key, value)
+    if partition_by:
+        builder = builder.partitionedBy(*partition_by)
+    builder.execute()
+
+
+def ensure_properties(spark: SparkSession, path: str, properties: Dict[str, str]) -> bool:
+    """Set table properties that are missing (one commit only if something was missing).
+
+    Why: a table created before a property was required (e.g. change data feed on
+    user_sequences) must get it without being recreated.
+    """
+    from delta.tables import DeltaTable
+
+    current = DeltaTable.forPath(spark, path).detail().first()["properties"] or {}
+    missing = {k: v for k, v in properties.items() if current.get(k) != v}
+    if not missing:
+        return False
+    assignments = ", ".join(f"'{k}' = '{v}'" for k, v in missing.items())
+    spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ({assignments})")
+    return True
+
+
+def write_raw(spark: SparkSession, df: DataFrame, lake: str, table: str,
+              mode: str = "overwrite") -> WriteResult:
+    """Write a raw table (generator / ingest output): overwrite or append, schema = raw_schema."""
+    if mode not in ("overwrite", "append"):
+        raise ValueError(f"mode must be 'overwrite' or 'append', got {mode!r}")
+    schema = raw_schema(table)
+    if RAW_ROW_JSON not in df.columns:
+        df = df.withColumn(RAW_ROW_JSON, F.lit(None).cast(T.StringType()))
+    path = C.LakePaths(lake).table(table)
+    create_table(spark, path, schema)
+    conform(df, schema).write.format("delta").mode(mode).save(path)
+    return WriteResult(table, path, table_version(spark, path), True, operation=mode)
+
+
+# --------------------------------------------------------------------------------------
+# Synchronise a derived table with its new content
+# --------------------------------------------------------------------------------------
+def _null_safe_match(keys: Iterable[str], left: str = "t", right: str = "s") -> str:
+    """SQL condition `t.k1 <=> s.k1 AND ...` (null-safe: a null subject id is a valid key part)."""
+    return " AND ".join(f"{left}.`{k}` <=> {right}.`{k}`" for k in keys)
+
+
+_STATUS = "__sync_status"  # I insert, D delete, U update, S same
+_IN_NEW, _IN_OLD, _DUPS = "__in_new", "__in_old", "__key_rows"
+
+
+def diff_rows(new: DataFrame, old: DataFrame, key_cols: Sequence[str]) -> DataFrame:
+    """Full outer join of new and old content on the key, one status per key.
+
+    Output: key columns, new value columns, _STATUS, _DUPS (rows of this key in `new`; > 1 means
+    the key is not unique). One shuffle per side; arrays are compared by value (`<=>`).
+    """
+    value_cols = [c for c in new.columns if c not in key_cols]
+    n = new.withColumn(_IN_NEW, F.lit(True)).withColumn(
+        _DUPS, F.count(F.lit(1)).over(Window.partitionBy(*key_cols)))
+    o = old.select(*key_cols, *[F.col(c).alias(f"__old_{c}") for c in value_cols]).withColumn(
+        _IN_OLD, F.lit(True))
+    cond = [n[k].eqNullSafe(o[k]) for k in key_cols]
+    j = n.join(o, cond, "full_outer")
+    same = F.lit(True)
+    for c in value_cols:
+        same = same & F.col(c).eqNullSafe(F.col(f"__old_{c}"))
+    status = (F.when(F.col(_IN_OLD).isNull(), F.lit("I"))
+              .when(F.col(_IN_NEW).isNull(), F.lit("D"))
+              .when(same, F.lit("S")).otherwise(F.lit("U")))
+    keys = [F.coalesce(n[k], o[k]).alias(k) for k in key_cols]
+    return j.select(*keys, *[n[c] for c in value_cols], status.alias(_STATUS),
+                    F.coalesce(F.col(_DUPS), F.lit(0)).alias(_DUPS))
+
+
+def _last_commit(spark: SparkSession, path: str) -> Tuple[int, Dict[str, str]]:
+    """(version, operationMetrics) of the latest commit: one log read gives both."""
+    from delta.tables import DeltaTable
+
+    row = DeltaTable.forPath(spark, path).history(1).select("version", "operationMetrics").first()
+    return int(row["version"]), dict(row["operationMetrics"] or {})
+
+
+def _metric(metrics: Dict[str, str], *names: str) -> int:
+    return sum(int(metrics.get(n, 0) or 0) for n in names)
+
+
+def sync_table(spark: SparkSession, df: DataFrame, path: str, table: str,
+               schema: T.StructType, key_cols: Sequence[str],
+               properties: Optional[Dict[str, str]] = None,
+               partition_by: Sequence[str] = ()) -> WriteResult:
+    """Make the Delta table at `path` hold exactly the rows of `df`, with at most one commit.
+
+    `key_cols` must identify a row uniquely in `df` (checked): a changed row is an update of its
+    key, a key that disappeared is deleted, a new key is inserted, identical rows are left alone.
+    Rows are compared column by column (arrays by value), so identical content is a no-op.
+    """
+    df = conform(df, schema)
+    cols = [f.name for f in schema.fields]
+    if not table_exists(spark, path):
+        _check_unique(df, key_cols, table)
+        create_table(spark, path, schema, properties, partition_by)
+        df.write.format("delta").mode("append").save(path)
+        version, metrics = _last_commit(spark, path)
+        return WriteResult(table, path, version, True, inserted=_metric(metrics, "numOutputRows"),
+                           operation="create")
+
+    version = table_version(spark, path)
+    old = read_table(spark, path, version)
+    # Keep changed rows, and unchanged ones whose key is repeated (to fail on them below).
+    changed = (diff_rows(df, old, key_cols)
+               .where((F.col(_STATUS) != "S") | (F.col(_DUPS) > 1))
+               .persist(StorageLevel.MEMORY_AND_DISK))
+    try:
+        stats = {r[_STATUS]: (int(r["n"]), int(r["dups"])) for r in
+                 changed.groupBy(_STATUS).agg(F.count(F.lit(1)).alias("n"),
+                                              F.max(_DUPS).alias("dups")).collect()}
+        if any(d > 1 for _, d in stats.values()):
+            raise ValueError(f"{table}: key {list(key_cols)} is not unique in the new content")
+        if not stats:
+            return WriteResult(table, path, version, False, operation="noop")
+        n_ins, n_del, n_upd = (stats.get(s, (0, 0))[0] for s in ("I", "D", "U"))
+        if n_del == 0 and n_upd == 0:
+            changed.select(*cols).write.format("delta").mode("append").save(path)
+            op = "append"
+        else:
+            _merge_changes(spark, path, schema, key_cols, changed)
+            op = "merge"
+    finally:
+        changed.unpersist()
+    version, _ = _last_commit(spark, path)
+    return WriteResult(table, path, version, True, inserted=n_ins, deleted=n_del, updated=n_upd,
+                       operation=op)
+
+
+def _check_unique(df: DataFrame, key_cols: Sequence[str], table: str) -> None:
+    dup = df.groupBy(*key_cols).count().where(F.col("count") > 1).limit(1).collect()
+    if dup:
+        raise ValueError(f"{table}: key {list(key_cols)} is not unique, e.g. {dup[0].asDict()}")
+
+
+def _merge_changes(spark: SparkSession, path: str, schema: T.StructType,
+                   key_cols: Sequence[str], changed: DataFrame) -> None:
+    """One MERGE: upsert inserted/updated keys, delete vanished keys."""
+    from delta.tables import DeltaTable
+
+    cols = [f.name for f in schema.fields]
+    value_cols = [c for c in cols if c not in key_cols]
+    staged = changed.withColumn(_TAG, F.when(F.col(_STATUS) == "D", F.lit(_TAG_DELETE))
+                                .otherwise(F.lit(_TAG_UPSERT))).select(*cols, _TAG)
+    target = DeltaTable.forPath(spark, path).alias("t")
+    merge = target.merge(staged.alias("s"), _null_safe_match(key_cols))
+    merge = merge.whenMatchedDelete(condition=f"s.{_TAG} = '{_TAG_DELETE}'")
+    if value_cols:
+        merge = merge.whenMatchedUpdate(condition=f"s.{_TAG} = '{_TAG_UPSERT}'",
+                                        set={c: f"s.`{c}`" for c in value_cols})
+    merge = merge.whenNotMatchedInsert(condition=f"s.{_TAG} = '{_TAG_UPSERT}'",
+                                       values={c: f"s.`{c}`" for c in cols})
+    merge.execute()
+
+
+# --------------------------------------------------------------------------------------
+# Quarantine: a multiset per source table, replaced only when it changed
+# --------------------------------------------------------------------------------------
+QUARANTINE_PARTITION = (C.SOURCE_TABLE,)
+
+
+def sync_quarantine(spark: SparkSession, rows: DataFrame, lake: str, source_table: str,
+                    now: datetime) -> WriteResult:
+    """Make quarantine's `source_table` partition hold exactly `rows` (row_json, reason).
+
+    Why a multiset replace and not a MERGE: two identical bad input rows are two quarantine rows
+    (the counts must reconcile with the input), so rows have no unique key. Each validation run
+    sees the whole raw table, so the partition of its source is a pure function of the input:
+    rows already quarantined keep their original `ingested_at` (matched by (reason, row_json,
+    occurrence number)), new ones get `now`, and if the multiset is unchanged nothing is written.
+    """
+    path = C.LakePaths(lake).table(C.T_QUARANTINE)
+    schema = C.spark_schema(C.T_QUARANTINE)
+    create_table(spark, path, schema, partition_by=QUARANTINE_PARTITION)
+    version = table_version(spark, path)
+    existing = (read_table(spark, path, version)
+                .where(F.col(C.SOURCE_TABLE) == source_table)
+                .select(C.ROW_JSON, C.REASON, C.INGESTED_AT))
+    occ_new = Window.partitionBy(C.REASON, C.ROW_JSON).orderBy(C.ROW_JSON)
+    occ_old = Window.partitionBy(C.REASON, C.ROW_JSON).orderBy(C.INGESTED_AT)
+    keys = [C.REASON, C.ROW_JSON, _OCC]
+    new = rows.select(C.ROW_JSON, C.REASON).withColumn(_OCC, F.row_number().over(occ_new))
+    old = existing.withColumn(_OCC, F.row_number().over(occ_old))
+    joined = (new.withColumn(_IN_NEW, F.lit(True)).join(old, keys, "full_outer")
+              .persist(StorageLevel.MEMORY_AND_DISK))
+    try:
+        counts = joined.agg(
+            F.count(F.when(F.col(C.INGESTED_AT).isNull(), 1)).alias("new_only"),
+            F.count(F.when(F.col(_IN_NEW).isNull(), 1)).alias("old_only")).first()
+        n_new_only, n_old_only = int(counts["new_only"]), int(counts["old_only"])
+        if n_new_only == 0 and n_old_only == 0:
+            return WriteResult(C.T_QUARANTINE, path, version, False, operation="noop")
+        final = joined.where(F.col(_IN_NEW)).select(
+            C.ROW_JSON, F.lit(source_table).alias(C.SOURCE_TABLE), C.REASON,
+            F.coalesce(F.col(C.INGESTED_AT), ts_literal(now)).alias(C.INGESTED_AT))
+        (conform(final, schema).write.format("delta").mode("overwrite")
+         .option("replaceWhere", f"{C.SOURCE_TABLE} = '{source_table}'").save(path))
+    finally:
+        joined.unpersist()
+    return WriteResult(C.T_QUARANTINE, path, table_version(spark, path), True,
+                       inserted=n_new_only, deleted=n_old_only, operation="replace")
+
+
+def _epoch_micros(ts: datetime) -> int:
+    """Epoch microseconds of an aware datetime (naive ones are ambiguous: refuse them)."""
+    if ts.tzinfo is None:
+        raise ValueError(f"timestamp {ts!r} must be timezone-aware (e.g. datetime.now(timezone.utc))")
+    return int(round(ts.timestamp() * 1_000_000))
+
+
+def ts_literal(ts: datetime) -> Column:
+    """A Spark timestamp literal for an aware datetime, independent of the session time zone."""
+    return F.timestamp_micros(F.lit(_epoch_micros(ts)))
+
+
+def versions(results: Iterable[WriteResult]) -> Dict[str, int]:
+    """table -> Delta version after the writes (the last result wins for a repeated table)."""
+    return {r.table: r.version for r in results}
+
+
+def print_results(results: List[WriteResult]) -> None:
+    print("table            version   op        +ins -del ~upd")
+    for r in results:
+        print(r.line())

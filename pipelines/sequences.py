@@ -1,0 +1,233 @@
+"""Per-user conversion sequences: training examples, time split, and the latest history per user.
+
+Definitions (DataFrame -> DataFrame, Spark SQL only: window functions and higher-order
+functions, no Python UDFs, so the build scales with the cluster):
+
+* Only conversions make a history. Several conversions of the same item by the same user at the
+  same instant count once (their `subject_item_id` is the smallest non-null one) -- they are one
+  purchase logged twice on different surfaces, not two labels.
+* A user's conversions are ordered by (event_ts, item_id): ties in time are broken by item id so
+  the output is deterministic.
+* Example = one conversion (the label) whose history -- the user's conversions *strictly before*
+  its timestamp, oldest..newest, the newest `cap` of them -- has at least `min_history` items.
+  Conversions tied in time with the label are never in its history (they happened "at once").
+* Split by the label's time: as_of_ts < val_start -> train, < test_start -> val, else test.
+  Cutoffs come from the caller, or once from the conversion-time quantiles (`derive_cutoffs`),
+  and are stored under the lake so that later incremental runs keep every old example's split.
+* user_sequences: per user, the newest `cap` conversions (including the newest) for batch
+  inference, with a hash of the history that changes iff the history changed.
+
+Algorithm: one sort of the conversions by (user, ts, item) serves everything. A sliding ROWS
+window `[cap preceding, 1 preceding]` collects the history of each conversion in O(cap); for
+conversions tied in time the history of the tie group's first row is copied to the others (a
+second window over (user, ts) that reuses the same sort).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Optional
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql import types as T
+from pyspark.sql.window import Window
+
+from pipelines import contracts as C
+
+DEFAULT_MAX_LEN = 100
+
+# Internal columns (never written).
+TS_US = "__ts_us"  # event time in epoch microseconds: the ordering key (finer than seconds)
+TS_S = "__ts_s"  # event time in epoch seconds: what the arrays carry
+_HIST = "__hist"
+_RN = "__rn"
+_CNT = "__cnt"
+
+# Where the split cutoffs are kept (a one-row Delta table, so it works on any lake URI).
+# Not in contracts.ALL_TABLES because it is metadata, not data; reported to the lead.
+META_DIR = "_meta"
+SPLIT_CUTOFFS_TABLE = "split_cutoffs"
+VAL_START = "val_start"
+TEST_START = "test_start"
+CUTOFF_ORIGIN = "origin"  # "explicit" (from flags) or "quantiles" (derived from the data)
+CREATED_AT = "created_at"
+
+
+def split_cutoffs_path(lake: str) -> str:
+    return f"{lake.rstrip('/')}/{META_DIR}/{SPLIT_CUTOFFS_TABLE}"
+
+
+# --------------------------------------------------------------------------------------
+# Conversions
+# --------------------------------------------------------------------------------------
+def conversions(events: DataFrame) -> DataFrame:
+    """Clean events -> one row per distinct (user, event_ts, item) conversion.
+
+    Columns: user_id, item_id, event_ts (timestamp), subject_item_id, TS_US, TS_S.
+    """
+    conv = (events.where(F.col(C.EVENT_TYPE) == C.EVENT_CONVERSION)
+            .groupBy(C.USER_ID, C.EVENT_TS, C.ITEM_ID)
+            .agg(F.min(C.SUBJECT_ITEM_ID).alias(C.SUBJECT_ITEM_ID)))
+    return (conv.withColumn(TS_US, F.unix_micros(F.col(C.EVENT_TS)))
+            .withColumn(TS_S, F.unix_seconds(F.col(C.EVENT_TS))))
+
+
+def _history_struct():
+    # Field order = sort order of array_sort: time first, then item id.
+    return F.struct(F.col(TS_US).alias("t"), F.col(C.ITEM_ID).alias("i"), F.col(TS_S).alias("s"))
+
+
+def ranked_histories(conv: DataFrame, cap: int) -> DataFrame:
+    """Conversions + history struct array (< own time, newest `cap`), row number and user count."""
+    if cap < 1:
+        raise ValueError(f"cap (max history length) must be >= 1, got {cap}")
+    by_user = Window.partitionBy(C.USER_ID).orderBy(TS_US, C.ITEM_ID)
+    sliding = by_user.rowsBetween(-cap, -1)
+    whole = Window.partitionBy(C.USER_ID)
+    # Rows tied in time share the history of the tie group's first row (which precedes them all).
+    tie_group = (Window.partitionBy(C.USER_ID, TS_US).orderBy(C.ITEM_ID)
+                 .rowsBetween(Window.unboundedPreceding, Window.currentRow))
+    df = (conv.withColumn(_HIST, F.collect_list(_history_struct()).over(sliding))
+          .withColumn(_RN, F.row_number().over(by_user))
+          .withColumn(_CNT, F.count(F.lit(1)).over(whole)))
+    return df.withColumn(_HIST, F.array_sort(F.first(_HIST).over(tie_group)))
+
+
+def _arrays_from(hist: str) -> dict:
+    return {
+        C.ITEM_IDS: F.transform(F.col(hist), lambda x: x["i"]),
+        C.EVENT_TS_SECONDS: F.transform(F.col(hist), lambda x: x["s"]),
+    }
+
+
+def build_examples(conv: DataFrame, cap: int = DEFAULT_MAX_LEN,
+                   min_history: int = 1) -> DataFrame:
+    """Training examples without split: user_id, as_of_ts, item_ids, event_ts, label_item_id,
+    plus subject_item_id of the label conversion (for real context; not part of `sequences`)."""
+    if min_history < 1:
+        raise ValueError(f"min_history must be >= 1 (an example needs a history), got {min_history}")
+    ranked = ranked_histories(conv, cap)
+    arrays = _arrays_from(_HIST)
+    return (ranked.where(F.size(_HIST) >= min_history)
+            .select(C.USER_ID, F.col(C.EVENT_TS).alias(C.AS_OF_TS),
+                    arrays[C.ITEM_IDS].alias(C.ITEM_IDS),
+                    arrays[C.EVENT_TS_SECONDS].alias(C.EVENT_TS_SECONDS),
+                    F.col(C.ITEM_ID).alias(C.LABEL_ITEM_ID), C.SUBJECT_ITEM_ID))
+
+
+# --------------------------------------------------------------------------------------
+# Time split
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SplitCutoffs:
+    """Label times in [val_start, test_start) are validation, >= test_start test, the rest train."""
+
+    val_start: datetime
+    test_start: datetime
+    origin: str = "explicit"
+
+    def __post_init__(self) -> None:
+        for ts in (self.val_start, self.test_start):
+            if ts.tzinfo is None:
+                raise ValueError(f"split cutoff {ts!r} must be timezone-aware (UTC)")
+        if self.val_start > self.test_start:
+            raise ValueError(f"val_start {self.val_start} is after test_start {self.test_start}")
+
+
+def assign_split(examples: DataFrame, cutoffs: SplitCutoffs) -> DataFrame:
+    from pipelines.delta_io import ts_literal
+
+    as_of = F.col(C.AS_OF_TS)
+    split = (F.when(as_of < ts_literal(cutoffs.val_start), F.lit(C.SPLIT_TRAIN))
+             .when(as_of < ts_literal(cutoffs.test_start), F.lit(C.SPLIT_VAL))
+             .otherwise(F.lit(C.SPLIT_TEST)))
+    return examples.withColumn(C.SPLIT, split)
+
+
+def derive_cutoffs(conv: DataFrame, val_frac: float, test_frac: float) -> SplitCutoffs:
+    """Cutoffs at the (1 - val - test) and (1 - test) quantiles of all conversion times."""
+    if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
+        raise ValueError(f"need 0 <= val_frac, test_frac and val_frac + test_frac < 1; got "
+                         f"{val_frac}, {test_frac}")
+    q_val, q_test = 1.0 - val_frac - test_frac, 1.0 - test_frac
+    row = conv.select(F.percentile_approx(F.col(TS_US), [q_val, q_test], 1_000_000)
+                      .alias("q")).first()
+    if row is None or row["q"] is None:
+        raise ValueError("cannot derive split cutoffs: there are no conversions")
+    val_us, test_us = row["q"]
+    to_dt = lambda us: datetime.fromtimestamp(us / 1_000_000, tz=timezone.utc)  # noqa: E731
+    return SplitCutoffs(to_dt(val_us), to_dt(test_us), origin="quantiles")
+
+
+def load_cutoffs(spark: SparkSession, lake: str) -> Optional[SplitCutoffs]:
+    from pipelines.delta_io import table_exists
+
+    path = split_cutoffs_path(lake)
+    if not table_exists(spark, path):
+        return None
+    row = spark.read.format("delta").load(path).first()
+    if row is None:
+        return None
+    utc = lambda ts: ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts  # noqa: E731
+    # Spark returns naive datetimes in the *session* zone, which get_spark pins to UTC.
+    return SplitCutoffs(utc(row[VAL_START]), utc(row[TEST_START]), row[CUTOFF_ORIGIN])
+
+
+def store_cutoffs(spark: SparkSession, lake: str, cutoffs: SplitCutoffs, now: datetime) -> None:
+    from pipelines.delta_io import ts_literal
+
+    df = spark.range(1).select(ts_literal(cutoffs.val_start).alias(VAL_START),
+                               ts_literal(cutoffs.test_start).alias(TEST_START),
+                               F.lit(cutoffs.origin).alias(CUTOFF_ORIGIN),
+                               ts_literal(now).alias(CREATED_AT))
+    df.write.format("delta").mode("overwrite").save(split_cutoffs_path(lake))
+
+
+def resolve_cutoffs(spark: SparkSession, lake: str, conv: DataFrame,
+                    explicit: Optional[SplitCutoffs], val_frac: float, test_frac: float,
+                    now: datetime) -> SplitCutoffs:
+    """Explicit cutoffs win (and are stored); else the stored ones; else derive once and store."""
+    stored = load_cutoffs(spark, lake)
+    if explicit is not None:
+        same = stored is not None and (stored.val_start, stored.test_start) == (
+            explicit.val_start, explicit.test_start)
+        if not same:
+            store_cutoffs(spark, lake, explicit, now)
+        return explicit
+    if stored is not None:
+        return stored
+    derived = derive_cutoffs(conv, val_frac, test_frac)
+    store_cutoffs(spark, lake, derived, now)
+    return derived
+
+
+def build_sequences(examples: DataFrame, cutoffs: SplitCutoffs) -> DataFrame:
+    """examples -> the `sequences` table (contract columns, with split)."""
+    return assign_split(examples, cutoffs).select(*C.SEQUENCES_COLUMNS)
+
+
+# --------------------------------------------------------------------------------------
+# Latest history per user
+# --------------------------------------------------------------------------------------
+def sequence_hash(item_ids: str = C.ITEM_IDS, event_ts: str = C.EVENT_TS_SECONDS):
+    """SHA-256 of the (item_ids, event_ts) arrays as JSON: equal iff both arrays are equal."""
+    return F.sha2(F.to_json(F.struct(F.col(item_ids).alias("i"), F.col(event_ts).alias("t"))), 256)
+
+
+def build_user_sequences(conv: DataFrame, cap: int = DEFAULT_MAX_LEN) -> DataFrame:
+    """Per user: the newest `cap` conversions (oldest..newest), as_of_ts = newest, hash."""
+    ranked = ranked_histories(conv, cap)
+    tail = ranked.where(F.col(_RN) > F.col(_CNT) - cap)
+    per_user = tail.groupBy(C.USER_ID).agg(
+        F.array_sort(F.collect_list(_history_struct())).alias(_HIST),
+        F.max(C.EVENT_TS).alias(C.AS_OF_TS),
+    )
+    arrays = _arrays_from(_HIST)
+    out = per_user.select(C.USER_ID, C.AS_OF_TS, arrays[C.ITEM_IDS].alias(C.ITEM_IDS),
+                          arrays[C.EVENT_TS_SECONDS].alias(C.EVENT_TS_SECONDS))
+    return out.withColumn(C.SEQUENCE_HASH, sequence_hash()).select(*C.USER_SEQUENCES_COLUMNS)
+
+
+def sequences_schema() -> T.StructType:
+    return C.spark_schema(C.T_SEQUENCES)
