@@ -1,0 +1,8 @@
+"""Train a two-tower model (LightningCLI + YAML config), export its bundle, track it in MLflow.
+
+    python jobs/train.py --config configs/contextual.yaml --data.lake_root <lake> --out_dir runs/contextual
+"""
+from models.cli import train_main as main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Console entry points ``ctt-train`` and ``ctt-evaluate`` (also behind jobs/train.py, jobs/evaluate.py).
+
+Configuration is LightningCLI/jsonargparse only (one way): YAML files under configs/ plus
+``--key value`` overrides, e.g.::
+
+    ctt-train --config configs/contextual.yaml --data.lake_root lake --out_dir runs/contextual
+    ctt-train --config configs/sequence_only.yaml --data.lake_root lake --out_dir runs/sequence_only
+    ctt-evaluate --lake_root lake --contextual_bundle runs/contextual/bundle \\
+        --sequence_only_bundle runs/sequence_only/bundle --out_dir runs/report
+
+Training = seed_everything, fit with ModelCheckpoint + EarlyStopping on ``val/recall_at_100``,
+reload the best checkpoint, export the serving bundle to ``<out_dir>/bundle``, evaluate it on
+the test split, and record everything in MLflow (see models/tracking.py). The data module's
+``max_len``/``max_ctx``/``max_item_categories``/``country_buckets`` are linked to the model
+config so the tensors always fit the network.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from jsonargparse import ArgumentParser, ActionConfigFile
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from pytorch_lightning.loggers import MLFlowLogger
+
+from models import evaluate as ev
+from models import tracking
+from models.data import ContextualSequenceDataModule
+from models.export import export_bundle, load_bundle
+from models.system import ContextualRetrievalSystem
+from pipelines import contracts as C
+
+log = logging.getLogger(__name__)
+
+LINKED_DATA_FIELDS = ("max_len", "max_ctx", "max_item_categories", "country_buckets")
+BUNDLE_DIR = "bundle"
+SUMMARY_FILE = "train_summary.json"
+
+
+class SaveConfigToRun(SaveConfigCallback):
+    """The resolved config as ``<out_dir>/config.yaml`` and as the MLflow run's artifact
+    (the MLflow logger has no local log_dir for the default save-to-log_dir behaviour)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, "save_to_log_dir": False, "overwrite": True})
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        path = Path(trainer.default_root_dir) / self.config_filename
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, str(path), skip_none=False, overwrite=True, multifile=False)
+        logger = trainer.logger
+        if isinstance(logger, MLFlowLogger):
+            logger.experiment.log_artifact(logger.run_id, str(path))
+
+
+class TrainCLI(LightningCLI):
+    """LightningCLI with the run's output folder and MLflow settings as top-level options."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--out_dir", type=str, default="runs/contextual",
+                            help="checkpoints, bundle, summary and (default) the MLflow store")
+        parser.add_argument("--run_name", type=Optional[str], default=None,
+                            help="MLflow run name and model_version prefix (default: UTC timestamp)")
+        parser.add_argument("--experiment_name", type=str, default=tracking.DEFAULT_EXPERIMENT)
+        parser.add_argument("--tracking_uri", type=Optional[str], default=None,
+                            help=f"MLflow URI ({tracking.ENV_TRACKING_URI} wins; default sqlite in out_dir)")
+        parser.add_argument("--register_model", type=Optional[str], default=None,
+                            help="also register the bundle as a version of this MLflow model")
+        for name in LINKED_DATA_FIELDS:
+            parser.link_arguments(f"model.model_config.{name}", f"data.{name}")
+
+    def instantiate_trainer(self, **kwargs: Any):
+        cfg = self.config
+        kwargs.setdefault("logger", tracking.make_logger(cfg.out_dir, cfg.run_name, cfg.experiment_name,
+                                                         cfg.tracking_uri))
+        kwargs.setdefault("default_root_dir", cfg.out_dir)
+        return super().instantiate_trainer(**kwargs)
+
+
+def _best_checkpoint(trainer) -> Optional[str]:
+    for cb in trainer.callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.best_model_path:
+            return cb.best_model_path
+    return None
+
+
+def finish_training(system: ContextualRetrievalSystem, dm: ContextualSequenceDataModule, trainer,
+                    out_dir: Path, run_name: Optional[str], register_model: Optional[str],
+                    tracking_uri: str) -> Dict[str, Any]:
+    """Best weights -> bundle -> test evaluation -> MLflow. Returns the run summary."""
+    best = _best_checkpoint(trainer)
+    if best:
+        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        system.load_state_dict(state)
+    model = system.model.cpu().eval()
+    logger = trainer.logger
+    run_id = logger.run_id
+    bundle_dir = export_bundle(model, model.config, dm.items_frame, out_dir / BUNDLE_DIR,
+                               run_name or None,
+                               extra_manifest={"input_versions": dm.input_versions, "mlflow_run_id": run_id,
+                                               "best_checkpoint": best})
+    bundle = load_bundle(bundle_dir)
+    data = ev.EvalExamples(dm.splits[C.SPLIT_TEST], dm.catalog, dm.item_counts, dm.input_versions)
+    result = ev.evaluate_bundles(bundle, None, data)
+    client = logger.experiment
+    tracking.log_input_versions(client, run_id, dm.input_versions)
+    tracking.log_metrics(client, run_id, {f"test.{k}": v for k, v in _flat(result.as_table()).items()})
+    client.log_param(run_id, C.MODEL_VERSION, bundle.model_version)
+    registered = tracking.log_bundle(client, run_id, bundle_dir, register_model)
+    summary = {"model_version": bundle.model_version, "bundle": str(bundle_dir.resolve()),
+               "mlflow_run_id": run_id, "tracking_uri": tracking_uri,
+               "registered_version": registered, "best_checkpoint": best,
+               "input_versions": dm.input_versions, "test": result.as_table()}
+    (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, sort_keys=True))
+    return summary
+
+
+def _flat(table: Dict[str, Dict[str, float]]) -> Dict[str, float]:
+    return {f"{row}.{name}": v for row, metrics in table.items() for name, v in metrics.items()}
+
+
+def train_main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    """``ctt-train``: fit + export + evaluate + track; prints and returns the summary."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cli = TrainCLI(ContextualRetrievalSystem, ContextualSequenceDataModule, args=argv, run=False,
+                   save_config_callback=SaveConfigToRun)
+    out_dir = Path(cli.config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    summary = finish_training(cli.model, cli.datamodule, cli.trainer, out_dir, cli.config.run_name,
+                              cli.config.register_model,
+                              tracking.resolve_tracking_uri(out_dir, cli.config.tracking_uri))
+    print(json.dumps({k: summary[k] for k in ("model_version", "bundle", "mlflow_run_id")}, indent=2))
+    return summary
+
+
+def evaluate_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="ctt-evaluate", description="Compare the contextual model, the "
+                            "sequence-only model and the popularity baselines on the same examples.")
+    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_argument("--lake_root", type=str, required=True)
+    parser.add_argument("--contextual_bundle", type=str, required=True)
+    parser.add_argument("--sequence_only_bundle", type=Optional[str], default=None)
+    parser.add_argument("--out_dir", type=str, default="runs/report")
+    parser.add_argument("--split", type=str, default=C.SPLIT_TEST)
+    parser.add_argument("--exclude_history", type=bool, default=False,
+                        help="drop the user's own history items from the ranking (MovieLens protocol)")
+    parser.add_argument("--run_name", type=str, default="evaluation")
+    parser.add_argument("--experiment_name", type=str, default=tracking.DEFAULT_EXPERIMENT)
+    parser.add_argument("--tracking_uri", type=Optional[str], default=None)
+    return parser
+
+
+def evaluate_main(argv: Optional[List[str]] = None) -> ev.EvaluationResult:
+    """``ctt-evaluate``: the evaluation table from saved bundles -> report folder + MLflow run."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = evaluate_parser().parse_args(argv)
+    contextual = load_bundle(args.contextual_bundle)
+    sequence_only = load_bundle(args.sequence_only_bundle) if args.sequence_only_bundle else None
+    result = ev.evaluate_from_lake(contextual, sequence_only, args.lake_root, args.split,
+                                   args.exclude_history)
+    report_files = ev.write_report(result, args.out_dir)
+    client, run_id = tracking.start_run(args.out_dir, args.run_name, args.experiment_name,
+                                        args.tracking_uri)
+    tracking.log_input_versions(client, run_id, result.input_versions)
+    for name, version in result.model_versions.items():
+        client.log_param(run_id, f"{C.MODEL_VERSION}.{name}", version)
+    tracking.log_report(client, run_id, report_files, result.as_table())
+    client.set_terminated(run_id)
+    print(ev.format_markdown(result))
+    return result

@@ -1,0 +1,57 @@
+"""Context layer (subject-item categories) and demographic embeddings.
+
+Why the heavy dropout: during training the context is PSEUDO context derived from the label
+(its top categories), i.e. it leaks the answer's category. Without strong regularisation the
+model would ignore the history and fail at serving, where the real context (the item the user
+is viewing) is only correlated with the label. Two mechanisms (seed 000, seed 003 "high dropout
+on augmented feature layer"):
+- elementwise dropout (``context_dropout``, high, e.g. 0.5) on the context vector;
+- whole-context dropout: for a ``context_drop_prob`` share of the training examples the entire
+  context vector is zeroed, which is exactly what "no context" looks like at serving time
+  (empty category list -> zero vector). It is NOT rescaled, so a present context has the same
+  scale in training and serving.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pipelines import contracts as C
+
+
+class ContextLayer(nn.Module):
+    """pooled context category embedding (B, D) -> context vector (B, D) (zero = no context)."""
+
+    def __init__(self, dim: int, context_dropout: float, context_drop_prob: float) -> None:
+        super().__init__()
+        if not 0.0 <= context_drop_prob < 1.0:
+            raise ValueError(f"context_drop_prob must be in [0, 1), got {context_drop_prob}")
+        # No bias: the zero vector (no context) must stay zero after the projection.
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.dropout = nn.Dropout(context_dropout)
+        self.context_drop_prob = context_drop_prob
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        """pooled (B, D) -> (B, D)."""
+        ctx = self.dropout(self.proj(pooled))  # (B, D)
+        if self.training and self.context_drop_prob > 0:
+            keep = torch.rand(ctx.shape[0], 1, device=ctx.device) >= self.context_drop_prob  # (B, 1)
+            ctx = ctx * keep.to(ctx.dtype)
+        return ctx  # (B, D)
+
+
+class DemographicsEmbedding(nn.Module):
+    """(age, country, gender) indices (B,) each -> summed embedding (B, D); index 0 = unknown."""
+
+    def __init__(self, dim: int, country_buckets: int, dropout: float) -> None:
+        super().__init__()
+        self.age = nn.Embedding(C.AGE_BUCKETS, dim)
+        self.country = nn.Embedding(country_buckets, dim)
+        self.gender = nn.Embedding(len(C.GENDERS), dim)
+        for table in (self.age, self.country, self.gender):
+            nn.init.normal_(table.weight, std=0.02)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, age: torch.Tensor, country: torch.Tensor, gender: torch.Tensor) -> torch.Tensor:
+        """age, country, gender LongTensor (B,) -> (B, D)."""
+        return self.dropout(self.age(age) + self.country(country) + self.gender(gender))  # (B, D)

@@ -1,0 +1,262 @@
+"""LightningDataModule over the Delta training snapshot (read with ``deltalake``, no Spark).
+
+Why in memory: the demo data (~100k examples x 50 ids) is a few tens of MB as int64 tensors.
+Pre-tensorising once in ``setup()`` and slicing whole batches by index (no per-example
+``__getitem__`` + collate, no worker processes) keeps the data path far below the model's cost
+on 2 CPU cores.
+
+Tables read: sequences, context_rows, items, users. Training uses the PSEUDO context rows (the
+label item's top categories, produced by pipelines/context.py; never recomputed here, so the
+trainer cannot drift from the pipeline); evaluation splits carry both the pseudo and, where the
+conversion logged a subject item, the REAL context. The Delta version of every table read is
+recorded in ``input_versions`` (logged to MLflow and written into the bundle manifest).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from deltalake import DeltaTable
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+
+from models import features
+from pipelines import contracts as C
+
+log = logging.getLogger(__name__)
+
+INPUT_TABLES = (C.T_SEQUENCES, C.T_CONTEXT_ROWS, C.T_ITEMS, C.T_USERS)
+
+# Batch keys that are not table columns (model-input names; the rest reuse contracts names).
+# Lead: candidates for contracts.py if serving/inference ever need them.
+LABEL_ROW = "label_row"  # row of the label item in the catalog tensors
+REAL_CONTEXT_IDS = "real_context_category_ids"
+REAL_CONTEXT_WEIGHTS = "real_context_weights"
+HAS_REAL_CONTEXT = "has_real_context"
+
+
+@dataclass
+class Catalog:
+    """All items as model inputs; row i of every tensor is item ``item_ids[i]``."""
+
+    item_ids: torch.Tensor  # (N,) int64 raw ids, sorted
+    cat_ids: torch.Tensor  # (N, Ci) int64, -1 pad
+    cat_weights: torch.Tensor  # (N, Ci) float32, renormalised
+
+    def __len__(self) -> int:
+        return int(self.item_ids.shape[0])
+
+    def rows_of(self, item_ids: np.ndarray) -> np.ndarray:
+        """Raw item ids -> catalog rows; raises on ids missing from the catalog."""
+        ids = self.item_ids.numpy()
+        pos = np.searchsorted(ids, item_ids)
+        pos_clipped = np.minimum(pos, len(ids) - 1)
+        missing = ids[pos_clipped] != item_ids
+        if missing.any():
+            sample = np.unique(np.asarray(item_ids)[missing])[:5].tolist()
+            raise ValueError(f"{int(missing.sum())} label items are not in the items table, e.g. {sample}")
+        return pos_clipped
+
+
+def read_delta(lake_root: str, table: str) -> tuple[pd.DataFrame, int]:
+    """One Delta table as pandas plus the version read (for lineage)."""
+    dt = DeltaTable(C.LakePaths(lake_root).table(table))
+    return dt.to_pandas(), int(dt.version())
+
+
+def build_catalog(items: pd.DataFrame, max_item_categories: int) -> Catalog:
+    """items table -> Catalog (sorted by item_id; duplicate ids are an error, not a silent pick)."""
+    if items[C.ITEM_ID].duplicated().any():
+        raise ValueError("items table has duplicate item_id rows")
+    if items.empty:
+        raise ValueError("items table is empty")
+    items = items.sort_values(C.ITEM_ID)
+    padded = [features.pad_context(c, w, max_item_categories)
+              for c, w in zip(items[C.CATEGORY_IDS], items[C.CATEGORY_WEIGHTS])]
+    return Catalog(item_ids=torch.as_tensor(items[C.ITEM_ID].to_numpy(np.int64)),
+                   cat_ids=torch.as_tensor(np.stack([p[0] for p in padded])),
+                   cat_weights=torch.as_tensor(np.stack([p[1] for p in padded])))
+
+
+def context_join_key(context_rows: pd.DataFrame) -> List[str]:
+    """(user_id, as_of_ts), plus label_item_id when context_rows carries it: pipelines/context.py
+    adds that column because a user can convert on two items in the same second, which
+    (user_id, as_of_ts) alone cannot tell apart (a contract extension reported to the lead)."""
+    key = [C.USER_ID, C.AS_OF_TS]
+    return key + [C.LABEL_ITEM_ID] if C.LABEL_ITEM_ID in context_rows.columns else key
+
+
+def _context_for(sequences: pd.DataFrame, context_rows: pd.DataFrame, source: str,
+                 required: bool) -> pd.DataFrame:
+    """Context columns of ``source`` aligned to ``sequences`` rows (NaN where absent)."""
+    key = context_join_key(context_rows)
+    rows = context_rows.loc[context_rows[C.CONTEXT_SOURCE] == source,
+                            key + [C.CONTEXT_CATEGORY_IDS, C.CONTEXT_WEIGHTS]]
+    if rows.duplicated(key).any():
+        raise ValueError(f"context_rows has duplicate {tuple(key)} keys for source {source!r}")
+    merged = sequences[key].merge(rows, on=key, how="left", validate="many_to_one")
+    if required:
+        missing = merged[C.CONTEXT_CATEGORY_IDS].isna()
+        if missing.any():
+            raise ValueError(f"{int(missing.sum())} sequences rows have no {source!r} context row; "
+                             "the pipelines must write one for every example")
+    return merged
+
+
+def _pad_contexts(ctx: pd.DataFrame, max_ctx: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.full((len(ctx), max_ctx), features.PAD_CATEGORY, dtype=np.int64)
+    w = np.zeros((len(ctx), max_ctx), dtype=np.float32)
+    for i, (c, cw) in enumerate(zip(ctx[C.CONTEXT_CATEGORY_IDS], ctx[C.CONTEXT_WEIGHTS])):
+        if isinstance(c, (list, np.ndarray)):
+            ids[i], w[i] = features.pad_context(c, cw, max_ctx)
+    return ids, w
+
+
+def _demographics(sequences: pd.DataFrame, users: pd.DataFrame,
+                  country_buckets: int) -> np.ndarray:
+    """(B, 3) int64 age/country/gender indices; users absent from the users table are unknown (0)."""
+    if users[C.USER_ID].duplicated().any():
+        raise ValueError("users table has duplicate user_id rows")
+    encoded = {int(u): features.encode_demographics(a, c, g, country_buckets)
+               for u, a, c, g in zip(users[C.USER_ID], users[C.AGE_BUCKET], users[C.COUNTRY],
+                                     users[C.GENDER])}
+    unknown = (0, 0, 0)
+    out = np.array([encoded.get(int(u), unknown) for u in sequences[C.USER_ID]], dtype=np.int64)
+    n_missing = int(sum(int(u) not in encoded for u in sequences[C.USER_ID].unique()))
+    if n_missing:
+        log.warning("%d users have no users-table row; their demographics are 'unknown'", n_missing)
+    return out.reshape(-1, 3)
+
+
+def build_examples(sequences: pd.DataFrame, context_rows: pd.DataFrame, users: pd.DataFrame,
+                   catalog: Catalog, max_len: int, max_ctx: int, country_buckets: int,
+                   with_real_context: bool) -> Dict[str, torch.Tensor]:
+    """sequences rows of one split -> dict of tensors, one row per example.
+
+    Keys: ITEM_IDS (B, L), EVENT_TS_SECONDS (B, L), CONTEXT_CATEGORY_IDS/WEIGHTS (B, Cx) pseudo
+    context, AGE_BUCKET/COUNTRY/GENDER (B,), LABEL_ITEM_ID (B,), LABEL_ROW (B,), USER_ID (B,);
+    with_real_context adds REAL_CONTEXT_IDS/WEIGHTS (B, Cx) and HAS_REAL_CONTEXT (B,).
+    """
+    sequences = sequences.reset_index(drop=True)
+    n = len(sequences)
+    hist = np.full((n, max_len), features.PAD_ITEM, dtype=np.int64)
+    ts = np.zeros((n, max_len), dtype=np.int64)
+    for i, (items, times) in enumerate(zip(sequences[C.ITEM_IDS], sequences[C.EVENT_TS_SECONDS])):
+        hist[i], ts[i] = features.pad_history(items, times, max_len)
+    pseudo_ids, pseudo_w = _pad_contexts(_context_for(sequences, context_rows, C.CONTEXT_PSEUDO, True),
+                                         max_ctx)
+    demo = _demographics(sequences, users, country_buckets)
+    labels = sequences[C.LABEL_ITEM_ID].to_numpy(np.int64)
+    out = {
+        C.USER_ID: torch.as_tensor(sequences[C.USER_ID].to_numpy(np.int64)),
+        C.ITEM_IDS: torch.as_tensor(hist), C.EVENT_TS_SECONDS: torch.as_tensor(ts),
+        C.CONTEXT_CATEGORY_IDS: torch.as_tensor(pseudo_ids),
+        C.CONTEXT_WEIGHTS: torch.as_tensor(pseudo_w),
+        C.AGE_BUCKET: torch.as_tensor(demo[:, 0]), C.COUNTRY: torch.as_tensor(demo[:, 1]),
+        C.GENDER: torch.as_tensor(demo[:, 2]),
+        C.LABEL_ITEM_ID: torch.as_tensor(labels),
+        LABEL_ROW: torch.as_tensor(catalog.rows_of(labels) if n else np.zeros(0, np.int64)),
+    }
+    if with_real_context:
+        real = _context_for(sequences, context_rows, C.CONTEXT_REAL, False)
+        real_ids, real_w = _pad_contexts(real, max_ctx)
+        out[REAL_CONTEXT_IDS] = torch.as_tensor(real_ids)
+        out[REAL_CONTEXT_WEIGHTS] = torch.as_tensor(real_w)
+        out[HAS_REAL_CONTEXT] = torch.as_tensor(real[C.CONTEXT_CATEGORY_IDS].notna().to_numpy())
+    return out
+
+
+def take(tensors: Dict[str, torch.Tensor], idx) -> Dict[str, torch.Tensor]:
+    """Row subset of every tensor of an example dict."""
+    return {k: v[idx] for k, v in tensors.items()}
+
+
+class _IndexedTensors(Dataset):
+    """Indexed by a LIST of rows (from a BatchSampler): returns a whole batch by fancy indexing."""
+
+    def __init__(self, tensors: Dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+        self.n = int(next(iter(tensors.values())).shape[0])
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, rows: List[int]) -> Dict[str, torch.Tensor]:
+        return take(self.tensors, torch.as_tensor(rows))
+
+
+def batch_loader(tensors: Dict[str, torch.Tensor], batch_size: int, shuffle: bool,
+                 drop_last: bool) -> DataLoader:
+    """DataLoader yielding dicts of (batch_size, ...) tensors, no workers, no per-row collate."""
+    ds = _IndexedTensors(tensors)
+    sampler = RandomSampler(ds) if shuffle else SequentialSampler(ds)
+    return DataLoader(ds, sampler=BatchSampler(sampler, batch_size, drop_last=drop_last),
+                      batch_size=None)
+
+
+class ContextualSequenceDataModule(pl.LightningDataModule):
+    """Train/val/test example tensors, the catalog and the training item frequencies."""
+
+    def __init__(self, lake_root: str, batch_size: int = 512, eval_batch_size: int = 2048,
+                 max_len: int = 50, max_ctx: int = 5, max_item_categories: int = 8,
+                 country_buckets: int = 64, max_val_examples: Optional[int] = 20000,
+                 subsample_seed: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.lake_root = lake_root
+        self.input_versions: Dict[str, int] = {}
+        self.catalog: Optional[Catalog] = None
+        self.splits: Dict[str, Dict[str, torch.Tensor]] = {}
+        self.item_counts: Optional[torch.Tensor] = None
+        self.items_frame: Optional[pd.DataFrame] = None  # the items table, for the bundle export
+
+    def setup(self, stage: Optional[str] = None) -> None:
+        if self.catalog is not None:  # fit then test in one process: read the snapshot once
+            return
+        hp = self.hparams
+        frames = {}
+        for table in INPUT_TABLES:
+            frames[table], self.input_versions[table] = read_delta(self.lake_root, table)
+        self.items_frame = frames[C.T_ITEMS]
+        self.catalog = build_catalog(self.items_frame, hp.max_item_categories)
+        seqs = frames[C.T_SEQUENCES]
+        unknown_split = ~seqs[C.SPLIT].isin(C.SPLITS)
+        if unknown_split.any():
+            raise ValueError(f"{int(unknown_split.sum())} sequences rows have a split outside {C.SPLITS}")
+        for split in C.SPLITS:
+            rows = seqs[seqs[C.SPLIT] == split]
+            if split == C.SPLIT_VAL and hp.max_val_examples and len(rows) > hp.max_val_examples:
+                rows = rows.sample(n=hp.max_val_examples, random_state=hp.subsample_seed)
+            self.splits[split] = build_examples(
+                rows, frames[C.T_CONTEXT_ROWS], frames[C.T_USERS], self.catalog, hp.max_len,
+                hp.max_ctx, hp.country_buckets, with_real_context=split != C.SPLIT_TRAIN)
+        if len(self.splits[C.SPLIT_TRAIN][LABEL_ROW]) == 0:
+            raise ValueError("the sequences table has no train examples")
+        self.item_counts = torch.bincount(self.splits[C.SPLIT_TRAIN][LABEL_ROW],
+                                          minlength=len(self.catalog)).to(torch.float64)
+        log.info("read %s; examples: %s", self.input_versions,
+                 {s: len(t[LABEL_ROW]) for s, t in self.splits.items()})
+
+    def item_frequencies(self) -> torch.Tensor:
+        """(N,) label frequency of each catalog item in the TRAIN split, add-one smoothed so an
+        item never seen as a label still has a finite logQ."""
+        if self.item_counts is None:
+            raise RuntimeError("call setup() first")
+        counts = self.item_counts + 1.0
+        return (counts / counts.sum()).float()
+
+    def train_dataloader(self) -> DataLoader:
+        return batch_loader(self.splits[C.SPLIT_TRAIN], self.hparams.batch_size, shuffle=True,
+                            drop_last=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return batch_loader(self.splits[C.SPLIT_VAL], self.hparams.eval_batch_size, shuffle=False,
+                            drop_last=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return batch_loader(self.splits[C.SPLIT_TEST], self.hparams.eval_batch_size, shuffle=False,
+                            drop_last=False)

@@ -1,0 +1,228 @@
+"""Versioned serving bundle: weights (safetensors), config, catalog item embeddings, manifest.
+
+Why a bundle and not a checkpoint: serving and batch inference must load exactly the trained
+function without Lightning, without pickle (a checkpoint is a pickle: loading one executes
+code) and with a way to prove the files belong together. The manifest holds the sha256 of
+every file and the shapes; ``load_bundle`` refuses a bundle whose files were truncated,
+swapped or edited, with a ``BundleError`` naming the problem.
+
+model_version = ``<run name or UTC timestamp>-<first 8 hex of the weights' sha256>``, so two
+different weight sets never share a version string, and the cached user states (which carry
+the version) can be checked against the head that reads them.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from models.data import build_catalog
+from models.two_tower import ContextualTwoTower, ModelConfig
+from pipelines import contracts as C
+
+FORMAT_VERSION = 1
+BUNDLE_ARTIFACT_PATH = "bundle"  # folder name of the bundle among a run's MLflow artifacts
+_HASHED_FILES = (C.BUNDLE_WEIGHTS, C.BUNDLE_CONFIG, C.BUNDLE_ITEM_IDS, C.BUNDLE_ITEM_EMBEDDINGS)
+_VERSION_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
+
+
+class BundleError(RuntimeError):
+    """A bundle is incomplete, corrupted or inconsistent; the message says which file and why."""
+
+
+@dataclass
+class Bundle:
+    model: ContextualTwoTower  # eval mode
+    config: ModelConfig
+    manifest: Dict[str, Any]
+    item_ids: np.ndarray  # (N,) int64
+    item_embeddings: np.ndarray  # (N, D) float32, row i <-> item_ids[i]
+    model_version: str
+    path: Path
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def make_model_version(prefix: Optional[str], weights_sha256: str) -> str:
+    """``<prefix or UTC timestamp>-<sha8>``; a prefix already ending in this sha8 is kept as is."""
+    sha8 = weights_sha256[:8]
+    prefix = prefix or dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    if prefix.endswith(f"-{sha8}"):
+        return prefix
+    return f"{prefix}-{sha8}"
+
+
+@torch.no_grad()
+def catalog_embeddings(model: ContextualTwoTower, catalog: pd.DataFrame,
+                       batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Item-tower embeddings of every catalog item: ids (N,) int64, embeddings (N, D) float32."""
+    cat = build_catalog(catalog, model.config.max_item_categories)
+    was_training = model.training
+    model.eval()
+    out = [model.item_embeddings(cat.item_ids[i:i + batch_size], cat.cat_ids[i:i + batch_size],
+                                 cat.cat_weights[i:i + batch_size])
+           for i in range(0, len(cat), batch_size)]
+    model.train(was_training)
+    return cat.item_ids.numpy().astype(np.int64), torch.cat(out).numpy().astype(np.float32)
+
+
+def export_bundle(model: ContextualTwoTower, config: ModelConfig, catalog: pd.DataFrame,
+                  out_dir: Path | str, model_version: Optional[str],
+                  extra_manifest: Optional[Dict[str, Any]] = None) -> Path:
+    """Write the bundle into ``out_dir`` (replaced atomically if it exists) and return it.
+
+    ``model_version`` is the run name / timestamp prefix (None = now); the stored version gets the
+    weights' sha8 appended (see module docstring). ``catalog`` is the items table (item_id,
+    category_ids, category_weights). ``extra_manifest`` is merged into the manifest (e.g.
+    ``input_versions``: Delta versions of the training inputs).
+    """
+    if config != model.config:
+        raise ValueError("config differs from the model's own config; export the config it was built with")
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / C.BUNDLE_WEIGHTS))
+        weights_sha = sha256_file(tmp / C.BUNDLE_WEIGHTS)
+        version = make_model_version(model_version, weights_sha)
+        (tmp / C.BUNDLE_CONFIG).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
+        item_ids, item_emb = catalog_embeddings(model, catalog)
+        np.save(tmp / C.BUNDLE_ITEM_IDS, item_ids)
+        np.save(tmp / C.BUNDLE_ITEM_EMBEDDINGS, item_emb)
+        manifest: Dict[str, Any] = dict(extra_manifest or {})
+        manifest.update({
+            "format_version": FORMAT_VERSION,
+            C.MODEL_VERSION: version,
+            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "dim": config.dim,
+            "state_dim": config.state_dim,
+            "n_items": int(item_ids.shape[0]),
+            "files": {name: sha256_file(tmp / name) for name in _HASHED_FILES},
+        })
+        manifest.setdefault("input_versions", {})
+        (tmp / C.BUNDLE_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out_dir
+
+
+def _read_manifest(path: Path) -> Dict[str, Any]:
+    file = path / C.BUNDLE_MANIFEST
+    if not file.is_file():
+        raise BundleError(f"{path}: no {C.BUNDLE_MANIFEST}; not a bundle")
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise BundleError(f"{file}: not valid JSON ({err})") from err
+    for key in (C.MODEL_VERSION, "files", "dim", "state_dim", "n_items"):
+        if key not in manifest:
+            raise BundleError(f"{file}: missing key {key!r}")
+    return manifest
+
+
+def _verify_checksums(path: Path, manifest: Dict[str, Any]) -> None:
+    for name in _HASHED_FILES:
+        expected = manifest["files"].get(name)
+        if expected is None:
+            raise BundleError(f"{path}: manifest has no checksum for {name}")
+        if not (path / name).is_file():
+            raise BundleError(f"{path}: missing {name}")
+        actual = sha256_file(path / name)
+        if actual != expected:
+            raise BundleError(f"{path / name}: sha256 {actual[:12]}... does not match the manifest's "
+                              f"{expected[:12]}... (truncated, corrupted or swapped file)")
+
+
+def load_bundle(path: Path | str) -> Bundle:
+    """Load and verify a bundle: checksums, config, weights (safetensors only) and shapes."""
+    path = Path(path)
+    manifest = _read_manifest(path)
+    _verify_checksums(path, manifest)
+    version = manifest[C.MODEL_VERSION]
+    if not _VERSION_SUFFIX.search(version) or not manifest["files"][C.BUNDLE_WEIGHTS].startswith(version[-8:]):
+        raise BundleError(f"{path}: model_version {version!r} does not end with the weights' sha8")
+    try:
+        config = ModelConfig.from_dict(json.loads((path / C.BUNDLE_CONFIG).read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as err:
+        raise BundleError(f"{path / C.BUNDLE_CONFIG}: invalid model config ({err})") from err
+    if (config.dim, config.state_dim) != (manifest["dim"], manifest["state_dim"]):
+        raise BundleError(f"{path}: config dims ({config.dim}, {config.state_dim}) differ from the "
+                          f"manifest ({manifest['dim']}, {manifest['state_dim']})")
+    try:
+        state = load_file(str(path / C.BUNDLE_WEIGHTS))
+    except (SafetensorError, OSError) as err:
+        raise BundleError(f"{path / C.BUNDLE_WEIGHTS}: unreadable safetensors file ({err})") from err
+    model = ContextualTwoTower(config)
+    expected = model.state_dict()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise BundleError(f"{path / C.BUNDLE_WEIGHTS}: tensors do not match the config "
+                          f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    wrong = [f"{k}: {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+             if state[k].shape != v.shape]
+    if wrong:
+        raise BundleError(f"{path / C.BUNDLE_WEIGHTS}: tensor shapes do not match the config: {wrong[:3]}")
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    item_ids = np.load(path / C.BUNDLE_ITEM_IDS, allow_pickle=False)
+    item_emb = np.load(path / C.BUNDLE_ITEM_EMBEDDINGS, allow_pickle=False)
+    n = manifest["n_items"]
+    if item_ids.shape != (n,) or item_ids.dtype != np.int64:
+        raise BundleError(f"{path / C.BUNDLE_ITEM_IDS}: expected int64 ({n},), got {item_ids.dtype} {item_ids.shape}")
+    if item_emb.shape != (n, config.dim) or item_emb.dtype != np.float32:
+        raise BundleError(f"{path / C.BUNDLE_ITEM_EMBEDDINGS}: expected float32 ({n}, {config.dim}), "
+                          f"got {item_emb.dtype} {item_emb.shape}")
+    return Bundle(model=model, config=config, manifest=manifest, item_ids=item_ids,
+                  item_embeddings=item_emb, model_version=version, path=path)
+
+
+def load_bundle_from_mlflow(run_id: Optional[str] = None, model_name: Optional[str] = None,
+                            version: Optional[str | int] = None,
+                            tracking_uri: Optional[str] = None) -> Bundle:
+    """Download a bundle logged by a training run (``run_id``) or registered as a model version
+    (``model_name`` + ``version``, newest version if None) and load it with :func:`load_bundle`."""
+    import mlflow.artifacts
+    from mlflow import MlflowClient
+
+    from models.tracking import resolve_tracking_uri
+
+    uri = resolve_tracking_uri(None, tracking_uri)
+    if (run_id is None) == (model_name is None):
+        raise ValueError("pass exactly one of run_id or model_name")
+    if model_name is not None:
+        client = MlflowClient(uri)
+        if version is None:
+            versions = client.search_model_versions(f"name='{model_name}'")
+            if not versions:
+                raise BundleError(f"registered model {model_name!r} has no versions at {uri}")
+            version = max(int(v.version) for v in versions)
+        source = client.get_model_version(model_name, str(version)).source
+        local = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=uri)
+    else:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=BUNDLE_ARTIFACT_PATH,
+                                                    tracking_uri=uri)
+    return load_bundle(local)

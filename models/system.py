@@ -1,0 +1,194 @@
+"""LightningModule: the training recipe around ContextualTwoTower (the math lives in the model).
+
+Loss: sampled softmax over in-batch + uniform negatives with logQ correction (seed 002; Yi et
+al. 2019). In-batch negatives are the other examples' labels, so popular items are sampled as
+negatives in proportion to their label frequency; without a correction the model learns to push
+popular items DOWN. Mixing in ``n_uniform_negatives`` uniformly drawn catalog items gives the
+tail negatives too. The candidate set therefore comes from the mixture proposal whose expected
+count for item j in one step is ``Q_j = B * p_j + U / N`` (p_j = the item's label frequency in
+the training split), and every candidate's logit is corrected by ``- logq_weight * log Q_j``.
+Candidates that are the same item as a row's positive (accidental hits) are masked out.
+
+Training-only regularisers beside the context dropout of the model: a ``history_drop_prob``
+share of examples get the learned cold-start state instead of their encoded history, so the
+``state=None`` serving path is trained.
+
+Validation: full-corpus Recall@K etc. on the validation split with its pseudo context (what the
+early stopping monitors: ``val/recall@100``) and the same examples with the context removed
+(``val_no_context/...``), so a run that leans on context only is visible in the curves.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict, Optional, Sequence
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import features
+from models.data import LABEL_ROW, REAL_CONTEXT_IDS, REAL_CONTEXT_WEIGHTS, Catalog
+from models.metrics import COVERAGE_K, DEFAULT_KS, metric_key, rank_targets, retrieval_metrics
+from models.two_tower import ContextualTwoTower, ModelConfig
+from pipelines import contracts as C
+
+MONITOR = "val/recall_at_100"  # metric_key("val/recall@100")
+
+
+def sampled_softmax_loss(user_emb: torch.Tensor, cand_emb: torch.Tensor, cand_rows: torch.Tensor,
+                         pos_rows: torch.Tensor, pos_col: torch.Tensor, log_q: torch.Tensor,
+                         temperature: torch.Tensor | float) -> torch.Tensor:
+    """logQ-corrected sampled softmax.
+
+    user_emb (B, D), cand_emb (M, D) candidate item embeddings, cand_rows (M,) catalog row of each
+    candidate, pos_rows (B,) catalog row of each example's positive, pos_col (B,) column of the
+    positive among the candidates, log_q (M,) log of the candidate's expected sampling count
+    (already multiplied by any logQ weight; zeros = no correction). Returns the mean loss.
+    """
+    logits = user_emb @ cand_emb.T / temperature - log_q.unsqueeze(0)  # (B, M)
+    hit = cand_rows.unsqueeze(0) == pos_rows.unsqueeze(1)  # (B, M): same item as the positive
+    hit[torch.arange(hit.shape[0], device=hit.device), pos_col] = False  # but not the positive
+    logits = logits.masked_fill(hit, -math.inf)
+    return F.cross_entropy(logits, pos_col)
+
+
+class ContextualRetrievalSystem(pl.LightningModule):
+    """Trains ContextualTwoTower; expects ContextualSequenceDataModule as trainer.datamodule
+    (catalog + item frequencies come from it in ``setup``)."""
+
+    def __init__(self, model_config: ModelConfig = ModelConfig(), lr: float = 3e-3,
+                 weight_decay: float = 1e-4, temperature: float = 0.05,
+                 learn_temperature: bool = True, n_uniform_negatives: int = 512,
+                 logq_correction: bool = True, logq_weight: float = 1.0,
+                 history_drop_prob: float = 0.05, eval_ks: Sequence[int] = DEFAULT_KS,
+                 eval_chunk_size: int = 1024) -> None:
+        super().__init__()
+        if isinstance(model_config, dict):  # load_from_checkpoint passes the saved dict back
+            model_config = ModelConfig.from_dict(model_config)
+        self.config = model_config
+        self.save_hyperparameters(ignore=["model_config"])
+        self.hparams["model_config"] = self.config.to_dict()  # JSON-friendly, no pickled classes
+        self.model = ContextualTwoTower(self.config)
+        log_t = torch.tensor(math.log(temperature))
+        if learn_temperature:
+            self.log_temperature = nn.Parameter(log_t)
+        else:
+            self.register_buffer("log_temperature", log_t)
+        self.catalog: Optional[Catalog] = None
+        self.item_freq: Optional[torch.Tensor] = None
+        self.eval_ks = tuple(eval_ks)
+        self._catalog_emb: Optional[torch.Tensor] = None
+        self.val_metrics: Optional[nn.Module] = None
+        self.val_metrics_no_ctx: Optional[nn.Module] = None
+
+    # ------------------------------------------------------------------ wiring
+    def attach_data(self, catalog: Catalog, item_freq: torch.Tensor) -> None:
+        """Catalog tensors and training label frequencies (N,) used by loss and validation."""
+        if item_freq.shape != (len(catalog),):
+            raise ValueError(f"item_freq must be ({len(catalog)},), got {tuple(item_freq.shape)}")
+        self.catalog, self.item_freq = catalog, item_freq.float()
+        self.val_metrics = retrieval_metrics(len(catalog), self.eval_ks).clone(prefix="val/")
+        self.val_metrics_no_ctx = retrieval_metrics(len(catalog), self.eval_ks).clone(prefix="val_no_context/")
+
+    def setup(self, stage: str) -> None:
+        dm = self.trainer.datamodule if self._trainer is not None else None
+        if self.catalog is None:
+            if dm is None or not hasattr(dm, "item_frequencies"):
+                raise RuntimeError("ContextualRetrievalSystem needs a ContextualSequenceDataModule "
+                                   "(or call attach_data before fitting)")
+            self.attach_data(dm.catalog, dm.item_frequencies())
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.exp().clamp(0.01, 1.0)
+
+    # ------------------------------------------------------------------ model calls
+    def user_embeddings(self, batch: Dict[str, torch.Tensor], context: str = "pseudo",
+                        state: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, D) user embeddings; context = "pseudo" | "real" | "none" (empty context)."""
+        ctx_ids, ctx_w = context_inputs(batch, context)
+        if state is None:
+            state = self.model.encode_user_state(batch[C.ITEM_IDS], batch[C.EVENT_TS_SECONDS])
+        return self.model.query_from_state(state, ctx_ids, ctx_w, batch[C.AGE_BUCKET],
+                                           batch[C.COUNTRY], batch[C.GENDER])
+
+    def catalog_embeddings(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Item-tower embeddings of catalog rows (all rows if None): (N, D)."""
+        cat = self.catalog
+        if rows is None:
+            return self.model.item_embeddings(cat.item_ids.to(self.device), cat.cat_ids.to(self.device),
+                                              cat.cat_weights.to(self.device))
+        return self.model.item_embeddings(cat.item_ids[rows].to(self.device),
+                                          cat.cat_ids[rows].to(self.device),
+                                          cat.cat_weights[rows].to(self.device))
+
+    def training_loss(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """The whole training objective of one batch (also used by the plain-torch benchmark)."""
+        b = batch[LABEL_ROW].shape[0]
+        state = self.model.encode_user_state(batch[C.ITEM_IDS], batch[C.EVENT_TS_SECONDS])  # (B, S)
+        hp = self.hparams
+        if hp.history_drop_prob > 0:
+            drop = torch.rand(b, 1, device=state.device) < hp.history_drop_prob  # (B, 1)
+            state = torch.where(drop, self.model.cold_start_state(b), state)
+        user = self.user_embeddings(batch, "pseudo", state=state)  # (B, D)
+        n_items = len(self.catalog)
+        uniform = torch.randint(0, n_items, (hp.n_uniform_negatives,))  # (U,)
+        cand_rows = torch.cat([batch[LABEL_ROW].cpu(), uniform])  # (M,) = (B + U,)
+        cand = self.catalog_embeddings(cand_rows)  # (M, D)
+        if hp.logq_correction:
+            expected = b * self.item_freq[cand_rows] + hp.n_uniform_negatives / n_items  # (M,)
+            log_q = hp.logq_weight * expected.log()
+        else:
+            log_q = torch.zeros(cand_rows.shape[0])
+        pos_col = torch.arange(b, device=self.device)
+        return sampled_softmax_loss(user, cand, cand_rows.to(self.device), batch[LABEL_ROW], pos_col,
+                                    log_q.to(self.device), self.temperature)
+
+    # ------------------------------------------------------------------ Lightning hooks
+    def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.training_loss(batch)
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True,
+                 batch_size=batch[LABEL_ROW].shape[0])
+        self.log("train/temperature", self.temperature, on_step=False, on_epoch=True)
+        return loss
+
+    def on_validation_epoch_start(self) -> None:
+        self._catalog_emb = self.catalog_embeddings()  # (N, D), once per validation pass
+
+    def validation_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
+        state = self.model.encode_user_state(batch[C.ITEM_IDS], batch[C.EVENT_TS_SECONDS])
+        for context, metrics in (("pseudo", self.val_metrics), ("none", self.val_metrics_no_ctx)):
+            user = self.user_embeddings(batch, context, state=state)  # (B, D)
+            ranks, top = rank_targets(user, self._catalog_emb, batch[LABEL_ROW], top_k=COVERAGE_K,
+                                      chunk_size=self.hparams.eval_chunk_size)
+            metrics.update(ranks=ranks, top_items=top)
+
+    def on_validation_epoch_end(self) -> None:
+        for metrics in (self.val_metrics, self.val_metrics_no_ctx):
+            self.log_dict({metric_key(k): v for k, v in metrics.compute().items()})
+            metrics.reset()
+        self._catalog_emb = None
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW; no weight decay on embedding tables, norms, biases and the temperature."""
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            plain = p.ndim < 2 or "emb" in name or "table" in name or "position" in name or "time_gap" in name
+            (no_decay if plain else decay).append(p)
+        return torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr)
+
+
+def context_inputs(batch: Dict[str, torch.Tensor], context: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The context tensors of a batch: "pseudo", "real" or "none" (all padding = no context)."""
+    ids, w = batch[C.CONTEXT_CATEGORY_IDS], batch[C.CONTEXT_WEIGHTS]
+    if context == "pseudo":
+        return ids, w
+    if context == "real":
+        return batch[REAL_CONTEXT_IDS], batch[REAL_CONTEXT_WEIGHTS]
+    if context == "none":
+        return torch.full_like(ids, features.PAD_CATEGORY), torch.zeros_like(w)
+    raise ValueError(f"context must be pseudo, real or none; got {context!r}")

@@ -1,0 +1,211 @@
+"""The contextual sequential two-tower model, split at the encoder's last hidden state(s).
+
+Hybrid inference (seed 003): ``encode_user_state`` is the heavy offline half (multi-hash item
+embeddings + causal Transformer), run in batch and cached per user in Feast;
+``query_from_state`` is the light online half (context layer + demographics + fusion MLP) run
+per request on the cached state and the real-time context. ``forward`` is literally their
+composition, so the split can never drift from the trained function.
+
+Cold start: a user without a cached state is served with ``state=None``; the model then uses
+its learned ``no_history_state`` vector (trained by dropping the whole history for a small
+share of training examples, see ``system.py``). An all-padding history given to
+``encode_user_state`` also maps to that vector, so "no history" means one thing everywhere.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Dict, Optional
+
+import torch
+from torch import nn
+
+from models import features
+from models.components.context import ContextLayer, DemographicsEmbedding
+from models.components.embeddings import MultiHashEmbedding, weighted_pool
+from models.components.encoder import CausalSequenceEncoder
+from models.components.heads import ConcatFusion, CrossAttentionFusion, ItemTower
+
+FUSIONS = ("concat", "cross_attention")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyper-parameters; serialised to the bundle's config.json (immutable: the
+    same object is the default of the CLI and the record of a trained model)."""
+
+    dim: int = 64
+    n_layers: int = 2
+    n_heads: int = 2
+    max_len: int = 50  # history length seen by the encoder (newest events kept)
+    item_buckets: int = 16384  # rows per hash function of the item id table
+    category_buckets: int = 1024  # rows per hash function of the category table
+    n_hashes: int = 2
+    hash_seed: int = 0
+    country_buckets: int = 64
+    max_ctx: int = 5  # context categories kept (highest confidence first)
+    max_item_categories: int = 8  # categories per item seen by the item tower
+    n_time_buckets: int = 24
+    mlp_hidden: int = 128
+    dropout: float = 0.1
+    context_dropout: float = 0.5  # elementwise dropout on the context vector
+    context_drop_prob: float = 0.5  # share of training examples whose whole context is zeroed
+    fusion: str = "concat"  # "concat" | "cross_attention"
+    state_len: int = 1  # m: number of last encoder states cached per user (1 = last hidden state)
+    use_context: bool = True
+    use_demographics: bool = True
+
+    def __post_init__(self) -> None:
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        if self.dim % self.n_heads:
+            raise ValueError(f"dim {self.dim} must be divisible by n_heads {self.n_heads}")
+        if not 1 <= self.state_len <= self.max_len:
+            raise ValueError(f"state_len must be in [1, max_len={self.max_len}], got {self.state_len}")
+        if self.n_time_buckets < 3:
+            raise ValueError("n_time_buckets must be >= 3 (padding, first event, >= 1 gap bucket)")
+
+    @property
+    def state_dim(self) -> int:
+        return self.state_len * self.dim
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields: {unknown}")
+        return cls(**values)
+
+
+def trim_left_padding(item_ids: torch.Tensor, event_ts: torch.Tensor,
+                      keep: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop the leading columns that are padding in EVERY row (but keep >= ``keep`` columns).
+
+    Why: conversion histories are short (a handful of events) while max_len is sized for heavy
+    users, so most of a (B, max_len) batch is padding and attention costs O(L^2). The encoder is
+    invariant to left padding (recency positions, masked pad keys), so trimming changes nothing
+    but the cost. item_ids/event_ts (B, L) -> (B, L').
+    """
+    valid_cols = (item_ids != features.PAD_ITEM).any(dim=0)  # (L,)
+    if valid_cols.any():
+        first = int(valid_cols.nonzero()[0, 0])
+    else:
+        first = item_ids.shape[1]
+    first = max(0, min(first, item_ids.shape[1] - keep))
+    return item_ids[:, first:], event_ts[:, first:]
+
+
+class ContextualTwoTower(nn.Module):
+    """User tower (encoder -> state -> context/demographics fusion) and item tower."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.dim
+        # Shared by the history encoder and the item tower (SASRec-style tied item embeddings),
+        # and by the context layer and the item tower (context categories live in the same space
+        # as item categories, which is what makes pseudo context learnable quickly).
+        self.item_emb = MultiHashEmbedding(config.item_buckets, d, config.n_hashes, config.hash_seed)
+        self.category_emb = MultiHashEmbedding(config.category_buckets, d, config.n_hashes,
+                                               config.hash_seed + 1)
+        self.encoder = CausalSequenceEncoder(d, config.n_layers, config.n_heads, config.max_len,
+                                             config.n_time_buckets, config.dropout)
+        self.pad_slot = nn.Parameter(torch.zeros(d))  # state slot of a history shorter than m
+        self.no_history_state = nn.Parameter(torch.randn(config.state_dim) * 0.02)  # cold start
+        self.context = (ContextLayer(d, config.context_dropout, config.context_drop_prob)
+                        if config.use_context else None)
+        self.demographics = (DemographicsEmbedding(d, config.country_buckets, config.dropout)
+                             if config.use_demographics else None)
+        if config.fusion == "concat":
+            self.fusion: nn.Module = ConcatFusion(d, config.state_len, config.use_context,
+                                                  config.use_demographics, config.mlp_hidden,
+                                                  config.dropout)
+        else:
+            self.fusion = CrossAttentionFusion(d, config.n_heads, config.state_len, config.use_context,
+                                               config.use_demographics, config.mlp_hidden,
+                                               config.dropout)
+        self.item_tower = ItemTower(d, config.mlp_hidden, config.dropout)
+
+    @property
+    def state_dim(self) -> int:
+        return self.config.state_dim
+
+    # ---------------------------------------------------------------- offline half
+    def encode_user_state(self, item_ids: torch.Tensor, event_ts: torch.Tensor) -> torch.Tensor:
+        """item_ids LongTensor (B, L) left-padded with PAD_ITEM, event_ts LongTensor (B, L) epoch s
+        -> state (B, state_dim): the last ``state_len`` encoder outputs, flattened."""
+        m, d = self.config.state_len, self.config.dim
+        item_ids, event_ts = trim_left_padding(item_ids, event_ts, keep=m)  # (B, L') L' <= L
+        valid = item_ids != features.PAD_ITEM  # (B, L')
+        tokens = self.item_emb(item_ids)  # (B, L, D)
+        gaps = features.time_gap_buckets(event_ts, valid, self.config.n_time_buckets)  # (B, L)
+        hidden = self.encoder(tokens, gaps, valid)  # (B, L, D)
+        if hidden.shape[1] < m:  # shorter input than the state: pad slots in front
+            short = m - hidden.shape[1]
+            hidden = torch.cat([hidden.new_zeros(hidden.shape[0], short, d), hidden], dim=1)
+            valid = torch.cat([valid.new_zeros(valid.shape[0], short), valid], dim=1)
+        last, last_valid = hidden[:, -m:], valid[:, -m:]  # (B, m, D), (B, m)
+        slots = torch.where(last_valid.unsqueeze(-1), last, self.pad_slot.expand_as(last))  # (B, m, D)
+        state = slots.flatten(1)  # (B, m*D)
+        has_history = valid.any(dim=1, keepdim=True)  # (B, 1)
+        return torch.where(has_history, state, self.no_history_state.expand_as(state))  # (B, m*D)
+
+    def cold_start_state(self, batch_size: int) -> torch.Tensor:
+        """The learned state of a user with no history: (B, state_dim)."""
+        return self.no_history_state.unsqueeze(0).expand(batch_size, -1)
+
+    # ---------------------------------------------------------------- online half
+    def query_from_state(self, state: Optional[torch.Tensor], ctx_ids: Optional[torch.Tensor],
+                         ctx_weights: Optional[torch.Tensor], age: Optional[torch.Tensor],
+                         country: Optional[torch.Tensor],
+                         gender: Optional[torch.Tensor]) -> torch.Tensor:
+        """state (B, state_dim) or None (cold start), ctx_ids LongTensor (B, C) (-1 pad),
+        ctx_weights (B, C), age/country/gender LongTensor (B,) -> user embedding (B, D), unit norm.
+
+        Inputs the configuration does not use (context when use_context=False, demographics when
+        use_demographics=False) may be None and are ignored.
+        """
+        batch = self._batch_size(state, ctx_ids, age)
+        if state is None:
+            state = self.cold_start_state(batch)
+        if state.shape != (batch, self.state_dim):
+            raise ValueError(f"state must be ({batch}, {self.state_dim}), got {tuple(state.shape)}")
+        states = state.reshape(batch, self.config.state_len, self.config.dim)  # (B, m, D)
+        ctx = None
+        if self.context is not None:
+            if ctx_ids is None or ctx_weights is None:
+                raise ValueError("this model uses context: pass ctx_ids/ctx_weights (all -1/0 = none)")
+            pooled = weighted_pool(self.category_emb(ctx_ids), ctx_weights)  # (B, D)
+            ctx = self.context(pooled)  # (B, D)
+        demo = None
+        if self.demographics is not None:
+            if age is None or country is None or gender is None:
+                raise ValueError("this model uses demographics: pass age/country/gender (0 = unknown)")
+            demo = self.demographics(age, country, gender)  # (B, D)
+        return self.fusion(states, ctx, demo)  # (B, D)
+
+    def forward(self, item_ids: torch.Tensor, event_ts: torch.Tensor, ctx_ids: Optional[torch.Tensor],
+                ctx_weights: Optional[torch.Tensor], age: Optional[torch.Tensor],
+                country: Optional[torch.Tensor], gender: Optional[torch.Tensor]) -> torch.Tensor:
+        """Full user tower: (B, L) history + context + demographics -> (B, D)."""
+        state = self.encode_user_state(item_ids, event_ts)  # (B, state_dim)
+        return self.query_from_state(state, ctx_ids, ctx_weights, age, country, gender)
+
+    # ---------------------------------------------------------------- item tower
+    def item_embeddings(self, item_ids: torch.Tensor, cat_ids: torch.Tensor,
+                        cat_weights: torch.Tensor) -> torch.Tensor:
+        """item_ids (N,), cat_ids LongTensor (N, C) (-1 pad), cat_weights (N, C) -> (N, D) unit norm."""
+        cat = weighted_pool(self.category_emb(cat_ids), cat_weights)  # (N, D)
+        return self.item_tower(self.item_emb(item_ids), cat)  # (N, D)
+
+    @staticmethod
+    def _batch_size(state: Optional[torch.Tensor], ctx_ids: Optional[torch.Tensor],
+                    age: Optional[torch.Tensor]) -> int:
+        for t in (state, ctx_ids, age):
+            if t is not None:
+                return int(t.shape[0])
+        raise ValueError("cannot infer the batch size: state, ctx_ids and age are all None")

@@ -1,0 +1,94 @@
+"""ContextualSequenceDataModule on a tiny Delta lake written with deltalake (no Spark)."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+from deltalake import DeltaTable, write_deltalake
+
+from models import features
+from models.data import (HAS_REAL_CONTEXT, INPUT_TABLES, LABEL_ROW, REAL_CONTEXT_IDS,
+                         ContextualSequenceDataModule)
+from pipelines import contracts as C
+
+
+def _dm(lake, **kw):
+    dm = ContextualSequenceDataModule(str(lake), batch_size=64, max_len=8, max_ctx=3,
+                                      max_item_categories=4, country_buckets=8, **kw)
+    dm.setup("fit")
+    return dm
+
+
+def test_setup_builds_aligned_tensors_and_records_versions(tiny_lake):
+    dm = _dm(tiny_lake)
+    seqs = DeltaTable(C.LakePaths(str(tiny_lake)).table(C.T_SEQUENCES)).to_pandas()
+    assert dm.input_versions == {t: 0 for t in INPUT_TABLES}
+    for split in C.SPLITS:
+        t = dm.splits[split]
+        n = int((seqs[C.SPLIT] == split).sum())
+        assert t[C.ITEM_IDS].shape == (n, 8) and t[C.CONTEXT_CATEGORY_IDS].shape == (n, 3)
+        assert (HAS_REAL_CONTEXT in t) == (split != C.SPLIT_TRAIN)
+        # the label row points at the label item in the catalog
+        assert torch.equal(dm.catalog.item_ids[t[LABEL_ROW]], t[C.LABEL_ITEM_ID])
+    # pseudo context = the label item's top categories (as written by the pipeline / fixture)
+    train = dm.splits[C.SPLIT_TRAIN]
+    row = 5
+    label_row = int(train[LABEL_ROW][row])
+    item_cats = dm.catalog.cat_ids[label_row]
+    ctx = train[C.CONTEXT_CATEGORY_IDS][row]
+    assert ctx[0] == item_cats[0]  # highest-confidence category first
+    assert set(ctx[ctx >= 0].tolist()) <= set(item_cats[item_cats >= 0].tolist())
+    assert torch.allclose(train[C.CONTEXT_WEIGHTS].sum(1), torch.ones(len(train[LABEL_ROW])))
+    # histories are left-padded, newest last, and strictly older than the label
+    hist = train[C.ITEM_IDS][0]
+    assert hist[-1] != features.PAD_ITEM
+    freq = dm.item_frequencies()
+    assert freq.shape == (len(dm.catalog),) and (freq > 0).all()
+    assert freq.sum().item() == pytest.approx(1.0, abs=1e-5)
+    test = dm.splits[C.SPLIT_TEST]
+    assert test[HAS_REAL_CONTEXT].all() and (test[REAL_CONTEXT_IDS][:, 0] >= 0).all()
+
+
+def test_train_loader_yields_whole_batches(tiny_lake):
+    dm = _dm(tiny_lake)
+    batches = list(dm.train_dataloader())
+    n_train = len(dm.splits[C.SPLIT_TRAIN][LABEL_ROW])
+    assert len(batches) == n_train // 64
+    assert all(b[C.ITEM_IDS].shape == (64, 8) for b in batches)
+    seen = torch.cat([b[C.USER_ID] for b in dm.val_dataloader()])
+    assert torch.equal(seen, dm.splits[C.SPLIT_VAL][C.USER_ID])  # validation is not shuffled
+
+
+def _copy_lake(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_new_table_version_is_recorded(tiny_lake, tmp_path):
+    lake = _copy_lake(tiny_lake, tmp_path / "lake")
+    path = C.LakePaths(str(lake)).table(C.T_USERS)
+    table = DeltaTable(path).to_pyarrow_table()
+    write_deltalake(path, table, mode="overwrite")
+    assert _dm(lake).input_versions[C.T_USERS] == 1
+
+
+def test_missing_pseudo_context_is_an_error(tiny_lake, tmp_path):
+    lake = _copy_lake(tiny_lake, tmp_path / "lake")
+    path = C.LakePaths(str(lake)).table(C.T_CONTEXT_ROWS)
+    table = DeltaTable(path).to_pyarrow_table()
+    write_deltalake(path, table.slice(1), mode="overwrite")  # drops one pseudo row
+    with pytest.raises(ValueError, match="1 sequences rows have no 'pseudo' context row"):
+        _dm(lake)
+
+
+def test_label_outside_the_catalog_is_an_error(tiny_lake, tmp_path):
+    lake = _copy_lake(tiny_lake, tmp_path / "lake")
+    path = C.LakePaths(str(lake)).table(C.T_ITEMS)
+    table = DeltaTable(path).to_pyarrow_table()
+    keep = pa.array(np.arange(table.num_rows) >= 1)
+    write_deltalake(path, table.filter(keep), mode="overwrite")
+    with pytest.raises(ValueError, match="label items are not in the items table"):
+        _dm(lake)

@@ -1,0 +1,62 @@
+"""ContextualTwoTower: split-path parity, cold start, config round trip."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from models.two_tower import ContextualTwoTower, ModelConfig
+
+
+@pytest.mark.parametrize("overrides", [
+    {},  # concat, last hidden state
+    {"fusion": "cross_attention", "state_len": 4},
+    {"fusion": "concat", "state_len": 2, "use_demographics": False},
+    {"use_context": False, "use_demographics": False},  # sequence-only
+])
+def test_query_from_state_of_encoded_state_equals_forward(overrides, tiny_config, random_inputs):
+    torch.manual_seed(0)
+    cfg = tiny_config(**overrides)
+    model = ContextualTwoTower(cfg).eval()
+    x = random_inputs(cfg, batch=7)
+    with torch.no_grad():
+        full = model(*x)
+        state = model.encode_user_state(x[0], x[1])
+        split = model.query_from_state(state, *x[2:])
+    assert state.shape == (7, model.state_dim)
+    assert torch.allclose(full, split, atol=1e-5)
+    assert torch.allclose(full.norm(dim=-1), torch.ones(7), atol=1e-5)
+
+
+def test_cold_start_uses_learned_no_history_state(tiny_config, random_inputs):
+    cfg = tiny_config()
+    model = ContextualTwoTower(cfg).eval()
+    _, _, ctx, w, age, country, gender = random_inputs(cfg, batch=3)
+    empty = torch.full((3, cfg.max_len), -1)
+    with torch.no_grad():
+        cold = model.query_from_state(None, ctx, w, age, country, gender)
+        empty_history = model(empty, torch.zeros_like(empty), ctx, w, age, country, gender)
+        state = model.encode_user_state(empty, torch.zeros_like(empty))
+    assert torch.allclose(cold, empty_history, atol=1e-6)
+    assert torch.equal(state, model.no_history_state.expand(3, -1))
+
+
+def test_query_from_state_validates_inputs(tiny_config, random_inputs):
+    cfg = tiny_config()
+    model = ContextualTwoTower(cfg).eval()
+    _, _, ctx, w, age, country, gender = random_inputs(cfg, batch=2)
+    with pytest.raises(ValueError, match="state must be"):
+        model.query_from_state(torch.zeros(2, cfg.state_dim + 1), ctx, w, age, country, gender)
+    with pytest.raises(ValueError, match="uses context"):
+        model.query_from_state(None, None, None, age, country, gender)
+
+
+def test_config_round_trip_and_validation(tiny_config):
+    cfg = tiny_config(fusion="cross_attention", state_len=2)
+    assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+    assert cfg.state_dim == 2 * cfg.dim
+    with pytest.raises(ValueError, match="unknown ModelConfig fields"):
+        ModelConfig.from_dict({**cfg.to_dict(), "colour": "red"})
+    with pytest.raises(ValueError, match="fusion"):
+        ModelConfig(fusion="sum")
+    with pytest.raises(ValueError, match="divisible"):
+        ModelConfig(dim=10, n_heads=3)
