@@ -1,0 +1,93 @@
+"""Feast definitions of the contextual two-tower: entities, sources, views, the service.
+
+Plain declarations only (imported by ``feast apply``); the one thing read at import is the lake
+root (``CTT_LAKE``, default ``<repo>/demo_run/lake``) that locates the offline sources. Every
+name comes from pipelines/contracts.py (snapshot names from pipelines/feast_ops.py).
+
+Views (all keyed by the contract's ids):
+- ``user_sequence_state`` (user): the encoder's cached last hidden state(s) written by batch
+  inference, the ``model_version`` that produced it (the resolver refuses a state from another
+  checkpoint: seed 003 "version skew") and the ``sequence_hash`` it encodes; event time =
+  ``state_ts``, which the resolver returns as the state's age ("refresh staleness").
+- ``user_profile`` (user): demographics (age_bucket, country, gender) for the online head.
+- ``item_categories`` (item): a subject item's categories + confidence weights, turned into the
+  real-time context online.
+No TTL (``ttl=0``): a stale state must reach the resolver and be reported with its age, not be
+silently dropped by the store (which would turn the user into an unexplained cold start).
+
+Offline source: Parquet snapshots of the Delta tables. Options checked against the INSTALLED
+Feast 0.67 (read in feast/infra/offline_stores, then run from the CLI):
+(a) ``SparkSource(path=..., table_format=DeltaFormat())`` + ``offline_store: spark``: reads
+    Delta correctly (``spark.read.format("delta")``), but every ``feast apply`` (source
+    validation) and ``feast materialize`` starts a JVM with the Delta jars configured in
+    ``spark_conf``; measured on this 2-core machine (shared, load ~8): apply 76 s,
+    materialize of 3 rows 200 s. The API also warns it is alpha.
+(b) ``FileSource(file_format=DeltaFormat())`` + the file (dask) store: only the schema is read
+    with deltalake; the rows are read by ``dask.read_parquet`` over the folder, which includes
+    files that Delta removed. Reproduced: after ``DELETE user_id = 3`` the deleted user is still
+    materialized and served (likewise after an overwrite both versions' rows are read). Wrong
+    answers, silently. (The duckdb store would read Delta via ibis, which is not installed.)
+(c) Parquet snapshots written from the Delta tables with deltalake (Delta-aware, no JVM) by
+    ``pipelines/feast_ops.py:export_feature_tables``: one file per view, replaced atomically,
+    carrying the Delta version it came from; ``feast materialize`` runs in seconds with no JVM.
+Chosen: (c). The price is one export step, which jobs/batch_inference.py runs after every MERGE
+(and ``python -m pipelines.feast_ops export`` runs alone). The users/items tables have no event
+timestamp, so their snapshots add ``feature_ts`` (kept unchanged for unchanged rows, so
+``materialize-incremental`` only re-sends what changed).
+"""
+import os
+from datetime import timedelta
+
+from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
+from feast.data_format import ParquetFormat
+from feast.types import Array, Float32, Int64, String
+
+from pipelines import contracts as C
+from pipelines import feast_ops as ops
+
+LAKE = os.environ.get(ops.ENV_LAKE, str(ops.DEFAULT_LAKE))
+NO_TTL = timedelta(0)
+
+user = Entity(name=C.FEAST_USER_ENTITY, join_keys=[C.USER_ID], value_type=ValueType.INT64,
+              description="a user of the log (contracts.USER_ID)")
+item = Entity(name=C.FEAST_ITEM_ENTITY, join_keys=[C.ITEM_ID], value_type=ValueType.INT64,
+              description="a catalog item / subject item (contracts.ITEM_ID)")
+
+user_states_source = FileSource(
+    name=f"{C.T_USER_STATES}_snapshot", path=ops.export_path(LAKE, C.T_USER_STATES),
+    file_format=ParquetFormat(), timestamp_field=C.STATE_TS,
+    description="Parquet snapshot of the user_states Delta table (batch inference output)")
+user_profile_source = FileSource(
+    name=f"{ops.T_USER_PROFILE_FEATURES}_snapshot", path=ops.export_path(LAKE, ops.T_USER_PROFILE_FEATURES),
+    file_format=ParquetFormat(), timestamp_field=ops.FEATURE_TS,
+    description="Parquet snapshot of the users Delta table with feature_ts")
+item_categories_source = FileSource(
+    name=f"{ops.T_ITEM_CATEGORY_FEATURES}_snapshot", path=ops.export_path(LAKE, ops.T_ITEM_CATEGORY_FEATURES),
+    file_format=ParquetFormat(), timestamp_field=ops.FEATURE_TS,
+    description="Parquet snapshot of the items Delta table with feature_ts")
+
+user_sequence_state = FeatureView(
+    name=C.FV_USER_SEQUENCE_STATE, entities=[user], ttl=NO_TTL, online=True,
+    schema=[Field(name=C.HIDDEN_STATE, dtype=Array(Float32)),
+            Field(name=C.MODEL_VERSION, dtype=String),
+            Field(name=C.SEQUENCE_HASH, dtype=String)],
+    source=user_states_source,
+    description="encoder last hidden state(s) per user (offline half of the user tower)")
+
+user_profile = FeatureView(
+    name=C.FV_USER_PROFILE, entities=[user], ttl=NO_TTL, online=True,
+    schema=[Field(name=C.AGE_BUCKET, dtype=Int64), Field(name=C.COUNTRY, dtype=String),
+            Field(name=C.GENDER, dtype=String)],
+    source=user_profile_source,
+    description="user demographics fed to the online head")
+
+item_categories = FeatureView(
+    name=C.FV_ITEM_CATEGORIES, entities=[item], ttl=NO_TTL, online=True,
+    schema=[Field(name=C.CATEGORY_IDS, dtype=Array(Int64)),
+            Field(name=C.CATEGORY_WEIGHTS, dtype=Array(Float32))],
+    source=item_categories_source,
+    description="subject item categories + confidence weights -> real-time context")
+
+contextual_two_tower_v1 = FeatureService(
+    name=C.FEATURE_SERVICE, features=[user_sequence_state, user_profile, item_categories],
+    description="everything the online resolver reads in its one get_online_features call")

@@ -1,0 +1,323 @@
+"""Feast operations of the project: the offline snapshots Feast reads, and apply / materialize.
+
+Why Feast reads Parquet snapshots and not the Delta tables (the full comparison is in
+feature_repo/definitions.py): the installed Feast 0.67 has no JVM-free, Delta-aware offline
+store. Its file (dask) store ignores ``DeltaFormat`` and reads every Parquet file of a Delta
+folder, including files that MERGE/DELETE/overwrite removed (a deleted user stays served; an
+updated state appears twice); its Spark store reads Delta correctly but starts a JVM for every
+``feast apply`` and ``feast materialize``. So :func:`export_feature_tables` reads each Delta
+table at one version with ``deltalake`` (Delta-aware, no JVM) and writes one Parquet file per
+feature view, atomically, recording the Delta version it came from. It is the ONE place that
+knows the snapshot layout; definitions.py only points the sources at :func:`export_path`.
+
+The users and items tables carry no event timestamp, which Feast needs. The snapshot adds
+``feature_ts`` = when the row's content was first exported in its current form: a row whose
+values did not change since the previous snapshot keeps its old ``feature_ts``, so
+``feast materialize-incremental`` re-sends only changed profiles and items, and reruns over an
+unchanged Delta version write nothing at all.
+
+The apply/materialize helpers wrap the Feast SDK for tests, the demo and notebooks; the
+``feast`` CLI works the same on feature_repo/ once CTT_LAKE and CTT_FEAST_DATA are exported.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import os
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence
+from urllib.parse import urlparse
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines import contracts as C
+
+# --------------------------------------------------------------------------------------
+# Names local to the Feast snapshot. TODO(lead): move into pipelines/contracts.py.
+# --------------------------------------------------------------------------------------
+ENV_LAKE = "CTT_LAKE"  # lake root (same variable as jobs/demo.py)
+ENV_FEAST_DATA = "CTT_FEAST_DATA"  # folder of the Feast registry + SQLite online store
+FEATURE_TS = "feature_ts"  # event timestamp added to the users/items snapshots
+T_USER_PROFILE_FEATURES = "user_profile_features"
+T_ITEM_CATEGORY_FEATURES = "item_category_features"
+EXPORT_DIR = "feast_export"  # under the lake root
+SOURCE_VERSION_KEY = b"ctt.delta_version"  # Parquet schema metadata: Delta version exported
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FEATURE_REPO = REPO_ROOT / "feature_repo"
+DEFAULT_LAKE = REPO_ROOT / "demo_run" / "lake"  # the lake of `make demo`
+
+# snapshot name -> Delta table it is exported from
+SNAPSHOT_SOURCES: Dict[str, str] = {
+    C.T_USER_STATES: C.T_USER_STATES,
+    T_USER_PROFILE_FEATURES: C.T_USERS,
+    T_ITEM_CATEGORY_FEATURES: C.T_ITEMS,
+}
+
+_UTC_TS = pa.timestamp("us", tz="UTC")
+SNAPSHOT_SCHEMAS: Dict[str, pa.Schema] = {
+    C.T_USER_STATES: pa.schema([
+        (C.USER_ID, pa.int64()), (C.HIDDEN_STATE, pa.list_(pa.float32())),
+        (C.MODEL_VERSION, pa.string()), (C.SEQUENCE_HASH, pa.string()), (C.STATE_TS, _UTC_TS)]),
+    T_USER_PROFILE_FEATURES: pa.schema([
+        (C.USER_ID, pa.int64()), (C.AGE_BUCKET, pa.int64()), (C.COUNTRY, pa.string()),
+        (C.GENDER, pa.string()), (FEATURE_TS, _UTC_TS)]),
+    T_ITEM_CATEGORY_FEATURES: pa.schema([
+        (C.ITEM_ID, pa.int64()), (C.CATEGORY_IDS, pa.list_(pa.int64())),
+        (C.CATEGORY_WEIGHTS, pa.list_(pa.float32())), (FEATURE_TS, _UTC_TS)]),
+}
+_KEYS = {C.T_USER_STATES: C.USER_ID, T_USER_PROFILE_FEATURES: C.USER_ID,
+         T_ITEM_CATEGORY_FEATURES: C.ITEM_ID}
+
+
+def export_path(lake_root: str | Path, snapshot: str) -> str:
+    """Path of one Parquet snapshot: ``<lake>/feast_export/<snapshot>.parquet``."""
+    if snapshot not in SNAPSHOT_SOURCES:
+        raise ValueError(f"unknown snapshot {snapshot!r}; known: {', '.join(SNAPSHOT_SOURCES)}")
+    return f"{str(lake_root).rstrip('/')}/{EXPORT_DIR}/{snapshot}.parquet"
+
+
+def _local_dir(lake_root: str | Path) -> Path:
+    """The lake root as a local folder (the snapshot is written with local file I/O)."""
+    parsed = urlparse(str(lake_root))
+    if parsed.scheme in ("", "file"):
+        return Path(parsed.path if parsed.scheme else str(lake_root))
+    raise ValueError(f"Feast snapshots are written to a local lake only, got {lake_root!r}; "
+                     f"export from a machine that mounts the lake")
+
+
+# --------------------------------------------------------------------------------------
+# Snapshot export
+# --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ExportResult:
+    """One snapshot: where, from which Delta version, how many rows, what changed."""
+
+    snapshot: str
+    path: str
+    source_version: int
+    rows: int
+    changed_rows: int  # rows with a new feature_ts / state (all rows on a first export)
+    written: bool  # False: the snapshot already matched this Delta version (no rewrite)
+
+    def line(self) -> str:
+        state = "written" if self.written else "up to date"
+        return (f"{self.snapshot:<24} from Delta v{self.source_version:<4} rows {self.rows:>9} "
+                f"changed {self.changed_rows:>9}  {state}")
+
+
+def snapshot_source_version(path: str | Path) -> Optional[int]:
+    """Delta version recorded in an existing snapshot (None if there is no snapshot)."""
+    if not Path(path).is_file():
+        return None
+    meta = pq.read_schema(path).metadata or {}
+    if SOURCE_VERSION_KEY not in meta:
+        raise ValueError(f"{path}: a Parquet file without {SOURCE_VERSION_KEY.decode()} metadata "
+                         f"is not a snapshot of this project; delete it and export again")
+    return int(meta[SOURCE_VERSION_KEY])
+
+
+def _read_delta(path: str) -> tuple[pd.DataFrame, int]:
+    from deltalake import DeltaTable
+
+    table = DeltaTable(path)
+    return table.to_pandas(), int(table.version())
+
+
+def _hashable(value: Any) -> Any:
+    """Lists/arrays -> tuples so that rows compare by value."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        return tuple(value.tolist() if isinstance(value, np.ndarray) else value)
+    return value
+
+
+def stable_feature_ts(new: pd.DataFrame, previous: Optional[pd.DataFrame], key: str,
+                      now: datetime) -> pd.DataFrame:
+    """Add FEATURE_TS: the previous snapshot's timestamp for unchanged rows, ``now`` otherwise.
+
+    ``new`` holds the key + value columns; ``previous`` the last snapshot (with FEATURE_TS) or
+    None. Pure pandas so it is testable without files.
+    """
+    if new[key].duplicated().any():
+        dup = new.loc[new[key].duplicated(), key].iloc[0]
+        raise ValueError(f"duplicate {key} {dup} in the source table; cannot build a snapshot")
+    if now.tzinfo is None:
+        raise ValueError(f"now must be timezone-aware, got {now!r}")
+    stamp = pd.Timestamp(now).tz_convert("UTC")
+    out = new.copy()
+    out[FEATURE_TS] = stamp
+    if previous is None or previous.empty:
+        return out
+    values = [c for c in new.columns if c != key]
+    old = previous.set_index(key)
+    common = out[key].isin(old.index)
+    if common.any():
+        idx = out.loc[common, key]
+        same = np.ones(int(common.sum()), dtype=bool)
+        for col in values:
+            a = out.loc[common, col].map(_hashable).to_numpy(dtype=object)
+            b = old.loc[idx, col].map(_hashable).to_numpy(dtype=object)
+            same &= np.array([x == y for x, y in zip(a, b)], dtype=bool)
+        keep = out.index[common][same]
+        out.loc[keep, FEATURE_TS] = old.loc[out.loc[keep, key], FEATURE_TS].to_numpy()
+    return out
+
+
+def _conform(df: pd.DataFrame, schema: pa.Schema, version: int) -> pa.Table:
+    """pandas -> Arrow with exactly the snapshot schema and the Delta version as metadata."""
+    missing = [n for n in schema.names if n not in df.columns]
+    if missing:
+        raise ValueError(f"source lacks columns {missing}; has {list(df.columns)}")
+    table = pa.Table.from_pandas(df[schema.names], preserve_index=False)
+    table = table.cast(schema)
+    return table.replace_schema_metadata({SOURCE_VERSION_KEY: str(version).encode()})
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    """Write next to the target, then rename: a reader never sees a half-written snapshot."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def export_snapshot(lake_root: str | Path, snapshot: str, now: Optional[datetime] = None) -> ExportResult:
+    """Export one Delta table to its Parquet snapshot (no rewrite if already at this version)."""
+    now = now or datetime.now(timezone.utc)
+    source = C.LakePaths(str(lake_root)).table(SNAPSHOT_SOURCES[snapshot])
+    target = _local_dir(lake_root) / EXPORT_DIR / f"{snapshot}.parquet"
+    frame, version = _read_delta(source)
+    if snapshot_source_version(target) == version:
+        return ExportResult(snapshot, str(target), version, pq.read_metadata(target).num_rows, 0, False)
+    schema = SNAPSHOT_SCHEMAS[snapshot]
+    key = _KEYS[snapshot]
+    if snapshot == C.T_USER_STATES:
+        if frame[key].duplicated().any():
+            raise ValueError(f"{source}: duplicate {key} rows; user_states must have one row per user")
+        previous_rows = (pq.read_table(target, columns=[key, C.STATE_TS]).to_pandas()
+                         if target.is_file() else None)
+        out = frame
+        changed = len(frame) if previous_rows is None else int(
+            (~frame[[key, C.STATE_TS]].merge(previous_rows, how="left", indicator=True)["_merge"]
+             .eq("both")).sum())
+    else:
+        previous = pq.read_table(target).to_pandas() if target.is_file() else None
+        out = stable_feature_ts(frame[[n for n in schema.names if n != FEATURE_TS]], previous, key, now)
+        changed = int((out[FEATURE_TS] == pd.Timestamp(now).tz_convert("UTC")).sum())
+    _write_atomic(_conform(out, schema, version), target)
+    return ExportResult(snapshot, str(target), version, len(out), changed, True)
+
+
+def export_feature_tables(lake_root: str | Path, snapshots: Sequence[str] = tuple(SNAPSHOT_SOURCES),
+                          now: Optional[datetime] = None) -> List[ExportResult]:
+    """Refresh the Parquet snapshots Feast reads (user_states, user profiles, item categories).
+
+    Run after batch inference (jobs/batch_inference.py does it by default) and after the users /
+    items tables change; then ``feast materialize-incremental`` moves the new rows online.
+    """
+    now = now or datetime.now(timezone.utc)
+    return [export_snapshot(lake_root, name, now) for name in snapshots]
+
+
+# --------------------------------------------------------------------------------------
+# apply / materialize through the Feast SDK
+# --------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def feast_env(lake_root: str | Path, feast_data: str | Path) -> Iterator[None]:
+    """Set CTT_LAKE / CTT_FEAST_DATA while Feast reads feature_store.yaml and definitions.py.
+
+    Feast resolves ``${CTT_FEAST_DATA}`` when it loads the YAML and definitions.py reads
+    CTT_LAKE at import; the previous values are restored afterwards.
+    """
+    saved = {k: os.environ.get(k) for k in (ENV_LAKE, ENV_FEAST_DATA)}
+    os.environ[ENV_LAKE] = str(lake_root)
+    os.environ[ENV_FEAST_DATA] = str(Path(feast_data).resolve())
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def feature_store(lake_root: str | Path, feast_data: str | Path, repo_dir: Path = FEATURE_REPO,
+                  fs_yaml_file: Optional[Path] = None) -> Any:
+    """A FeatureStore over feature_repo/ with the given lake and Feast data folder."""
+    from feast import FeatureStore
+
+    Path(feast_data).mkdir(parents=True, exist_ok=True)
+    with feast_env(lake_root, feast_data):
+        return FeatureStore(repo_path=str(repo_dir), fs_yaml_file=fs_yaml_file)
+
+
+def repo_objects(repo_dir: Path = FEATURE_REPO) -> List[Any]:
+    """The Feast objects declared in ``repo_dir``/definitions.py (imported under a private name,
+    so applying two repos in one process cannot mix their modules)."""
+    from feast import Entity, FeatureService, FeatureView
+
+    spec = importlib.util.spec_from_file_location(f"_ctt_feast_defs_{uuid.uuid4().hex}",
+                                                  Path(repo_dir) / "definitions.py")
+    if spec is None or spec.loader is None:
+        raise FileNotFoundError(f"{repo_dir}/definitions.py not found")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    kinds = (Entity, FeatureView, FeatureService)
+    found = {id(v): v for v in vars(module).values() if isinstance(v, kinds)}
+    return list(found.values())
+
+
+def apply(lake_root: str | Path, feast_data: str | Path, repo_dir: Path = FEATURE_REPO) -> Any:
+    """``feast apply`` through the SDK: register the definitions, create online tables."""
+    store = feature_store(lake_root, feast_data, repo_dir)
+    with feast_env(lake_root, feast_data):
+        objects = repo_objects(repo_dir)
+    store.apply(objects)
+    return store
+
+
+def materialize(store: Any, start: datetime, end: datetime,
+                views: Optional[List[str]] = None) -> None:
+    """``feast materialize START END``: rows with event time in [start, end] go online."""
+    store.materialize(start_date=start, end_date=end, feature_views=views)
+
+
+def materialize_incremental(store: Any, end: Optional[datetime] = None,
+                            views: Optional[List[str]] = None) -> None:
+    """``feast materialize-incremental END``: rows newer than the last materialization."""
+    store.materialize_incremental(end_date=end or datetime.now(timezone.utc), feature_views=views)
+
+
+# --------------------------------------------------------------------------------------
+# CLI: python -m pipelines.feast_ops export --lake <root>
+# --------------------------------------------------------------------------------------
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="feast_ops", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    ex = sub.add_parser("export", help="refresh the Parquet snapshots Feast reads")
+    ex.add_argument("--lake", default=os.environ.get(ENV_LAKE, str(DEFAULT_LAKE)),
+                    help=f"lake root (default ${ENV_LAKE} or {DEFAULT_LAKE})")
+    ex.add_argument("--only", nargs="+", choices=list(SNAPSHOT_SOURCES), default=list(SNAPSHOT_SOURCES))
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    for result in export_feature_tables(args.lake, args.only):
+        print(result.line())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Batch inference in Spark -> user_states (Delta) -> Feast snapshot -> SQLite online store.
+
+One scenario, in order, because each step depends on the previous state of the lake and of the
+online store (and Spark steps are the slow part of the suite):
+1. first run: every user encoded; states == encode_user_state in torch (1e-5); Feast serves
+   exactly the Delta vectors (1e-6) and the model_version;
+2. rerun with nothing new: nothing encoded, no Delta commit;
+3. one history changes, one user disappears: one user re-encoded, one state deleted; the
+   incremental materialization updates that user online and leaves the others untouched;
+4. a new model_version: every user re-encoded, and served online with the new version.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+import numpy as np
+import pytest
+from offline_lake import (delta_version, histories, read_states, reference_states,
+                          write_user_sequences, write_users_items)
+
+from pipelines import contracts as C
+from pipelines import feast_ops
+from pipelines.inference import run_batch_inference
+
+STATE_REFS = [C.feature_ref(C.FV_USER_SEQUENCE_STATE, C.HIDDEN_STATE),
+              C.feature_ref(C.FV_USER_SEQUENCE_STATE, C.MODEL_VERSION)]
+
+
+def _states_by_user(lake):
+    return {int(r[C.USER_ID]): r for _, r in read_states(lake).iterrows()}
+
+
+def _assert_states_equal(lake, bundle_dir, hist):
+    got = _states_by_user(lake)
+    expected = reference_states(bundle_dir, hist)
+    assert set(got) == set(hist)
+    for user, state in expected.items():
+        np.testing.assert_allclose(np.asarray(got[user][C.HIDDEN_STATE], dtype=np.float32), state,
+                                   atol=1e-5, rtol=0, err_msg=f"user {user}")
+
+
+def _online(store, users):
+    resp = store.get_online_features(features=STATE_REFS,
+                                     entity_rows=[{C.USER_ID: int(u)} for u in users]).to_dict()
+    return {u: (None if s is None else np.asarray(s, dtype=np.float32), v)
+            for u, s, v in zip(resp[C.USER_ID], resp[C.HIDDEN_STATE], resp[C.MODEL_VERSION])}
+
+
+def _assert_online_matches_delta(store, lake, users):
+    delta = _states_by_user(lake)
+    online = _online(store, users)
+    for u in users:
+        state, version = online[u]
+        assert state is not None, f"user {u} has no state online"
+        np.testing.assert_allclose(state, np.asarray(delta[u][C.HIDDEN_STATE], dtype=np.float32),
+                                   atol=1e-6, rtol=0, err_msg=f"user {u}")
+        assert version == delta[u][C.MODEL_VERSION]
+
+
+def _refresh_online(store, lake):
+    feast_ops.export_feature_tables(lake)
+    feast_ops.materialize_incremental(store, datetime.now(timezone.utc))
+
+
+@pytest.mark.spark
+@pytest.mark.integration
+def test_batch_inference_to_online_store(spark, tmp_path, bundles):
+    lake = str(tmp_path / "lake")
+    hist = histories()
+    write_user_sequences(spark, lake, hist)
+    write_users_items(lake, sorted(hist))
+
+    # 1) first run
+    first = run_batch_inference(spark, lake, str(bundles.first), batch_size=16, partitions=3)
+    assert (first.users, first.encoded, first.new_users, first.deleted, first.committed) == (
+        len(hist), len(hist), len(hist), 0, True)
+    _assert_states_equal(lake, bundles.first, hist)
+    states1 = _states_by_user(lake)
+    assert {r[C.MODEL_VERSION] for r in states1.values()} == {first.model_version}
+    assert len({r[C.STATE_TS] for r in states1.values()}) == 1  # one state_ts per run
+    v1 = delta_version(lake, C.T_USER_STATES)
+    assert first.states_version == v1
+
+    store = feast_ops.apply(lake, tmp_path / "feast")
+    _refresh_online(store, lake)
+    _assert_online_matches_delta(store, lake, sorted(hist))
+    profile = store.get_online_features(
+        features=[C.feature_ref(C.FV_USER_PROFILE, C.GENDER),
+                  C.feature_ref(C.FV_ITEM_CATEGORIES, C.CATEGORY_IDS)],
+        entity_rows=[{C.USER_ID: sorted(hist)[0], C.ITEM_ID: 11}]).to_dict()
+    assert profile[C.GENDER][0] in C.GENDERS and profile[C.CATEGORY_IDS][0]
+
+    # 2) nothing new: no encode, no commit
+    again = run_batch_inference(spark, lake, str(bundles.first), batch_size=16)
+    assert (again.encoded, again.deleted, again.committed) == (0, 0, False)
+    assert delta_version(lake, C.T_USER_STATES) == v1 == again.states_version
+
+    # 3) one history grows, one user disappears
+    changed_user, gone_user = sorted(hist)[4], sorted(hist)[7]
+    items, ts = hist[changed_user]
+    hist[changed_user] = (items + [items[0]], ts + [ts[-1] + 60])
+    del hist[gone_user]
+    write_user_sequences(spark, lake, hist)
+    third = run_batch_inference(spark, lake, str(bundles.first), batch_size=16)
+    assert (third.encoded, third.changed, third.new_users, third.deleted) == (1, 1, 0, 1)
+    assert delta_version(lake, C.T_USER_STATES) == v1 + 1 == third.states_version
+    _assert_states_equal(lake, bundles.first, hist)
+    states3 = _states_by_user(lake)
+    assert states3[changed_user][C.STATE_TS] > states1[changed_user][C.STATE_TS]
+    assert all(states3[u][C.STATE_TS] == states1[u][C.STATE_TS] for u in hist if u != changed_user)
+
+    online_before = _online(store, sorted(hist))
+    _refresh_online(store, lake)
+    online_after = _online(store, sorted(hist))
+    _assert_online_matches_delta(store, lake, sorted(hist))
+    assert not np.allclose(online_after[changed_user][0], online_before[changed_user][0])
+    assert all(np.array_equal(online_after[u][0], online_before[u][0]) for u in hist if u != changed_user)
+
+    # 4) a new model version invalidates every state
+    fourth = run_batch_inference(spark, lake, str(bundles.second), batch_size=16)
+    assert fourth.model_version != first.model_version
+    assert (fourth.encoded, fourth.model_changed) == (len(hist), len(hist))
+    _assert_states_equal(lake, bundles.second, hist)
+    _refresh_online(store, lake)
+    _assert_online_matches_delta(store, lake, sorted(hist))
+    assert {v for _, v in _online(store, sorted(hist)).values()} == {fourth.model_version}
+
+
+@pytest.mark.spark
+def test_missing_user_sequences_is_a_clear_error(spark, tmp_path, bundles):
+    with pytest.raises(FileNotFoundError, match="build_sequences"):
+        run_batch_inference(spark, str(tmp_path / "empty_lake"), str(bundles.first))

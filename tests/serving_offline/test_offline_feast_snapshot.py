@@ -1,0 +1,142 @@
+"""Feast snapshots (pipelines/feast_ops.py) and the `feast` CLI on feature_repo/ (no Spark)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from deltalake import DeltaTable, write_deltalake
+from offline_lake import write_users_items
+
+from pipelines import contracts as C
+from pipelines import feast_ops
+
+NOW = datetime(2030, 1, 1, tzinfo=timezone.utc)  # any aware time; the snapshots store it
+
+
+def _write_states(lake: str, users, dim: int = 8, version: str = "run-0badc0de", seed: int = 0,
+                  ts: datetime | None = None) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    ts = ts or datetime.now(timezone.utc) - timedelta(minutes=5)
+    table = pa.table({
+        C.USER_ID: pa.array([int(u) for u in users], pa.int64()),
+        C.HIDDEN_STATE: pa.array([rng.normal(size=dim).astype(np.float32).tolist() for _ in users],
+                                 pa.list_(pa.float32())),
+        C.MODEL_VERSION: pa.array([version] * len(users)),
+        C.STATE_TS: pa.array([ts] * len(users), pa.timestamp("us", tz="UTC")),
+        C.SEQUENCE_HASH: pa.array([f"h{u}" for u in users])})
+    write_deltalake(C.LakePaths(lake).table(C.T_USER_STATES), table, mode="overwrite")
+    return table.to_pandas()
+
+
+# ------------------------------------------------------------------ feature_ts stability
+def test_stable_feature_ts_keeps_unchanged_rows_and_stamps_changed_and_new():
+    old_ts = pd.Timestamp("2029-01-01", tz="UTC")
+    previous = pd.DataFrame({C.ITEM_ID: [1, 2, 3], C.CATEGORY_IDS: [[1, 2], [3], [4]],
+                             feast_ops.FEATURE_TS: [old_ts] * 3})
+    new = pd.DataFrame({C.ITEM_ID: [1, 2, 4], C.CATEGORY_IDS: [[1, 2], [3, 5], [6]]})
+    out = feast_ops.stable_feature_ts(new, previous, C.ITEM_ID, NOW).set_index(C.ITEM_ID)
+    assert out.loc[1, feast_ops.FEATURE_TS] == old_ts  # same content
+    assert out.loc[2, feast_ops.FEATURE_TS] == pd.Timestamp(NOW)  # changed list
+    assert out.loc[4, feast_ops.FEATURE_TS] == pd.Timestamp(NOW)  # new row
+    assert 3 not in out.index  # vanished rows are not carried over
+
+
+def test_stable_feature_ts_rejects_duplicates_and_naive_time():
+    new = pd.DataFrame({C.USER_ID: [1, 1], C.GENDER: ["f", "m"]})
+    with pytest.raises(ValueError, match="duplicate"):
+        feast_ops.stable_feature_ts(new, None, C.USER_ID, NOW)
+    with pytest.raises(ValueError, match="timezone-aware"):
+        feast_ops.stable_feature_ts(new.iloc[:1], None, C.USER_ID, datetime(2030, 1, 1))
+
+
+# ------------------------------------------------------------------ export
+def test_export_is_delta_aware_versioned_and_idempotent(tmp_path):
+    lake = str(tmp_path / "lake")
+    users = list(range(1, 21))
+    _write_states(lake, users)
+    write_users_items(lake, users)
+    first = {r.snapshot: r for r in feast_ops.export_feature_tables(lake, now=NOW)}
+    assert all(r.written and r.changed_rows == r.rows for r in first.values())
+
+    # DELETE a user in Delta: the Parquet folder still holds the removed file, the snapshot must not
+    DeltaTable(C.LakePaths(lake).table(C.T_USER_STATES)).delete(f"{C.USER_ID} = 3")
+    second = {r.snapshot: r for r in feast_ops.export_feature_tables(lake, now=NOW + timedelta(hours=1))}
+    states = pq.read_table(second[C.T_USER_STATES].path)
+    assert 3 not in states.column(C.USER_ID).to_pylist() and states.num_rows == 19
+    assert feast_ops.snapshot_source_version(second[C.T_USER_STATES].path) == 1
+    # users/items did not change: not rewritten, feature_ts untouched
+    assert not second[feast_ops.T_USER_PROFILE_FEATURES].written
+    assert not second[feast_ops.T_ITEM_CATEGORY_FEATURES].written
+    profile = pq.read_table(first[feast_ops.T_USER_PROFILE_FEATURES].path)
+    assert profile.schema.field(C.AGE_BUCKET).type == pa.int64()
+    assert pq.read_table(first[feast_ops.T_ITEM_CATEGORY_FEATURES].path).schema.field(
+        C.CATEGORY_IDS).type == pa.list_(pa.int64())
+
+    # one user's gender changes: only that row gets a new feature_ts
+    path = C.LakePaths(lake).table(C.T_USERS)
+    DeltaTable(path).update(predicate=f"{C.USER_ID} = 5", updates={C.GENDER: "'x'"})
+    later = NOW + timedelta(hours=2)
+    third = {r.snapshot: r for r in feast_ops.export_feature_tables(
+        lake, [feast_ops.T_USER_PROFILE_FEATURES], now=later)}
+    res = third[feast_ops.T_USER_PROFILE_FEATURES]
+    assert res.written and res.changed_rows == 1
+    snap = pq.read_table(res.path).to_pandas().set_index(C.USER_ID)
+    assert snap.loc[5, feast_ops.FEATURE_TS] == pd.Timestamp(later)
+    assert (snap.drop(index=5)[feast_ops.FEATURE_TS] == pd.Timestamp(NOW)).all()
+
+
+def test_export_refuses_a_foreign_parquet_file(tmp_path):
+    lake = str(tmp_path / "lake")
+    _write_states(lake, [1, 2])
+    target = Path(feast_ops.export_path(lake, C.T_USER_STATES))
+    target.parent.mkdir(parents=True)
+    pq.write_table(pa.table({"x": [1]}), target)
+    with pytest.raises(ValueError, match="not a snapshot"):
+        feast_ops.export_feature_tables(lake, [C.T_USER_STATES])
+
+
+# ------------------------------------------------------------------ the feast CLI
+def _feast(args, env):
+    done = subprocess.run([str(Path(sys.executable).parent / "feast"), *args], cwd=feast_ops.FEATURE_REPO,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"feast {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout
+
+
+@pytest.mark.integration
+def test_feast_cli_apply_materialize_and_incremental(tmp_path):
+    lake, data = str(tmp_path / "lake"), tmp_path / "feast"
+    users = list(range(100, 130))
+    states = _write_states(lake, users, ts=datetime.now(timezone.utc) - timedelta(days=2))
+    write_users_items(lake, users)
+    feast_ops.export_feature_tables(lake)
+    env = {**os.environ, feast_ops.ENV_LAKE: lake, feast_ops.ENV_FEAST_DATA: str(data)}
+
+    _feast(["apply"], env)
+    assert (data / "registry.db").is_file() and (data / "online_store.db").is_file()
+    # a window that ends before the states were written: nothing of user_sequence_state online
+    start = (datetime.now(timezone.utc) - timedelta(days=10)).strftime("%Y-%m-%dT%H:%M:%S")
+    end = (datetime.now(timezone.utc) - timedelta(days=3)).strftime("%Y-%m-%dT%H:%M:%S")
+    _feast(["materialize", start, end, "--views", C.FV_USER_SEQUENCE_STATE], env)
+    store = feast_ops.feature_store(lake, data)
+    refs = [C.feature_ref(C.FV_USER_SEQUENCE_STATE, C.HIDDEN_STATE),
+            C.feature_ref(C.FV_USER_SEQUENCE_STATE, C.MODEL_VERSION)]
+    rows = [{C.USER_ID: u} for u in users]
+    assert store.get_online_features(refs, rows).to_dict()[C.HIDDEN_STATE] == [None] * len(users)
+
+    # materialize-incremental up to now picks the states up
+    _feast(["materialize-incremental", datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")], env)
+    got = store.get_online_features(refs, rows).to_dict()
+    expected = states.set_index(C.USER_ID)
+    for u, vec, version in zip(got[C.USER_ID], got[C.HIDDEN_STATE], got[C.MODEL_VERSION]):
+        np.testing.assert_allclose(np.asarray(vec, np.float32),
+                                   np.asarray(expected.loc[u, C.HIDDEN_STATE], np.float32), atol=1e-6)
+        assert version == expected.loc[u, C.MODEL_VERSION]
