@@ -46,9 +46,12 @@ def _spark_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _session(args: argparse.Namespace, app: str):
+    from pipelines.delta_io import tune_local_delta
     from pipelines.spark import get_spark
 
-    return get_spark(app, master=args.master, shuffle_partitions=args.shuffle_partitions)
+    spark = get_spark(app, master=args.master, shuffle_partitions=args.shuffle_partitions)
+    tune_local_delta(spark)
+    return spark
 
 
 # --------------------------------------------------------------------------------------

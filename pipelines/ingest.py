@@ -240,8 +240,6 @@ def _tokens(text: Column, sep: str) -> Column:
 
 def category_names(src: DataFrame, mapping: ItemMapping) -> List[str]:
     """Distinct category names of the file, sorted (the default vocabulary)."""
-    if mapping.category_flag_cols:
-        return list(mapping.category_flag_cols)
     toks = _tokens(_text(src, mapping.categories_col), mapping.category_sep)
     names = F.transform(toks, lambda t: F.trim(F.split(t, re.escape(mapping.weight_sep))[0]))
     rows = src.select(F.explode(names).alias("n")).distinct().collect()
@@ -294,6 +292,8 @@ def items_from_source(src: DataFrame, mapping: ItemMapping,
     """Source rows -> raw_items rows (+ RAW_ROW_JSON), and the category vocabulary used."""
     _require(src, [mapping.item_col, mapping.categories_col, mapping.advertiser_col,
                    *mapping.category_flag_cols], "items")
+    if vocab is None and mapping.category_flag_cols:  # flag columns: ids in column order
+        vocab = {c: i for i, c in enumerate(mapping.category_flag_cols)}
     vocab = dict(vocab) if vocab is not None else build_vocabulary(category_names(src, mapping))
     orig = {C.ITEM_ID: _text(src, mapping.item_col),
             C.ADVERTISER_ID: (_text(src, mapping.advertiser_col) if mapping.advertiser_col
@@ -330,8 +330,8 @@ def ingest_items(spark: SparkSession, path: str, fmt: str, mapping: ItemMapping,
 # Users
 # --------------------------------------------------------------------------------------
 def age_to_bucket(years: Column) -> Column:
-    """Age in years -> bucket 1..7 (negative ages -> -1, which validation rejects)."""
-    expr = F.when(years < 0, F.lit(-1))
+    """Age in years -> bucket 1..7 (negative ages -> -1, which validation rejects; null stays null)."""
+    expr = F.when(years.isNull(), F.lit(None)).when(years < 0, F.lit(-1))
     for bucket, upper in enumerate(AGE_BUCKET_UPPER_BOUNDS, start=1):
         expr = expr.when(years < upper, F.lit(bucket))
     return expr.otherwise(F.lit(len(AGE_BUCKET_UPPER_BOUNDS) + 1)).cast(T.IntegerType())
