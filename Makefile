@@ -9,6 +9,8 @@ export PYSPARK_PYTHON = $(CURDIR)/.venv/bin/python
 export PYSPARK_DRIVER_PYTHON = $(CURDIR)/.venv/bin/python
 export SPARK_LOCAL_IP ?= 127.0.0.1
 export PATH := $(CURDIR)/.venv/bin:$(PATH)
+# The cached venv is shared by clones; this clone's code must win over its editable install.
+export PYTHONPATH := $(CURDIR)
 DEMO_DIR ?= demo_run
 
 .PHONY: setup test test-slow demo clean bench-sequences bench-training bench-serving bench-movielens
