@@ -31,7 +31,7 @@ Feast 0.67 (read in feast/infra/offline_stores, then run from the CLI):
     ``pipelines/feast_ops.py:export_feature_tables``: one file per view, replaced atomically,
     carrying the Delta version it came from; ``feast materialize`` runs in seconds with no JVM.
 Chosen: (c). The price is one export step, which jobs/batch_inference.py runs after every MERGE
-(and ``python -m pipelines.feast_ops export`` runs alone). The users/items tables have no event
+(and ``ctt-export-feature-tables --lake LAKE`` runs it alone). The users/items tables have no event
 timestamp, so their snapshots add ``feature_ts`` (kept unchanged for unchanged rows, so
 ``materialize-incremental`` only re-sends what changed).
 """

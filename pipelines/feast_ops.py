@@ -301,15 +301,17 @@ def materialize_incremental(store: Any, end: Optional[datetime] = None,
 
 
 # --------------------------------------------------------------------------------------
-# CLI: python -m pipelines.feast_ops export --lake <root>
+# CLI: ctt-export-feature-tables / python -m pipelines.feast_ops --lake <root>
 # --------------------------------------------------------------------------------------
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="feast_ops", description=__doc__.split("\n\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
-    ex = sub.add_parser("export", help="refresh the Parquet snapshots Feast reads")
-    ex.add_argument("--lake", default=os.environ.get(ENV_LAKE, str(DEFAULT_LAKE)),
-                    help=f"lake root (default ${ENV_LAKE} or {DEFAULT_LAKE})")
-    ex.add_argument("--only", nargs="+", choices=list(SNAPSHOT_SOURCES), default=list(SNAPSHOT_SOURCES))
+    p = argparse.ArgumentParser(
+        prog="ctt-export-feature-tables",
+        description="Refresh the Parquet snapshots Feast materializes from (user_states, user "
+                    "profiles, item categories), each from one Delta version; unchanged -> no rewrite.")
+    p.add_argument("--lake", default=os.environ.get(ENV_LAKE, str(DEFAULT_LAKE)),
+                   help=f"lake root (default ${ENV_LAKE} or {DEFAULT_LAKE})")
+    p.add_argument("--only", nargs="+", choices=list(SNAPSHOT_SOURCES), default=list(SNAPSHOT_SOURCES),
+                   help="snapshots to refresh (default all)")
     return p.parse_args(argv)
 
 

@@ -270,9 +270,11 @@ def run_batch_inference(spark, lake: str, bundle_path: str, batch_size: int = DE
                          for f in C.spark_schema(C.T_USER_STATES).fields if f.name != C.USER_ID]
                 orphans = classified.where(F.col(_REASON) == REASON_ORPHAN).select(C.USER_ID, *blank)
                 staged = staged.unionByName(orphans.withColumn(_TAG, F.lit(_TAG_DELETE)))
-            if not has_states:
+            if has_states:
+                _merge(spark, states_path, staged)
+            else:  # first run: nothing to match, a plain append into the contract schema
                 create_table(spark, states_path, C.spark_schema(C.T_USER_STATES))
-            _merge(spark, states_path, staged)
+                encoded.write.format("delta").mode("append").save(states_path)
             committed = True
         version = table_version(spark, states_path) if (has_states or committed) else None
     finally:
@@ -304,11 +306,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
+    from pipelines.delta_io import tune_local_delta
     from pipelines.spark import get_spark
 
     args = parse_args(argv)
     spark = get_spark("ctt-batch-inference", master=args.master)
-    result = run_batch_inference(spark, args.lake, args.bundle, args.batch_size, args.partitions)
+    tune_local_delta(spark)
+    try:
+        result = run_batch_inference(spark, args.lake, args.bundle, args.batch_size, args.partitions)
+    finally:
+        spark.stop()  # a clean stop: local-cluster otherwise relaunches executors while exiting
     print(result.summary(), flush=True)
     if not args.no_feast_export:
         from pipelines.feast_ops import export_feature_tables

@@ -35,3 +35,22 @@ def bundles(tmp_path_factory) -> Bundles:
     return Bundles(*paths)
 
 
+
+
+@pytest.fixture
+def small_delta_snapshots(spark):
+    """Rebuild Delta snapshots with 2 tasks instead of Delta's default 50 while a test runs.
+
+    Every new table version read by Spark replays the log in `snapshotPartitions` tasks; on the
+    tiny test tables 50 tasks cost ~30 s per version on a loaded 2-core machine, 2 tasks ~1 s.
+    (pipelines.delta_io.tune_local_delta does the same for the jobs; this restores the value.)
+    """
+    from pipelines.delta_io import LOCAL_SNAPSHOT_PARTITIONS, SNAPSHOT_PARTITIONS_CONF as key
+
+    previous = spark.conf.get(key, None)
+    spark.conf.set(key, LOCAL_SNAPSHOT_PARTITIONS)
+    yield
+    if previous is None:
+        spark.conf.unset(key)
+    else:
+        spark.conf.set(key, previous)

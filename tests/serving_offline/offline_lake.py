@@ -62,7 +62,8 @@ def reference_states(bundle_dir: Path, hist: Dict[int, Tuple[List[int], List[int
     with torch.no_grad():
         for user, (items, ts) in hist.items():
             i, t = pad_history(items, ts, model.config.max_len)
-            out[user] = model.encode_user_state(torch.from_numpy(i)[None], torch.from_numpy(t)[None])[0].numpy()
+            state = model.encode_user_state(torch.from_numpy(i)[None], torch.from_numpy(t)[None])  # (1, S)
+            out[user] = state[0].numpy()
     return out
 
 

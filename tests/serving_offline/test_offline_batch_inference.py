@@ -64,6 +64,7 @@ def _refresh_online(store, lake):
 
 @pytest.mark.spark
 @pytest.mark.integration
+@pytest.mark.usefixtures("small_delta_snapshots")
 def test_batch_inference_to_online_store(spark, tmp_path, bundles):
     lake = str(tmp_path / "lake")
     hist = histories()

@@ -1,9 +1,6 @@
 """Feast snapshots (pipelines/feast_ops.py) and the `feast` CLI on feature_repo/ (no Spark)."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -101,42 +98,3 @@ def test_export_refuses_a_foreign_parquet_file(tmp_path):
     pq.write_table(pa.table({"x": [1]}), target)
     with pytest.raises(ValueError, match="not a snapshot"):
         feast_ops.export_feature_tables(lake, [C.T_USER_STATES])
-
-
-# ------------------------------------------------------------------ the feast CLI
-def _feast(args, env):
-    done = subprocess.run([str(Path(sys.executable).parent / "feast"), *args], cwd=feast_ops.FEATURE_REPO,
-                          env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, f"feast {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
-
-
-@pytest.mark.integration
-def test_feast_cli_apply_materialize_and_incremental(tmp_path):
-    lake, data = str(tmp_path / "lake"), tmp_path / "feast"
-    users = list(range(100, 130))
-    states = _write_states(lake, users, ts=datetime.now(timezone.utc) - timedelta(days=2))
-    write_users_items(lake, users)
-    feast_ops.export_feature_tables(lake)
-    env = {**os.environ, feast_ops.ENV_LAKE: lake, feast_ops.ENV_FEAST_DATA: str(data)}
-
-    _feast(["apply"], env)
-    assert (data / "registry.db").is_file() and (data / "online_store.db").is_file()
-    # a window that ends before the states were written: nothing of user_sequence_state online
-    start = (datetime.now(timezone.utc) - timedelta(days=10)).strftime("%Y-%m-%dT%H:%M:%S")
-    end = (datetime.now(timezone.utc) - timedelta(days=3)).strftime("%Y-%m-%dT%H:%M:%S")
-    _feast(["materialize", start, end, "--views", C.FV_USER_SEQUENCE_STATE], env)
-    store = feast_ops.feature_store(lake, data)
-    refs = [C.feature_ref(C.FV_USER_SEQUENCE_STATE, C.HIDDEN_STATE),
-            C.feature_ref(C.FV_USER_SEQUENCE_STATE, C.MODEL_VERSION)]
-    rows = [{C.USER_ID: u} for u in users]
-    assert store.get_online_features(refs, rows).to_dict()[C.HIDDEN_STATE] == [None] * len(users)
-
-    # materialize-incremental up to now picks the states up
-    _feast(["materialize-incremental", datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S")], env)
-    got = store.get_online_features(refs, rows).to_dict()
-    expected = states.set_index(C.USER_ID)
-    for u, vec, version in zip(got[C.USER_ID], got[C.HIDDEN_STATE], got[C.MODEL_VERSION]):
-        np.testing.assert_allclose(np.asarray(vec, np.float32),
-                                   np.asarray(expected.loc[u, C.HIDDEN_STATE], np.float32), atol=1e-6)
-        assert version == expected.loc[u, C.MODEL_VERSION]
