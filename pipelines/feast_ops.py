@@ -124,13 +124,6 @@ def snapshot_source_version(path: str | Path) -> Optional[int]:
     return int(meta[SOURCE_VERSION_KEY])
 
 
-def _read_delta(path: str) -> tuple[pd.DataFrame, int]:
-    from deltalake import DeltaTable
-
-    table = DeltaTable(path)
-    return table.to_pandas(), int(table.version())
-
-
 def _hashable(value: Any) -> Any:
     """Lists/arrays -> tuples so that rows compare by value."""
     if isinstance(value, (list, tuple, np.ndarray)):
@@ -170,12 +163,16 @@ def stable_feature_ts(new: pd.DataFrame, previous: Optional[pd.DataFrame], key: 
     return out
 
 
-def _conform(df: pd.DataFrame, schema: pa.Schema, version: int) -> pa.Table:
-    """pandas -> Arrow with exactly the snapshot schema and the Delta version as metadata."""
-    missing = [n for n in schema.names if n not in df.columns]
+def _conform(data: pd.DataFrame | pa.Table, schema: pa.Schema, version: int) -> pa.Table:
+    """pandas/Arrow -> Arrow with exactly the snapshot schema and the Delta version as metadata."""
+    columns = list(data.columns) if isinstance(data, pd.DataFrame) else data.column_names
+    missing = [n for n in schema.names if n not in columns]
     if missing:
-        raise ValueError(f"source lacks columns {missing}; has {list(df.columns)}")
-    table = pa.Table.from_pandas(df[schema.names], preserve_index=False)
+        raise ValueError(f"source lacks columns {missing}; has {columns}")
+    if isinstance(data, pd.DataFrame):
+        table = pa.Table.from_pandas(data[schema.names], preserve_index=False)
+    else:
+        table = data.select(schema.names)
     table = table.cast(schema)
     return table.replace_schema_metadata({SOURCE_VERSION_KEY: str(version).encode()})
 
@@ -197,23 +194,29 @@ def export_snapshot(lake_root: str | Path, snapshot: str, now: Optional[datetime
     now = now or datetime.now(timezone.utc)
     source = C.LakePaths(str(lake_root)).table(SNAPSHOT_SOURCES[snapshot])
     target = _local_dir(lake_root) / EXPORT_DIR / f"{snapshot}.parquet"
-    frame, version = _read_delta(source)
+    schema, key = SNAPSHOT_SCHEMAS[snapshot], _KEYS[snapshot]
+    value_cols = [n for n in schema.names if n != FEATURE_TS]
+    from deltalake import DeltaTable
+
+    delta = DeltaTable(source)  # one version for the check and the read
+    version = int(delta.version())
     if snapshot_source_version(target) == version:
         return ExportResult(snapshot, str(target), version, pq.read_metadata(target).num_rows, 0, False)
-    schema = SNAPSHOT_SCHEMAS[snapshot]
-    key = _KEYS[snapshot]
+    table = delta.to_pyarrow_table(columns=value_cols)
     if snapshot == C.T_USER_STATES:
-        if frame[key].duplicated().any():
+        # Arrow end to end: the vectors are the bulk of the data, pandas would box every row.
+        keys = table.column(key).to_numpy()
+        if len(np.unique(keys)) != len(keys):
             raise ValueError(f"{source}: duplicate {key} rows; user_states must have one row per user")
-        previous_rows = (pq.read_table(target, columns=[key, C.STATE_TS]).to_pandas()
-                         if target.is_file() else None)
-        out = frame
-        changed = len(frame) if previous_rows is None else int(
-            (~frame[[key, C.STATE_TS]].merge(previous_rows, how="left", indicator=True)["_merge"]
-             .eq("both")).sum())
+        out = table
+        changed = table.num_rows
+        if target.is_file():
+            prev = pq.read_table(target, columns=[key, C.STATE_TS]).to_pandas()
+            cur = table.select([key, C.STATE_TS]).to_pandas()
+            changed = int((~cur.merge(prev, how="left", indicator=True)["_merge"].eq("both")).sum())
     else:
         previous = pq.read_table(target).to_pandas() if target.is_file() else None
-        out = stable_feature_ts(frame[[n for n in schema.names if n != FEATURE_TS]], previous, key, now)
+        out = stable_feature_ts(table.to_pandas(), previous, key, now)
         changed = int((out[FEATURE_TS] == pd.Timestamp(now).tz_convert("UTC")).sum())
     _write_atomic(_conform(out, schema, version), target)
     return ExportResult(snapshot, str(target), version, len(out), changed, True)

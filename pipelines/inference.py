@@ -22,7 +22,8 @@ history). Nothing to do -> no Delta commit at all.
 
 Inputs are turned into tensors only by ``models.features.pad_history`` (the one place shared
 with training and serving), in chunks of ``batch_size`` rows under ``torch.inference_mode`` with
-one torch thread per worker (Spark already runs one worker per core).
+one torch thread per Spark Python worker (Spark already runs one worker per core; the thread
+count is set inside the mapInArrow function, never in the driver or a test process).
 """
 from __future__ import annotations
 
@@ -59,11 +60,8 @@ def cached_model(bundle_path: str, model_version: str) -> Any:
     key = (bundle_path, model_version)
     model = _MODEL_CACHE.get(key)
     if model is None:
-        import torch
-
         from models.export import BundleError, load_bundle
 
-        torch.set_num_threads(1)  # one worker per core already: no oversubscription
         bundle = load_bundle(bundle_path)
         if bundle.model_version != model_version:
             raise BundleError(f"{bundle_path}: holds model_version {bundle.model_version!r} but the "
@@ -119,6 +117,9 @@ def make_encoder(bundle_path: str, model_version: str, batch_size: int):
     """The mapInArrow function: captures only strings and an int (see module docstring)."""
 
     def encode_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+        import torch
+
+        torch.set_num_threads(1)  # runs in a Spark Python worker: one worker per core already
         model = cached_model(bundle_path, model_version)
         for batch in batches:
             if batch.num_rows:
@@ -199,10 +200,11 @@ class InferenceResult:
 
     def summary(self) -> str:
         what = "committed" if self.committed else "nothing to do (no commit)"
+        states = "no table" if self.states_version is None else f"v{self.states_version}"
         return (f"batch inference {self.model_version}: user_sequences v{self.sequences_version}, "
                 f"{self.users} users; encoded {self.encoded} (new {self.new_users}, changed "
                 f"{self.changed}, model {self.model_changed}), deleted {self.deleted}; "
-                f"user_states v{self.states_version}: {what}")
+                f"user_states {states}: {what}")
 
 
 def _merge(spark, path: str, staged) -> None:
@@ -234,7 +236,7 @@ def run_batch_inference(spark, lake: str, bundle_path: str, batch_size: int = DE
     from pipelines.delta_io import create_table, read_table, table_exists, table_version
 
     now = now or datetime.now(timezone.utc)
-    bundle_path = os.path.abspath(bundle_path) if "://" not in str(bundle_path) else str(bundle_path)
+    bundle_path = os.path.abspath(bundle_path)  # executors may run in another working directory
     model_version = load_bundle(bundle_path).model_version  # verifies the bundle on the driver
     paths = C.LakePaths(lake)
     seq_path, states_path = paths.table(C.T_USER_SEQUENCES), paths.table(C.T_USER_STATES)
