@@ -13,12 +13,16 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export PYTHONPATH := $(CURDIR)
 DEMO_DIR ?= demo_run
 
-.PHONY: setup test test-slow demo clean bench-sequences bench-training bench-serving bench-movielens
+.PHONY: setup services test test-slow demo clean bench-sequences bench-training bench-serving bench-movielens
 
 setup:
 	@.ci/setup_env.sh >/dev/null
 
-test: setup
+# redis-server for the online-store fault tests (Debian package; they skip, saying why, without it).
+services:
+	@.ci/services.sh >/dev/null || echo "warning: .ci/services.sh failed; the Redis tests will skip" >&2
+
+test: setup services
 	$(PY) -m pytest -q
 
 test-slow: setup

@@ -84,8 +84,9 @@ def phase_spark(lake: str, out: str, master: str, driver_memory: str, partitions
     t_start = time.perf_counter()
     from pipelines.context import build_context_rows
     from pipelines.delta_io import read_table
-    from pipelines.sequences import (SplitCutoffs, build_examples, build_sequences,
-                                     build_user_sequences, conversions)
+    from pipelines.sequences import (SplitCutoffs, build_sequences, conversions,
+                                     examples_from_ranked, ranked_histories,
+                                     user_sequences_from_ranked)
     from pipelines.spark import get_spark
     from pyspark import StorageLevel
 
@@ -99,11 +100,13 @@ def phase_spark(lake: str, out: str, master: str, driver_memory: str, partitions
     items = read_table(spark, paths.table(C.T_ITEMS))
     cut = SplitCutoffs(_dt(meta["val_start_us"]), _dt(meta["test_start_us"]))
     conv = conversions(events).persist(StorageLevel.MEMORY_AND_DISK)
-    examples = build_examples(conv, CAP, 1).persist(StorageLevel.MEMORY_AND_DISK)
+    ranked = ranked_histories(conv, CAP).persist(StorageLevel.MEMORY_AND_DISK)
+    examples = examples_from_ranked(ranked, 1).persist(StorageLevel.MEMORY_AND_DISK)
     build_sequences(examples, cut).write.mode("overwrite").parquet(f"{out}/{C.T_SEQUENCES}")
     build_context_rows(examples, items, TOP_K).write.mode("overwrite").parquet(
         f"{out}/{C.T_CONTEXT_ROWS}")
-    build_user_sequences(conv, CAP).write.mode("overwrite").parquet(f"{out}/{C.T_USER_SEQUENCES}")
+    user_sequences_from_ranked(ranked, CAP).write.mode("overwrite").parquet(
+        f"{out}/{C.T_USER_SEQUENCES}")
     t_done = time.perf_counter()
     spark.stop()
     return {"startup_s": t_ready - t_start, "seconds": t_done - t_ready}
@@ -243,6 +246,7 @@ def run_measured(args: List[str]) -> Dict:
     proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
     peak = [0]
+    loads: List[float] = []
     stop = threading.Event()
 
     def sample() -> None:
@@ -257,6 +261,7 @@ def run_measured(args: List[str]) -> Dict:
                     except psutil.Error:
                         pass
                 peak[0] = max(peak[0], rss)
+                loads.append(os.getloadavg()[0])
             except psutil.Error:
                 return
             time.sleep(0.05)
@@ -271,6 +276,8 @@ def run_measured(args: List[str]) -> Dict:
     result = json.loads(next(line for line in stdout.splitlines()
                              if line.startswith("RESULT ")).split(" ", 1)[1])
     result["peak_rss_mb"] = peak[0] / 2**20
+    # The machine may be shared: the 1-minute load average during the phase qualifies the timing.
+    result["mean_load_avg_1m"] = round(sum(loads) / len(loads), 2) if loads else None
     return result
 
 

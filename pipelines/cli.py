@@ -18,8 +18,9 @@ from pipelines.context import (CONTEXT_ROWS_KEY, DEFAULT_TOP_K, SEQUENCES_KEY, b
                                context_rows_schema)
 from pipelines.delta_io import (WriteResult, ensure_properties, print_results, read_table,
                                 sync_quarantine, sync_table, table_exists, table_version)
-from pipelines.sequences import (DEFAULT_MAX_LEN, SplitCutoffs, build_examples, build_sequences,
-                                 build_user_sequences, conversions, resolve_cutoffs)
+from pipelines.sequences import (DEFAULT_MAX_LEN, SplitCutoffs, build_sequences, conversions,
+                                 examples_from_ranked, ranked_histories, resolve_cutoffs,
+                                 user_sequences_from_ranked)
 from pipelines.validate import (ValidationReport, event_reasons, format_reports, item_reasons,
                                 report_from_reasons, sort_categories, split_reasoned, user_reasons)
 
@@ -342,9 +343,8 @@ def run_build_sequences(spark, lake: str, cfg: BuildConfig = BuildConfig(),
                                  C.spark_schema(C.T_USERS), [C.USER_ID]))
         writes.append(sync_table(spark, events, paths.table(C.T_EVENTS), C.T_EVENTS,
                                  C.spark_schema(C.T_EVENTS), C.RAW_EVENTS_COLUMNS))
-        for source, rows in ((C.T_RAW_ITEMS, q_items), (C.T_RAW_USERS, q_users),
-                             (C.T_RAW_EVENTS, q_events)):
-            writes.append(sync_quarantine(spark, rows, lake, source, now))
+        writes.append(sync_quarantine(spark, q_items.unionByName(q_users).unionByName(q_events),
+                                      lake, [C.T_RAW_ITEMS, C.T_RAW_USERS, C.T_RAW_EVENTS], now))
     finally:
         for df in persisted:
             df.unpersist()
@@ -363,11 +363,12 @@ def _build_outputs(spark, lake: str, cfg: BuildConfig, now: datetime,
     events = read_table(spark, paths.table(C.T_EVENTS), version_of[C.T_EVENTS])
     items = read_table(spark, paths.table(C.T_ITEMS), version_of[C.T_ITEMS])
     conv = conversions(events).persist(StorageLevel.MEMORY_AND_DISK)
-    examples = None
+    ranked = examples = None
     try:
         cutoffs = resolve_cutoffs(spark, lake, conv, cfg.explicit_cutoffs(), cfg.val_frac,
                                   cfg.test_frac, now)
-        examples = build_examples(conv, cfg.max_len, cfg.min_history).persist(
+        ranked = ranked_histories(conv, cfg.max_len).persist(StorageLevel.MEMORY_AND_DISK)
+        examples = examples_from_ranked(ranked, cfg.min_history).persist(
             StorageLevel.MEMORY_AND_DISK)
         out = [
             sync_table(spark, build_sequences(examples, cutoffs), paths.table(C.T_SEQUENCES),
@@ -377,15 +378,15 @@ def _build_outputs(spark, lake: str, cfg: BuildConfig, now: datetime,
                        CONTEXT_ROWS_KEY),
         ]
         us_path = paths.table(C.T_USER_SEQUENCES)
-        out.append(sync_table(spark, build_user_sequences(conv, cfg.max_len), us_path,
+        out.append(sync_table(spark, user_sequences_from_ranked(ranked, cfg.max_len), us_path,
                               C.T_USER_SEQUENCES, C.spark_schema(C.T_USER_SEQUENCES), [C.USER_ID],
                               properties=CDF_PROPERTIES))
         ensure_properties(spark, us_path, CDF_PROPERTIES)
         return out, cutoffs
     finally:
-        conv.unpersist()
-        if examples is not None:
-            examples.unpersist()
+        for df in (conv, ranked, examples):
+            if df is not None:
+                df.unpersist()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -416,7 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def build_sequences_main(argv: Optional[Sequence[str]] = None) -> Dict[str, int]:
+def build_sequences_main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
+    """Run the build; returns the summary: {"versions": {table: version}, "validation": [...],
+    "changed": {...}, "input_versions": {...}, "split_cutoffs": {...}} (also printed)."""
     args = build_parser().parse_args(argv)
     cfg = BuildConfig(max_len=args.max_len, min_history=args.min_history,
                       val_start=args.val_start, test_start=args.test_start,
@@ -426,5 +429,6 @@ def build_sequences_main(argv: Optional[Sequence[str]] = None) -> Dict[str, int]
     spark = _session(args, "ctt-build-sequences")
     result = run_build_sequences(spark, args.lake, cfg, args.now)
     print_results(result.writes)
-    print("summary:", json.dumps(result.summary(), sort_keys=True))
-    return result.versions
+    summary = result.summary()
+    print("summary:", json.dumps(summary, sort_keys=True))
+    return summary

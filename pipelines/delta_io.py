@@ -302,42 +302,52 @@ def _merge_changes(spark: SparkSession, path: str, schema: T.StructType,
 QUARANTINE_PARTITION = (C.SOURCE_TABLE,)
 
 
-def sync_quarantine(spark: SparkSession, rows: DataFrame, lake: str, source_table: str,
-                    now: datetime) -> WriteResult:
-    """Make quarantine's `source_table` partition hold exactly `rows` (row_json, reason).
+def sync_quarantine(spark: SparkSession, rows: DataFrame, lake: str,
+                    source_tables: Sequence[str], now: datetime) -> WriteResult:
+    """Make quarantine's partitions of `source_tables` hold exactly `rows`.
 
+    `rows` has (row_json, source_table, reason), all with source_table in `source_tables`.
     Why a multiset replace and not a MERGE: two identical bad input rows are two quarantine rows
     (the counts must reconcile with the input), so rows have no unique key. Each validation run
-    sees the whole raw table, so the partition of its source is a pure function of the input:
-    rows already quarantined keep their original `ingested_at` (matched by (reason, row_json,
-    occurrence number)), new ones get `now`, and if the multiset is unchanged nothing is written.
+    sees the whole raw tables, so the partitions of its sources are a pure function of the input:
+    rows already quarantined keep their original `ingested_at` (matched by (source, reason,
+    row_json, occurrence number)), new ones get `now`, and if the multiset is unchanged nothing is
+    written. One diff, at most one commit, for all sources together.
     """
+    if not source_tables:
+        raise ValueError("source_tables is empty")
     path = C.LakePaths(lake).table(C.T_QUARANTINE)
     schema = C.spark_schema(C.T_QUARANTINE)
     create_table(spark, path, schema, partition_by=QUARANTINE_PARTITION)
     version = table_version(spark, path)
     existing = (read_table(spark, path, version)
-                .where(F.col(C.SOURCE_TABLE) == source_table)
-                .select(C.ROW_JSON, C.REASON, C.INGESTED_AT))
-    occ_new = Window.partitionBy(C.REASON, C.ROW_JSON).orderBy(C.ROW_JSON)
-    occ_old = Window.partitionBy(C.REASON, C.ROW_JSON).orderBy(C.INGESTED_AT)
-    keys = [C.REASON, C.ROW_JSON, _OCC]
-    new = rows.select(C.ROW_JSON, C.REASON).withColumn(_OCC, F.row_number().over(occ_new))
-    old = existing.withColumn(_OCC, F.row_number().over(occ_old))
+                .where(F.col(C.SOURCE_TABLE).isin(*source_tables))
+                .select(C.ROW_JSON, C.SOURCE_TABLE, C.REASON, C.INGESTED_AT))
+    group = [C.SOURCE_TABLE, C.REASON, C.ROW_JSON]
+    keys = [*group, _OCC]
+    new = (rows.select(C.ROW_JSON, C.SOURCE_TABLE, C.REASON)
+           .withColumn(_OCC, F.row_number().over(Window.partitionBy(*group).orderBy(C.ROW_JSON))))
+    old = existing.withColumn(
+        _OCC, F.row_number().over(Window.partitionBy(*group).orderBy(C.INGESTED_AT)))
     joined = (new.withColumn(_IN_NEW, F.lit(True)).join(old, keys, "full_outer")
               .persist(StorageLevel.MEMORY_AND_DISK))
     try:
         counts = joined.agg(
             F.count(F.when(F.col(C.INGESTED_AT).isNull(), 1)).alias("new_only"),
-            F.count(F.when(F.col(_IN_NEW).isNull(), 1)).alias("old_only")).first()
+            F.count(F.when(F.col(_IN_NEW).isNull(), 1)).alias("old_only"),
+            F.count(F.when(~F.col(C.SOURCE_TABLE).isin(*source_tables), 1)).alias("foreign"),
+        ).first()
+        if counts["foreign"]:
+            raise ValueError(f"quarantine rows from sources outside {list(source_tables)}")
         n_new_only, n_old_only = int(counts["new_only"]), int(counts["old_only"])
         if n_new_only == 0 and n_old_only == 0:
             return WriteResult(C.T_QUARANTINE, path, version, False, operation="noop")
         final = joined.where(F.col(_IN_NEW)).select(
-            C.ROW_JSON, F.lit(source_table).alias(C.SOURCE_TABLE), C.REASON,
+            C.ROW_JSON, C.SOURCE_TABLE, C.REASON,
             F.coalesce(F.col(C.INGESTED_AT), ts_literal(now)).alias(C.INGESTED_AT))
+        sources = ", ".join(f"'{t}'" for t in source_tables)
         (conform(final, schema).write.format("delta").mode("overwrite")
-         .option("replaceWhere", f"{C.SOURCE_TABLE} = '{source_table}'").save(path))
+         .option("replaceWhere", f"{C.SOURCE_TABLE} IN ({sources})").save(path))
     finally:
         joined.unpersist()
     return WriteResult(C.T_QUARANTINE, path, table_version(spark, path), True,
@@ -354,11 +364,6 @@ def _epoch_micros(ts: datetime) -> int:
 def ts_literal(ts: datetime) -> Column:
     """A Spark timestamp literal for an aware datetime, independent of the session time zone."""
     return F.timestamp_micros(F.lit(_epoch_micros(ts)))
-
-
-def versions(results: Iterable[WriteResult]) -> Dict[str, int]:
-    """table -> Delta version after the writes (the last result wins for a repeated table)."""
-    return {r.table: r.version for r in results}
 
 
 def print_results(results: List[WriteResult]) -> None:

@@ -30,7 +30,6 @@ from typing import Optional
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 from pyspark.sql.window import Window
 
 from pipelines import contracts as C
@@ -79,7 +78,11 @@ def _history_struct():
 
 
 def ranked_histories(conv: DataFrame, cap: int) -> DataFrame:
-    """Conversions + history struct array (< own time, newest `cap`), row number and user count."""
+    """Conversions + history struct array (< own time, newest `cap`), row number and user count.
+
+    The one sorted pass both `examples_from_ranked` and `user_sequences_from_ranked` read: persist
+    it when building both.
+    """
     if cap < 1:
         raise ValueError(f"cap (max history length) must be >= 1, got {cap}")
     by_user = Window.partitionBy(C.USER_ID).orderBy(TS_US, C.ITEM_ID)
@@ -91,29 +94,41 @@ def ranked_histories(conv: DataFrame, cap: int) -> DataFrame:
     df = (conv.withColumn(_HIST, F.collect_list(_history_struct()).over(sliding))
           .withColumn(_RN, F.row_number().over(by_user))
           .withColumn(_CNT, F.count(F.lit(1)).over(whole)))
-    return df.withColumn(_HIST, F.array_sort(F.first(_HIST).over(tie_group)))
+    return df.withColumn(_HIST, F.first(_HIST).over(tie_group))
 
 
-def _arrays_from(hist: str) -> dict:
+def _arrays_from(hist) -> dict:
+    """item_ids / event_ts arrays from a history struct array, sorted by (time, item).
+
+    sort_array (native ordering of the struct's fields t, i, s) makes the order explicit instead
+    of relying on collect_list's frame order, at the cost of a sort of <= cap elements.
+    """
+    ordered = F.sort_array(hist)
     return {
-        C.ITEM_IDS: F.transform(F.col(hist), lambda x: x["i"]),
-        C.EVENT_TS_SECONDS: F.transform(F.col(hist), lambda x: x["s"]),
+        C.ITEM_IDS: F.transform(ordered, lambda x: x["i"]),
+        C.EVENT_TS_SECONDS: F.transform(ordered, lambda x: x["s"]),
     }
 
 
-def build_examples(conv: DataFrame, cap: int = DEFAULT_MAX_LEN,
-                   min_history: int = 1) -> DataFrame:
+def examples_from_ranked(ranked: DataFrame, min_history: int = 1) -> DataFrame:
     """Training examples without split: user_id, as_of_ts, item_ids, event_ts, label_item_id,
     plus subject_item_id of the label conversion (for real context; not part of `sequences`)."""
     if min_history < 1:
         raise ValueError(f"min_history must be >= 1 (an example needs a history), got {min_history}")
-    ranked = ranked_histories(conv, cap)
-    arrays = _arrays_from(_HIST)
+    arrays = _arrays_from(F.col(_HIST))
     return (ranked.where(F.size(_HIST) >= min_history)
             .select(C.USER_ID, F.col(C.EVENT_TS).alias(C.AS_OF_TS),
                     arrays[C.ITEM_IDS].alias(C.ITEM_IDS),
                     arrays[C.EVENT_TS_SECONDS].alias(C.EVENT_TS_SECONDS),
                     F.col(C.ITEM_ID).alias(C.LABEL_ITEM_ID), C.SUBJECT_ITEM_ID))
+
+
+def build_examples(conv: DataFrame, cap: int = DEFAULT_MAX_LEN,
+                   min_history: int = 1) -> DataFrame:
+    """conversions -> training examples (see `examples_from_ranked`)."""
+    if min_history < 1:
+        raise ValueError(f"min_history must be >= 1 (an example needs a history), got {min_history}")
+    return examples_from_ranked(ranked_histories(conv, cap), min_history)
 
 
 # --------------------------------------------------------------------------------------
@@ -215,19 +230,19 @@ def sequence_hash(item_ids: str = C.ITEM_IDS, event_ts: str = C.EVENT_TS_SECONDS
     return F.sha2(F.to_json(F.struct(F.col(item_ids).alias("i"), F.col(event_ts).alias("t"))), 256)
 
 
-def build_user_sequences(conv: DataFrame, cap: int = DEFAULT_MAX_LEN) -> DataFrame:
+def user_sequences_from_ranked(ranked: DataFrame, cap: int = DEFAULT_MAX_LEN) -> DataFrame:
     """Per user: the newest `cap` conversions (oldest..newest), as_of_ts = newest, hash."""
-    ranked = ranked_histories(conv, cap)
     tail = ranked.where(F.col(_RN) > F.col(_CNT) - cap)
     per_user = tail.groupBy(C.USER_ID).agg(
-        F.array_sort(F.collect_list(_history_struct())).alias(_HIST),
+        F.collect_list(_history_struct()).alias(_HIST),
         F.max(C.EVENT_TS).alias(C.AS_OF_TS),
     )
-    arrays = _arrays_from(_HIST)
+    arrays = _arrays_from(F.col(_HIST))
     out = per_user.select(C.USER_ID, C.AS_OF_TS, arrays[C.ITEM_IDS].alias(C.ITEM_IDS),
                           arrays[C.EVENT_TS_SECONDS].alias(C.EVENT_TS_SECONDS))
     return out.withColumn(C.SEQUENCE_HASH, sequence_hash()).select(*C.USER_SEQUENCES_COLUMNS)
 
 
-def sequences_schema() -> T.StructType:
-    return C.spark_schema(C.T_SEQUENCES)
+def build_user_sequences(conv: DataFrame, cap: int = DEFAULT_MAX_LEN) -> DataFrame:
+    """conversions -> user_sequences (see `user_sequences_from_ranked`)."""
+    return user_sequences_from_ranked(ranked_histories(conv, cap), cap)

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Sequence, Tuple
 
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
@@ -267,37 +267,3 @@ def validate_events(raw_events: DataFrame, clean_items: DataFrame,
     """raw_events -> (clean events, quarantine rows); `now` bounds future timestamps."""
     return split_reasoned(event_reasons(raw_events, clean_items, now), C.RAW_EVENTS_COLUMNS,
                           C.T_RAW_EVENTS)
-
-
-@dataclass
-class Validated:
-    """Clean + quarantine frames of one source and its counts (for the job)."""
-
-    source_table: str
-    clean: DataFrame
-    quarantine: DataFrame
-    report: ValidationReport
-
-
-def run_validation(source_table: str, reasoned: DataFrame, columns: Sequence[str],
-                   post_clean=None) -> Validated:
-    """Persist the reasoned frame once, count it, and split it (used by the build job)."""
-    from pyspark import StorageLevel
-
-    reasoned = reasoned.persist(StorageLevel.MEMORY_AND_DISK)
-    report = report_from_reasons(source_table, reasoned)
-    clean, quarantine = split_reasoned(reasoned, columns, source_table)
-    if post_clean is not None:
-        clean = post_clean(clean)
-    return Validated(source_table, clean, quarantine, report)
-
-
-def reasons_list() -> List[str]:
-    return list(C.QUARANTINE_REASONS)
-
-
-def optional_now(now: Optional[datetime]) -> datetime:
-    """`now` for the future-timestamp check: explicit in tests, the wall clock (UTC) in jobs."""
-    from datetime import timezone
-
-    return now if now is not None else datetime.now(timezone.utc)

@@ -23,14 +23,17 @@ class MultiHashEmbedding(nn.Module):
     be served with hash functions other than the ones it was trained with.
     """
 
-    def __init__(self, num_buckets: int, dim: int, n_hashes: int = 2, seed: int = 0) -> None:
+    def __init__(self, num_buckets: int, dim: int, n_hashes: int = 2, seed: int = 0,
+                 init_std: float | None = None) -> None:
         super().__init__()
         if num_buckets < 2 or n_hashes < 1:
             raise ValueError(f"need num_buckets >= 2 and n_hashes >= 1, got {num_buckets}, {n_hashes}")
         self.num_buckets = num_buckets
         self.n_hashes = n_hashes
         self.table = nn.Embedding(num_buckets * n_hashes, dim)
-        nn.init.normal_(self.table.weight, std=dim ** -0.5 / n_hashes ** 0.5)
+        # Default: the summed vector has about unit norm.
+        std = init_std if init_std is not None else dim ** -0.5 / n_hashes ** 0.5
+        nn.init.normal_(self.table.weight, std=std)
         rng = np.random.RandomState(seed)
         coeffs = rng.randint(1, _PRIME, size=(3, n_hashes)).astype(np.int64)  # a, b, c per hash
         self.register_buffer("hash_coeffs", torch.from_numpy(coeffs))  # (3, H)

@@ -17,7 +17,7 @@ from pyspark.sql import functions as F
 from pipelines import contracts as C
 from pipelines.cli import BuildConfig, ingest_main, run_build_sequences, run_generate
 from pipelines.context import context_rows_schema
-from pipelines.delta_io import read_table, sync_table, table_version, write_raw
+from pipelines.delta_io import read_table, sync_quarantine, sync_table, table_version, write_raw
 from pipelines.sequences import load_cutoffs
 from pipelines.synthetic import SyntheticConfig
 
@@ -124,6 +124,28 @@ def test_sync_table_inserts_updates_deletes_by_key(spark, tmp_path):
     assert not same.changed and same.version == res.version
     with pytest.raises(ValueError, match="not unique"):
         sync_table(spark, mk([r3, (3, t, [4], [0], "d")]), path, "t", schema, [C.USER_ID])
+
+
+def test_quarantine_keeps_duplicates_and_first_ingestion_time(spark, tmp_path):
+    lake = str(tmp_path / "lake")
+    t1, t2 = datetime(2024, 1, 1, tzinfo=timezone.utc), datetime(2024, 2, 1, tzinfo=timezone.utc)
+    mk = lambda rows: spark.createDataFrame(  # noqa: E731
+        rows, f"{C.ROW_JSON} string, {C.SOURCE_TABLE} string, {C.REASON} string")
+    a = ('{"user_id":"x"}', C.T_RAW_EVENTS, C.R_NULL_ID)
+    b = ('{"item_id":1}', C.T_RAW_ITEMS, C.R_MALFORMED_CATEGORIES)
+    c = ('{"user_id":2}', C.T_RAW_USERS, C.R_BAD_DEMOGRAPHICS)
+    sources = [C.T_RAW_EVENTS, C.T_RAW_ITEMS, C.T_RAW_USERS]
+    first = sync_quarantine(spark, mk([a, a, b]), lake, sources, t1)
+    assert (first.inserted, first.deleted) == (3, 0)  # two identical bad rows stay two rows
+    again = sync_quarantine(spark, mk([a, b, a]), lake, sources, t2)
+    assert not again.changed and again.version == first.version
+    third = sync_quarantine(spark, mk([a, b, c]), lake, sources, t2)
+    assert (third.inserted, third.deleted) == (1, 1)
+    got = sorted((r[C.REASON], r[C.INGESTED_AT]) for r in _table(spark, lake, C.T_QUARANTINE)
+                 .collect())
+    naive = lambda d: d.replace(tzinfo=None)  # noqa: E731  (session zone is UTC)
+    assert got == sorted([(C.R_NULL_ID, naive(t1)), (C.R_MALFORMED_CATEGORIES, naive(t1)),
+                          (C.R_BAD_DEMOGRAPHICS, naive(t2))])
 
 
 def test_ingest_cli_on_examples_then_build(spark, tmp_path):
