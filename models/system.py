@@ -58,7 +58,7 @@ class ContextualRetrievalSystem(pl.LightningModule):
     (catalog + item frequencies come from it in ``setup``)."""
 
     def __init__(self, model_config: ModelConfig = ModelConfig(), lr: float = 3e-3,
-                 weight_decay: float = 1e-4, temperature: float = 0.05,
+                 weight_decay: float = 1e-4, embedding_weight_decay: float = 0.0, temperature: float = 0.05,
                  learn_temperature: bool = True, n_uniform_negatives: int = 512,
                  logq_correction: bool = True, logq_weight: float = 1.0,
                  history_drop_prob: float = 0.05, eval_ks: Sequence[int] = DEFAULT_KS,
@@ -171,15 +171,23 @@ class ContextualRetrievalSystem(pl.LightningModule):
         self._catalog_emb = None
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        """AdamW; no weight decay on embedding tables, norms, biases and the temperature."""
-        decay, no_decay = [], []
+        """AdamW: ``weight_decay`` on the dense layers, ``embedding_weight_decay`` on the id and
+        category tables (the parameters that can memorise rare ids), none on norms, biases and
+        the temperature."""
+        groups: Dict[str, list] = {"dense": [], "embedding": [], "none": []}
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            plain = p.ndim < 2 or "emb" in name or "table" in name or "position" in name or "time_gap" in name
-            (no_decay if plain else decay).append(p)
-        return torch.optim.AdamW([{"params": decay, "weight_decay": self.hparams.weight_decay},
-                                  {"params": no_decay, "weight_decay": 0.0}], lr=self.hparams.lr)
+            if isinstance(self.get_submodule(name.rsplit(".", 1)[0]) if "." in name else None, nn.Embedding):
+                groups["embedding"].append(p)
+            elif p.ndim < 2:
+                groups["none"].append(p)
+            else:
+                groups["dense"].append(p)
+        hp = self.hparams
+        return torch.optim.AdamW([{"params": groups["dense"], "weight_decay": hp.weight_decay},
+                                  {"params": groups["embedding"], "weight_decay": hp.embedding_weight_decay},
+                                  {"params": groups["none"], "weight_decay": 0.0}], lr=hp.lr)
 
 
 def context_inputs(batch: Dict[str, torch.Tensor], context: str) -> tuple[torch.Tensor, torch.Tensor]:
