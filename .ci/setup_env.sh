@@ -45,6 +45,19 @@ mkdir -p "$spark_home/conf"
   echo "spark.sql.catalog.spark_catalog org.apache.spark.sql.delta.catalog.DeltaCatalog"
   echo "spark.sql.session.timeZone UTC"
 } > "$spark_home/conf/spark-defaults.conf"
+# spark-submit's default log level is INFO: hundreds of start-up lines would bury the jobs' own
+# output (validation counts, Delta versions). WARN keeps warnings and errors.
+cat > "$spark_home/conf/log4j2.properties" <<'LOG4J'
+rootLogger.level = warn
+rootLogger.appenderRef.stdout.ref = console
+appender.console.type = Console
+appender.console.name = console
+appender.console.target = SYSTEM_ERR
+appender.console.layout.type = PatternLayout
+appender.console.layout.pattern = %d{yy/MM/dd HH:mm:ss} %p %c{1}: %m%n%ex
+logger.jetty.name = org.sparkproject.jetty
+logger.jetty.level = warn
+LOG4J
 
 ln -sfn "$venv" "$here/.venv"
 echo "$venv"

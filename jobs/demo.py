@@ -147,10 +147,11 @@ def show_answers(url: str, lake: Path, k: int) -> None:
         answer = httpx.post(f"{url}/recommend", json=body, timeout=30.0)
         answer.raise_for_status()
         got = answer.json()
-        print(f"\nuser {user}, {label}: model {got['model_version']}, state age "
-              f"{got['state_age_seconds']} s, cold_start={got['cold_start']}")
-        for rank, row in enumerate(got["items"], 1):
-            item, score = row["item_id"], row["score"]
+        age = got["state_age_seconds"]
+        age_text = "no state" if age is None else f"state age {age:.0f} s"
+        print(f"\nuser {user}, {label}: model {got['model_version']}, {age_text}, "
+              f"cold_start={got['cold_start']}")
+        for rank, (item, score) in enumerate(got["items"], 1):  # [item_id, score] pairs, best first
             print(f"  {rank:2d}. item {item:>7}  score {score:+.4f}  categories {cats.get(item)}")
 
 

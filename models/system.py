@@ -81,6 +81,7 @@ class ContextualRetrievalSystem(pl.LightningModule):
         self._catalog_emb: Optional[torch.Tensor] = None
         self.val_metrics: Optional[nn.Module] = None
         self.val_metrics_no_ctx: Optional[nn.Module] = None
+        self.val_metrics_served: Optional[nn.Module] = None
 
     # ------------------------------------------------------------------ wiring
     def attach_data(self, catalog: Catalog, item_freq: torch.Tensor) -> None:
@@ -90,6 +91,8 @@ class ContextualRetrievalSystem(pl.LightningModule):
         self.catalog, self.item_freq = catalog, item_freq.float()
         self.val_metrics = retrieval_metrics(len(catalog), self.eval_ks).clone(prefix="val/")
         self.val_metrics_no_ctx = retrieval_metrics(len(catalog), self.eval_ks).clone(prefix="val_no_context/")
+        # What serving sees: the logged subject item's categories where there is one, else none.
+        self.val_metrics_served = retrieval_metrics(len(catalog), self.eval_ks).clone(prefix="val_served/")
 
     def setup(self, stage: str) -> None:
         dm = self.trainer.datamodule if self._trainer is not None else None
@@ -158,14 +161,15 @@ class ContextualRetrievalSystem(pl.LightningModule):
 
     def validation_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
         state = self.model.encode_user_state(batch[C.ITEM_IDS], batch[C.EVENT_TS_SECONDS])
-        for context, metrics in (("pseudo", self.val_metrics), ("none", self.val_metrics_no_ctx)):
+        for context, metrics in (("pseudo", self.val_metrics), ("none", self.val_metrics_no_ctx),
+                                 ("real", self.val_metrics_served)):
             user = self.user_embeddings(batch, context, state=state)  # (B, D)
             ranks, top = rank_targets(user, self._catalog_emb, batch[LABEL_ROW], top_k=COVERAGE_K,
                                       chunk_size=self.hparams.eval_chunk_size)
             metrics.update(ranks=ranks, top_items=top)
 
     def on_validation_epoch_end(self) -> None:
-        for metrics in (self.val_metrics, self.val_metrics_no_ctx):
+        for metrics in (self.val_metrics, self.val_metrics_no_ctx, self.val_metrics_served):
             self.log_dict({metric_key(k): v for k, v in metrics.compute().items()})
             metrics.reset()
         self._catalog_emb = None

@@ -19,6 +19,23 @@ from torch import nn
 from pipelines import contracts as C
 
 
+def drop_context_slots(weights: torch.Tensor, p: float) -> torch.Tensor:
+    """Training augmentation: weights (B, C) (summing to 1 or all 0) -> (B, C), same contract.
+
+    Each present slot except the strongest one of its row is zeroed with probability ``p``, and
+    the row is renormalised to sum 1. The strongest slot is kept so that this never turns into
+    "no context" (whole-context dropout does that, at its own rate).
+    """
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"slot drop probability must be in [0, 1), got {p}")
+    present = weights > 0  # (B, C)
+    strongest = torch.zeros_like(present).scatter_(1, weights.argmax(dim=1, keepdim=True), True)
+    keep = present & ((torch.rand_like(weights) >= p) | strongest)  # (B, C)
+    kept = weights * keep.to(weights.dtype)  # (B, C)
+    total = kept.sum(dim=1, keepdim=True)  # (B, 1)
+    return torch.where(total > 0, kept / total.clamp_min(1e-12), kept)  # (B, C)
+
+
 class ContextLayer(nn.Module):
     """pooled context category embedding (B, D) -> context vector (B, D) (zero = no context)."""
 

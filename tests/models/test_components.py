@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from models.components.context import ContextLayer, DemographicsEmbedding
+from models.components.context import ContextLayer, DemographicsEmbedding, drop_context_slots
 from models.components.embeddings import MultiHashEmbedding, weighted_pool
 from models.components.encoder import CausalSequenceEncoder
 from models.components.heads import ConcatFusion, CrossAttentionFusion, ItemTower
@@ -100,6 +100,20 @@ def test_context_layer_dropout_modes():
     layer.eval()
     assert torch.allclose(layer(pooled), layer.proj(pooled))  # no dropout at serving
     assert torch.equal(layer(torch.zeros(3, 8)), torch.zeros(3, 8))  # no context stays zero
+
+
+def test_drop_context_slots_keeps_the_strongest_and_renormalises():
+    torch.manual_seed(0)
+    w = torch.tensor([[0.2, 0.5, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]).repeat(500, 1)
+    out = drop_context_slots(w, 0.5)  # (1500, 4)
+    assert out[1::3].abs().sum() == 0  # no context stays no context
+    assert torch.equal(out[2::3], w[2::3])  # a single category is never dropped
+    first = out[0::3]
+    assert torch.all(first[:, 1] > 0) and torch.all(first[:, 3] == 0)  # strongest kept, pad stays pad
+    assert torch.allclose(first.sum(dim=1), torch.ones(500))
+    dropped = (first[:, [0, 2]] == 0).float().mean()
+    assert 0.4 < dropped < 0.6  # each weaker slot dropped about half the time
+    assert torch.equal(drop_context_slots(w, 0.0), w)
 
 
 def test_heads_and_demographics_shapes_and_norms():
