@@ -6,6 +6,12 @@ code) and with a way to prove the files belong together. The manifest holds the 
 every file and the shapes; ``load_bundle`` refuses a bundle whose files were truncated,
 swapped or edited, with a ``BundleError`` naming the problem.
 
+Finiteness: a diverged run (NaN/inf weights) must never become servable. ``export_bundle``
+refuses a model with a non-finite parameter or buffer, and ``load_bundle`` refuses non-finite
+weights or item embeddings even when the manifest is consistent (a buggy exporter signs what it
+writes), naming the tensor. A NaN weight would otherwise load silently and turn every score of
+every request into NaN.
+
 model_version = ``<run name or UTC timestamp>-<first 8 hex of the weights' sha256>``, so two
 different weight sets never share a version string, and the cached user states (which carry
 the version) can be checked against the head that reads them.
@@ -62,6 +68,20 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def non_finite_tensors(tensors: Dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an infinity (sorted)."""
+    return sorted(name for name, t in tensors.items()
+                  if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+
+
+def _describe_non_finite(tensors: Dict[str, torch.Tensor], names: list[str]) -> str:
+    """``name (3 NaN, 1 inf of 64)`` for the first few offending tensors."""
+    parts = [f"{n} ({int(tensors[n].isnan().sum())} NaN, {int(tensors[n].isinf().sum())} inf "
+             f"of {tensors[n].numel()})" for n in names[:5]]
+    more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+    return ", ".join(parts) + more
+
+
 def make_model_version(prefix: Optional[str], weights_sha256: str) -> str:
     """``<prefix or UTC timestamp>-<sha8>``; a prefix already ending in this sha8 is kept as is."""
     sha8 = weights_sha256[:8]
@@ -97,16 +117,23 @@ def export_bundle(model: ContextualTwoTower, config: ModelConfig, catalog: pd.Da
     """
     if config != model.config:
         raise ValueError("config differs from the model's own config; export the config it was built with")
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    bad = non_finite_tensors(state)
+    if bad:
+        raise BundleError(f"refusing to export a model with non-finite weights (a diverged run): "
+                          f"{_describe_non_finite(state, bad)}")
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
-        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / C.BUNDLE_WEIGHTS))
         weights_sha = sha256_file(tmp / C.BUNDLE_WEIGHTS)
         version = make_model_version(model_version, weights_sha)
         (tmp / C.BUNDLE_CONFIG).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
         item_ids, item_emb = catalog_embeddings(model, catalog)
+        if not np.isfinite(item_emb).all():  # finite weights can still overflow in the item tower
+            raise BundleError(f"refusing to export non-finite {C.BUNDLE_ITEM_EMBEDDINGS}: "
+                              f"{int((~np.isfinite(item_emb)).any(axis=1).sum())} of {len(item_emb)} rows")
         np.save(tmp / C.BUNDLE_ITEM_IDS, item_ids)
         np.save(tmp / C.BUNDLE_ITEM_EMBEDDINGS, item_emb)
         manifest: Dict[str, Any] = dict(extra_manifest or {})
@@ -186,6 +213,10 @@ def load_bundle(path: Path | str) -> Bundle:
              if state[k].shape != v.shape]
     if wrong:
         raise BundleError(f"{path / C.BUNDLE_WEIGHTS}: tensor shapes do not match the config: {wrong[:3]}")
+    bad = non_finite_tensors(state)
+    if bad:
+        raise BundleError(f"{path / C.BUNDLE_WEIGHTS}: non-finite weights (NaN/inf, a diverged run): "
+                          f"{_describe_non_finite(state, bad)}")
     model.load_state_dict(state, strict=True)
     model.eval()
     item_ids = np.load(path / C.BUNDLE_ITEM_IDS, allow_pickle=False)
@@ -196,6 +227,11 @@ def load_bundle(path: Path | str) -> Bundle:
     if item_emb.shape != (n, config.dim) or item_emb.dtype != np.float32:
         raise BundleError(f"{path / C.BUNDLE_ITEM_EMBEDDINGS}: expected float32 ({n}, {config.dim}), "
                           f"got {item_emb.dtype} {item_emb.shape}")
+    finite_rows = np.isfinite(item_emb).all(axis=1)  # (N,)
+    if not finite_rows.all():
+        rows = np.flatnonzero(~finite_rows)
+        raise BundleError(f"{path / C.BUNDLE_ITEM_EMBEDDINGS}: non-finite (NaN/inf) embeddings in "
+                          f"{len(rows)} rows, e.g. item_ids {item_ids[rows[:5]].tolist()}")
     return Bundle(model=model, config=config, manifest=manifest, item_ids=item_ids,
                   item_embeddings=item_emb, model_version=version, path=path)
 

@@ -143,3 +143,18 @@ def test_model_version_format():
     assert make_model_version("run", sha) == "run-abcdef01"
     assert make_model_version("run-abcdef01", sha) == "run-abcdef01"
     assert make_model_version(None, sha).endswith("Z-abcdef01")
+
+
+def test_export_refuses_non_finite_weights_and_keeps_the_previous_bundle(bundle_dir):
+    """A diverged run (NaN / inf parameter) must not replace a servable bundle with a broken one."""
+    path, model = bundle_dir
+    before = sha256_file(path / C.BUNDLE_WEIGHTS)
+    name, param = next((n, p) for n, p in model.named_parameters() if p.ndim == 2)
+    for bad in (float("nan"), float("inf")):
+        with torch.no_grad():
+            param[0, 0] = bad
+        with pytest.raises(BundleError, match=f"non-finite weights.*{name}"):
+            export_bundle(model, model.config, catalog_frame(), path, "unit-run")
+        assert sha256_file(path / C.BUNDLE_WEIGHTS) == before  # the old bundle is untouched
+        assert [p.name for p in path.parent.iterdir()] == ["bundle"]  # nothing half-written
+        load_bundle(path)

@@ -9,11 +9,13 @@ the one under test (an attacker or a buggy exporter writes consistent checksums 
 - a pickle (torch.save checkpoint) with a code payload saved as model.safetensors: refused, and
   the payload never runs (safetensors-only loading, no torch.load fallback);
 - a pickled object array as item_embeddings.npy: refused, payload never runs (allow_pickle=False);
-- a weights file whose tensors are NaN (a diverged run): recorded as a known gap (strict xfail).
+- a weights file with a NaN tensor, or item embeddings with NaN/inf rows (a diverged run):
+  refused at load time with a BundleError naming the tensor / the rows.
 """
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -90,17 +92,24 @@ def test_pickled_npy_is_refused_and_never_executed(bundle, tmp_path):
     assert not marker.exists(), "loading the bundle unpickled (executed) the embeddings file"
 
 
-@pytest.mark.xfail(strict=True, reason="KNOWN GAP (reported to models/): load_bundle checks "
-                   "checksums, names and shapes but not finiteness, so a diverged run's NaN head "
-                   "loads and the NaN reaches per-request scoring instead of being refused at "
-                   "start-up")
 def test_non_finite_weights_are_refused_at_load_time(bundle):
     state = read_state(bundle)
     name = next(k for k, t in state.items() if t.is_floating_point() and t.numel() > 1)
     state[name] = torch.full_like(state[name], float("nan"))
     save_file(state, str(bundle / C.BUNDLE_WEIGHTS))
     resign(bundle, C.BUNDLE_WEIGHTS)
-    with pytest.raises(BundleError, match="finite|NaN|nan"):
+    with pytest.raises(BundleError, match=rf"non-finite weights .*{re.escape(name)} \(\d+ NaN"):
+        load_bundle(bundle)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_item_embeddings_are_refused_at_load_time(bundle, bad):
+    emb = np.load(bundle / C.BUNDLE_ITEM_EMBEDDINGS)
+    item_ids = np.load(bundle / C.BUNDLE_ITEM_IDS)
+    emb[7, 3] = bad
+    np.save(bundle / C.BUNDLE_ITEM_EMBEDDINGS, emb)
+    resign(bundle, C.BUNDLE_ITEM_EMBEDDINGS)
+    with pytest.raises(BundleError, match=rf"item_embeddings.*non-finite.*1 rows.*\[{item_ids[7]}\]"):
         load_bundle(bundle)
 
 
