@@ -152,24 +152,61 @@ def evaluate_parser() -> ArgumentParser:
     parser.add_argument("--run_name", type=str, default="evaluation")
     parser.add_argument("--experiment_name", type=str, default=tracking.DEFAULT_EXPERIMENT)
     parser.add_argument("--tracking_uri", type=Optional[str], default=None)
+    parser.add_argument("--index", type=Optional[str], default=None,
+                        help="index folder of the contextual bundle (jobs/build_index.py): with "
+                        "--feature_repo, time real resolver requests for the report's latency section")
+    parser.add_argument("--feature_repo", type=Optional[str], default=None,
+                        help="Feast repository with materialized features (CTT_LAKE / CTT_FEAST_DATA "
+                        "exported for feature_repo/)")
+    parser.add_argument("--latency_requests", type=int, default=ev.DEFAULT_LATENCY_REQUESTS,
+                        help="timed requests per kind (no context / subject item)")
+    parser.add_argument("--latency_warmup", type=int, default=ev.DEFAULT_LATENCY_WARMUP)
+    parser.add_argument("--latency_k", type=int, default=ev.DEFAULT_LATENCY_K)
     return parser
+
+
+def measure_serving_latency(args: Any, split_users: List[int]) -> ev.LatencyReport:
+    """Time ``args.latency_requests`` requests per kind through the real in-process resolver.
+
+    The CLI is an entry point (like jobs/), so it may import serving; models/evaluate.py itself
+    only sees the ``recommend`` callable. The resolver serves the evaluated contextual bundle.
+    """
+    from serving.resolver import Resolver
+
+    resolver = Resolver.from_paths(args.contextual_bundle, args.index, args.feature_repo)
+    requests = ev.latency_requests(split_users, resolver.bundle.item_ids, args.latency_requests)
+    machine = ev.machine_facts()
+    samples = ev.time_requests(resolver.recommend, requests, args.latency_k, args.latency_warmup)
+    return ev.summarize_latency(samples, args.latency_k, args.latency_warmup, machine)
 
 
 def evaluate_main(argv: Optional[List[str]] = None) -> ev.EvaluationResult:
     """``ctt-evaluate``: the evaluation table from saved bundles -> report folder + MLflow run."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = evaluate_parser().parse_args(argv)
+    if (args.index is None) != (args.feature_repo is None):
+        raise SystemExit("ctt-evaluate: give both --index and --feature_repo to measure serving "
+                         "latency, or neither")
     contextual = load_bundle(args.contextual_bundle)
     sequence_only = load_bundle(args.sequence_only_bundle) if args.sequence_only_bundle else None
     result = ev.evaluate_from_lake(contextual, sequence_only, args.lake_root, args.split,
                                    args.exclude_history)
-    report_files = ev.write_report(result, args.out_dir)
+    latency = None
+    if args.index is not None:
+        latency = measure_serving_latency(args, ev.split_users(args.lake_root, args.split).tolist())
+    report_files = ev.write_report(result, args.out_dir, latency)
     client, run_id = tracking.start_run(args.out_dir, args.run_name, args.experiment_name,
                                         args.tracking_uri)
     tracking.log_input_versions(client, run_id, result.input_versions)
     for name, version in result.model_versions.items():
         client.log_param(run_id, f"{C.MODEL_VERSION}.{name}", version)
-    tracking.log_report(client, run_id, report_files, result.as_table())
+    client.set_tag(run_id, "latency_measured", str(latency is not None).lower())
+    table = result.as_table()
+    if latency is not None:
+        client.log_param(run_id, "latency.index_backend", latency.index_backend)
+        client.log_param(run_id, "latency.k", latency.k)
+        table.update(ev.latency_table(latency))
+    tracking.log_report(client, run_id, report_files, table)
     client.set_terminated(run_id)
-    print(ev.format_markdown(result))
+    print(ev.format_markdown(result, latency))
     return result

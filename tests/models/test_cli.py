@@ -77,4 +77,4 @@ def test_evaluate_cli_writes_report_and_logs_it(trained, tiny_lake, tmp_path):
     assert metrics["real.contextual.recall_at_100"] == pytest.approx(
         result.metric(ev.GROUP_REAL, ev.CONTEXTUAL, "recall@100"))
     assert {a.path for a in client.list_artifacts(runs[0].info.run_id, "report")} == {
-        f"report/{n}" for n in (ev.REPORT_MD, ev.REPORT_JSON, ev.REPORT_PNG)}
+        f"report/{n}" for n in (ev.REPORT_MD, ev.REPORT_JSON, ev.REPORT_PNG, ev.REPORT_COVERAGE_PNG)}

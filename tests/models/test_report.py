@@ -1,0 +1,153 @@
+"""The evaluation report end to end: comparison table, plots, measured serving latency, MLflow.
+
+Built on a tiny demo output (tests/tiny_demo.py: real training, Feast SQLite store, ScaNN index)
+so the latency comes from the real in-process resolver, exactly as `make demo` measures it.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from mlflow import MlflowClient
+from tiny_demo import LATENCY_REQUESTS, build_tiny_demo, demo_environment, environment, evaluate_argv
+
+from models import evaluate as ev
+from models.cli import evaluate_main
+from models.export import load_bundle
+
+VARIANTS = (ev.CONTEXTUAL, ev.NO_CONTEXT, ev.SEQUENCE_ONLY, ev.POPULARITY, ev.CATEGORY_POPULARITY)
+KINDS = (ev.REQ_NO_CONTEXT, ev.REQ_SUBJECT_ITEM)
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return build_tiny_demo(tmp_path_factory.mktemp("tiny_demo"))
+
+
+def _evaluation_run(demo, run_name: str):
+    client = MlflowClient(demo.tracking_uri)
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    runs = [r for r in client.search_runs(experiments) if r.info.run_name == run_name]
+    assert len(runs) == 1, [r.info.run_name for r in runs]
+    return client, runs[0]
+
+
+def test_report_has_every_variant_plots_and_measured_latency(demo):
+    files = {name: demo.report / name for name in (ev.REPORT_MD, ev.REPORT_JSON, ev.REPORT_PNG,
+                                                     ev.REPORT_COVERAGE_PNG, ev.REPORT_LATENCY_PNG)}
+    for path in files.values():
+        assert path.stat().st_size > 0, path
+    for png in (ev.REPORT_PNG, ev.REPORT_COVERAGE_PNG, ev.REPORT_LATENCY_PNG):
+        assert files[png].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = files[ev.REPORT_MD].read_text()
+    for group in (ev.GROUP_ALL, ev.GROUP_REAL):
+        for variant in VARIANTS:
+            assert f"| {group} | {variant} |" in md
+    for png in (ev.REPORT_PNG, ev.REPORT_COVERAGE_PNG, ev.REPORT_LATENCY_PNG):
+        assert f"]({png})" in md  # self-contained: the plots are linked beside the Markdown
+    assert "not measured" not in md
+
+    saved = json.loads(files[ev.REPORT_JSON].read_text())
+    assert {(r["group"], r["variant"]) for r in saved["rows"]} == {
+        (g, v) for g in (ev.GROUP_ALL, ev.GROUP_REAL) for v in VARIANTS}
+    lat = saved["latency"]
+    assert lat["model_version"] == load_bundle(demo.contextual_bundle).model_version
+    assert lat["index_backend"] == "scann"
+    assert lat["n_requests"] == {k: LATENCY_REQUESTS for k in KINDS}
+    assert lat["cold_starts"] == {k: 0 for k in KINDS}  # every test user has a cached state
+    for kind in KINDS:
+        stats = lat["stats"][kind]
+        for stage in (*ev.LATENCY_STAGES, ev.CALLER_WALL):
+            s = stats[stage]
+            assert 0 < s["p50"] <= s["p99"] <= s["max"], (kind, stage, s)
+        # the caller's own clock wraps the resolver's total: both came from the same calls
+        assert stats[ev.CALLER_WALL]["p50"] >= stats["total"]["p50"]
+        assert stats["total"]["p50"] >= stats["feast"]["p50"]
+        totals = np.asarray(lat["totals_ms"][kind])
+        assert len(totals) == LATENCY_REQUESTS and len(np.unique(totals)) > 1  # measured, not constant
+        assert stats["total"]["p50"] == pytest.approx(float(np.percentile(totals, 50)))
+        assert f"| {kind} | {LATENCY_REQUESTS} | 0 | total | {stats['total']['p50']:.3f} |" in md
+
+
+def test_mlflow_run_has_the_report_and_latency_metrics(demo):
+    client, run = _evaluation_run(demo, "evaluation")
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert artifacts == {f"report/{n}" for n in (ev.REPORT_MD, ev.REPORT_JSON, ev.REPORT_PNG,
+                                                 ev.REPORT_COVERAGE_PNG, ev.REPORT_LATENCY_PNG)}
+    saved = json.loads((demo.report / ev.REPORT_JSON).read_text())
+    metrics = run.data.metrics
+    for kind in KINDS:
+        for stage in ev.LATENCY_STAGES:
+            assert metrics[f"latency.{kind}.{stage}_p99_ms"] == pytest.approx(
+                saved["latency"]["stats"][kind][stage]["p99"])
+    real = next(r for r in saved["rows"] if r["group"] == ev.GROUP_REAL and r["variant"] == ev.CONTEXTUAL)
+    assert metrics["real.contextual.recall_at_100"] == pytest.approx(real["recall@100"])
+    assert run.data.tags["latency_measured"] == "true"
+    assert run.data.params["latency.index_backend"] == "scann"
+
+
+def test_without_serving_artifacts_the_report_says_latency_was_not_measured(demo, tmp_path):
+    out = tmp_path / "report"
+    stale = out / ev.REPORT_LATENCY_PNG
+    out.mkdir()
+    stale.write_bytes(b"from an earlier run")
+    with environment(demo_environment(demo)):
+        evaluate_main(evaluate_argv(demo, out, with_latency=False, run_name="no_latency"))
+    md = (out / ev.REPORT_MD).read_text()
+    assert "Latency was **not measured**" in md and "--index" in md and "ms |" not in md
+    assert json.loads((out / ev.REPORT_JSON).read_text())["latency"] is None
+    assert not stale.exists()  # no plot of another run beside a report that measured nothing
+    client, run = _evaluation_run(demo, "no_latency")
+    assert run.data.tags["latency_measured"] == "false"
+    assert not any(k.startswith("latency.") for k in run.data.metrics)
+
+
+def test_index_without_feature_repo_is_refused(demo, tmp_path):
+    argv = evaluate_argv(demo, tmp_path / "r", with_latency=False) + ["--index", str(demo.index)]
+    with pytest.raises(SystemExit, match="both --index and --feature_repo"):
+        evaluate_main(argv)
+    assert not (tmp_path / "r").exists()
+
+
+def test_time_requests_keeps_each_answers_own_stage_timings(demo):
+    """Sample by sample: the resolver's stages add up to at most its total, which the caller's
+    clock wraps; subject-item requests are answered with the subject item's context."""
+    from serving.resolver import Resolver
+
+    with environment(demo_environment(demo)):
+        resolver = Resolver.from_paths(demo.contextual_bundle, demo.index, demo.feature_repo)
+    users = ev.split_users(str(demo.lake))
+    requests = ev.latency_requests(users, resolver.bundle.item_ids, 6, seed=3)
+    samples = ev.time_requests(resolver.recommend, requests, k=7, warmup=2)
+    assert [s.kind for s in samples] == [r.kind for r in requests]
+    for s in samples:
+        parts = s.timings["feast"] + s.timings["head"] + s.timings["search"]
+        assert 0 < parts <= s.timings["total"] + 1e-3 <= s.wall_ms + 2e-3
+        assert s.n_items == 7 and not s.cold_start
+    report = ev.summarize_latency(samples, k=7, warmup=2)
+    assert report.n_requests == {ev.REQ_NO_CONTEXT: 6, ev.REQ_SUBJECT_ITEM: 6}
+
+
+def test_latency_requests_interleave_kinds_and_cycle_users():
+    reqs = ev.latency_requests([5, 3, 9], [100, 200], n_per_kind=4, seed=0)
+    assert [r.kind for r in reqs] == [ev.REQ_NO_CONTEXT, ev.REQ_SUBJECT_ITEM] * 4
+    users = [r.user_id for r in reqs[::2]]
+    assert sorted(users[:3]) == [3, 5, 9] and users[3] == users[0]  # every user once before repeats
+    assert all(r.subject_item_id in (100, 200) for r in reqs[1::2])
+    assert all(a.user_id == b.user_id for a, b in zip(reqs[::2], reqs[1::2]))
+    with pytest.raises(ValueError, match="need users"):
+        ev.latency_requests([], [1], 3)
+    with pytest.raises(ValueError, match="n_per_kind"):
+        ev.latency_requests([1], [1], 0)
+
+
+def test_summarize_refuses_answers_from_mixed_serving_setups():
+    def sample(version: str) -> ev.LatencySample:
+        return ev.LatencySample(ev.REQ_NO_CONTEXT, {s: 1.0 for s in ev.LATENCY_STAGES}, 1.5, False,
+                                10, "scann", version)
+
+    with pytest.raises(ValueError, match="model_versions"):
+        ev.summarize_latency([sample("a"), sample("b")], k=10, warmup=0)
+    with pytest.raises(ValueError, match="no latency samples"):
+        ev.summarize_latency([], k=10, warmup=0)
