@@ -1,8 +1,14 @@
-"""Evaluation table from saved bundles: contextual (pseudo/real/no context) vs sequence-only vs
-popularity baselines on the same examples -> report folder + MLflow run.
+"""Evaluation report from saved bundles: contextual (pseudo/real/no context) vs sequence-only vs
+popularity baselines on the same examples, plus the measured latency of the serving path
+-> report folder (evaluation.md + PNG plots + evaluation.json) + MLflow run.
 
     python jobs/evaluate.py --lake_root <lake> --contextual_bundle runs/contextual/bundle \
-        --sequence_only_bundle runs/sequence_only/bundle --out_dir runs/report
+        --sequence_only_bundle runs/sequence_only/bundle --out_dir runs/report \
+        [--index index --feature_repo feature_repo]
+
+With ``--index`` and ``--feature_repo`` (after batch inference, feast apply/materialize and
+jobs/build_index.py; CTT_LAKE and CTT_FEAST_DATA exported) the report times real in-process
+resolver requests; without them it says latency was not measured. See models/cli.py.
 """
 from models.cli import evaluate_main as main
 
