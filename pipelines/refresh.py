@@ -1,0 +1,319 @@
+"""Daily refresh and model rollout: new events -> sequences -> states -> Feast snapshots -> online.
+
+A thin orchestration of the existing steps, in the order the data flows:
+
+1. ``run_build_sequences``   validates the appended raw events and MERGEs only the affected
+                             users into ``user_sequences`` (pipelines/cli.py);
+2. ``run_batch_inference``   re-encodes only users whose history hash or model version changed
+                             and MERGEs ``user_states`` (pipelines/inference.py);
+3. ``export_feature_tables`` rewrites the Parquet snapshots Feast reads (pipelines/feast_ops.py);
+4. materialize               ``materialize-incremental`` into the online store (a full
+                             ``materialize`` the first time a store is filled).
+
+Each step already touches only what changed, so the refresh costs what the day's events cost
+(benchmarks/refresh.py measures it). What this module adds is the one thing the steps cannot see
+alone: WHICH model version an online store serves.
+
+Why one online store (Feast data folder) per model version: the online row of a user is keyed by
+``user_id`` only, so a store can hold one state per user. Re-encoding everyone with a new model
+and materializing into the store the old resolver reads would leave that resolver, for the whole
+rollout, with states it must refuse (409) or serve as cold starts. Materializing the new states
+into a NEW folder (its own registry + SQLite file, or its own Redis db) and then switching the
+resolver process leaves the old resolver answering from its own states until the switch, and no
+request can ever meet a state and a head of different versions. Keying rows by
+(user_id, model_version) would do the same inside one store but changes the Feast entity, the
+resolver's lookup and every existing store; the folder per version changes nothing that serves.
+
+Two guards make the procedure hard to get wrong (both raise ``RolloutError`` before any work):
+- the Feast data folder records the version it serves (``VERSION_MARKER``); a refresh with
+  another bundle is refused instead of pushing foreign states into a live store;
+- a refresh whose bundle differs from the states already in the lake re-encodes EVERY user, so
+  it must be asked for (``new_model=True`` / ``--new-model``), and then only into a fresh folder
+  (or the one already marked with the new version, i.e. a retry or a rollback).
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Set
+
+from pipelines import contracts as C
+from pipelines import feast_ops
+from pipelines.cli import BuildConfig, BuildResult, run_build_sequences
+from pipelines.delta_io import WriteResult
+from pipelines.inference import DEFAULT_BATCH_SIZE, InferenceResult, run_batch_inference
+
+VERSION_MARKER = "ctt_model_version"  # file in the Feast data folder: the version it serves
+REGISTRY_FILE = "registry.db"  # feature_store.yaml / redis.yaml: ${CTT_FEAST_DATA}/registry.db
+# First fill of a store: every row since the contract's earliest valid timestamp (Feast's own
+# materialize-incremental would start one year back for views with ttl=0).
+FULL_START = datetime.fromtimestamp(C.MIN_EVENT_TS_SECONDS, tz=timezone.utc)
+STEPS = ("build_sequences", "batch_inference", "feast_export", "materialize")
+
+
+class RolloutError(RuntimeError):
+    """A refresh would put states of one model version where another version is served."""
+
+
+@dataclass(frozen=True)
+class MaterializeResult:
+    """What went online: the window, whether it was a first full fill, how many user states."""
+
+    start: datetime
+    end: datetime
+    full: bool
+    states_in_window: int  # user_states snapshot rows with state_ts in (start, end]
+    applied: bool  # `feast apply` ran first
+
+    def line(self) -> str:
+        kind = "materialize (first fill)" if self.full else "materialize-incremental"
+        return (f"{kind}: {self.start.isoformat()} -> {self.end.isoformat()}, "
+                f"{self.states_in_window} user states in the window"
+                + ("; feast apply ran first" if self.applied else ""))
+
+
+@dataclass
+class RefreshResult:
+    """Everything one refresh did, step by step, with wall-clock seconds per step."""
+
+    model_version: str
+    build: BuildResult
+    inference: InferenceResult
+    exports: List[feast_ops.ExportResult]
+    materialized: MaterializeResult
+    seconds: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def user_sequences_write(self) -> WriteResult:
+        return next(w for w in self.build.writes if w.table == C.T_USER_SEQUENCES)
+
+    def lines(self) -> List[str]:
+        us = self.user_sequences_write
+        s = self.seconds
+        out = [f"[1/4 build_sequences {s.get(STEPS[0], 0):.1f}s] user_sequences "
+               f"v{us.version}: +{us.inserted} ~{us.updated} -{us.deleted} users"]
+        out += [f"    {w.line()}" for w in self.build.writes]
+        out.append(f"[2/4 batch_inference {s.get(STEPS[1], 0):.1f}s] {self.inference.summary()}")
+        out.append(f"[3/4 feast_export {s.get(STEPS[2], 0):.1f}s]")
+        out += [f"    {e.line()}" for e in self.exports]
+        out.append(f"[4/4 materialize {s.get(STEPS[3], 0):.1f}s] {self.materialized.line()}")
+        return out
+
+
+# --------------------------------------------------------------------------------------
+# Version guards (pure file reads, no Spark)
+# --------------------------------------------------------------------------------------
+def lake_state_versions(lake: str) -> Set[str]:
+    """model_versions present in ``user_states`` (empty: no table yet)."""
+    from deltalake import DeltaTable
+    from deltalake.exceptions import TableNotFoundError
+
+    try:
+        table = DeltaTable(C.LakePaths(lake).table(C.T_USER_STATES))
+    except TableNotFoundError:
+        return set()
+    column = table.to_pyarrow_table(columns=[C.MODEL_VERSION]).column(C.MODEL_VERSION)
+    return set(column.unique().to_pylist())
+
+
+def store_version(feast_data: str | Path) -> Optional[str]:
+    """The model version a Feast data folder serves (None: never marked)."""
+    marker = Path(feast_data) / VERSION_MARKER
+    if not marker.is_file():
+        return None
+    text = marker.read_text(encoding="utf-8").strip()
+    if not text:
+        raise RolloutError(f"{marker} is empty; write the served model_version into it or "
+                           f"delete the folder and fill a fresh store")
+    return text
+
+
+def store_is_fresh(feast_data: str | Path) -> bool:
+    """No registry yet: nothing was ever applied or materialized into this folder."""
+    return not (Path(feast_data) / REGISTRY_FILE).exists()
+
+
+def check_versions(model_version: str, lake_versions: Set[str], served: Optional[str],
+                   fresh_store: bool, new_model: bool) -> None:
+    """Refuse a refresh that could pair states and heads of different versions (see module doc)."""
+    if served is not None and served != model_version:
+        raise RolloutError(
+            f"the online store serves model_version {served!r}, the bundle is {model_version!r}: "
+            f"refusing to write other-version states into a live store. Roll out into a new "
+            f"Feast data folder (--feast-data <new folder> --new-model), then switch the resolver")
+    other = sorted(lake_versions - {model_version})
+    if other and not new_model:
+        raise RolloutError(
+            f"user_states holds model_version(s) {other}, the bundle is {model_version!r}: this "
+            f"would re-encode every user. For a deliberate rollout pass --new-model with a fresh "
+            f"--feast-data folder; for the daily refresh pass the bundle that is being served")
+    if new_model and served is None and not fresh_store:
+        raise RolloutError(
+            "--new-model needs a fresh Feast data folder (no registry.db) or one already marked "
+            f"with {model_version!r}; this folder holds a store of an unknown version")
+
+
+def mark_store(feast_data: str | Path, model_version: str) -> None:
+    """Record the version a store serves (written once, before anything goes online)."""
+    folder = Path(feast_data)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / VERSION_MARKER).write_text(model_version + "\n", encoding="utf-8")
+
+
+# --------------------------------------------------------------------------------------
+# Feast step
+# --------------------------------------------------------------------------------------
+def _states_in_window(lake: str, start: datetime, end: datetime) -> int:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    path = feast_ops.export_path(lake, C.T_USER_STATES)
+    if not Path(path).is_file():
+        return 0
+    ts = pq.read_table(path, columns=[C.STATE_TS]).column(C.STATE_TS)
+    inside = pc.and_(pc.greater(ts, start), pc.less_equal(ts, end))
+    return int(pc.sum(inside).as_py() or 0)
+
+
+def materialize_step(lake: str, feast_data: str | Path, end: datetime,
+                     repo_dir: Path = feast_ops.FEATURE_REPO, fs_yaml_file: Optional[Path] = None,
+                     apply: bool = False) -> MaterializeResult:
+    """Incremental materialize of every view; a full one for a store never filled."""
+    store = feast_ops.feature_store(lake, feast_data, repo_dir, fs_yaml_file)
+    if apply:
+        with feast_ops.feast_env(lake, feast_data):
+            objects = feast_ops.repo_objects(repo_dir)
+        store.apply(objects)
+    elif store_is_fresh(feast_data):
+        raise FileNotFoundError(f"no Feast registry in {feast_data}: run `feast apply` there first "
+                                f"(or pass --apply)")
+    views = [v.name for v in store.list_feature_views()]
+    if not views:
+        raise RuntimeError(f"the registry in {feast_data} has no feature views: run `feast apply`")
+    previous = [store.get_feature_view(v).most_recent_end_time for v in views]
+    with feast_ops.feast_env(lake, feast_data):
+        if any(p is None for p in previous):
+            start, full = FULL_START, True
+            feast_ops.materialize(store, start, end)
+        else:
+            start, full = min(previous), False
+            feast_ops.materialize_incremental(store, end)
+    start = start if start.tzinfo else start.replace(tzinfo=timezone.utc)
+    return MaterializeResult(start, end, full, _states_in_window(lake, start, end), apply)
+
+
+# --------------------------------------------------------------------------------------
+# The refresh
+# --------------------------------------------------------------------------------------
+def run_refresh(spark: Any, lake: str, bundle: str | Path, feast_data: str | Path,
+                cfg: BuildConfig = BuildConfig(), new_model: bool = False, apply: bool = False,
+                batch_size: int = DEFAULT_BATCH_SIZE, partitions: Optional[int] = None,
+                repo_dir: Path = feast_ops.FEATURE_REPO, fs_yaml_file: Optional[Path] = None,
+                now: Optional[datetime] = None) -> RefreshResult:
+    """build_sequences -> batch_inference -> snapshot export -> materialize, guarded by version.
+
+    ``now`` is the reference time of validation and the ``state_ts`` of re-encoded users
+    (default: wall clock). The materialize window ends after batch inference finished, so every
+    state written by this run is inside it.
+    """
+    from models.export import load_bundle
+
+    model_version = load_bundle(bundle).model_version  # checksums verified before any work
+    check_versions(model_version, lake_state_versions(lake), store_version(feast_data),
+                   store_is_fresh(feast_data), new_model)
+    if store_is_fresh(feast_data) and not apply:
+        raise FileNotFoundError(f"no Feast registry in {feast_data}: run `feast apply` there first "
+                                f"(or pass --apply)")
+    seconds: Dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    build = run_build_sequences(spark, lake, cfg, now)
+    seconds[STEPS[0]] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    inference = run_batch_inference(spark, lake, str(bundle), batch_size, partitions,
+                                    now or datetime.now(timezone.utc))
+    seconds[STEPS[1]] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    exports = feast_ops.export_feature_tables(lake)
+    seconds[STEPS[2]] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    mark_store(feast_data, model_version)
+    end = datetime.now(timezone.utc)
+    if now is not None and now >= end:
+        raise ValueError(f"now={now.isoformat()} is not in the past: states stamped with it would "
+                         f"fall outside the materialize window ending {end.isoformat()}")
+    materialized = materialize_step(lake, feast_data, end, repo_dir, fs_yaml_file, apply)
+    seconds[STEPS[3]] = time.perf_counter() - t0
+    return RefreshResult(model_version, build, inference, exports, materialized, seconds)
+
+
+# --------------------------------------------------------------------------------------
+# CLI: jobs/refresh.py (python or spark-submit)
+# --------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from pipelines.cli import _spark_args, _timestamp_arg
+
+    p = argparse.ArgumentParser(
+        prog="refresh",
+        description="Daily refresh: build_sequences (appended events -> affected users) -> "
+                    "batch inference (re-encodes only changed users) -> Feast snapshots -> "
+                    "materialize-incremental into the online store of --feast-data. Prints what "
+                    "each step touched. With --new-model: roll a new bundle out into a fresh "
+                    "Feast data folder (docs/operations.md).")
+    _spark_args(p)
+    p.add_argument("--bundle", required=True, help="model bundle folder being served")
+    p.add_argument("--feast-data", default=None,
+                   help=f"Feast data folder of the online store (registry + SQLite file); "
+                        f"default ${feast_ops.ENV_FEAST_DATA}. One folder per model version")
+    p.add_argument("--feature-repo", type=Path, default=feast_ops.FEATURE_REPO,
+                   help="Feast repo folder (default: the project's feature_repo/)")
+    p.add_argument("--fs-yaml", type=Path, default=None,
+                   help="Feast config file instead of <feature-repo>/feature_store.yaml "
+                        "(e.g. feature_repo/redis.yaml)")
+    p.add_argument("--apply", action="store_true",
+                   help="run `feast apply` before materializing (needed once per new folder)")
+    p.add_argument("--new-model", action="store_true",
+                   help="the bundle differs from the states in the lake: re-encode everyone "
+                        "into a fresh --feast-data folder (rollout)")
+    p.add_argument("--max-len", type=int, default=BuildConfig.max_len,
+                   help=f"history cap of build_sequences (default {BuildConfig.max_len})")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help="rows per forward pass of batch inference")
+    p.add_argument("--partitions", type=int, default=None,
+                   help="tasks of the encoding stage (default: Spark's default parallelism)")
+    p.add_argument("--now", type=_timestamp_arg, default=None,
+                   help="reference time for validation and state_ts (default: wall clock, UTC)")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> RefreshResult:
+    import os
+
+    from pipelines.cli import _session
+
+    args = build_parser().parse_args(argv)
+    feast_data = args.feast_data or os.environ.get(feast_ops.ENV_FEAST_DATA)
+    if not feast_data:
+        raise SystemExit(f"give --feast-data or export {feast_ops.ENV_FEAST_DATA}")
+    spark = _session(args, "ctt-refresh")
+    try:
+        result = run_refresh(spark, args.lake, args.bundle, feast_data,
+                             BuildConfig(max_len=args.max_len), new_model=args.new_model,
+                             apply=args.apply, batch_size=args.batch_size,
+                             partitions=args.partitions, repo_dir=args.feature_repo,
+                             fs_yaml_file=args.fs_yaml, now=args.now)
+    finally:
+        spark.stop()
+    for line in result.lines():
+        print(line, flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
