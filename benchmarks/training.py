@@ -42,9 +42,9 @@ WORK = REPO_ROOT / "benchmarks" / "work"
 CLIP = 1.0
 SEED = 0
 MAX_RATIO = 1.3
-# The demo's catalogue shape (jobs/demo.py: 10k items, 20 categories, 10 styles); fewer users
+# The demo's catalogue shape (jobs/demo.py: 10k items, 20 categories, 5 styles); fewer users
 # than the demo because only a few hundred steps are timed.
-DEMO_LIKE = FixtureSpec(n_users=10_000, n_items=10_000, n_categories=20, n_styles=10)
+DEMO_LIKE = FixtureSpec(n_users=10_000, n_items=10_000, n_categories=20, n_styles=5)
 
 
 class _StepTimer(pl.Callback):
