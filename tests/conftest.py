@@ -16,3 +16,12 @@ def spark():
                         extra_conf={"spark.sql.adaptive.enabled": "false"})
     yield session
     session.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_run(tmp_path_factory):
+    """A tiny `make demo` output (tests/tiny_demo.py), built once for the report and notebook
+    tests; treat it as read-only."""
+    from tiny_demo import build_tiny_demo
+
+    return build_tiny_demo(tmp_path_factory.mktemp("demo_run"))

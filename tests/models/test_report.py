@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 from mlflow import MlflowClient
-from tiny_demo import LATENCY_REQUESTS, build_tiny_demo, demo_environment, environment, evaluate_argv
+from tiny_demo import LATENCY_REQUESTS, demo_environment, environment, evaluate_argv
 
 from models import evaluate as ev
 from models.cli import evaluate_main
@@ -20,13 +20,14 @@ VARIANTS = (ev.CONTEXTUAL, ev.NO_CONTEXT, ev.SEQUENCE_ONLY, ev.POPULARITY, ev.CA
 KINDS = (ev.REQ_NO_CONTEXT, ev.REQ_SUBJECT_ITEM)
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    return build_tiny_demo(tmp_path_factory.mktemp("tiny_demo"))
+@pytest.fixture
+def demo(tiny_demo_run):
+    """The session's tiny demo output (tests/conftest.py), evaluated with latency measured."""
+    return tiny_demo_run
 
 
-def _evaluation_run(demo, run_name: str):
-    client = MlflowClient(demo.tracking_uri)
+def _evaluation_run(tracking_uri: str, run_name: str):
+    client = MlflowClient(tracking_uri)
     experiments = [e.experiment_id for e in client.search_experiments()]
     runs = [r for r in client.search_runs(experiments) if r.info.run_name == run_name]
     assert len(runs) == 1, [r.info.run_name for r in runs]
@@ -71,7 +72,7 @@ def test_report_has_every_variant_plots_and_measured_latency(demo):
 
 
 def test_mlflow_run_has_the_report_and_latency_metrics(demo):
-    client, run = _evaluation_run(demo, "evaluation")
+    client, run = _evaluation_run(demo.tracking_uri, "evaluation")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
     assert artifacts == {f"report/{n}" for n in (ev.REPORT_MD, ev.REPORT_JSON, ev.REPORT_PNG,
                                                  ev.REPORT_COVERAGE_PNG, ev.REPORT_LATENCY_PNG)}
@@ -92,13 +93,14 @@ def test_without_serving_artifacts_the_report_says_latency_was_not_measured(demo
     stale = out / ev.REPORT_LATENCY_PNG
     out.mkdir()
     stale.write_bytes(b"from an earlier run")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the shared demo output stays untouched
     with environment(demo_environment(demo)):
-        evaluate_main(evaluate_argv(demo, out, with_latency=False, run_name="no_latency"))
+        evaluate_main(evaluate_argv(demo, out, with_latency=False) + ["--tracking_uri", uri])
     md = (out / ev.REPORT_MD).read_text()
     assert "Latency was **not measured**" in md and "--index" in md and "ms |" not in md
     assert json.loads((out / ev.REPORT_JSON).read_text())["latency"] is None
     assert not stale.exists()  # no plot of another run beside a report that measured nothing
-    client, run = _evaluation_run(demo, "no_latency")
+    client, run = _evaluation_run(uri, "evaluation")
     assert run.data.tags["latency_measured"] == "false"
     assert not any(k.startswith("latency.") for k in run.data.metrics)
 
