@@ -13,16 +13,38 @@ reload the best checkpoint, export the serving bundle to ``<out_dir>/bundle``, e
 the test split, and record everything in MLflow (see models/tracking.py). The data module's
 ``max_len``/``max_ctx``/``max_item_categories``/``country_buckets`` are linked to the model
 config so the tensors always fit the network.
+
+Resume: rerunning the same command with the same ``--out_dir`` after a crash or a kill resumes
+from the newest ``<out_dir>/<experiment_id>/<run_id>/checkpoints/last.ckpt`` of a run that did
+not finish (``train_summary.json`` names the last finished one), or from ``--ckpt_path``.
+The MLflow run of that checkpoint is CONTINUED (tagged ``resumed_from_checkpoint`` and
+``resume_count``) rather than a new one started: one trained model = one run whose metric
+history has every epoch once, checkpoints stay in the run's folder, and the bundle is logged
+where the curves are. A checkpoint from elsewhere (its run unknown to the tracking store)
+starts a new run with the same tags. Lightning restores loops, optimizer, scheduler and
+callbacks; ``RngStateCallback`` adds every rank's torch / numpy / python RNG states, so a
+resumed run draws the same dropout masks and uniform negatives as an uninterrupted one (the
+training order is a pure function of seed and epoch, see models/data.py).
+
+DDP (``--trainer.strategy ddp --trainer.devices 2 --trainer.accelerator cpu``): every rank
+runs this entry point; only global rank 0 exports, evaluates and logs to MLflow, the others
+return ``None`` after ``fit``. ``data.batch_size`` is per process.
 """
 from __future__ import annotations
 
 import json
 import logging
+import random
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from jsonargparse import ArgumentParser, ActionConfigFile
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from pytorch_lightning import Callback
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import MLFlowLogger
@@ -39,6 +61,109 @@ log = logging.getLogger(__name__)
 LINKED_DATA_FIELDS = ("max_len", "max_ctx", "max_item_categories", "country_buckets")
 BUNDLE_DIR = "bundle"
 SUMMARY_FILE = "train_summary.json"
+LAST_CHECKPOINT = f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+TAG_RESUMED_FROM = "resumed_from_checkpoint"
+TAG_RESUME_COUNT = "resume_count"
+
+
+# ---------------------------------------------------------------------------------- RNG states
+def capture_rng_state() -> Dict[str, Any]:
+    """This process's torch (CPU + CUDA), numpy and python RNG states as tensors and plain
+    Python values, so the checkpoint still loads with ``torch.load(weights_only=True)``."""
+    _, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "python": random.getstate()}
+
+
+def restore_rng_state(state: Dict[str, Any]) -> None:
+    """Inverse of :func:`capture_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+class RngStateCallback(Callback):
+    """Every rank's RNG states in each checkpoint; restored when a run resumes from one.
+
+    Why: Lightning restores loops, optimizer, scheduler and callbacks but not the global RNGs,
+    which drive dropout, the history/context drops and the uniform negatives. The states are
+    captured when the checkpoint is written (end of an epoch's validation; nothing draws random
+    numbers between there and the next epoch's first batch) and put back at the start of the
+    first epoch after the restore, the matching point, so nothing in between (model building,
+    restore itself) shifts the streams. Under DDP all ranks write their states (one all-gather
+    per checkpoint, every rank takes part in saving) and rank r gets state r back.
+    """
+
+    def __init__(self) -> None:
+        self._pending: Optional[List[Dict[str, Any]]] = None
+
+    def state_dict(self) -> Dict[str, Any]:
+        state = capture_rng_state()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            per_rank: List[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(per_rank, state)
+            return {"per_rank": per_rank}
+        return {"per_rank": [state]}
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        self._pending = state_dict["per_rank"]
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if self._pending is None:
+            return
+        states, self._pending = self._pending, None
+        rank, world = trainer.global_rank, trainer.world_size
+        if len(states) != world:
+            log.warning("checkpoint holds RNG states of %d processes but this run has %d: resuming "
+                        "without exact reproducibility", len(states), world)
+        restore_rng_state(states[rank % len(states)])
+        if rank == 0:
+            log.info("restored the RNG states of %d process(es) from the checkpoint", len(states))
+
+
+# ---------------------------------------------------------------------------------- resume
+def completed_run_id(out_dir: Path) -> Optional[str]:
+    """MLflow run id of the last run that finished in ``out_dir`` (its summary is written last)."""
+    summary = out_dir / SUMMARY_FILE
+    if not summary.is_file():
+        return None
+    return json.loads(summary.read_text()).get("mlflow_run_id")
+
+
+def checkpoint_run_id(ckpt: Path) -> Optional[str]:
+    """The MLflow run id in Lightning's checkpoint layout ``<experiment_id>/<run_id>/checkpoints/``."""
+    return ckpt.parent.parent.name if ckpt.parent.name == "checkpoints" else None
+
+
+def find_resume_checkpoint(out_dir: Path) -> Optional[Path]:
+    """The newest ``last.ckpt`` under ``out_dir`` unless its run finished; None = start afresh."""
+    candidates = sorted(out_dir.glob(f"*/*/checkpoints/{LAST_CHECKPOINT}"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        return None
+    newest = candidates[-1]
+    if checkpoint_run_id(newest) == completed_run_id(out_dir):
+        log.info("%s belongs to the finished run %s: starting a new run", newest, checkpoint_run_id(newest))
+        return None
+    return newest
+
+
+def existing_run(tracking_uri: str, run_id: Optional[str]) -> Optional[str]:
+    """``run_id`` if the tracking store has that run, else None (a checkpoint from elsewhere)."""
+    if run_id is None:
+        return None
+    try:
+        MlflowClient(tracking_uri).get_run(run_id)
+    except MlflowException:
+        return None
+    return run_id
 
 
 class SaveConfigToRun(SaveConfigCallback):
@@ -70,15 +195,47 @@ class TrainCLI(LightningCLI):
                             help=f"MLflow URI ({tracking.ENV_TRACKING_URI} wins; default sqlite in out_dir)")
         parser.add_argument("--register_model", type=Optional[str], default=None,
                             help="also register the bundle as a version of this MLflow model")
+        parser.add_argument("--ckpt_path", type=Optional[str], default=None,
+                            help="resume from this Lightning checkpoint (default: the newest unfinished "
+                            f"run's {LAST_CHECKPOINT} under out_dir, see --auto_resume)")
+        parser.add_argument("--auto_resume", type=bool, default=True,
+                            help=f"resume from <out_dir>/<experiment>/<run>/checkpoints/{LAST_CHECKPOINT} "
+                            "of an unfinished run if there is one")
         for name in LINKED_DATA_FIELDS:
             parser.link_arguments(f"model.model_config.{name}", f"data.{name}")
 
+    resume_from: Optional[Path] = None
+
     def instantiate_trainer(self, **kwargs: Any):
         cfg = self.config
+        out_dir = Path(cfg.out_dir)
+        self.resume_from = resume_checkpoint(out_dir, cfg.ckpt_path, cfg.auto_resume)
+        uri = tracking.resolve_tracking_uri(out_dir, cfg.tracking_uri)
+        run_id = existing_run(uri, checkpoint_run_id(self.resume_from)) if self.resume_from else None
         kwargs.setdefault("logger", tracking.make_logger(cfg.out_dir, cfg.run_name, cfg.experiment_name,
-                                                         cfg.tracking_uri))
+                                                         cfg.tracking_uri, run_id=run_id))
         kwargs.setdefault("default_root_dir", cfg.out_dir)
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        trainer.callbacks.append(RngStateCallback())
+        return trainer
+
+
+def resume_checkpoint(out_dir: Path, ckpt_path: Optional[str], auto_resume: bool) -> Optional[Path]:
+    """The checkpoint to resume from: ``--ckpt_path`` (must exist), else the automatic pick."""
+    if ckpt_path:
+        path = Path(ckpt_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+        return path
+    return find_resume_checkpoint(out_dir) if auto_resume else None
+
+
+def record_resume(logger: MLFlowLogger, ckpt: Path) -> None:
+    """Tag the (continued or new) MLflow run with the checkpoint it resumed from."""
+    client, run_id = logger.experiment, logger.run_id
+    tags = client.get_run(run_id).data.tags
+    client.set_tag(run_id, TAG_RESUMED_FROM, str(ckpt.resolve()))
+    client.set_tag(run_id, TAG_RESUME_COUNT, str(int(tags.get(TAG_RESUME_COUNT, "0")) + 1))
 
 
 def _best_checkpoint(trainer) -> Optional[str]:
@@ -123,14 +280,26 @@ def _flat(table: Dict[str, Dict[str, float]]) -> Dict[str, float]:
     return {f"{row}.{name}": v for row, metrics in table.items() for name, v in metrics.items()}
 
 
-def train_main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-    """``ctt-train``: fit + export + evaluate + track; prints and returns the summary."""
+def train_main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
+    """``ctt-train``: fit (resuming if possible) + export + evaluate + track; prints and returns
+    the summary (None on DDP ranks other than 0)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cli = TrainCLI(ContextualRetrievalSystem, ContextualSequenceDataModule, args=argv, run=False,
                    save_config_callback=SaveConfigToRun)
     out_dir = Path(cli.config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    trainer, ckpt = cli.trainer, cli.resume_from
+    if ckpt is not None and trainer.is_global_zero:
+        record_resume(trainer.logger, ckpt)
+        log.warning("RESUMING from checkpoint %s (MLflow run %s)", ckpt, trainer.logger.run_id)
+    trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt) if ckpt else None,
+                weights_only=True)
+    if dist.is_available() and dist.is_initialized():
+        # DDP: the ranks part here; rank 0 exports and evaluates alone, so no collective (e.g. a
+        # torchmetrics sync in the evaluation) may wait for ranks that have exited.
+        dist.destroy_process_group()
+    if not trainer.is_global_zero:  # one bundle, one evaluation, one set of MLflow records
+        return None
     summary = finish_training(cli.model, cli.datamodule, cli.trainer, out_dir, cli.config.run_name,
                               cli.config.register_model,
                               tracking.resolve_tracking_uri(out_dir, cli.config.tracking_uri))

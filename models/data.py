@@ -5,6 +5,11 @@ Pre-tensorising once in ``setup()`` and slicing whole batches by index (no per-e
 ``__getitem__`` + collate, no worker processes) keeps the data path far below the model's cost
 on 2 CPU cores.
 
+Distributed (DDP): every rank reads the whole snapshot (so catalog and item frequencies, hence
+the logQ correction, are the same everywhere) and iterates only its own shard of the rows, see
+``ShardedBatches``. The training order is a pure function of (seed, epoch), so a run resumed
+from a checkpoint sees the same batches as an uninterrupted one without saving sampler state.
+
 Tables read: sequences, context_rows, items, users. Training uses the PSEUDO context rows (the
 label item's top categories, produced by pipelines/context.py; never recomputed here, so the
 trainer cannot drift from the pipeline); evaluation splits carry both the pseudo and, where the
@@ -14,15 +19,16 @@ recorded in ``input_versions`` (logged to MLflow and written into the bundle man
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
 from deltalake import DeltaTable
-from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from models import features
 from pipelines import contracts as C
@@ -189,22 +195,81 @@ class _IndexedTensors(Dataset):
         return take(self.tensors, torch.as_tensor(rows))
 
 
+class ShardedBatches(DistributedSampler):
+    """Whole batches of row indices for one of ``world_size`` processes.
+
+    Training (``shuffle``): the rows are permuted with a generator seeded by ``seed + epoch``
+    (the same permutation on every rank, independent of the global RNG), cut to a multiple of
+    ``world_size`` and dealt round-robin, so the shards are disjoint, equally long and every rank
+    runs the same number of steps (DDP needs that). Evaluation (no shuffle): rank r takes rows
+    r, r + world_size, ... with no padding, so no example is counted twice; the metrics sum
+    their states across ranks.
+
+    Why a ``DistributedSampler`` subclass: Lightning replaces the sampler of a dataloader that is
+    not one with its own per-row ``DistributedSampler`` under DDP, which would break the
+    whole-batch indexing; being one, it is left alone and gets ``set_epoch`` every epoch.
+    """
+
+    def __init__(self, n_rows: int, batch_size: int, shuffle: bool, drop_last: bool, seed: int = 0,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world_size {world_size}")
+        super().__init__(range(n_rows), num_replicas=world_size, rank=rank, shuffle=shuffle,
+                         seed=seed, drop_last=drop_last)
+        self.n_rows, self.batch_size = n_rows, batch_size
+
+    def shard(self) -> torch.Tensor:
+        """(n_shard,) int64 row indices of this rank for the current epoch, in iteration order."""
+        world, rank = self.num_replicas, self.rank
+        if not self.shuffle:
+            return torch.arange(rank, self.n_rows, world)
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n_rows, generator=g)  # (n_rows,)
+        return order[: self.n_rows - self.n_rows % world][rank::world]
+
+    def __iter__(self) -> Iterator[List[int]]:  # type: ignore[override]
+        rows = self.shard().tolist()
+        stop = len(self) * self.batch_size
+        for start in range(0, min(stop, len(rows)), self.batch_size):
+            yield rows[start:start + self.batch_size]
+
+    def __len__(self) -> int:
+        n = len(self.shard()) if not self.shuffle else self.n_rows // self.num_replicas
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+
 def batch_loader(tensors: Dict[str, torch.Tensor], batch_size: int, shuffle: bool,
-                 drop_last: bool) -> DataLoader:
-    """DataLoader yielding dicts of (batch_size, ...) tensors, no workers, no per-row collate."""
+                 drop_last: bool, seed: int = 0, rank: int = 0, world_size: int = 1) -> DataLoader:
+    """DataLoader yielding dicts of (batch_size, ...) tensors of this rank's shard, no workers,
+    no per-row collate."""
     ds = _IndexedTensors(tensors)
-    sampler = RandomSampler(ds) if shuffle else SequentialSampler(ds)
-    return DataLoader(ds, sampler=BatchSampler(sampler, batch_size, drop_last=drop_last),
-                      batch_size=None)
+    sampler = ShardedBatches(len(ds), batch_size, shuffle, drop_last, seed, rank, world_size)
+    # Its own generator: every iter() draws a worker base seed, which would otherwise advance the
+    # global RNG at points that differ between a fresh and a resumed run (Lightning creates the
+    # first epoch's iterator before on_train_epoch_start), shifting dropout and negatives.
+    return DataLoader(ds, sampler=sampler, batch_size=None, generator=torch.Generator().manual_seed(seed))
+
+
+def process_seed() -> int:
+    """The run's seed as ``seed_everything`` publishes it (``PL_GLOBAL_SEED``, the value Lightning's
+    own DistributedSampler uses), 0 if unset."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
 class ContextualSequenceDataModule(pl.LightningDataModule):
-    """Train/val/test example tensors, the catalog and the training item frequencies."""
+    """Train/val/test example tensors, the catalog and the training item frequencies.
+
+    ``shuffle_seed`` seeds the training order (with the epoch; None = the run's seed, see
+    :func:`process_seed`); under DDP each rank iterates its own shard (``ShardedBatches``) and
+    ``batch_size`` is per process, so the global batch is ``batch_size x world_size``.
+    """
 
     def __init__(self, lake_root: str, batch_size: int = 512, eval_batch_size: int = 2048,
                  max_len: int = 50, max_ctx: int = 5, max_item_categories: int = 8,
                  country_buckets: int = 64, max_val_examples: Optional[int] = 20000,
-                 subsample_seed: int = 0) -> None:
+                 subsample_seed: int = 0, shuffle_seed: Optional[int] = None) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.lake_root = lake_root
@@ -249,14 +314,22 @@ class ContextualSequenceDataModule(pl.LightningDataModule):
         counts = self.item_counts + 1.0
         return (counts / counts.sum()).float()
 
+    def _shard(self) -> tuple[int, int]:
+        """(rank, world_size) of this process; (0, 1) outside a trainer."""
+        trainer = self.trainer
+        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+
+    def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
+        seed = self.hparams.shuffle_seed if self.hparams.shuffle_seed is not None else process_seed()
+        rank, world = self._shard()
+        return batch_loader(self.splits[split], batch_size, shuffle=train, drop_last=train, seed=seed,
+                            rank=rank, world_size=world)
+
     def train_dataloader(self) -> DataLoader:
-        return batch_loader(self.splits[C.SPLIT_TRAIN], self.hparams.batch_size, shuffle=True,
-                            drop_last=True)
+        return self._loader(C.SPLIT_TRAIN, self.hparams.batch_size, train=True)
 
     def val_dataloader(self) -> DataLoader:
-        return batch_loader(self.splits[C.SPLIT_VAL], self.hparams.eval_batch_size, shuffle=False,
-                            drop_last=False)
+        return self._loader(C.SPLIT_VAL, self.hparams.eval_batch_size, train=False)
 
     def test_dataloader(self) -> DataLoader:
-        return batch_loader(self.splits[C.SPLIT_TEST], self.hparams.eval_batch_size, shuffle=False,
-                            drop_last=False)
+        return self._loader(C.SPLIT_TEST, self.hparams.eval_batch_size, train=False)

@@ -102,6 +102,22 @@ class ContextualRetrievalSystem(pl.LightningModule):
                                    "(or call attach_data before fitting)")
             self.attach_data(dm.catalog, dm.item_frequencies())
 
+    def on_fit_start(self) -> None:
+        """DDP: every rank must rank against the same catalog and apply the same logQ. Each rank
+        reads the lake itself, so a commit landing between two ranks' reads would silently give
+        them different item frequencies; compare a fingerprint and refuse to train if they differ."""
+        if self.trainer.world_size < 2:
+            return
+        ids = self.catalog.item_ids.to(torch.float64)
+        rows = torch.arange(len(self.catalog), dtype=torch.float64)
+        freq = self.item_freq.to(torch.float64)
+        mine = torch.stack([torch.tensor(float(len(self.catalog)), dtype=torch.float64), ids.sum(),
+                            freq.sum(), (freq * rows).sum()]).to(self.device)  # (4,)
+        every = self.all_gather(mine)  # (world, 4)
+        if not torch.equal(every, mine.unsqueeze(0).expand_as(every)):
+            raise RuntimeError(f"rank {self.global_rank}: catalog / item frequencies differ across DDP "
+                               f"ranks ({every.tolist()}); the lake changed while the ranks read it")
+
     @property
     def temperature(self) -> torch.Tensor:
         return self.log_temperature.exp().clamp(0.01, 1.0)
@@ -152,8 +168,8 @@ class ContextualRetrievalSystem(pl.LightningModule):
     def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.training_loss(batch)
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True,
-                 batch_size=batch[LABEL_ROW].shape[0])
-        self.log("train/temperature", self.temperature, on_step=False, on_epoch=True)
+                 batch_size=batch[LABEL_ROW].shape[0], sync_dist=True)  # DDP: mean over ranks
+        self.log("train/temperature", self.temperature, on_step=False, on_epoch=True, sync_dist=True)
         return loss
 
     def on_validation_epoch_start(self) -> None:
@@ -170,7 +186,9 @@ class ContextualRetrievalSystem(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         for metrics in (self.val_metrics, self.val_metrics_no_ctx, self.val_metrics_served):
-            self.log_dict({metric_key(k): v for k, v in metrics.compute().items()})
+            # compute() already summed the metric states over DDP ranks, so every rank holds the
+            # global value; sync_dist only tells Lightning so (a mean of equal values).
+            self.log_dict({metric_key(k): v for k, v in metrics.compute().items()}, sync_dist=True)
             metrics.reset()
         self._catalog_emb = None
 

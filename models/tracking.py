@@ -51,11 +51,13 @@ def _local_artifact_location(out_dir: Optional[Path | str], uri: str) -> Optiona
 
 def make_logger(out_dir: Path | str, run_name: Optional[str] = None,
                 experiment_name: str = DEFAULT_EXPERIMENT,
-                tracking_uri: Optional[str] = None) -> MLFlowLogger:
-    """Lightning's MLFlowLogger on the resolved tracking URI (per-epoch metrics + hparams)."""
+                tracking_uri: Optional[str] = None, run_id: Optional[str] = None) -> MLFlowLogger:
+    """Lightning's MLFlowLogger on the resolved tracking URI (per-epoch metrics + hparams);
+    ``run_id`` continues an existing run (a resumed training) instead of starting one."""
     uri = resolve_tracking_uri(out_dir, tracking_uri)
     return MLFlowLogger(experiment_name=experiment_name, run_name=run_name, tracking_uri=uri,
-                        artifact_location=_local_artifact_location(out_dir, uri), log_model=False)
+                        artifact_location=_local_artifact_location(out_dir, uri), log_model=False,
+                        run_id=run_id)
 
 
 def start_run(out_dir: Path | str, run_name: str, experiment_name: str = DEFAULT_EXPERIMENT,
