@@ -360,7 +360,8 @@ def summarize_latency(samples: Sequence[LatencySample], k: int, warmup: int,
 
 def latency_table(report: LatencyReport) -> Dict[str, Dict[str, float]]:
     """{"latency.<kind>": {"<stage>_p50_ms": v, "<stage>_p99_ms": v}} (for MLflow metrics)."""
-    return {f"latency.{kind}": {f"{stage}_{p}_ms": v[p] for stage, v in per_stage.items() for p in ("p50", "p99")}
+    return {f"latency.{kind}": {f"{stage}_{p}_ms": v[p] for stage, v in per_stage.items()
+                                for p in ("p50", "p99")}
             for kind, per_stage in report.stats.items()}
 
 
@@ -393,7 +394,8 @@ def format_markdown(result: EvaluationResult, latency: Optional[LatencyReport] =
     plots = ["", "## Recall@K", "", f"![Recall@K per variant]({REPORT_PNG})", "",
              "## Catalog coverage", "",
              "Fraction of the catalog that appears in at least one top-100 list over the examples "
-             "(higher = less popularity collapse).", "", f"![Catalog coverage per variant]({REPORT_COVERAGE_PNG})"]
+             "(higher = less popularity collapse).", "",
+             f"![Catalog coverage per variant]({REPORT_COVERAGE_PNG})"]
     head = ["# Retrieval evaluation (full corpus)", ""] + meta + ["", "## Comparison table", ""]
     return "\n".join(head + lines + plots + ["", format_latency_markdown(latency)]) + "\n"
 
@@ -412,7 +414,8 @@ def format_latency_markdown(report: Optional[LatencyReport]) -> str:
              f"search = index top-k, total = the resolver's total; {CALLER_WALL} = the caller's clock "
              f"around `recommend()`. Percentiles interpolate linearly between samples (p99 of "
              f"{min(report.n_requests.values())} samples is close to the maximum).")
-    lines = [title, "", intro, "", "| request | n | cold starts | stage | p50 ms | p99 ms | mean ms | max ms |",
+    lines = [title, "", intro, "",
+             "| request | n | cold starts | stage | p50 ms | p99 ms | mean ms | max ms |",
              "|---|---:|---:|---|---:|---:|---:|---:|"]
     for kind, per_stage in report.stats.items():
         for stage, v in per_stage.items():
