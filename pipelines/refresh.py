@@ -36,7 +36,7 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Set
 
@@ -178,10 +178,19 @@ def _states_in_window(lake: str, start: datetime, end: datetime) -> int:
     return int(pc.sum(inside).as_py() or 0)
 
 
+def _aware(ts: datetime) -> datetime:
+    return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
+
+
 def materialize_step(lake: str, feast_data: str | Path, end: datetime,
                      repo_dir: Path = feast_ops.FEATURE_REPO, fs_yaml_file: Optional[Path] = None,
-                     apply: bool = False) -> MaterializeResult:
-    """Incremental materialize of every view; a full one for a store never filled."""
+                     apply: bool = False, written_at: Optional[datetime] = None) -> MaterializeResult:
+    """Incremental materialize of every view; a full one for a store never filled.
+
+    ``written_at`` = the state_ts this run stamped; if it is older than the store's watermark
+    (a rerun with an explicit ``--now`` in the past), the window starts there instead, because
+    ``materialize-incremental`` would skip those states and they would never go online.
+    """
     store = feast_ops.feature_store(lake, feast_data, repo_dir, fs_yaml_file)
     if apply:
         with feast_ops.feast_env(lake, feast_data):
@@ -199,9 +208,13 @@ def materialize_step(lake: str, feast_data: str | Path, end: datetime,
             start, full = FULL_START, True
             feast_ops.materialize(store, start, end)
         else:
-            start, full = min(previous), False
-            feast_ops.materialize_incremental(store, end)
-    start = start if start.tzinfo else start.replace(tzinfo=timezone.utc)
+            start, full = min(_aware(p) for p in previous), False
+            if written_at is not None and written_at <= start:
+                start = written_at - timedelta(seconds=1)
+                feast_ops.materialize(store, start, end)
+            else:
+                feast_ops.materialize_incremental(store, end)
+    start = _aware(start)
     return MaterializeResult(start, end, full, _states_in_window(lake, start, end), apply)
 
 
@@ -224,6 +237,9 @@ def run_refresh(spark: Any, lake: str, bundle: str | Path, feast_data: str | Pat
     model_version = load_bundle(bundle).model_version  # checksums verified before any work
     check_versions(model_version, lake_state_versions(lake), store_version(feast_data),
                    store_is_fresh(feast_data), new_model)
+    if now is not None and now >= datetime.now(timezone.utc):
+        raise ValueError(f"now={now.isoformat()} is not in the past: states stamped with it would "
+                         f"fall outside the materialize window, which ends when the run does")
     if store_is_fresh(feast_data) and not apply:
         raise FileNotFoundError(f"no Feast registry in {feast_data}: run `feast apply` there first "
                                 f"(or pass --apply)")
@@ -234,8 +250,8 @@ def run_refresh(spark: Any, lake: str, bundle: str | Path, feast_data: str | Pat
     seconds[STEPS[0]] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    inference = run_batch_inference(spark, lake, str(bundle), batch_size, partitions,
-                                    now or datetime.now(timezone.utc))
+    state_ts = now or datetime.now(timezone.utc)
+    inference = run_batch_inference(spark, lake, str(bundle), batch_size, partitions, state_ts)
     seconds[STEPS[1]] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -244,11 +260,9 @@ def run_refresh(spark: Any, lake: str, bundle: str | Path, feast_data: str | Pat
 
     t0 = time.perf_counter()
     mark_store(feast_data, model_version)
-    end = datetime.now(timezone.utc)
-    if now is not None and now >= end:
-        raise ValueError(f"now={now.isoformat()} is not in the past: states stamped with it would "
-                         f"fall outside the materialize window ending {end.isoformat()}")
-    materialized = materialize_step(lake, feast_data, end, repo_dir, fs_yaml_file, apply)
+    end = datetime.now(timezone.utc)  # after batch inference: every state of this run is inside
+    materialized = materialize_step(lake, feast_data, end, repo_dir, fs_yaml_file, apply,
+                                    state_ts if inference.committed else None)
     seconds[STEPS[3]] = time.perf_counter() - t0
     return RefreshResult(model_version, build, inference, exports, materialized, seconds)
 

@@ -29,7 +29,7 @@ from pipelines import contracts as C
 from pipelines import feast_ops
 from pipelines.refresh import run_refresh
 
-pytestmark = [pytest.mark.spark, pytest.mark.integration, pytest.mark.slow]  # ~160 s on 2 cores
+pytestmark = [pytest.mark.spark, pytest.mark.integration, pytest.mark.slow]  # 160-270 s on 2 shared cores
 
 REPO = Path(__file__).resolve().parents[2]
 N_USERS = 40

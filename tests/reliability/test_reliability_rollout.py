@@ -94,7 +94,7 @@ def _resolver(bundle_dir: Path, index_dir: Path, lake: str, data: Path):
 
 @pytest.mark.spark
 @pytest.mark.integration
-@pytest.mark.slow  # ~190 s on 2 shared cores: two builds, two batch inferences, two stores
+@pytest.mark.slow  # 105-195 s on 2 shared cores: two builds, two batch inferences, two stores
 def test_rollout_rematerialize_then_switch_never_mixes_versions(spark, tmp_path):
     with RL.local_delta(spark):
         _rollout_scenario(spark, tmp_path)
