@@ -143,7 +143,7 @@ def show_answers(url: str, lake: Path, k: int) -> None:
     items = DeltaTable(str(lake / C.T_ITEMS)).to_pandas(columns=[C.ITEM_ID, C.CATEGORY_IDS])
     cats = dict(zip(items[C.ITEM_ID].astype(int), items[C.CATEGORY_IDS].map(list)))
     requests = [("no context", {"user_id": user, "k": k})] + [
-        (f"subject item {s} (categories {cats[s]})", {"user_id": user, "subject_item_id": s, "k": k})
+        (f"subject item {s} (categories {[int(c) for c in cats[s]]})", {"user_id": user, "subject_item_id": s, "k": k})
         for s in subjects
     ]
     for label, body in requests:

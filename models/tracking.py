@@ -4,7 +4,7 @@ Tracking URI, in order: the ``MLFLOW_TRACKING_URI`` environment variable (a shar
 database), an explicit ``tracking_uri`` from the config, else ``sqlite:///<out_dir>/mlflow.db``
 (MLflow 3 keeps the plain ``mlruns`` file store in maintenance mode and refuses it by default,
 so the local default is the embedded SQLite backend). With the local default the artifacts go
-to ``<out_dir>/mlartifacts`` instead of MLflow's cwd-relative ``./mlruns``.
+beside the SQLite file (``<db folder>/mlartifacts``) instead of MLflow's cwd-relative ``./mlruns``.
 
 A training run records: hyper-parameters (Lightning's MLFlowLogger), per-epoch metrics, the
 Delta versions of its inputs (params ``input_version.<table>``), the test metrics of the trained
@@ -42,11 +42,13 @@ def resolve_tracking_uri(out_dir: Optional[Path | str], tracking_uri: Optional[s
     return f"sqlite:///{out / 'mlflow.db'}"
 
 
-def _local_artifact_location(out_dir: Optional[Path | str], uri: str) -> Optional[str]:
-    """Artifacts beside the default SQLite store; servers/explicit URIs keep their own setting."""
-    if out_dir is None or not uri.startswith("sqlite:///") or os.environ.get(ENV_TRACKING_URI):
+def _local_artifact_location(uri: str) -> Optional[str]:
+    """Artifacts of a local SQLite store go beside its database file (``<db folder>/mlartifacts``)
+    rather than MLflow's default ``./mlruns`` relative to whatever the working directory is;
+    servers and other stores keep their own artifact setting."""
+    if not uri.startswith("sqlite:///"):
         return None
-    return (Path(out_dir).resolve() / "mlartifacts").as_uri()
+    return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
 
 
 def make_logger(out_dir: Path | str, run_name: Optional[str] = None,
@@ -56,7 +58,7 @@ def make_logger(out_dir: Path | str, run_name: Optional[str] = None,
     ``run_id`` continues an existing run (a resumed training) instead of starting one."""
     uri = resolve_tracking_uri(out_dir, tracking_uri)
     return MLFlowLogger(experiment_name=experiment_name, run_name=run_name, tracking_uri=uri,
-                        artifact_location=_local_artifact_location(out_dir, uri), log_model=False,
+                        artifact_location=_local_artifact_location(uri), log_model=False,
                         run_id=run_id)
 
 
@@ -67,7 +69,7 @@ def start_run(out_dir: Path | str, run_name: str, experiment_name: str = DEFAULT
     client = MlflowClient(uri)
     exp = client.get_experiment_by_name(experiment_name)
     exp_id = (exp.experiment_id if exp is not None else
-              client.create_experiment(experiment_name, _local_artifact_location(out_dir, uri)))
+              client.create_experiment(experiment_name, _local_artifact_location(uri)))
     run = client.create_run(exp_id, run_name=run_name)
     return client, run.info.run_id
 

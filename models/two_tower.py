@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from models import features
-from models.components.context import ContextLayer, DemographicsEmbedding, drop_context_slots
+from models.components.context import (ContextLayer, DemographicsEmbedding, drop_context_slots,
+                                       swap_context_slots)
 from models.components.embeddings import MultiHashEmbedding, weighted_pool
 from models.components.encoder import CausalSequenceEncoder
 from models.components.heads import ConcatFusion, CrossAttentionFusion, ItemTower
@@ -51,6 +52,7 @@ class ModelConfig:
     context_dropout: float = 0.5  # elementwise dropout on the context vector
     context_drop_prob: float = 0.5  # share of training examples whose whole context is zeroed
     context_slot_drop_prob: float = 0.0  # training: chance to drop each non-strongest context category
+    context_slot_swap_prob: float = 0.0  # training: chance to swap it for another example's category
     fusion: str = "concat"  # "concat" | "cross_attention"
     state_len: int = 1  # m: number of last encoder states cached per user (1 = last hidden state)
     use_context: bool = True
@@ -180,6 +182,9 @@ class ContextualTwoTower(nn.Module):
         if self.context is not None:
             if ctx_ids is None or ctx_weights is None:
                 raise ValueError("this model uses context: pass ctx_ids/ctx_weights (all -1/0 = none)")
+            if self.training and self.config.context_slot_swap_prob > 0:
+                ctx_ids, ctx_weights = swap_context_slots(ctx_ids, ctx_weights,
+                                                          self.config.context_slot_swap_prob)
             if self.training and self.config.context_slot_drop_prob > 0:
                 ctx_weights = drop_context_slots(ctx_weights, self.config.context_slot_drop_prob)
             pooled = weighted_pool(self.category_emb(ctx_ids), ctx_weights)  # (B, D)

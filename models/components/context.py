@@ -36,6 +36,33 @@ def drop_context_slots(weights: torch.Tensor, p: float) -> torch.Tensor:
     return torch.where(total > 0, kept / total.clamp_min(1e-12), kept)  # (B, C)
 
 
+def swap_context_slots(ids: torch.Tensor, weights: torch.Tensor,
+                       p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training augmentation: ids LongTensor (B, C) (-1 pad), weights (B, C) -> same shapes.
+
+    Why: pseudo-context is the label's own category list, so its secondary categories pin down
+    the label far better than a real subject item's do (a subject item usually shares its main
+    category with what the user converts on, not its whole category list). Trained on pseudo-
+    context alone, the model learns to match exact category combinations and then misreads the
+    subject item's other categories at serving time. Each present slot except the strongest is
+    replaced with probability ``p`` by the same slot of another example of the batch (a category
+    drawn from the data's own distribution, unrelated to this label); where that example has no
+    such slot, the slot is dropped and the row renormalised.
+    """
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"slot swap probability must be in [0, 1], got {p}")
+    present = weights > 0  # (B, C)
+    strongest = torch.zeros_like(present).scatter_(1, weights.argmax(dim=1, keepdim=True), True)
+    swap = present & ~strongest & (torch.rand_like(weights) < p)  # (B, C)
+    donor = torch.randperm(ids.shape[0], device=ids.device)  # (B,)
+    donor_ids, donor_present = ids[donor], present[donor]  # (B, C), (B, C)
+    new_ids = torch.where(swap & donor_present, donor_ids, ids)  # (B, C)
+    kept = weights * (~(swap & ~donor_present)).to(weights.dtype)  # (B, C)
+    total = kept.sum(dim=1, keepdim=True)  # (B, 1)
+    new_weights = torch.where(total > 0, kept / total.clamp_min(1e-12), kept)  # (B, C)
+    return torch.where(new_weights > 0, new_ids, torch.full_like(new_ids, -1)), new_weights
+
+
 class ContextLayer(nn.Module):
     """pooled context category embedding (B, D) -> context vector (B, D) (zero = no context)."""
 

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from models.components.context import ContextLayer, DemographicsEmbedding, drop_context_slots
+from models.components.context import (ContextLayer, DemographicsEmbedding, drop_context_slots,
+                                       swap_context_slots)
 from models.components.embeddings import MultiHashEmbedding, weighted_pool
 from models.components.encoder import CausalSequenceEncoder
 from models.components.heads import ConcatFusion, CrossAttentionFusion, ItemTower
@@ -114,6 +115,21 @@ def test_drop_context_slots_keeps_the_strongest_and_renormalises():
     dropped = (first[:, [0, 2]] == 0).float().mean()
     assert 0.4 < dropped < 0.6  # each weaker slot dropped about half the time
     assert torch.equal(drop_context_slots(w, 0.0), w)
+
+
+def test_swap_context_slots_keeps_the_strongest_and_draws_from_the_batch():
+    torch.manual_seed(0)
+    ids = torch.tensor([[7, 3, 4, -1], [-1, -1, -1, -1], [9, -1, -1, -1]]).repeat(500, 1)  # (1500, 4)
+    w = torch.tensor([[0.5, 0.3, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0]]).repeat(500, 1)
+    new_ids, new_w = swap_context_slots(ids, w, 1.0)
+    assert torch.equal(new_ids[:, 0], ids[:, 0]) and torch.equal(new_w[1::3], w[1::3])  # strongest / none kept
+    assert torch.equal(new_ids[2::3], ids[2::3])  # a single category has nothing to swap
+    assert torch.allclose(new_w[0::3].sum(dim=1), torch.ones(500))
+    assert torch.all((new_w > 0) == (new_ids >= 0))  # a weight for every id and no id without weight
+    second = new_ids[0::3, 1]
+    assert set(second.tolist()) <= {3, -1}  # only this slot's categories of the batch, or dropped
+    assert 0.55 < (second == -1).float().mean() < 0.8  # dropped where the donor had none (2 of 3 rows)
+    assert torch.equal(swap_context_slots(ids, w, 0.0)[0], ids)
 
 
 def test_heads_and_demographics_shapes_and_norms():
