@@ -183,7 +183,9 @@ class SaveConfigToRun(SaveConfigCallback):
 
 
 class TrainCLI(LightningCLI):
-    """LightningCLI with the run's output folder and MLflow settings as top-level options."""
+    """LightningCLI with the run's output folder, MLflow and resume settings as top-level options."""
+
+    resume_from: Optional[Path] = None  # the checkpoint fit resumes from, set with the trainer
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--out_dir", type=str, default="runs/contextual",
@@ -203,8 +205,6 @@ class TrainCLI(LightningCLI):
                             "of an unfinished run if there is one")
         for name in LINKED_DATA_FIELDS:
             parser.link_arguments(f"model.model_config.{name}", f"data.{name}")
-
-    resume_from: Optional[Path] = None
 
     def instantiate_trainer(self, **kwargs: Any):
         cfg = self.config
@@ -290,7 +290,8 @@ def train_main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer, ckpt = cli.trainer, cli.resume_from
     if ckpt is not None and trainer.is_global_zero:
-        record_resume(trainer.logger, ckpt)
+        if isinstance(trainer.logger, MLFlowLogger):
+            record_resume(trainer.logger, ckpt)
         log.warning("RESUMING from checkpoint %s (MLflow run %s)", ckpt, trainer.logger.run_id)
     trainer.fit(cli.model, datamodule=cli.datamodule, ckpt_path=str(ckpt) if ckpt else None,
                 weights_only=True)

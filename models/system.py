@@ -7,7 +7,8 @@ popular items DOWN. Mixing in ``n_uniform_negatives`` uniformly drawn catalog it
 tail negatives too. The candidate set therefore comes from the mixture proposal whose expected
 count for item j in one step is ``Q_j = B * p_j + U / N`` (p_j = the item's label frequency in
 the training split), and every candidate's logit is corrected by ``- logq_weight * log Q_j``.
-Candidates that are the same item as a row's positive (accidental hits) are masked out.
+Candidates that are the same item as a row's positive (accidental hits) are masked out. Under
+DDP the positives of all ranks are gathered, so B above is the global batch.
 
 Training-only regularisers beside the context dropout of the model: a ``history_drop_prob``
 share of examples get the learned cold-start state instead of their encoded history, so the
@@ -155,14 +156,33 @@ class ContextualRetrievalSystem(pl.LightningModule):
         uniform = torch.randint(0, n_items, (hp.n_uniform_negatives,))  # (U,)
         cand_rows = torch.cat([batch[LABEL_ROW].cpu(), uniform])  # (M,) = (B + U,)
         cand = self.catalog_embeddings(cand_rows)  # (M, D)
+        cand_rows, cand, first_pos = self._global_in_batch_negatives(cand_rows, cand, b)
+        n_in_batch = cand_rows.shape[0] - hp.n_uniform_negatives  # B x world size
         if hp.logq_correction:
-            expected = b * self.item_freq[cand_rows] + hp.n_uniform_negatives / n_items  # (M,)
+            expected = n_in_batch * self.item_freq[cand_rows] + hp.n_uniform_negatives / n_items  # (M,)
             log_q = hp.logq_weight * expected.log()
         else:
             log_q = torch.zeros(cand_rows.shape[0])
-        pos_col = torch.arange(b, device=self.device)
+        pos_col = first_pos + torch.arange(b, device=self.device)
         return sampled_softmax_loss(user, cand, cand_rows.to(self.device), batch[LABEL_ROW], pos_col,
                                     log_q.to(self.device), self.temperature)
+
+    def _global_in_batch_negatives(self, cand_rows: torch.Tensor, cand: torch.Tensor,
+                                   b: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """DDP: every rank's positives become in-batch negatives for every rank, so 2 ranks x 32
+        train the same objective as one process with 64 (not two half-size softmaxes).
+
+        cand_rows (B + U,) / cand (B + U, D): this rank's positives then the uniform negatives
+        (the same U items on every rank: same seed, same draws). Returns (W*B + U,) rows,
+        (W*B + U, D) embeddings (the gather passes gradients back to each owner rank) and the
+        column of this rank's first positive. Outside DDP: unchanged, column 0.
+        """
+        if self._trainer is None or self.trainer.world_size < 2:
+            return cand_rows, cand, 0
+        pos_emb = self.all_gather(cand[:b], sync_grads=True).flatten(0, 1)  # (W*B, D)
+        pos_rows = self.all_gather(cand_rows[:b].to(self.device)).flatten(0, 1).cpu()  # (W*B,)
+        return (torch.cat([pos_rows, cand_rows[b:]]), torch.cat([pos_emb, cand[b:]]),
+                self.global_rank * b)
 
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
