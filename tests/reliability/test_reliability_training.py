@@ -78,7 +78,8 @@ def last_checkpoints(out: Path) -> List[Path]:
 
 def history(client: MlflowClient, run_id: str, key: str) -> Dict[int, float]:
     """{step: value}; a step re-logged after a resume keeps its last value."""
-    return {m.step: m.value for m in sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)}
+    points = sorted(client.get_metric_history(run_id, key), key=lambda m: m.timestamp)
+    return {m.step: m.value for m in points}
 
 
 def ckpt_epoch(path: Path) -> int:
@@ -90,7 +91,8 @@ def test_shards_are_disjoint_equal_and_a_function_of_seed_and_epoch():
     """DDP ranks train on different rows, run the same number of steps, and a resumed run gets
     the same order for an epoch without any sampler state (seed + epoch only)."""
     n, bs = 103, 8
-    ranks = [ShardedBatches(n, bs, shuffle=True, drop_last=True, seed=5, rank=r, world_size=2) for r in (0, 1)]
+    ranks = [ShardedBatches(n, bs, shuffle=True, drop_last=True, seed=5, rank=r, world_size=2)
+             for r in (0, 1)]
     for s in ranks:
         s.set_epoch(3)
     batches = [list(s) for s in ranks]
@@ -187,9 +189,17 @@ def test_explicit_ckpt_path_must_exist(tmp_path):
 
 
 # ------------------------------------------------------------------------------ DDP
-# Test Recall@100 (real context) of single-process runs with seeds 7, 1, 2, 3, 4 on the DDP
-# lake below: see DDP_TOLERANCE. Measured on this machine (docs/reliability.md, "Training").
-DDP_TOLERANCE = 0.05
+# Run-to-run noise, measured with this test's lake (3.9k train rows, 1000 items), test Recall@100
+# of the contextual model with the real context (global batch 64, 30 steps per epoch):
+#   4 epochs:  single process, 7 runs (seeds 1, 2, 3, 4, 7 and code variants that only move the
+#              RNG streams) 0.613 +- 0.050 (0.555..0.713); DDP 2 x 32, 7 runs 0.653 +- 0.040.
+#              Still on the steep part of the learning curve: seed 7 single 0.555 vs DDP 0.711.
+#   10 epochs: single 0.763 (seed 7), 0.790 (seed 1); DDP 0.808 (seed 7), 0.730 (seed 1), i.e.
+#              0.773 +- 0.034 over the four runs (no systematic single / DDP gap).
+# So the test trains 10 epochs; the difference of two independent runs has a standard deviation
+# of about sqrt(2) x 0.034 = 0.048 and the tolerance is 3 of those. The comparison is at one fixed
+# seed and CPU training is deterministic, so the outcome does not flicker from run to run.
+DDP_TOLERANCE = 0.14
 
 
 @pytest.mark.slow
@@ -204,12 +214,13 @@ def test_ddp_on_two_cpu_processes_matches_single_process_and_writes_once(tmp_pat
 
     lake = tmp_path / "lake"
     write_lake(lake, FixtureSpec(n_users=1500, n_items=1000))  # ~5k train rows: recall@100 of 1000 items
-    budget = ("--trainer.max_epochs", "4", "--trainer.limit_train_batches", "30")
+    budget = ("--trainer.max_epochs", "10", "--trainer.limit_train_batches", "30")
     single_out, ddp_out = tmp_path / "single", tmp_path / "ddp"
     single_out.mkdir(), ddp_out.mkdir()
     single = start(train_command(lake, single_out, *budget), single_out / "train.log")
-    ddp = start(train_command(lake, ddp_out, *budget, "--trainer.strategy", "ddp", "--trainer.devices", "2",
-                              "--trainer.accelerator", "cpu", "--data.batch_size", "32"), ddp_out / "train.log")
+    ddp_args = ("--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+                "--data.batch_size", "32")
+    ddp = start(train_command(lake, ddp_out, *budget, *ddp_args), ddp_out / "train.log")
     ddp_log = finish(ddp, ddp_out / "train.log")
     finish(single, single_out / "train.log")
     assert "Starting with 2 processes" in ddp_log
@@ -231,6 +242,9 @@ def test_ddp_on_two_cpu_processes_matches_single_process_and_writes_once(tmp_pat
     assert [r.info.run_id for r in runs] == [b["mlflow_run_id"]]
     assert runs[0].info.status == "FINISHED"
     assert "bundle" in {x.path for x in client.list_artifacts(b["mlflow_run_id"])}
+    (last,) = last_checkpoints(ddp_out)
+    rng = torch.load(last, map_location="cpu", weights_only=True)["callbacks"]["RngStateCallback"]
+    assert len(rng["per_rank"]) == 2  # both ranks' RNG states, for an exact DDP resume
 
     # validation metrics are global: logged best == one process ranking the whole val split
     bundle = load_bundle(b["bundle"])
