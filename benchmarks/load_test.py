@@ -1,6 +1,6 @@
 """Load test: 200 concurrent HTTP clients for 60 s against the real resolver with a 1M-item index.
 
-What it proves (docs/reliability.md, "sustained concurrent load"): under many concurrent
+What it proves (README reliability table, "Online serving"): under many concurrent
 clients the server answers every request (zero errors: no 5xx, no timeouts, no dropped
 connections), its latency is reported as p50/p90/p99/p99.9/max, and its memory stays flat (RSS of
 the server process sampled every second; growth between the first and the last 10 s of the

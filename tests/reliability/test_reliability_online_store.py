@@ -206,7 +206,7 @@ def test_redis_dies_mid_traffic_and_comes_back_on_the_same_port(model, redis_ser
                 assert str(redis_server.port) in answer["detail"]
         assert statuses[:N_USERS] == [200] * N_USERS and set(statuses[N_USERS:]) == {503}
         # redis-py's default retries (3, exponential backoff) make each failing call wait a few
-        # seconds before the 503; bounded, not a hang (printed for docs/reliability.md)
+        # seconds before the 503; bounded, not a hang (printed for the README reliability table)
         print(f"503 latency while Redis is down: {[round(x, 2) for x in failing_s]} s")
         assert max(failing_s) < FAIL_BOUND_S
         health = client.get("/health")
