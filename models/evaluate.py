@@ -433,6 +433,14 @@ def _pyplot():
     return plt
 
 
+def _save_figure(plt, fig, path: Path) -> Path:
+    """Every report plot is written the same way and closed (no figure kept per report)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_recall_curves(result: EvaluationResult, path: Path) -> Path:
     """Recall@K vs K (log x), one line per variant, one panel per example group."""
     plt = _pyplot()
@@ -448,10 +456,7 @@ def plot_recall_curves(result: EvaluationResult, path: Path) -> Path:
         ax.set_title(f"examples: {group}")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, path)
 
 
 def plot_coverage(result: EvaluationResult, path: Path) -> Path:
@@ -465,10 +470,7 @@ def plot_coverage(result: EvaluationResult, path: Path) -> Path:
     ax.set_xlabel(name)
     ax.set_xlim(0, 1)
     ax.grid(True, axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, path)
 
 
 def plot_latency(report: LatencyReport, path: Path) -> Path:
@@ -493,10 +495,7 @@ def plot_latency(report: LatencyReport, path: Path) -> Path:
     ecdf.set_title("total latency distribution")
     ecdf.grid(True, alpha=0.3)
     ecdf.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save_figure(plt, fig, path)
 
 
 def write_report(result: EvaluationResult, out_dir: Path | str,
