@@ -141,9 +141,10 @@ def show_answers(url: str, lake: Path, k: int) -> None:
 
     user, subjects = pick_demo_user(lake)
     items = DeltaTable(str(lake / C.T_ITEMS)).to_pandas(columns=[C.ITEM_ID, C.CATEGORY_IDS])
-    cats = dict(zip(items[C.ITEM_ID].astype(int), items[C.CATEGORY_IDS].map(list)))
+    plain = items[C.CATEGORY_IDS].map(lambda c: [int(x) for x in c])  # numpy ints print as np.int32(..)
+    cats = dict(zip(items[C.ITEM_ID].astype(int), plain))
     requests = [("no context", {"user_id": user, "k": k})] + [
-        (f"subject item {s} (categories {[int(c) for c in cats[s]]})", {"user_id": user, "subject_item_id": s, "k": k})
+        (f"subject item {s} (categories {cats[s]})", {"user_id": user, "subject_item_id": s, "k": k})
         for s in subjects
     ]
     for label, body in requests:
