@@ -237,16 +237,16 @@ def export_feature_tables(lake_root: str | Path, snapshots: Sequence[str] = tupl
 # apply / materialize through the Feast SDK
 # --------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def feast_env(lake_root: str | Path, feast_data: str | Path) -> Iterator[None]:
-    """Set CTT_LAKE / CTT_FEAST_DATA while Feast reads feature_store.yaml and definitions.py.
-
-    Feast resolves ``${CTT_FEAST_DATA}`` when it loads the YAML and definitions.py reads
-    CTT_LAKE at import; the previous values are restored afterwards.
-    """
-    saved = {k: os.environ.get(k) for k in (ENV_LAKE, ENV_FEAST_DATA)}
-    os.environ[ENV_LAKE] = str(lake_root)
-    os.environ[ENV_FEAST_DATA] = str(Path(feast_data).resolve())
+def scoped_environ(values: Dict[str, Optional[str]]) -> Iterator[None]:
+    """Set (None: unset) environment variables for the duration of the block, then restore the
+    previous values (unset ones are removed again)."""
+    saved = {k: os.environ.get(k) for k in values}
     try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         yield
     finally:
         for k, v in saved.items():
@@ -254,6 +254,15 @@ def feast_env(lake_root: str | Path, feast_data: str | Path) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def feast_env(lake_root: str | Path, feast_data: str | Path) -> contextlib.AbstractContextManager[None]:
+    """Set CTT_LAKE / CTT_FEAST_DATA while Feast reads feature_store.yaml and definitions.py.
+
+    Feast resolves ``${CTT_FEAST_DATA}`` when it loads the YAML and definitions.py reads
+    CTT_LAKE at import; the previous values are restored afterwards.
+    """
+    return scoped_environ({ENV_LAKE: str(lake_root), ENV_FEAST_DATA: str(Path(feast_data).resolve())})
 
 
 def feature_store(lake_root: str | Path, feast_data: str | Path, repo_dir: Path = FEATURE_REPO,

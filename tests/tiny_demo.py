@@ -17,13 +17,11 @@ A module with a unique name (not conftest) so tests/models and tests/notebooks c
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import os
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -31,6 +29,7 @@ import pyarrow as pa
 
 from pipelines import contracts as C
 from pipelines import feast_ops
+from pipelines.feast_ops import scoped_environ as environment  # noqa: F401 (used by the tests)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "test_tiny.yaml"
@@ -54,25 +53,6 @@ class TinyDemo:
     @property
     def feature_repo(self) -> Path:
         return feast_ops.FEATURE_REPO
-
-
-@contextlib.contextmanager
-def environment(values: Dict[str, Optional[str]]) -> Iterator[None]:
-    """Set (None: unset) environment variables for the duration of the block, then restore them."""
-    saved = {k: os.environ.get(k) for k in values}
-    for k, v in values.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def latest_histories(sequences: pd.DataFrame) -> Dict[int, Tuple[np.ndarray, np.ndarray]]:

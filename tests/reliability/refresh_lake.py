@@ -19,32 +19,12 @@ import pandas as pd
 import torch
 
 from pipelines import contracts as C
+# The same tiny model and catalogue as the batch-inference tests (tests/ is on sys.path).
+from serving_offline.offline_lake import tiny_config
+from serving_offline.offline_lake import tiny_catalog as catalog
 
-N_ITEMS = 300
-MAX_LEN = 12  # the model's history length (build_sequences keeps its own, larger cap)
 CONTEXT = [(3, 0.7), (17, 0.2)]  # explicit request context used by the parity checks
 K = 10
-
-
-def tiny_config():
-    from models.two_tower import ModelConfig
-
-    return ModelConfig(dim=16, n_layers=1, n_heads=2, max_len=MAX_LEN, item_buckets=1024,
-                       category_buckets=128, n_hashes=2, country_buckets=16, max_ctx=4,
-                       max_item_categories=5, mlp_hidden=32, dropout=0.0)
-
-
-def catalog(n_items: int = N_ITEMS, seed: int = 0) -> pd.DataFrame:
-    """item_id, category_ids, category_weights (distinct, descending), advertiser_id."""
-    rng = np.random.default_rng(seed)
-    cats, weights = [], []
-    for _ in range(n_items):
-        k = int(rng.integers(1, 4))
-        cats.append(rng.choice(40, size=k, replace=False).astype(np.int32).tolist())
-        weights.append(np.sort(rng.uniform(0.05, 1.0, k))[::-1].astype(np.float32).tolist())
-    return pd.DataFrame({C.ITEM_ID: np.arange(n_items, dtype=np.int64) * 7 + 11,
-                         C.CATEGORY_IDS: cats, C.CATEGORY_WEIGHTS: weights,
-                         C.ADVERTISER_ID: rng.integers(0, 9, n_items).astype(np.int64)})
 
 
 def export_bundle(root: Path, name: str, seed: int) -> Path:
