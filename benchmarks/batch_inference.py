@@ -24,20 +24,17 @@ Usage: PYSPARK_PYTHON=.venv/bin/python python benchmarks/batch_inference.py [--u
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import shutil
 import tempfile
 import time
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+
+import benchlib  # sibling module: benchmarks/ is first on sys.path when run as a script
 
 from models.export import export_bundle, load_bundle
 from models.two_tower import ContextualTwoTower, ModelConfig
@@ -51,21 +48,7 @@ TOLERANCE = 1e-5
 
 
 def machine() -> Dict[str, Any]:
-    cpu = "unknown"
-    if Path("/proc/cpuinfo").exists():
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-
-    def ver(pkg: str) -> str:
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return "n/a"
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(),
-            "packages": {p: ver(p) for p in ("torch", "pyspark", "delta-spark", "deltalake", "numpy")},
+    return {**benchlib.machine(("torch", "pyspark", "delta-spark", "deltalake", "numpy")),
             "torch_threads_baseline": torch.get_num_threads()}
 
 
@@ -218,16 +201,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    load_before = os.getloadavg()
-    started = datetime.now(timezone.utc)
-    result = run(args)
-    report = {"benchmark": "batch_inference", "date": started.isoformat(timespec="seconds"),
-              "machine": machine(), "load_avg_before": [round(x, 2) for x in load_before],
-              "load_avg_after": [round(x, 2) for x in os.getloadavg()], "result": result}
-    print_table(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.out}")
+    benchlib.run_and_report("batch_inference", lambda: run(args), machine, print_table, args.out)
 
 
 if __name__ == "__main__":

@@ -25,18 +25,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
-from importlib import metadata
+from datetime import timedelta, timezone
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import torch
+
+import benchlib  # sibling module: benchmarks/ is first on sys.path when run as a script
 
 from pipelines import contracts as C
 
@@ -47,21 +46,7 @@ STEPS = ("build_sequences", "batch_inference", "feast_export", "materialize")
 
 
 def machine() -> Dict[str, Any]:
-    cpu = "unknown"
-    if Path("/proc/cpuinfo").exists():
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-
-    def ver(pkg: str) -> str:
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return "n/a"
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(),
-            "python": platform.python_version(),
-            "packages": {p: ver(p) for p in ("torch", "pyspark", "delta-spark", "deltalake", "feast")}}
+    return benchlib.machine(("torch", "pyspark", "delta-spark", "deltalake", "feast"))
 
 
 def export_model(lake: str, out: Path) -> Path:
@@ -239,16 +224,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    load_before = os.getloadavg()
-    started = datetime.now(timezone.utc)
-    result = run(args)
-    report = {"benchmark": "refresh", "date": started.isoformat(timespec="seconds"),
-              "machine": machine(), "load_avg_before": [round(x, 2) for x in load_before],
-              "load_avg_after": [round(x, 2) for x in os.getloadavg()], "result": result}
-    print_table(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.out}")
+    benchlib.run_and_report("refresh", lambda: run(args), machine, print_table, args.out)
 
 
 if __name__ == "__main__":
