@@ -1,7 +1,8 @@
 """MLflow tracking: where runs go and what a training / evaluation run records.
 
-Tracking URI, in order: the ``MLFLOW_TRACKING_URI`` environment variable (a shared server or
-database), an explicit ``tracking_uri`` from the config, else ``sqlite:///<out_dir>/mlflow.db``
+Tracking URI, in order: an explicit ``tracking_uri`` (``--tracking_uri`` / the config: what the
+user typed for this run wins, as with every other flag), the ``MLFLOW_TRACKING_URI`` environment
+variable (a shared server or database), else ``sqlite:///<out_dir>/mlflow.db``
 (MLflow 3 keeps the plain ``mlruns`` file store in maintenance mode and refuses it by default,
 so the local default is the embedded SQLite backend). With the local default the artifacts go
 beside the SQLite file (``<db folder>/mlartifacts``) instead of MLflow's cwd-relative ``./mlruns``.
@@ -29,12 +30,12 @@ DEFAULT_EXPERIMENT = "contextual_two_tower"
 
 
 def resolve_tracking_uri(out_dir: Optional[Path | str], tracking_uri: Optional[str] = None) -> str:
-    """Environment variable > explicit URI > ``sqlite:///<out_dir>/mlflow.db``."""
+    """Explicit URI > environment variable > ``sqlite:///<out_dir>/mlflow.db``."""
+    if tracking_uri:
+        return tracking_uri
     env = os.environ.get(ENV_TRACKING_URI)
     if env:
         return env
-    if tracking_uri:
-        return tracking_uri
     if out_dir is None:
         raise ValueError(f"no tracking URI: set {ENV_TRACKING_URI}, pass tracking_uri or an out_dir")
     out = Path(out_dir).resolve()

@@ -105,9 +105,8 @@ def evaluate_argv(demo: TinyDemo, out_dir: Path, with_latency: bool = True,
 
 def demo_environment(demo: TinyDemo) -> Dict[str, Optional[str]]:
     """Lake and Feast data folders as jobs/demo.py exports them. MLflow's URI is passed as
-    ``--tracking_uri`` instead of MLFLOW_TRACKING_URI (which is unset here): with an explicit URI
-    models/tracking.py keeps the artifacts under the run folders, with the variable MLflow's
-    SQLite store would write them to ``./mlruns`` of the working directory."""
+    ``--tracking_uri``; MLFLOW_TRACKING_URI is unset so a store configured in the calling shell
+    is never touched by the tests."""
     return {feast_ops.ENV_LAKE: str(demo.lake), feast_ops.ENV_FEAST_DATA: str(demo.feast_data),
             "MLFLOW_TRACKING_URI": None}
 

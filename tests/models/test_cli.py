@@ -78,3 +78,16 @@ def test_evaluate_cli_writes_report_and_logs_it(trained, tiny_lake, tmp_path):
         result.metric(ev.GROUP_REAL, ev.CONTEXTUAL, "recall@100"))
     assert {a.path for a in client.list_artifacts(runs[0].info.run_id, "report")} == {
         f"report/{n}" for n in (ev.REPORT_MD, ev.REPORT_JSON, ev.REPORT_PNG, ev.REPORT_COVERAGE_PNG)}
+
+
+def test_explicit_tracking_uri_wins_over_the_environment(tmp_path, monkeypatch):
+    """``--tracking_uri`` is what the user typed for this run; a shell-wide MLFLOW_TRACKING_URI
+    must not silently redirect it (and is still used when no URI is given)."""
+    from models.tracking import resolve_tracking_uri
+
+    explicit, env = f"sqlite:///{tmp_path / 'explicit.db'}", f"sqlite:///{tmp_path / 'env.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", env)
+    assert resolve_tracking_uri(tmp_path, explicit) == explicit
+    assert resolve_tracking_uri(tmp_path) == env
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert resolve_tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
