@@ -179,7 +179,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_run", help="folder for every output (default demo_run/)")
-    p.add_argument("--users", type=int, default=20_000)
+    p.add_argument("--users", type=int, default=100_000)
     p.add_argument("--items", type=int, default=10_000)
     p.add_argument("--master", default="local[*]", help="Spark master of the Spark steps")
     p.add_argument("--k", type=int, default=10, help="items shown per answer")

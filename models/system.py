@@ -10,6 +10,10 @@ the training split), and every candidate's logit is corrected by ``- logq_weight
 Candidates that are the same item as a row's positive (accidental hits) are masked out. Under
 DDP the positives of all ranks are gathered, so B above is the global batch.
 
+Item id embeddings start either random or (``item_init="cooccurrence"``) from a truncated SVD of
+the training split's user x item matrix (models/warm_start.py: without it, the history's signal
+beyond popularity is found late or never on sparse logs).
+
 Training-only regularisers beside the context dropout of the model: a ``history_drop_prob``
 share of examples get the learned cold-start state instead of their encoded history, so the
 ``state=None`` serving path is trained.
@@ -32,9 +36,11 @@ from models import features
 from models.data import LABEL_ROW, REAL_CONTEXT_IDS, REAL_CONTEXT_WEIGHTS, Catalog
 from models.metrics import COVERAGE_K, DEFAULT_KS, metric_key, rank_targets, retrieval_metrics
 from models.two_tower import ContextualTwoTower, ModelConfig
+from models.warm_start import cooccurrence_vectors, user_item_matrix
 from pipelines import contracts as C
 
 MONITOR = "val/recall_at_100"  # metric_key("val/recall@100")
+ITEM_INITS = ("random", "cooccurrence")
 
 
 def sampled_softmax_loss(user_emb: torch.Tensor, cand_emb: torch.Tensor, cand_rows: torch.Tensor,
@@ -62,9 +68,11 @@ class ContextualRetrievalSystem(pl.LightningModule):
                  weight_decay: float = 1e-4, embedding_weight_decay: float = 0.0, temperature: float = 0.05,
                  learn_temperature: bool = True, n_uniform_negatives: int = 512,
                  logq_correction: bool = True, logq_weight: float = 1.0,
-                 history_drop_prob: float = 0.05, eval_ks: Sequence[int] = DEFAULT_KS,
-                 eval_chunk_size: int = 1024) -> None:
+                 history_drop_prob: float = 0.05, item_init: str = "random",
+                 eval_ks: Sequence[int] = DEFAULT_KS, eval_chunk_size: int = 1024) -> None:
         super().__init__()
+        if item_init not in ITEM_INITS:
+            raise ValueError(f"item_init must be one of {ITEM_INITS}, got {item_init!r}")
         if isinstance(model_config, dict):  # load_from_checkpoint passes the saved dict back
             model_config = ModelConfig.from_dict(model_config)
         self.config = model_config
@@ -102,6 +110,17 @@ class ContextualRetrievalSystem(pl.LightningModule):
                 raise RuntimeError("ContextualRetrievalSystem needs a ContextualSequenceDataModule "
                                    "(or call attach_data before fitting)")
             self.attach_data(dm.catalog, dm.item_frequencies())
+        if stage == "fit" and self.hparams.item_init == "cooccurrence" and dm is not None:
+            # A resumed run's checkpoint overwrites these weights after setup, so this is harmless
+            # there; the SVD itself is deterministic, so every DDP rank writes the same table.
+            self.warm_start_item_embeddings(dm.splits[C.SPLIT_TRAIN])
+
+    def warm_start_item_embeddings(self, train: Dict[str, torch.Tensor]) -> None:
+        """Item id embeddings <- co-occurrence vectors of the training examples (see warm_start)."""
+        ids = self.catalog.item_ids
+        matrix = user_item_matrix(train[C.USER_ID].numpy(), train[C.ITEM_IDS].numpy(),
+                                  train[LABEL_ROW].numpy(), ids.numpy())
+        self.model.warm_start_item_embeddings(ids, cooccurrence_vectors(matrix, self.config.dim))
 
     def on_fit_start(self) -> None:
         """DDP: every rank must rank against the same catalog and apply the same logQ. Each rank

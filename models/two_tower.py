@@ -204,6 +204,20 @@ class ContextualTwoTower(nn.Module):
         return self.query_from_state(state, ctx_ids, ctx_weights, age, country, gender)
 
     # ---------------------------------------------------------------- item tower
+    @torch.no_grad()
+    def warm_start_item_embeddings(self, item_ids: torch.Tensor, vectors: torch.Tensor) -> None:
+        """item_ids (N,) raw ids, vectors (N, D) -> each item's summed id embedding becomes its
+        vector (every hash row gets vector / n_hashes). All-zero vectors (items without data) keep
+        their random rows. See models/warm_start.py for why."""
+        if vectors.shape != (item_ids.shape[0], self.config.dim):
+            raise ValueError(f"vectors must be ({item_ids.shape[0]}, {self.config.dim}), "
+                             f"got {tuple(vectors.shape)}")
+        has_vector = vectors.abs().sum(dim=1) > 0  # (N,)
+        rows = self.item_emb.bucket_ids(item_ids[has_vector])  # (N', H)
+        share = vectors[has_vector] / self.item_emb.n_hashes  # (N', D)
+        for h in range(rows.shape[1]):
+            self.item_emb.table.weight[rows[:, h]] = share.to(self.item_emb.table.weight.dtype)
+
     def item_embeddings(self, item_ids: torch.Tensor, cat_ids: torch.Tensor,
                         cat_weights: torch.Tensor) -> torch.Tensor:
         """item_ids (N,), cat_ids LongTensor (N, C) (-1 pad), cat_weights (N, C) -> (N, D) unit norm."""
