@@ -56,16 +56,22 @@ class Catalog:
     def __len__(self) -> int:
         return int(self.item_ids.shape[0])
 
+    def find_rows(self, item_ids: np.ndarray) -> np.ndarray:
+        """Raw item ids (any shape) -> catalog rows (same shape); -1 for padding (negative ids)
+        and for ids not in the catalog, never the row of a neighbouring id."""
+        ids = self.item_ids.numpy()
+        item_ids = np.asarray(item_ids)
+        pos = np.minimum(np.searchsorted(ids, item_ids), len(ids) - 1)
+        return np.where((item_ids >= 0) & (ids[pos] == item_ids), pos, -1)
+
     def rows_of(self, item_ids: np.ndarray) -> np.ndarray:
         """Raw item ids -> catalog rows; raises on ids missing from the catalog."""
-        ids = self.item_ids.numpy()
-        pos = np.searchsorted(ids, item_ids)
-        pos_clipped = np.minimum(pos, len(ids) - 1)
-        missing = ids[pos_clipped] != item_ids
+        rows = self.find_rows(item_ids)
+        missing = rows < 0
         if missing.any():
             sample = np.unique(np.asarray(item_ids)[missing])[:5].tolist()
             raise ValueError(f"{int(missing.sum())} label items are not in the items table, e.g. {sample}")
-        return pos_clipped
+        return rows
 
 
 def read_delta(lake_root: str, table: str) -> tuple[pd.DataFrame, int]:

@@ -110,10 +110,7 @@ def user_embeddings(model: ContextualTwoTower, tensors: Dict[str, torch.Tensor],
 
 def history_rows(tensors: Dict[str, torch.Tensor], catalog: Catalog) -> torch.Tensor:
     """History item ids (B, L) -> catalog rows (B, L), -1 for padding / items not in the catalog."""
-    ids = tensors[C.ITEM_IDS].numpy()
-    cat_ids = catalog.item_ids.numpy()
-    pos = np.minimum(np.searchsorted(cat_ids, ids), len(cat_ids) - 1)
-    return torch.as_tensor(np.where((ids >= 0) & (cat_ids[pos] == ids), pos, -1))
+    return torch.as_tensor(catalog.find_rows(tensors[C.ITEM_IDS].numpy()))
 
 
 def _bundle_items(bundle: Bundle, catalog: Catalog) -> torch.Tensor:

@@ -117,10 +117,10 @@ class ContextualRetrievalSystem(pl.LightningModule):
 
     def warm_start_item_embeddings(self, train: Dict[str, torch.Tensor]) -> None:
         """Item id embeddings <- co-occurrence vectors of the training examples (see warm_start)."""
-        ids = self.catalog.item_ids
-        matrix = user_item_matrix(train[C.USER_ID].numpy(), train[C.ITEM_IDS].numpy(),
-                                  train[LABEL_ROW].numpy(), ids.numpy())
-        self.model.warm_start_item_embeddings(ids, cooccurrence_vectors(matrix, self.config.dim))
+        matrix = user_item_matrix(train[C.USER_ID].numpy(), self.catalog.find_rows(train[C.ITEM_IDS].numpy()),
+                                  train[LABEL_ROW].numpy(), len(self.catalog))
+        vectors = cooccurrence_vectors(matrix, self.config.dim)  # (N, D)
+        self.model.warm_start_item_embeddings(self.catalog.item_ids, vectors)
 
     def on_fit_start(self) -> None:
         """DDP: every rank must rank against the same catalog and apply the same logQ. Each rank

@@ -20,26 +20,22 @@ import scipy.sparse as sp
 import scipy.sparse.linalg as sla
 import torch
 
-from models import features
-
 POPULARITY_SMOOTHING = 5.0  # added to item counts before the 1/sqrt(count) column scaling
 
 
-def user_item_matrix(user_ids: np.ndarray, histories: np.ndarray, label_rows: np.ndarray,
-                     catalog_item_ids: np.ndarray) -> sp.csr_matrix:
+def user_item_matrix(user_ids: np.ndarray, history_rows: np.ndarray, label_rows: np.ndarray,
+                     n_items: int) -> sp.csr_matrix:
     """Binary (users x items) matrix of every item a user converted on in the training split.
 
-    user_ids (B,), histories (B, L) raw item ids with PAD_ITEM padding, label_rows (B,) catalog
-    rows of the labels, catalog_item_ids (N,) sorted raw ids. A user's examples are prefixes of
-    one sequence, so each (user, item) pair counts once however many examples repeat it; history
-    ids missing from the catalogue (none after validation) are skipped, not guessed.
+    user_ids (B,), history_rows (B, L) catalog rows of the history items, -1 for padding and ids
+    not in the catalogue (``Catalog.find_rows``), label_rows (B,) catalog rows of the labels. A
+    user's examples are prefixes of one sequence, so each (user, item) pair counts once however
+    many examples repeat it.
     """
-    n_items = len(catalog_item_ids)
-    pos = np.clip(np.searchsorted(catalog_item_ids, histories), 0, n_items - 1)  # (B, L)
-    known = (histories != features.PAD_ITEM) & (catalog_item_ids[pos] == histories)  # (B, L)
+    known = history_rows >= 0  # (B, L)
     users, user_index = np.unique(user_ids, return_inverse=True)  # (U,), (B,)
     rows = np.concatenate([np.repeat(user_index, known.sum(axis=1)), user_index])
-    cols = np.concatenate([pos[known], label_rows])
+    cols = np.concatenate([history_rows[known], label_rows])
     matrix = sp.csr_matrix((np.ones(len(rows), dtype=np.float64), (rows, cols)),
                            shape=(len(users), n_items))
     matrix.data[:] = 1.0  # duplicates were summed: back to binary
@@ -52,7 +48,7 @@ def cooccurrence_vectors(matrix: sp.csr_matrix, dim: int, seed: int = 0) -> torc
     Columns are scaled by 1/sqrt(count + smoothing) first so the leading factors describe which
     items go together rather than which are popular (popularity is learned by the towers, and
     the logQ correction expects it there). Items never seen get the zero vector, which keeps
-    their random initialisation (see ``init_item_embeddings``).
+    their random initialisation (see ``ContextualTwoTower.warm_start_item_embeddings``).
     """
     n_users, n_items = matrix.shape
     k = min(dim, n_users - 1, n_items - 1)
