@@ -259,7 +259,9 @@ def finish_training(system: ContextualRetrievalSystem, dm: ContextualSequenceDat
     bundle_dir = export_bundle(model, model.config, dm.items_frame, out_dir / BUNDLE_DIR,
                                run_name or None,
                                extra_manifest={"input_versions": dm.input_versions, "mlflow_run_id": run_id,
-                                               "best_checkpoint": best})
+                                               "best_checkpoint": best,
+                                               "id_gate_k": system.hparams.id_gate_k},
+                               id_gate=None if system.id_gate is None else system.id_gate.numpy())
     bundle = load_bundle(bundle_dir)
     data = ev.EvalExamples(dm.splits[C.SPLIT_TEST], dm.catalog, dm.item_counts, dm.input_versions)
     result = ev.evaluate_bundles(bundle, None, data)

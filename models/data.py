@@ -43,6 +43,7 @@ LABEL_ROW = "label_row"  # row of the label item in the catalog tensors
 REAL_CONTEXT_IDS = "real_context_category_ids"
 REAL_CONTEXT_WEIGHTS = "real_context_weights"
 HAS_REAL_CONTEXT = "has_real_context"
+SUBJECT_ROW = "subject_row"  # catalog row of the example's subject item, -1 = none / not in the catalog
 
 
 @dataclass

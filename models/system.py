@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import features
-from models.data import LABEL_ROW, REAL_CONTEXT_IDS, REAL_CONTEXT_WEIGHTS, Catalog
+from models.data import (HAS_REAL_CONTEXT, LABEL_ROW, REAL_CONTEXT_IDS, REAL_CONTEXT_WEIGHTS, SUBJECT_ROW,
+                         Catalog)
 from models.metrics import COVERAGE_K, DEFAULT_KS, metric_key, rank_targets, retrieval_metrics
 from models.two_tower import ContextualTwoTower, ModelConfig
 from models.warm_start import cooccurrence_vectors, user_item_matrix
@@ -41,6 +42,24 @@ from pipelines import contracts as C
 
 MONITOR = "val/recall_at_100"  # metric_key("val/recall@100")
 ITEM_INITS = ("random", "cooccurrence")
+# The context a training example is scored with: "pseudo" = the label's own categories (seed
+# 000: the log has no real context); "real" = the logged or derived subject item where the
+# example has one, else none; "mixed" = real where there is one, else pseudo.
+TRAIN_CONTEXTS = ("pseudo", "real", "mixed")
+
+
+def id_gate(item_counts: torch.Tensor, k: float) -> torch.Tensor:
+    """(N,) training label counts -> (N,) weight of each item's id embedding, count / (count + k).
+
+    Why: on a real log most items converted at serving time were never converted in training;
+    their id vectors are noise (random rows or other items' rows through hash collisions), so an
+    unseen item should be represented by its categories alone and an item with many conversions
+    mostly by its own id. k = 0 disables the gate (every id at full weight).
+    """
+    if k < 0:
+        raise ValueError(f"id_gate_k must be >= 0, got {k}")
+    counts = item_counts.to(torch.float32)
+    return torch.ones_like(counts) if k == 0 else counts / (counts + k)
 
 
 def sampled_softmax_loss(user_emb: torch.Tensor, cand_emb: torch.Tensor, cand_rows: torch.Tensor,
@@ -69,10 +88,13 @@ class ContextualRetrievalSystem(pl.LightningModule):
                  learn_temperature: bool = True, n_uniform_negatives: int = 512,
                  logq_correction: bool = True, logq_weight: float = 1.0,
                  history_drop_prob: float = 0.05, item_init: str = "random",
+                 id_gate_k: float = 0.0, train_context: str = "pseudo",
                  eval_ks: Sequence[int] = DEFAULT_KS, eval_chunk_size: int = 1024) -> None:
         super().__init__()
         if item_init not in ITEM_INITS:
             raise ValueError(f"item_init must be one of {ITEM_INITS}, got {item_init!r}")
+        if train_context not in TRAIN_CONTEXTS:
+            raise ValueError(f"train_context must be one of {TRAIN_CONTEXTS}, got {train_context!r}")
         if isinstance(model_config, dict):  # load_from_checkpoint passes the saved dict back
             model_config = ModelConfig.from_dict(model_config)
         self.config = model_config
@@ -86,6 +108,7 @@ class ContextualRetrievalSystem(pl.LightningModule):
             self.register_buffer("log_temperature", log_t)
         self.catalog: Optional[Catalog] = None
         self.item_freq: Optional[torch.Tensor] = None
+        self.id_gate: Optional[torch.Tensor] = None  # (N,) see id_gate(); None = every id at full weight
         self.eval_ks = tuple(eval_ks)
         self._catalog_emb: Optional[torch.Tensor] = None
         self.val_metrics: Optional[nn.Module] = None
@@ -93,11 +116,15 @@ class ContextualRetrievalSystem(pl.LightningModule):
         self.val_metrics_served: Optional[nn.Module] = None
 
     # ------------------------------------------------------------------ wiring
-    def attach_data(self, catalog: Catalog, item_freq: torch.Tensor) -> None:
-        """Catalog tensors and training label frequencies (N,) used by loss and validation."""
+    def attach_data(self, catalog: Catalog, item_freq: torch.Tensor,
+                    item_counts: Optional[torch.Tensor] = None) -> None:
+        """Catalog tensors, training label frequencies (N,) used by loss and validation, and the
+        raw training label counts (N,) the id gate is computed from (None = no gate)."""
         if item_freq.shape != (len(catalog),):
             raise ValueError(f"item_freq must be ({len(catalog)},), got {tuple(item_freq.shape)}")
         self.catalog, self.item_freq = catalog, item_freq.float()
+        if item_counts is not None and self.hparams.id_gate_k > 0:
+            self.id_gate = id_gate(item_counts, self.hparams.id_gate_k)
         self.val_metrics = retrieval_metrics(len(catalog), self.eval_ks).clone(prefix="val/")
         self.val_metrics_no_ctx = retrieval_metrics(len(catalog), self.eval_ks).clone(prefix="val_no_context/")
         # What serving sees: the logged subject item's categories where there is one, else none.
@@ -109,7 +136,7 @@ class ContextualRetrievalSystem(pl.LightningModule):
             if dm is None or not hasattr(dm, "item_frequencies"):
                 raise RuntimeError("ContextualRetrievalSystem needs a ContextualSequenceDataModule "
                                    "(or call attach_data before fitting)")
-            self.attach_data(dm.catalog, dm.item_frequencies())
+            self.attach_data(dm.catalog, dm.item_frequencies(), dm.item_counts)
         if stage == "fit" and self.hparams.item_init == "cooccurrence" and dm is not None:
             # A resumed run's checkpoint overwrites these weights after setup, so this is harmless
             # there; the SVD itself is deterministic, so every DDP rank writes the same table.
@@ -144,23 +171,47 @@ class ContextualRetrievalSystem(pl.LightningModule):
 
     # ------------------------------------------------------------------ model calls
     def user_embeddings(self, batch: Dict[str, torch.Tensor], context: str = "pseudo",
-                        state: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B, D) user embeddings; context = "pseudo" | "real" | "none" (empty context)."""
-        ctx_ids, ctx_w = context_inputs(batch, context)
+                        state: Optional[torch.Tensor] = None,
+                        item_emb: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, D) user embeddings; context = "pseudo" | "real" | "none" (empty context) |
+        "train" (what ``train_context`` selects). ``item_emb`` (N, D): catalog embeddings to take
+        the subject item's from (computed for the subject rows if None)."""
+        ctx_ids, ctx_w, subject_rows = self.context_for(batch, context)
         if state is None:
             state = self.model.encode_user_state(batch[C.ITEM_IDS], batch[C.EVENT_TS_SECONDS])
+        subject = self.subject_embeddings(subject_rows, item_emb)
         return self.model.query_from_state(state, ctx_ids, ctx_w, batch[C.AGE_BUCKET],
-                                           batch[C.COUNTRY], batch[C.GENDER])
+                                           batch[C.COUNTRY], batch[C.GENDER], subject)
+
+    def context_for(self, batch: Dict[str, torch.Tensor],
+                    context: str) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(ctx_ids (B, C), ctx_weights (B, C), subject catalog rows (B,) with -1 = none, or None)."""
+        if context == "train":
+            context = self.hparams.train_context
+            if context != "pseudo":
+                return mixed_context(batch, fallback="pseudo" if context == "mixed" else "none")
+        ids, w = context_inputs(batch, context)
+        return ids, w, batch.get(SUBJECT_ROW) if context == "real" else None
+
+    def subject_embeddings(self, subject_rows: Optional[torch.Tensor],
+                           item_emb: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """subject rows (B,) (-1 = none) -> (B, D) item-tower embeddings, zero rows for none;
+        None when the model does not use the subject item."""
+        if subject_rows is None or not self.config.use_subject_item:
+            return None
+        has = subject_rows >= 0  # (B,)
+        rows = subject_rows.clamp(min=0)  # (B,)
+        emb = item_emb[rows] if item_emb is not None else self.catalog_embeddings(rows)  # (B, D)
+        return emb * has.unsqueeze(-1).to(emb.dtype)  # (B, D)
 
     def catalog_embeddings(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Item-tower embeddings of catalog rows (all rows if None): (N, D)."""
         cat = self.catalog
-        if rows is None:
-            return self.model.item_embeddings(cat.item_ids.to(self.device), cat.cat_ids.to(self.device),
-                                              cat.cat_weights.to(self.device))
+        rows = torch.arange(len(cat)) if rows is None else rows.cpu()
+        gate = None if self.id_gate is None else self.id_gate[rows].to(self.device)
         return self.model.item_embeddings(cat.item_ids[rows].to(self.device),
                                           cat.cat_ids[rows].to(self.device),
-                                          cat.cat_weights[rows].to(self.device))
+                                          cat.cat_weights[rows].to(self.device), gate)
 
     def training_loss(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         """The whole training objective of one batch (also used by the plain-torch benchmark)."""
@@ -170,7 +221,7 @@ class ContextualRetrievalSystem(pl.LightningModule):
         if hp.history_drop_prob > 0:
             drop = torch.rand(b, 1, device=state.device) < hp.history_drop_prob  # (B, 1)
             state = torch.where(drop, self.model.cold_start_state(b), state)
-        user = self.user_embeddings(batch, "pseudo", state=state)  # (B, D)
+        user = self.user_embeddings(batch, "train", state=state)  # (B, D)
         n_items = len(self.catalog)
         uniform = torch.randint(0, n_items, (hp.n_uniform_negatives,))  # (U,)
         cand_rows = torch.cat([batch[LABEL_ROW].cpu(), uniform])  # (M,) = (B + U,)
@@ -218,7 +269,7 @@ class ContextualRetrievalSystem(pl.LightningModule):
         state = self.model.encode_user_state(batch[C.ITEM_IDS], batch[C.EVENT_TS_SECONDS])
         for context, metrics in (("pseudo", self.val_metrics), ("none", self.val_metrics_no_ctx),
                                  ("real", self.val_metrics_served)):
-            user = self.user_embeddings(batch, context, state=state)  # (B, D)
+            user = self.user_embeddings(batch, context, state=state, item_emb=self._catalog_emb)  # (B, D)
             ranks, top = rank_targets(user, self._catalog_emb, batch[LABEL_ROW], top_k=COVERAGE_K,
                                       chunk_size=self.hparams.eval_chunk_size)
             metrics.update(ranks=ranks, top_items=top)
@@ -261,3 +312,19 @@ def context_inputs(batch: Dict[str, torch.Tensor], context: str) -> tuple[torch.
     if context == "none":
         return torch.full_like(ids, features.PAD_CATEGORY), torch.zeros_like(w)
     raise ValueError(f"context must be pseudo, real or none; got {context!r}")
+
+
+def mixed_context(batch: Dict[str, torch.Tensor],
+                  fallback: str) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Real context (and subject row) where the example has one, else ``fallback`` ("pseudo" or
+    "none"): ids (B, C), weights (B, C), subject rows (B,) with -1 where there is none."""
+    fb_ids, fb_w = context_inputs(batch, fallback)
+    if HAS_REAL_CONTEXT not in batch:
+        return fb_ids, fb_w, None
+    has = batch[HAS_REAL_CONTEXT].bool()  # (B,)
+    ids = torch.where(has.unsqueeze(1), batch[REAL_CONTEXT_IDS], fb_ids)  # (B, C)
+    w = torch.where(has.unsqueeze(1), batch[REAL_CONTEXT_WEIGHTS], fb_w)  # (B, C)
+    subject = batch.get(SUBJECT_ROW)
+    if subject is not None:
+        subject = torch.where(has, subject, torch.full_like(subject, -1))  # (B,)
+    return ids, w, subject

@@ -57,6 +57,7 @@ class ModelConfig:
     state_len: int = 1  # m: number of last encoder states cached per user (1 = last hidden state)
     use_context: bool = True
     use_demographics: bool = True
+    use_subject_item: bool = False  # the subject item's own item-tower embedding joins the context
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
@@ -67,6 +68,8 @@ class ModelConfig:
             raise ValueError(f"state_len must be in [1, max_len={self.max_len}], got {self.state_len}")
         if self.n_time_buckets < 3:
             raise ValueError("n_time_buckets must be >= 3 (padding, first event, >= 1 gap bucket)")
+        if self.use_subject_item and not self.use_context:
+            raise ValueError("use_subject_item needs use_context (the subject is part of the context)")
 
     @property
     def state_dim(self) -> int:
@@ -121,6 +124,8 @@ class ContextualTwoTower(nn.Module):
         self.no_history_state = nn.Parameter(torch.randn(config.state_dim) * 0.02)  # cold start
         self.context = (ContextLayer(d, config.context_dropout, config.context_drop_prob)
                         if config.use_context else None)
+        # No bias: "no subject" (a zero embedding) must add nothing to the context.
+        self.subject_proj = nn.Linear(d, d, bias=False) if config.use_subject_item else None
         self.demographics = (DemographicsEmbedding(d, config.country_buckets, config.dropout)
                              if config.use_demographics else None)
         if config.fusion == "concat":
@@ -164,13 +169,16 @@ class ContextualTwoTower(nn.Module):
     # ---------------------------------------------------------------- online half
     def query_from_state(self, state: Optional[torch.Tensor], ctx_ids: Optional[torch.Tensor],
                          ctx_weights: Optional[torch.Tensor], age: Optional[torch.Tensor],
-                         country: Optional[torch.Tensor],
-                         gender: Optional[torch.Tensor]) -> torch.Tensor:
+                         country: Optional[torch.Tensor], gender: Optional[torch.Tensor],
+                         subject_emb: Optional[torch.Tensor] = None) -> torch.Tensor:
         """state (B, state_dim) or None (cold start), ctx_ids LongTensor (B, C) (-1 pad),
-        ctx_weights (B, C), age/country/gender LongTensor (B,) -> user embedding (B, D), unit norm.
+        ctx_weights (B, C), age/country/gender LongTensor (B,), subject_emb (B, D) the subject
+        item's item-tower embedding (zero rows or None = no subject item) -> user embedding
+        (B, D), unit norm.
 
         Inputs the configuration does not use (context when use_context=False, demographics when
-        use_demographics=False) may be None and are ignored.
+        use_demographics=False, the subject when use_subject_item=False) may be None and are
+        ignored.
         """
         batch = self._batch_size(state, ctx_ids, age)
         if state is None:
@@ -188,6 +196,8 @@ class ContextualTwoTower(nn.Module):
             if self.training and self.config.context_slot_drop_prob > 0:
                 ctx_weights = drop_context_slots(ctx_weights, self.config.context_slot_drop_prob)
             pooled = weighted_pool(self.category_emb(ctx_ids), ctx_weights)  # (B, D)
+            if self.subject_proj is not None and subject_emb is not None:
+                pooled = pooled + self.subject_proj(subject_emb.to(pooled.dtype))  # (B, D)
             ctx = self.context(pooled)  # (B, D)
         demo = None
         if self.demographics is not None:
@@ -198,10 +208,11 @@ class ContextualTwoTower(nn.Module):
 
     def forward(self, item_ids: torch.Tensor, event_ts: torch.Tensor, ctx_ids: Optional[torch.Tensor],
                 ctx_weights: Optional[torch.Tensor], age: Optional[torch.Tensor],
-                country: Optional[torch.Tensor], gender: Optional[torch.Tensor]) -> torch.Tensor:
+                country: Optional[torch.Tensor], gender: Optional[torch.Tensor],
+                subject_emb: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Full user tower: (B, L) history + context + demographics -> (B, D)."""
         state = self.encode_user_state(item_ids, event_ts)  # (B, state_dim)
-        return self.query_from_state(state, ctx_ids, ctx_weights, age, country, gender)
+        return self.query_from_state(state, ctx_ids, ctx_weights, age, country, gender, subject_emb)
 
     # ---------------------------------------------------------------- item tower
     @torch.no_grad()
@@ -219,10 +230,20 @@ class ContextualTwoTower(nn.Module):
             self.item_emb.table.weight[rows[:, h]] = share.to(self.item_emb.table.weight.dtype)
 
     def item_embeddings(self, item_ids: torch.Tensor, cat_ids: torch.Tensor,
-                        cat_weights: torch.Tensor) -> torch.Tensor:
-        """item_ids (N,), cat_ids LongTensor (N, C) (-1 pad), cat_weights (N, C) -> (N, D) unit norm."""
+                        cat_weights: torch.Tensor, id_gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """item_ids (N,), cat_ids LongTensor (N, C) (-1 pad), cat_weights (N, C), id_gate (N,) in
+        [0, 1] or None (= 1) -> (N, D) unit norm.
+
+        ``id_gate`` scales each item's id embedding: an item the training data never showed has
+        an id vector that is either its random initial rows or, through hash collisions, other
+        items' rows; gating it towards 0 lets such an item be represented by its categories
+        alone (see ``id_gate`` in models/system.py).
+        """
         cat = weighted_pool(self.category_emb(cat_ids), cat_weights)  # (N, D)
-        return self.item_tower(self.item_emb(item_ids), cat)  # (N, D)
+        ids = self.item_emb(item_ids)  # (N, D)
+        if id_gate is not None:
+            ids = ids * id_gate.to(ids.dtype).unsqueeze(-1)  # (N, D)
+        return self.item_tower(ids, cat)  # (N, D)
 
     @staticmethod
     def _batch_size(state: Optional[torch.Tensor], ctx_ids: Optional[torch.Tensor],
