@@ -206,7 +206,7 @@ class Resolver:
         ctx_ids, ctx_w, context_source = self._context(subject_item_id, categories, look)
         demo = self._demographics(look, overrides)
         state, cold_reason = self._state(look)
-        query = self._query(state, ctx_ids, ctx_w, demo)  # (D,)
+        query = self._query(state, ctx_ids, ctx_w, demo, subject_item_id)  # (D,)
         t2 = time.perf_counter()
 
         ids, scores = self.index.search(query, k, exact=exact)
@@ -233,7 +233,7 @@ class Resolver:
         ctx_ids, ctx_w, _ = self._context(subject_item_id, categories, look)
         state, _ = self._state(look)
         return self._query(state, ctx_ids, ctx_w,
-                           self._demographics(look, _check_demographics(demographics)))
+                           self._demographics(look, _check_demographics(demographics)), subject_item_id)
 
     def health(self) -> Dict[str, Any]:
         """Online-store reachability (one real read), model version and index facts."""
@@ -369,16 +369,29 @@ class Resolver:
         LOG.warning("serving as cold start: %s", problem)
         return None, COLD_START_VERSION_SKEW
 
+    def _subject_embedding(self, subject_item_id: Optional[int]) -> Optional[torch.Tensor]:
+        """(1, D) item-tower embedding of the subject item as exported in the bundle (the one the
+        model was trained with); zeros for an item outside the bundle's catalog; None when the
+        model does not read the subject item or there is none."""
+        if subject_item_id is None or not self.config.use_subject_item:
+            return None
+        ids = self.bundle.item_ids  # (N,) sorted
+        pos = int(np.searchsorted(ids, subject_item_id))
+        if pos < len(ids) and int(ids[pos]) == subject_item_id:
+            return torch.from_numpy(self.bundle.item_embeddings[pos]).unsqueeze(0)  # (1, D)
+        return torch.zeros(1, self.config.dim)
+
     @torch.inference_mode()
     def _query(self, state: Optional[np.ndarray], ctx_ids: np.ndarray, ctx_w: np.ndarray,
-               demo: Tuple[int, int, int]) -> np.ndarray:
+               demo: Tuple[int, int, int], subject_item_id: Optional[int] = None) -> np.ndarray:
         age, country, gender = demo
         st = None if state is None else torch.from_numpy(state).unsqueeze(0)  # (1, state_dim)
         q = self.model.query_from_state(
             st,
             torch.from_numpy(ctx_ids).unsqueeze(0),  # (1, C)
             torch.from_numpy(ctx_w).unsqueeze(0),  # (1, C)
-            torch.tensor([age]), torch.tensor([country]), torch.tensor([gender]))  # (1, D)
+            torch.tensor([age]), torch.tensor([country]), torch.tensor([gender]),  # (1,) each
+            self._subject_embedding(subject_item_id))  # (1, D)
         return q[0].numpy()  # (D,)
 
     def _check_feature_service(self) -> None:
