@@ -44,6 +44,7 @@ REAL_CONTEXT_IDS = "real_context_category_ids"
 REAL_CONTEXT_WEIGHTS = "real_context_weights"
 HAS_REAL_CONTEXT = "has_real_context"
 SUBJECT_ROW = "subject_row"  # catalog row of the example's subject item, -1 = none / not in the catalog
+EXCLUDE_ROWS = "exclude_rows"  # (B, H) catalog rows to drop from the ranking (the user's history), -1 pad
 
 
 @dataclass

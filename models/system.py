@@ -14,13 +14,25 @@ Item id embeddings start either random or (``item_init="cooccurrence"``) from a 
 the training split's user x item matrix (models/warm_start.py: without it, the history's signal
 beyond popularity is found late or never on sparse logs).
 
+Objective (``objective``): "last_item" = one example per sequences row, its label predicted from
+its history (the product's training set: every conversion is a row); "all_positions" = next-item
+prediction at EVERY position of each row's history + label in one causal pass (SASRec's
+objective, what the MovieLens benchmark trains: a leave-one-out log has one row per user, so
+predicting only its newest item would waste all the others). ``full_softmax`` makes every
+catalog item a candidate (no sampling, no logQ); without it all_positions scores the positive
+against ``n_uniform_negatives`` uniform items shared by the batch (a uniform proposal's logQ is
+the same for every negative and cancels).
+
 Training-only regularisers beside the context dropout of the model: a ``history_drop_prob``
 share of examples get the learned cold-start state instead of their encoded history, so the
 ``state=None`` serving path is trained.
 
 Validation: full-corpus Recall@K etc. on the validation split with its pseudo context (what the
 early stopping monitors: ``val/recall@100``) and the same examples with the context removed
-(``val_no_context/...``), so a run that leans on context only is visible in the curves.
+(``val_no_context/...``), so a run that leans on context only is visible in the curves. A batch
+with ``EXCLUDE_ROWS`` has the user's own history dropped from the ranking, and a label row of -1
+(a target outside the catalog, possible in a leave-one-out split) counts as a miss: the
+MovieLens protocol (models/leave_one_out.py).
 """
 from __future__ import annotations
 
@@ -33,10 +45,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import features
-from models.data import (HAS_REAL_CONTEXT, LABEL_ROW, REAL_CONTEXT_IDS, REAL_CONTEXT_WEIGHTS, SUBJECT_ROW,
-                         Catalog)
+from models.data import (EXCLUDE_ROWS, HAS_REAL_CONTEXT, LABEL_ROW, REAL_CONTEXT_IDS, REAL_CONTEXT_WEIGHTS,
+                         SUBJECT_ROW, Catalog)
 from models.metrics import COVERAGE_K, DEFAULT_KS, metric_key, rank_targets, retrieval_metrics
-from models.two_tower import ContextualTwoTower, ModelConfig
+from models.two_tower import ContextualTwoTower, ModelConfig, trim_left_padding
 from models.warm_start import cooccurrence_vectors, user_item_matrix
 from pipelines import contracts as C
 
@@ -46,6 +58,7 @@ ITEM_INITS = ("random", "cooccurrence")
 # 000: the log has no real context); "real" = the logged or derived subject item where the
 # example has one, else none; "mixed" = real where there is one, else pseudo.
 TRAIN_CONTEXTS = ("pseudo", "real", "mixed")
+OBJECTIVES = ("last_item", "all_positions")
 
 
 def id_gate(item_counts: torch.Tensor, k: float) -> torch.Tensor:
@@ -79,6 +92,34 @@ def sampled_softmax_loss(user_emb: torch.Tensor, cand_emb: torch.Tensor, cand_ro
     return F.cross_entropy(logits, pos_col)
 
 
+def next_item_targets(history_rows: torch.Tensor, label_rows: torch.Tensor) -> torch.Tensor:
+    """What each position of a history predicts: the next history event, the label at the last.
+
+    history_rows (B, L) catalog rows of a left-padded history (-1 = padding or not in the
+    catalog), label_rows (B,) -> (B, L) target rows; -1 (no example there) where the position's
+    own row is -1 (padding, or an item outside the catalog) or its target has none.
+    """
+    nxt = torch.cat([history_rows[:, 1:], label_rows.unsqueeze(1)], dim=1)  # (B, L)
+    return torch.where(history_rows >= 0, nxt, torch.full_like(nxt, -1))  # (B, L)
+
+
+def uniform_negatives_loss(user_emb: torch.Tensor, pos_emb: torch.Tensor, pos_rows: torch.Tensor,
+                           neg_emb: torch.Tensor, neg_rows: torch.Tensor,
+                           temperature: torch.Tensor | float) -> torch.Tensor:
+    """Softmax of each positive against negatives shared by the batch, drawn uniformly.
+
+    user_emb (P, D), pos_emb (P, D) and pos_rows (P,) the positives, neg_emb (U, D) and
+    neg_rows (U,) the negatives. A uniform proposal's logQ is the same for every negative and
+    cancels, so none is applied; a negative that is the row's own positive is masked out.
+    """
+    pos_logit = (user_emb * pos_emb).sum(-1, keepdim=True) / temperature  # (P, 1)
+    neg_logit = (user_emb @ neg_emb.T / temperature).masked_fill(
+        neg_rows.unsqueeze(0) == pos_rows.unsqueeze(1), -math.inf)  # (P, U)
+    logits = torch.cat([pos_logit, neg_logit], dim=1)  # (P, 1 + U)
+    return F.cross_entropy(logits, torch.zeros(pos_rows.shape[0], dtype=torch.long,
+                                               device=logits.device))
+
+
 class ContextualRetrievalSystem(pl.LightningModule):
     """Trains ContextualTwoTower; expects ContextualSequenceDataModule as trainer.datamodule
     (catalog + item frequencies come from it in ``setup``)."""
@@ -89,8 +130,11 @@ class ContextualRetrievalSystem(pl.LightningModule):
                  logq_correction: bool = True, logq_weight: float = 1.0,
                  history_drop_prob: float = 0.05, item_init: str = "random",
                  id_gate_k: float = 0.0, train_context: str = "pseudo",
-                 eval_ks: Sequence[int] = DEFAULT_KS, eval_chunk_size: int = 1024) -> None:
+                 eval_ks: Sequence[int] = DEFAULT_KS, eval_chunk_size: int = 1024,
+                 objective: str = "last_item", full_softmax: bool = False) -> None:
         super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if item_init not in ITEM_INITS:
             raise ValueError(f"item_init must be one of {ITEM_INITS}, got {item_init!r}")
         if train_context not in TRAIN_CONTEXTS:
@@ -98,6 +142,11 @@ class ContextualRetrievalSystem(pl.LightningModule):
         if isinstance(model_config, dict):  # load_from_checkpoint passes the saved dict back
             model_config = ModelConfig.from_dict(model_config)
         self.config = model_config
+        if objective == "all_positions" and (self.config.use_context or self.config.state_len != 1):
+            raise ValueError("objective='all_positions' trains the sequence encoder's every position: "
+                             "it needs use_context=False (a context belongs to one example) and "
+                             f"state_len=1, got use_context={self.config.use_context}, "
+                             f"state_len={self.config.state_len}")
         self.save_hyperparameters(ignore=["model_config"])
         self.hparams["model_config"] = self.config.to_dict()  # JSON-friendly, no pickled classes
         self.model = ContextualTwoTower(self.config)
@@ -215,13 +264,18 @@ class ContextualRetrievalSystem(pl.LightningModule):
 
     def training_loss(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         """The whole training objective of one batch (also used by the plain-torch benchmark)."""
+        hp = self.hparams
+        if hp.objective == "all_positions":
+            return self.all_positions_loss(batch)
         b = batch[LABEL_ROW].shape[0]
         state = self.model.encode_user_state(batch[C.ITEM_IDS], batch[C.EVENT_TS_SECONDS])  # (B, S)
-        hp = self.hparams
         if hp.history_drop_prob > 0:
             drop = torch.rand(b, 1, device=state.device) < hp.history_drop_prob  # (B, 1)
             state = torch.where(drop, self.model.cold_start_state(b), state)
         user = self.user_embeddings(batch, "train", state=state)  # (B, D)
+        if hp.full_softmax:
+            logits = user @ self.catalog_embeddings().T / self.temperature  # (B, N)
+            return F.cross_entropy(logits, batch[LABEL_ROW])
         n_items = len(self.catalog)
         uniform = torch.randint(0, n_items, (hp.n_uniform_negatives,))  # (U,)
         cand_rows = torch.cat([batch[LABEL_ROW].cpu(), uniform])  # (M,) = (B + U,)
@@ -236,6 +290,40 @@ class ContextualRetrievalSystem(pl.LightningModule):
         pos_col = first_pos + torch.arange(b, device=self.device)
         return sampled_softmax_loss(user, cand, cand_rows.to(self.device), batch[LABEL_ROW], pos_col,
                                     log_q.to(self.device), self.temperature)
+
+    def all_positions_loss(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Next-item prediction at every position of each row's history + label.
+
+        Input = the history (B, L); position t is scored against history[t + 1], the last position
+        against the label (``next_item_targets``), so a row with n history events gives n
+        examples, all from one causal pass. ``history_drop_prob`` replaces a position's state by
+        the cold-start state; demographics are the row's. Mean over the P positions.
+        """
+        hp = self.hparams
+        items, ts = trim_left_padding(batch[C.ITEM_IDS], batch[C.EVENT_TS_SECONDS])  # (B, L')
+        hidden, _ = self.model.encode_positions(items, ts)  # (B, L', D)
+        rows = torch.as_tensor(self.catalog.find_rows(items.cpu().numpy()),
+                               device=items.device)  # (B, L') catalog rows, -1 pad
+        target = next_item_targets(rows, batch[LABEL_ROW])  # (B, L')
+        where = (target >= 0).nonzero(as_tuple=True)  # P positions
+        if where[0].numel() == 0:  # only empty histories: no example in this batch
+            return hidden.sum() * 0.0
+        state = hidden[where]  # (P, D)
+        if hp.history_drop_prob > 0:
+            drop = torch.rand(state.shape[0], 1, device=state.device) < hp.history_drop_prob  # (P, 1)
+            state = torch.where(drop, self.model.cold_start_state(state.shape[0]), state)
+        row = where[0]  # (P,) the batch row of each position
+        user = self.model.query_from_state(state, None, None, batch[C.AGE_BUCKET][row],
+                                           batch[C.COUNTRY][row], batch[C.GENDER][row])  # (P, D)
+        pos_rows = target[where]  # (P,)
+        if hp.full_softmax:
+            logits = user @ self.catalog_embeddings().T / self.temperature  # (P, N)
+            return F.cross_entropy(logits, pos_rows)
+        neg_rows = torch.randint(0, len(self.catalog), (hp.n_uniform_negatives,))  # (U,)
+        cand = self.catalog_embeddings(torch.cat([pos_rows.cpu(), neg_rows]))  # (P + U, D)
+        p = pos_rows.shape[0]
+        return uniform_negatives_loss(user, cand[:p], pos_rows, cand[p:], neg_rows.to(self.device),
+                                      self.temperature)
 
     def _global_in_batch_negatives(self, cand_rows: torch.Tensor, cand: torch.Tensor,
                                    b: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -267,11 +355,15 @@ class ContextualRetrievalSystem(pl.LightningModule):
 
     def validation_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
         state = self.model.encode_user_state(batch[C.ITEM_IDS], batch[C.EVENT_TS_SECONDS])
+        exclude = batch.get(EXCLUDE_ROWS)  # (B, H) the user's history rows (-1 pad), or None
+        outside = batch[LABEL_ROW] < 0  # (B,) target without a catalog row: a miss
+        target = batch[LABEL_ROW].clamp(min=0)  # (B,) any column for those; their rank is replaced
         for context, metrics in (("pseudo", self.val_metrics), ("none", self.val_metrics_no_ctx),
                                  ("real", self.val_metrics_served)):
             user = self.user_embeddings(batch, context, state=state, item_emb=self._catalog_emb)  # (B, D)
-            ranks, top = rank_targets(user, self._catalog_emb, batch[LABEL_ROW], top_k=COVERAGE_K,
-                                      chunk_size=self.hparams.eval_chunk_size)
+            ranks, top = rank_targets(user, self._catalog_emb, target, exclude=exclude,
+                                      top_k=COVERAGE_K, chunk_size=self.hparams.eval_chunk_size)
+            ranks = ranks.masked_fill(outside, len(self.catalog))  # (B,)
             metrics.update(ranks=ranks, top_items=top)
 
     def on_validation_epoch_end(self) -> None:

@@ -58,6 +58,8 @@ class ModelConfig:
     use_context: bool = True
     use_demographics: bool = True
     use_subject_item: bool = False  # the subject item's own item-tower embedding joins the context
+    use_item_categories: bool = True  # False: the item tower reads the item id only
+    use_time_gaps: bool = True  # False: the encoder reads item ids and positions only
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
@@ -119,7 +121,8 @@ class ContextualTwoTower(nn.Module):
         self.category_emb = MultiHashEmbedding(config.category_buckets, d, config.n_hashes,
                                                config.hash_seed + 1)
         self.encoder = CausalSequenceEncoder(d, config.n_layers, config.n_heads, config.max_len,
-                                             config.n_time_buckets, config.dropout)
+                                             config.n_time_buckets, config.dropout,
+                                             config.use_time_gaps)
         self.pad_slot = nn.Parameter(torch.zeros(d))  # state slot of a history shorter than m
         self.no_history_state = nn.Parameter(torch.randn(config.state_dim) * 0.02)  # cold start
         self.context = (ContextLayer(d, config.context_dropout, config.context_drop_prob)
@@ -148,10 +151,7 @@ class ContextualTwoTower(nn.Module):
         -> state (B, state_dim): the last ``state_len`` encoder outputs, flattened."""
         m, d = self.config.state_len, self.config.dim
         item_ids, event_ts = trim_left_padding(item_ids, event_ts, keep=m)  # (B, L') L' <= L
-        valid = item_ids != features.PAD_ITEM  # (B, L')
-        tokens = self.item_emb(item_ids)  # (B, L, D)
-        gaps = features.time_gap_buckets(event_ts, valid, self.config.n_time_buckets)  # (B, L)
-        hidden = self.encoder(tokens, gaps, valid)  # (B, L, D)
+        hidden, valid = self.encode_positions(item_ids, event_ts)  # (B, L', D), (B, L')
         if hidden.shape[1] < m:  # shorter input than the state: pad slots in front
             short = m - hidden.shape[1]
             hidden = torch.cat([hidden.new_zeros(hidden.shape[0], short, d), hidden], dim=1)
@@ -161,6 +161,22 @@ class ContextualTwoTower(nn.Module):
         state = slots.flatten(1)  # (B, m*D)
         has_history = valid.any(dim=1, keepdim=True)  # (B, 1)
         return torch.where(has_history, state, self.no_history_state.expand_as(state))  # (B, m*D)
+
+    def encode_positions(self, item_ids: torch.Tensor,
+                         event_ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """item_ids LongTensor (B, L) left-padded, event_ts LongTensor (B, L) -> the encoder output
+        at EVERY position (B, L, D) and the validity mask (B, L).
+
+        Position t is a function of events <= t only (causal). Its recency embedding counts from
+        the newest event of the whole row, so position t equals ``encode_user_state`` of the
+        prefix up to t only at the last position; the all-positions objective trains the earlier
+        positions the way SASRec does (one causal pass per sequence, fixed slot positions).
+        """
+        valid = item_ids != features.PAD_ITEM  # (B, L)
+        tokens = self.item_emb(item_ids)  # (B, L, D)
+        gaps = (features.time_gap_buckets(event_ts, valid, self.config.n_time_buckets)
+                if self.config.use_time_gaps else None)  # (B, L)
+        return self.encoder(tokens, gaps, valid), valid  # (B, L, D), (B, L)
 
     def cold_start_state(self, batch_size: int) -> torch.Tensor:
         """The learned state of a user with no history: (B, state_dim)."""
@@ -232,15 +248,19 @@ class ContextualTwoTower(nn.Module):
     def item_embeddings(self, item_ids: torch.Tensor, cat_ids: torch.Tensor,
                         cat_weights: torch.Tensor, id_gate: Optional[torch.Tensor] = None) -> torch.Tensor:
         """item_ids (N,), cat_ids LongTensor (N, C) (-1 pad), cat_weights (N, C), id_gate (N,) in
-        [0, 1] or None (= 1) -> (N, D) unit norm.
+        [0, 1] or None (= 1) -> (N, D) unit norm. Categories are ignored with
+        ``use_item_categories=False``.
 
         ``id_gate`` scales each item's id embedding: an item the training data never showed has
         an id vector that is either its random initial rows or, through hash collisions, other
         items' rows; gating it towards 0 lets such an item be represented by its categories
         alone (see ``id_gate`` in models/system.py).
         """
-        cat = weighted_pool(self.category_emb(cat_ids), cat_weights)  # (N, D)
         ids = self.item_emb(item_ids)  # (N, D)
+        if self.config.use_item_categories:
+            cat = weighted_pool(self.category_emb(cat_ids), cat_weights)  # (N, D)
+        else:  # a zero category vector: the tower's MLP sees the id alone
+            cat = torch.zeros_like(ids)  # (N, D)
         if id_gate is not None:
             ids = ids * id_gate.to(ids.dtype).unsqueeze(-1)  # (N, D)
         return self.item_tower(ids, cat)  # (N, D)
