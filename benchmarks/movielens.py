@@ -34,7 +34,7 @@ keeps what it finished; a run already in the JSON is skipped unless ``--redo``):
 - ``seeds``: seeds 1 and 2 at that rate (seed 0 is the grid's run); mean and standard deviation
   over the 3 seeds; the ``bars`` list.
 ``--stage all`` runs both. ``--quick``: a smoke run (ml-100k, 2 epochs, one rate, one seed),
-written to a temporary file, never to benchmarks/results/movielens.json.
+always a fresh report, written to a temporary file, never to benchmarks/results/movielens.json.
 
 Usage: python benchmarks/movielens.py [--stage grid|seeds|all] [--datasets ml-100k ml-1m-u2999]
            [--models ours_ids sasrec ...] [--quick] [--out PATH]
@@ -630,9 +630,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     venv_proc = start_venv_build(venv) if needs_rectools else None
     imported = import_all(datasets, args.data_root)
     python = finish_venv_build(venv, venv_proc) if needs_rectools else None
-    report = {} if args.quick and args.redo else load_report(out)
-    report.setdefault("datasets", {})
-    report.setdefault("stages_run", [])
+    # A smoke run starts afresh; the real one merges into what earlier stages wrote.
+    report = {"datasets": {}, "stages_run": []} if args.quick else load_report(out)
     report.update({"benchmark": "movielens", "machine": machine_info(), "protocol": PROTOCOL,
                    "quick": bool(args.quick), "head_to_head": [OURS_H2H, SASREC_H2H],
                    "note": "one run at a time; load averages per run show how busy the machine was"})

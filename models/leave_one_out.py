@@ -55,9 +55,10 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from torch.utils.data import DataLoader
 
 from models import features
+from models.cli import LINKED_DATA_FIELDS
 from models.data import (EXCLUDE_ROWS, HAS_REAL_CONTEXT, LABEL_ROW, REAL_CONTEXT_IDS, REAL_CONTEXT_WEIGHTS,
                          Catalog, _demographics, batch_loader, build_catalog, process_seed, take)
-from models.system import ContextualRetrievalSystem
+from models.system import ContextualRetrievalSystem, next_item_targets
 from pipelines import contracts as C
 
 log = logging.getLogger(__name__)
@@ -71,8 +72,6 @@ HR, NDCG = f"hr@{K}", f"ndcg@{K}"
 # one top_item_lists ranks with), history excluded (metric_key("val_no_context/ndcg@10")).
 MONITOR = "val_no_context/ndcg_at_10"
 MAX_TIES_PER_SECOND = 1000  # the ms tie-break holds up to this many events of a user in one second
-# The model fields the data must follow (ctt-train links the same ones).
-LINKED_DATA_FIELDS = ("max_len", "max_ctx", "max_item_categories", "country_buckets")
 
 
 # ======================================================================================
@@ -301,9 +300,9 @@ def phase_tensors(split: Split, phase: str, catalog: Catalog, users_frame: Optio
 def target_counts(train: Dict[str, torch.Tensor], catalog: Catalog) -> torch.Tensor:
     """(N,) how often each catalog item is a training target of the all-positions objective:
     every history event but a row's first, plus the label (logQ frequencies and the id gate)."""
-    rows = catalog.find_rows(train[C.ITEM_IDS][:, 1:].numpy())  # (U, L-1), -1 pad
-    targets_ = np.concatenate([rows[rows >= 0], train[LABEL_ROW].numpy()])
-    return torch.bincount(torch.as_tensor(targets_), minlength=len(catalog)).to(torch.float64)
+    rows = torch.as_tensor(catalog.find_rows(train[C.ITEM_IDS].numpy()))  # (U, L), -1 pad
+    target = next_item_targets(rows, train[LABEL_ROW])  # (U, L)
+    return torch.bincount(target[target >= 0], minlength=len(catalog)).to(torch.float64)
 
 
 # ======================================================================================
@@ -449,7 +448,7 @@ class EpochClock(Callback):
 
 class LeaveOneOutCLI(LightningCLI):
     """ContextualRetrievalSystem + LeaveOneOutDataModule + Trainer from YAML, the data's sizes
-    linked to the model config as ``ctt-train`` links them."""
+    linked to the model config as ``ctt-train`` links them (``LINKED_DATA_FIELDS``)."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         for name in LINKED_DATA_FIELDS:

@@ -358,13 +358,17 @@ class ContextualRetrievalSystem(pl.LightningModule):
         exclude = batch.get(EXCLUDE_ROWS)  # (B, H) the user's history rows (-1 pad), or None
         outside = batch[LABEL_ROW] < 0  # (B,) target without a catalog row: a miss
         target = batch[LABEL_ROW].clamp(min=0)  # (B,) any column for those; their rank is replaced
-        for context, metrics in (("pseudo", self.val_metrics), ("none", self.val_metrics_no_ctx),
-                                 ("real", self.val_metrics_served)):
-            user = self.user_embeddings(batch, context, state=state, item_emb=self._catalog_emb)  # (B, D)
-            ranks, top = rank_targets(user, self._catalog_emb, target, exclude=exclude,
-                                      top_k=COVERAGE_K, chunk_size=self.hparams.eval_chunk_size)
-            ranks = ranks.masked_fill(outside, len(self.catalog))  # (B,)
-            metrics.update(ranks=ranks, top_items=top)
+        passes = (("pseudo", self.val_metrics), ("none", self.val_metrics_no_ctx),
+                  ("real", self.val_metrics_served))
+        ranked = None
+        for context, metrics in passes:
+            # Without a context layer every pass gives the same embedding: rank once.
+            if ranked is None or self.config.use_context:
+                user = self.user_embeddings(batch, context, state=state, item_emb=self._catalog_emb)  # (B, D)
+                ranks, top = rank_targets(user, self._catalog_emb, target, exclude=exclude,
+                                          top_k=COVERAGE_K, chunk_size=self.hparams.eval_chunk_size)
+                ranked = (ranks.masked_fill(outside, len(self.catalog)), top)  # (B,), (B, K)
+            metrics.update(ranks=ranked[0], top_items=ranked[1])
 
     def on_validation_epoch_end(self) -> None:
         for metrics in (self.val_metrics, self.val_metrics_no_ctx, self.val_metrics_served):
