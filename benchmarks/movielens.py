@@ -32,7 +32,8 @@ keeps what it finished; a run already in the JSON is skipped unless ``--redo``):
 - ``grid``: every model at every learning rate of ``LRS`` with seed 0; the rate with the best
   validation NDCG@10 is the model's rate;
 - ``seeds``: seeds 1 and 2 at that rate (seed 0 is the grid's run); mean and standard deviation
-  over the 3 seeds; the ``bars`` list.
+  over the 3 seeds; the ``bars`` list. The rate is chosen among the grid runs of the ``--lrs``
+  given (default ``LRS``), so ``--lrs R`` runs a model at one rate only.
 ``--stage all`` runs both. ``--quick``: a smoke run (ml-100k, 2 epochs, one rate, one seed),
 always a fresh report, written to a temporary file, never to benchmarks/results/movielens.json.
 
@@ -612,6 +613,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: ml-100k, 2 epochs, one rate, one seed; written to --out "
                         f"(default {QUICK_OUT}), never to {DEFAULT_OUT.relative_to(ROOT)}")
+    parser.add_argument("--lrs", nargs="+", type=float, default=None,
+                        help=f"learning rates of the grid (default {' '.join(map(str, LRS))}); e.g. the "
+                        "extra rows at the head-to-head's chosen rate only, to save time")
     parser.add_argument("--redo", action="store_true", help="rerun runs already in the JSON")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
@@ -619,7 +623,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.quick and out.resolve() == DEFAULT_OUT.resolve():
         parser.error(f"--quick is a smoke run: write it elsewhere than {DEFAULT_OUT}")
     datasets = args.datasets or list(QUICK["datasets"] if args.quick else DATASETS)
-    lrs = QUICK["lrs"] if args.quick else LRS
+    lrs = tuple(args.lrs) if args.lrs else (QUICK["lrs"] if args.quick else LRS)
     seeds = QUICK["seeds"] if args.quick else SEEDS
     max_epochs = QUICK["max_epochs"] if args.quick else MAX_EPOCHS
     torch.set_num_threads(THREADS)
