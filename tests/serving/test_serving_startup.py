@@ -145,3 +145,16 @@ def test_serve_main_startup_errors(serving_env, tmp_path, capsys, break_one, mes
         assert serve_main(argv + ["--port", port]) == EXIT_STARTUP_ERROR
     _one_error_line(capsys.readouterr().err, message)
     assert not (tmp_path / "pwned").exists(), "start-up unpickled the planted file"
+
+
+def test_build_index_missing_bundle_is_one_line(tmp_path, capsys):
+    from serving.cli import build_index_main
+
+    code = build_index_main(["--bundle", str(tmp_path / "no_such_bundle"), "--out",
+                             str(tmp_path / "index")])
+    assert code == EXIT_STARTUP_ERROR
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("ctt-build-index: error: ")] == [
+        f"ctt-build-index: error: {tmp_path / 'no_such_bundle'}: no manifest.json; not a bundle"]
+    assert not (tmp_path / "index").exists()
