@@ -178,6 +178,16 @@ def _read_manifest(path: Path) -> Dict[str, Any]:
     return manifest
 
 
+def _refuse_unlisted(path: Path) -> None:
+    """A bundle holds exactly the manifest and the files it hashes; anything else (a dropped-in
+    pickle above all) is refused before any file is read, so nothing foreign is ever loaded."""
+    extra = sorted(p.name for p in path.iterdir() if p.name not in _HASHED_FILES + (C.BUNDLE_MANIFEST,))
+    if extra:
+        raise BundleError(f"{path}: files not listed in the manifest: {extra[:10]}; refused (a "
+                          f"bundle holds only {C.BUNDLE_MANIFEST} and {list(_HASHED_FILES)}, and "
+                          f"nothing in it is ever unpickled)")
+
+
 def _verify_checksums(path: Path, manifest: Dict[str, Any]) -> None:
     for name in _HASHED_FILES:
         expected = manifest["files"].get(name)
@@ -195,6 +205,7 @@ def load_bundle(path: Path | str) -> Bundle:
     """Load and verify a bundle: checksums, config, weights (safetensors only) and shapes."""
     path = Path(path)
     manifest = _read_manifest(path)
+    _refuse_unlisted(path)
     _verify_checksums(path, manifest)
     version = manifest[C.MODEL_VERSION]
     if not _VERSION_SUFFIX.search(version) or not manifest["files"][C.BUNDLE_WEIGHTS].startswith(version[-8:]):
