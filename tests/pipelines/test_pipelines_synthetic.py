@@ -370,6 +370,12 @@ def test_realistic_deterministic_per_user_and_seed_sensitive(real_world):
     other_cfg = replace(REAL, seed=8)
     _, other = simulate_users(other_cfg, build_catalog(other_cfg), np.array([5, 6]))
     assert not other.reset_index(drop=True).equals(first)
+    # corruption draws come after the clean ones: the clean rows do not depend on malformed_frac
+    ids = np.arange(200)
+    _, clean = simulate_users(replace(REAL, malformed_frac=0.0), cat, ids)
+    _, dirty = simulate_users(replace(REAL, malformed_frac=0.05), cat, ids)
+    kept = clean.merge(dirty.drop_duplicates(), how="left", indicator=True)["_merge"] == "both"
+    assert 0.9 < kept.mean() < 0.99
 
 
 @pytest.mark.spark
