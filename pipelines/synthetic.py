@@ -702,6 +702,7 @@ class RealisticCatalog:
     cum_pop: np.ndarray = field(repr=False)  # cumulative popularity in `order`
     leaf_bounds: np.ndarray = field(repr=False)  # (L+1,)
     traffic_cum: np.ndarray = field(repr=False)  # (L,) cumulative popularity mass per leaf
+    window: Tuple[int, int] = (0, 1)  # [start, end) of the log in epoch seconds
 
     @property
     def n_items(self) -> int:
@@ -747,8 +748,6 @@ class RealisticCatalog:
     def style_list(self) -> List[int]:
         return self.style.tolist()
 
-    window: Tuple[int, int] = (0, 1)  # [start, end) of the log in epoch seconds
-
     @cached_property
     def lone_item_share(self) -> float:
         """Expected share of traffic-weighted draws (uniform in time over the window) that land
@@ -773,13 +772,14 @@ class RealisticCatalog:
         return max(0.0, (p_subject_is_label - p_aligned * q) / (1.0 - q))
 
     def parent_index(self, leaf):
-        """Parent of a leaf (0-based among parents); works on ints and arrays."""
-        return leaf // self.leaves_per_parent
+        """Parent of a leaf (0-based among parents; the leaf itself without a parent level);
+        works on ints and arrays."""
+        return leaf if self.leaves_per_parent == 0 else leaf // self.leaves_per_parent
 
     def top_index(self, leaf):
-        """Top-level category of a leaf (0-based among tops); the leaf itself without levels."""
+        """Top-level category of a leaf (0-based among tops); its parent without a top level."""
         if self.parents_per_top == 0:
-            return leaf if self.leaves_per_parent == 0 else self.parent_index(leaf)
+            return self.parent_index(leaf)
         return self.parent_index(leaf) // self.parents_per_top
 
     def category_matrix(self) -> np.ndarray:
