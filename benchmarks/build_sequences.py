@@ -48,12 +48,12 @@ def phase_prepare(lake: str, n_events: int, master: str, driver_memory: str) -> 
 
     from pipelines.delta_io import read_table, write_raw
     from pipelines.spark import get_spark
-    from pipelines.synthetic import SyntheticConfig, generate, users_for_events
+    from pipelines.synthetic import PLANTED, SyntheticConfig, generate, users_for_events
     from pipelines.validate import validate_events, validate_items
 
     spark = get_spark("bench-prepare", master=master,
                       extra_conf={"spark.driver.memory": driver_memory})
-    cfg = SyntheticConfig(n_items=max(10_000, n_events // 200))
+    cfg = SyntheticConfig(preset=PLANTED, n_items=max(10_000, n_events // 200))
     cfg = replace(cfg, n_users=users_for_events(n_events, cfg))
     tables = generate(spark, cfg)
     paths = C.LakePaths(lake)

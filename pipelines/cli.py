@@ -58,30 +58,41 @@ def _session(args: argparse.Namespace, app: str):
 # --------------------------------------------------------------------------------------
 # generate_data
 # --------------------------------------------------------------------------------------
+_KNOB_FLAGS = {"n_items": "--items", "n_categories": "--categories", "n_styles": "--styles"}
+
+
+def _knob_flag(knob: str) -> str:
+    return _KNOB_FLAGS.get(knob, "--" + knob.replace("_", "-"))
+
+
+def _default_text(value: object) -> str:
+    return "derived" if value is None else str(value)
+
+
 def generate_parser() -> argparse.ArgumentParser:
-    from pipelines.synthetic import SyntheticConfig
+    from pipelines.synthetic import (ALL_KNOBS, KNOB_HELP, PRESET_DEFAULTS, PRESETS, REALISTIC,
+                                     SyntheticConfig, knob_type)
 
     d = SyntheticConfig()
     p = argparse.ArgumentParser(
         prog="generate_data",
         description="Write seeded synthetic raw_events / raw_items / raw_users Delta tables "
-                    "with a planted signal (see pipelines/synthetic.py). Overwrites them.")
+                    "(see pipelines/synthetic.py: a realistic world calibrated to real logs, or "
+                    "the planted world of the first quality bars). Overwrites them.")
     _spark_args(p)
+    p.add_argument("--preset", choices=PRESETS, default=REALISTIC,
+                   help=f"which world (default {REALISTIC}); every knob below overrides the "
+                        f"preset's default, and a knob of the other preset is refused")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--users", type=int, default=d.n_users, help=f"users (default {d.n_users})")
     size.add_argument("--events", type=int, default=None,
                       help="approximate number of events instead of --users")
-    p.add_argument("--items", type=int, default=d.n_items, help=f"items (default {d.n_items})")
-    p.add_argument("--categories", type=int, default=d.n_categories)
-    p.add_argument("--styles", type=int, default=d.n_styles)
-    p.add_argument("--p-longterm", type=float, default=d.p_longterm,
-                   help="P(session intent is a long-term interest)")
-    p.add_argument("--p-style", type=float, default=d.p_style,
-                   help="P(conversion has the user's style)")
-    p.add_argument("--p-convert", type=float, default=d.p_convert, help="P(session converts)")
-    p.add_argument("--sessions-mean", type=float, default=d.sessions_mean)
-    p.add_argument("--max-clicks", type=int, default=d.max_clicks)
-    p.add_argument("--popularity-exponent", type=float, default=d.popularity_exponent)
+    knobs = p.add_argument_group("knobs (default: the preset's)")
+    for knob in ALL_KNOBS:
+        defaults = ", ".join(f"{name} {_default_text(PRESET_DEFAULTS[name][knob])}"
+                             for name in PRESETS if knob in PRESET_DEFAULTS[name])
+        knobs.add_argument(_knob_flag(knob), dest=knob, type=knob_type(knob), default=None,
+                           help=f"{KNOB_HELP[knob]} (default: {defaults})")
     p.add_argument("--malformed-frac", type=float, default=d.malformed_frac,
                    help="fraction of deliberately malformed event rows (default 0.005)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -93,18 +104,20 @@ def generate_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from pipelines.synthetic import SyntheticConfig, users_for_events
+    """The SyntheticConfig of parsed flags: the preset plus only the knobs given."""
+    from dataclasses import replace
 
-    cfg = SyntheticConfig(
-        n_users=args.users, n_items=args.items, n_categories=args.categories,
-        n_styles=args.styles, p_longterm=args.p_longterm, p_style=args.p_style,
-        p_convert=args.p_convert, sessions_mean=args.sessions_mean, max_clicks=args.max_clicks,
-        popularity_exponent=args.popularity_exponent, malformed_frac=args.malformed_frac,
-        seed=args.seed, start=args.start, days=args.days,
-    )
+    from pipelines.synthetic import ALL_KNOBS, SyntheticConfig, users_for_events
+
+    knobs = {k: getattr(args, k) for k in ALL_KNOBS if getattr(args, k, None) is not None}
+    try:
+        cfg = SyntheticConfig(preset=args.preset, n_users=args.users,
+                              malformed_frac=args.malformed_frac, seed=args.seed,
+                              start=args.start, days=args.days, **knobs)
+    except ValueError as err:
+        flags = ", ".join(_knob_flag(k) for k in knobs)
+        raise SystemExit(f"generate_data: {err}" + (f" (flags given: {flags})" if flags else ""))
     if args.events is not None:
-        from dataclasses import replace
-
         cfg = replace(cfg, n_users=users_for_events(args.events, cfg))
     return cfg
 

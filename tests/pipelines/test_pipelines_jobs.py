@@ -19,13 +19,13 @@ from pipelines.cli import BuildConfig, ingest_main, run_build_sequences, run_gen
 from pipelines.context import context_rows_schema
 from pipelines.delta_io import read_table, sync_quarantine, sync_table, table_version, write_raw
 from pipelines.sequences import load_cutoffs
-from pipelines.synthetic import SyntheticConfig
+from pipelines.synthetic import PLANTED, SyntheticConfig
 
 pytestmark = pytest.mark.spark
 
 REPO = Path(__file__).resolve().parents[2]
 NOW = datetime(2025, 1, 1, tzinfo=timezone.utc)
-GEN = SyntheticConfig(n_users=60, n_items=400, malformed_frac=0.02, seed=5)
+GEN = SyntheticConfig(preset=PLANTED, n_users=60, n_items=400, malformed_frac=0.02, seed=5)
 BUILD = BuildConfig(max_len=5)  # a small cap so that it binds on this data
 OUTPUTS = (C.T_SEQUENCES, C.T_CONTEXT_ROWS, C.T_USER_SEQUENCES)
 
