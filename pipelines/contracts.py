@@ -57,6 +57,12 @@ SOURCE_TABLE = "source_table"
 REASON = "reason"
 INGESTED_AT = "ingested_at"
 
+# Raw tables carry one column beyond their contract columns: the original *string* values of a
+# row whose values failed to parse at ingest (JSON keyed by contract column names), else null.
+# Validation copies it into quarantine.row_json so that "abc" as a user id is quarantined as
+# "abc", not as null. The quarantine's column name on purpose: it is the same thing.
+RAW_ROW_JSON = ROW_JSON
+
 AS_OF_TS = "as_of_ts"  # timestamp of the label conversion (history is strictly before it)
 ITEM_IDS = "item_ids"  # history, oldest..newest
 EVENT_TS_SECONDS = "event_ts"  # in sequences: array<long> epoch seconds aligned with item_ids

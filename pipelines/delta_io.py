@@ -36,12 +36,7 @@ from pyspark.sql.window import Window
 
 from pipelines import contracts as C
 
-# Raw tables carry one column beyond the contract: the original *string* values of a row whose
-# values failed to parse at ingest (JSON keyed by contract column names), else null. Validation
-# copies it into quarantine.row_json so that "abc" as a user id is quarantined as "abc", not as
-# null. Reuses the quarantine's column name on purpose: it is the same thing (the row as JSON).
-# Reported to the lead as a contract addition.
-RAW_ROW_JSON = C.ROW_JSON
+RAW_ROW_JSON = C.RAW_ROW_JSON  # the raw tables' extra column (see contracts)
 RAW_TABLES = (C.T_RAW_EVENTS, C.T_RAW_ITEMS, C.T_RAW_USERS)
 
 # Internal column names used only inside this module's MERGE staging.
