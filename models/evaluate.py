@@ -259,11 +259,12 @@ def _shape_key(config: ModelConfig) -> tuple:
 
 
 def bootstrap_means(values: torch.Tensor, n_resamples: int, seed: int,
-                    chunk: int = 100) -> torch.Tensor:
+                    chunk: Optional[int] = None) -> torch.Tensor:
     """values (V, n) per-example values of V paired variants -> (n_resamples, V) means over
-    the same resamples of the n examples (drawn with replacement; seeded; in chunks of
-    resamples so memory stays ``chunk x n``)."""
-    n = values.shape[1]
+    the same resamples of the n examples (drawn with replacement; seeded). Resamples are drawn
+    in chunks (default: ~4M gathered values each) so memory stays ``V x chunk x n``."""
+    v, n = values.shape
+    chunk = chunk or max(1, min(n_resamples, 4_000_000 // max(1, v * n)))
     g = torch.Generator().manual_seed(seed)
     out = []
     for start in range(0, n_resamples, chunk):
