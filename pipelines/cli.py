@@ -14,8 +14,7 @@ from datetime import datetime, timezone
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from pipelines import contracts as C
-from pipelines.context import (CONTEXT_ROWS_KEY, DEFAULT_TOP_K, SEQUENCES_KEY, build_context_rows,
-                               context_rows_schema)
+from pipelines.context import DEFAULT_TOP_K, build_context_rows
 from pipelines.delta_io import (WriteResult, ensure_properties, print_results, read_table,
                                 sync_quarantine, sync_table, table_exists, table_version)
 from pipelines.sequences import (DEFAULT_MAX_LEN, SplitCutoffs, build_sequences, conversions,
@@ -385,10 +384,10 @@ def _build_outputs(spark, lake: str, cfg: BuildConfig, now: datetime,
             StorageLevel.MEMORY_AND_DISK)
         out = [
             sync_table(spark, build_sequences(examples, cutoffs), paths.table(C.T_SEQUENCES),
-                       C.T_SEQUENCES, C.spark_schema(C.T_SEQUENCES), SEQUENCES_KEY),
+                       C.T_SEQUENCES, C.spark_schema(C.T_SEQUENCES), C.SEQUENCES_KEY),
             sync_table(spark, build_context_rows(examples, items, cfg.context_top_k),
-                       paths.table(C.T_CONTEXT_ROWS), C.T_CONTEXT_ROWS, context_rows_schema(),
-                       CONTEXT_ROWS_KEY),
+                       paths.table(C.T_CONTEXT_ROWS), C.T_CONTEXT_ROWS,
+                       C.spark_schema(C.T_CONTEXT_ROWS), C.CONTEXT_ROWS_KEY),
         ]
         us_path = paths.table(C.T_USER_SEQUENCES)
         out.append(sync_table(spark, user_sequences_from_ranked(ranked, cfg.max_len), us_path,
