@@ -153,8 +153,11 @@ def load_examples(lake_root: str, config: ModelConfig, split: str = C.SPLIT_TEST
 
 @torch.no_grad()
 def user_embeddings(model: ContextualTwoTower, tensors: Dict[str, torch.Tensor], context: str,
-                    batch_size: int = 2048) -> torch.Tensor:
-    """(B, D) user embeddings through the split path (state, then head), in eval mode."""
+                    item_emb: Optional[torch.Tensor] = None, batch_size: int = 2048) -> torch.Tensor:
+    """(B, D) user embeddings through the split path (state, then head), in eval mode.
+
+    ``item_emb`` (N, D): the exported catalog embeddings, where a model that reads the subject
+    item takes its embedding from under the "real" context (as the resolver does)."""
     model.eval()
     out = []
     n = tensors[LABEL_ROW].shape[0]
@@ -163,8 +166,20 @@ def user_embeddings(model: ContextualTwoTower, tensors: Dict[str, torch.Tensor],
         state = model.encode_user_state(batch[C.ITEM_IDS], batch[C.EVENT_TS_SECONDS])
         ctx_ids, ctx_w = context_inputs(batch, context)
         out.append(model.query_from_state(state, ctx_ids, ctx_w, batch[C.AGE_BUCKET],
-                                          batch[C.COUNTRY], batch[C.GENDER]))
+                                          batch[C.COUNTRY], batch[C.GENDER],
+                                          subject_embeddings(model, batch, context, item_emb)))
     return torch.cat(out)
+
+
+def subject_embeddings(model: ContextualTwoTower, batch: Dict[str, torch.Tensor], context: str,
+                       item_emb: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """(B, D) the subject items' exported embeddings (zero rows without one) under the "real"
+    context of a model that reads them; None otherwise."""
+    if context != "real" or not model.config.use_subject_item or item_emb is None:
+        return None
+    rows = batch[SUBJECT_ROW]  # (B,) -1 = none
+    emb = item_emb[rows.clamp(min=0)]  # (B, D)
+    return emb * (rows >= 0).unsqueeze(-1).to(emb.dtype)
 
 
 def history_rows(tensors: Dict[str, torch.Tensor], catalog: Catalog) -> torch.Tensor:
@@ -237,7 +252,7 @@ def evaluate_bundles(contextual: Bundle, sequence_only: Optional[Bundle], data: 
         target = sub[LABEL_ROW]
         exclude = history_rows(sub, data.catalog) if exclude_history else None
         scorers: Dict[str, Scorer] = {
-            CONTEXTUAL: embedding_scorer(user_embeddings(contextual.model, sub, context), ctx_items),
+            CONTEXTUAL: embedding_scorer(user_embeddings(contextual.model, sub, context, ctx_items), ctx_items),
             NO_CONTEXT: embedding_scorer(user_embeddings(contextual.model, sub, "none"), ctx_items),
         }
         if sequence_only is not None:

@@ -47,7 +47,7 @@ from torch import nn
 from models import features
 from models.data import (EXCLUDE_ROWS, HAS_REAL_CONTEXT, LABEL_ROW, REAL_CONTEXT_IDS, REAL_CONTEXT_WEIGHTS,
                          SUBJECT_ROW, Catalog)
-from models.metrics import COVERAGE_K, DEFAULT_KS, metric_key, rank_targets, retrieval_metrics
+from models.metrics import COVERAGE_K, DEFAULT_KS, TiedRanks, metric_key, rank_targets, retrieval_metrics
 from models.two_tower import ContextualTwoTower, ModelConfig, trim_left_padding
 from models.warm_start import cooccurrence_vectors, user_item_matrix
 from pipelines import contracts as C
@@ -367,7 +367,9 @@ class ContextualRetrievalSystem(pl.LightningModule):
                 user = self.user_embeddings(batch, context, state=state, item_emb=self._catalog_emb)  # (B, D)
                 ranks, top = rank_targets(user, self._catalog_emb, target, exclude=exclude,
                                           top_k=COVERAGE_K, chunk_size=self.hparams.eval_chunk_size)
-                ranked = (ranks.masked_fill(outside, len(self.catalog)), top)  # (B,), (B, K)
+                missed = TiedRanks(ranks.greater.masked_fill(outside, len(self.catalog)),
+                                   ranks.ties.masked_fill(outside, 0))  # a target outside the catalog: a miss
+                ranked = (missed, top)  # (B,) ranks, (B, K)
             metrics.update(ranks=ranked[0], top_items=ranked[1])
 
     def on_validation_epoch_end(self) -> None:

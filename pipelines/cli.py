@@ -412,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN,
                    help=f"history cap: newest N conversions kept (default {DEFAULT_MAX_LEN})")
     p.add_argument("--min-history", type=int, default=1,
-                   help="minimum earlier conversions for a training example (default 1)")
+                   help="minimum earlier conversions for a training example (default 1; 0 also keeps "
+                        "first conversions, served from the cold-start state and the context)")
     p.add_argument("--val-start", type=_timestamp_arg, default=None,
                    help="first label time of the validation split (ISO or epoch s, UTC); with "
                         "--test-start. Default: stored cutoffs, else derived once from quantiles")
