@@ -70,3 +70,69 @@ def run(argv: List[str], env: Dict[str, str], log: Path) -> float:
     if done.returncode != 0:
         raise SystemExit(f"failed (exit {done.returncode}, log {log}): {' '.join(argv)}")
     return seconds
+
+
+# ---------------------------------------------------------------------- one world
+def train(config: str, lake: Path, out: Path, seed: int, env: Dict[str, str], log: Path,
+          max_time: str) -> float:
+    return run([sys.executable, "jobs/train.py", "--config", config, "--data.lake_root", str(lake),
+                "--out_dir", str(out), "--run_name", out.name, "--seed_everything", str(seed),
+                "--trainer.max_time", max_time, "--trainer.enable_progress_bar", "false"], env, log)
+
+
+def evaluate(lake: Path, runs: Path, with_sequence_only: bool, env: Dict[str, str], log: Path) -> float:
+    argv = [sys.executable, "jobs/evaluate.py", "--lake_root", str(lake),
+            "--contextual_bundle", str(runs / "contextual" / "bundle"), "--out_dir", str(runs / "report")]
+    if with_sequence_only:
+        argv += ["--sequence_only_bundle", str(runs / "sequence_only" / "bundle")]
+    return run(argv, env, log)
+
+
+def train_and_evaluate(lake: Path, runs: Path, seed: int, with_sequence_only: bool,
+                       env: Dict[str, str], log: Path, max_time: str) -> Dict[str, Any]:
+    """Both models on one lake, then the evaluation table; returns the report and timings."""
+    seconds = {"train_contextual": train("configs/contextual.yaml", lake, runs / "contextual", seed,
+                                         env, log, max_time)}
+    if with_sequence_only:
+        seconds["train_sequence_only"] = train("configs/sequence_only.yaml", lake,
+                                               runs / "sequence_only", seed, env, log, max_time)
+    seconds["evaluate"] = evaluate(lake, runs, with_sequence_only, env, log)
+    report = json.loads((runs / "report" / "evaluation.json").read_text())
+    epochs = {name: json.loads((runs / name / "train_summary.json").read_text()).get("best_checkpoint")
+              for name in ("contextual", "sequence_only") if (runs / name / "train_summary.json").exists()}
+    return {"rows": report["rows"], "checks": report["checks"], "seconds": seconds,
+            "best_checkpoints": epochs}
+
+
+def synthetic_world(work: Path, alignment: float, seed: int, users: int, env: Dict[str, str],
+                    max_time: str, with_sequence_only: bool) -> Dict[str, Any]:
+    name = f"realistic_a{alignment:g}_s{seed}"
+    root = work / name
+    lake, log = root / "lake", root / "jobs.log"
+    root.mkdir(parents=True, exist_ok=True)
+    seconds = {
+        "generate": run([sys.executable, "jobs/generate_data.py", "--lake", str(lake), "--users", str(users),
+                         "--seed", str(seed), "--p-aligned", str(alignment)], env, log),
+        "build": run([_bin("spark-submit"), "jobs/build_sequences.py", "--lake", str(lake),
+                      "--min-history", "0"], env, log),
+    }
+    out = train_and_evaluate(lake, root / "runs", seed, with_sequence_only, env, log, max_time)
+    out["seconds"] = {**seconds, **out["seconds"]}
+    print(f"{name}: {summary_line(out)}", flush=True)
+    return {"world": name, "alignment": alignment, "seed": seed, "users": users, **out}
+
+
+def rees46(work: Path, env: Dict[str, str], max_time: str, derive: str) -> Dict[str, Any]:
+    """The REES46 head through the importer (session column, derived subject) and the jobs."""
+    root = work / "rees46"
+    lake, log = root / "lake", root / "jobs.log"
+    root.mkdir(parents=True, exist_ok=True)
+    seconds = {
+        "ingest": run([sys.executable, "jobs/ingest.py", *rees46_ingest_args(lake)], env, log),
+        "build": run([_bin("spark-submit"), "jobs/build_sequences.py", "--lake", str(lake),
+                      "--min-history", "0", "--derive-subject", derive], env, log),
+    }
+    out = train_and_evaluate(lake, root / "runs", 0, True, env, log, max_time)
+    out["seconds"] = {**seconds, **out["seconds"]}
+    print(f"rees46: {summary_line(out)}", flush=True)
+    return {"world": "rees46-2019oct-head", "derive_subject": derive, **out}

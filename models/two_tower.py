@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from models import features
@@ -58,6 +59,7 @@ class ModelConfig:
     use_context: bool = True
     use_demographics: bool = True
     use_subject_item: bool = False  # the subject item's own item-tower embedding joins the context
+    tower_skip: bool = False  # raw category (+ subject, id) embeddings added to both towers' outputs
     use_item_categories: bool = True  # False: the item tower reads the item id only
     use_time_gaps: bool = True  # False: the encoder reads item ids and positions only
 
@@ -140,6 +142,9 @@ class ContextualTwoTower(nn.Module):
                                                config.use_demographics, config.mlp_hidden,
                                                config.dropout)
         self.item_tower = ItemTower(d, config.mlp_hidden, config.dropout)
+        # Skip paths (see tower_skip in query_from_state / item_embeddings): learned scales, start at 1.
+        self.user_skip = nn.Parameter(torch.ones(())) if config.tower_skip and config.use_context else None
+        self.item_skip = nn.Parameter(torch.ones(())) if config.tower_skip else None
 
     @property
     def state_dim(self) -> int:
@@ -202,7 +207,7 @@ class ContextualTwoTower(nn.Module):
         if state.shape != (batch, self.state_dim):
             raise ValueError(f"state must be ({batch}, {self.state_dim}), got {tuple(state.shape)}")
         states = state.reshape(batch, self.config.state_len, self.config.dim)  # (B, m, D)
-        ctx = None
+        ctx, skip = None, None
         if self.context is not None:
             if ctx_ids is None or ctx_weights is None:
                 raise ValueError("this model uses context: pass ctx_ids/ctx_weights (all -1/0 = none)")
@@ -212,15 +217,27 @@ class ContextualTwoTower(nn.Module):
             if self.training and self.config.context_slot_drop_prob > 0:
                 ctx_weights = drop_context_slots(ctx_weights, self.config.context_slot_drop_prob)
             pooled = weighted_pool(self.category_emb(ctx_ids), ctx_weights)  # (B, D)
+            raw = pooled  # (B, D) what the skip path carries: the context in the item space
             if self.subject_proj is not None and subject_emb is not None:
-                pooled = pooled + self.subject_proj(subject_emb.to(pooled.dtype))  # (B, D)
-            ctx = self.context(pooled)  # (B, D)
+                subject_emb = subject_emb.to(pooled.dtype)
+                pooled = pooled + self.subject_proj(subject_emb)  # (B, D)
+                raw = raw + subject_emb
+            keep = self.context.keep_mask(batch, pooled.device)  # (B, 1) whole-context dropout
+            ctx = self.context(pooled, keep)  # (B, D)
+            if self.user_skip is not None:
+                skip = self.user_skip * raw * keep.to(raw.dtype)  # (B, D)
         demo = None
         if self.demographics is not None:
             if age is None or country is None or gender is None:
                 raise ValueError("this model uses demographics: pass age/country/gender (0 = unknown)")
             demo = self.demographics(age, country, gender)  # (B, D)
-        return self.fusion(states, ctx, demo)  # (B, D)
+        user = self.fusion(states, ctx, demo)  # (B, D) unit norm
+        if skip is None:
+            return user
+        # Why the skip: the raw context lives in the item tower's space, so "items of the subject's
+        # categories, and the subject itself" score high from the first step, for categories and
+        # items seen too rarely for the MLP to have learned them (most of a real catalogue).
+        return F.normalize(user + skip, dim=-1)  # (B, D)
 
     def forward(self, item_ids: torch.Tensor, event_ts: torch.Tensor, ctx_ids: Optional[torch.Tensor],
                 ctx_weights: Optional[torch.Tensor], age: Optional[torch.Tensor],
@@ -263,7 +280,10 @@ class ContextualTwoTower(nn.Module):
             cat = torch.zeros_like(ids)  # (N, D)
         if id_gate is not None:
             ids = ids * id_gate.to(ids.dtype).unsqueeze(-1)  # (N, D)
-        return self.item_tower(ids, cat)  # (N, D)
+        item = self.item_tower(ids, cat)  # (N, D) unit norm
+        if self.item_skip is None:
+            return item
+        return F.normalize(item + self.item_skip * (cat + ids), dim=-1)  # (N, D)
 
     @staticmethod
     def _batch_size(state: Optional[torch.Tensor], ctx_ids: Optional[torch.Tensor],

@@ -75,13 +75,19 @@ class ContextLayer(nn.Module):
         self.dropout = nn.Dropout(context_dropout)
         self.context_drop_prob = context_drop_prob
 
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        """pooled (B, D) -> (B, D)."""
-        ctx = self.dropout(self.proj(pooled))  # (B, D)
+    def keep_mask(self, batch: int, device: torch.device) -> torch.Tensor:
+        """(B, 1) bool: which examples keep their context (whole-context dropout, training only).
+        Drawn once per batch so every path of the context (projection and skip) drops together."""
         if self.training and self.context_drop_prob > 0:
-            keep = torch.rand(ctx.shape[0], 1, device=ctx.device) >= self.context_drop_prob  # (B, 1)
-            ctx = ctx * keep.to(ctx.dtype)
-        return ctx  # (B, D)
+            return torch.rand(batch, 1, device=device) >= self.context_drop_prob  # (B, 1)
+        return torch.ones(batch, 1, dtype=torch.bool, device=device)
+
+    def forward(self, pooled: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """pooled (B, D), keep (B, 1) bool from ``keep_mask`` (None: draw one) -> (B, D)."""
+        ctx = self.dropout(self.proj(pooled))  # (B, D)
+        if keep is None:
+            keep = self.keep_mask(ctx.shape[0], ctx.device)
+        return ctx * keep.to(ctx.dtype)  # (B, D)
 
 
 class DemographicsEmbedding(nn.Module):

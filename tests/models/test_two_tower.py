@@ -12,6 +12,8 @@ from models.two_tower import ContextualTwoTower, ModelConfig
     {"fusion": "cross_attention", "state_len": 4},
     {"fusion": "concat", "state_len": 2, "use_demographics": False},
     {"use_context": False, "use_demographics": False},  # sequence-only
+    {"tower_skip": True, "use_subject_item": True},
+    {"tower_skip": True, "use_context": False, "use_demographics": False},
 ])
 def test_query_from_state_of_encoded_state_equals_forward(overrides, tiny_config, random_inputs):
     torch.manual_seed(0)
@@ -94,3 +96,21 @@ def test_id_gate_zero_leaves_the_item_to_its_categories(tiny_config):
     assert torch.allclose(gated[0], gated[1], atol=1e-6)  # ids gated out: categories alone
     assert not torch.allclose(full[0], full[1], atol=1e-3)
     assert torch.allclose(full, ones, atol=1e-6)
+
+
+def test_tower_skip_matches_the_subject_category_before_any_training(tiny_config):
+    """With the skip path an untrained model already ranks the items of the context's category
+    above the others (the inductive bias that lets rare categories work)."""
+    torch.manual_seed(0)
+    cfg = tiny_config(tower_skip=True, dim=64, category_buckets=4096)
+    model = ContextualTwoTower(cfg).eval()
+    n = 200
+    item_ids = torch.arange(n)
+    cats = (item_ids % 50).unsqueeze(1)  # (N, 1): 50 categories of 4 items
+    with torch.no_grad():
+        items = model.item_embeddings(item_ids, cats, torch.ones(n, 1), torch.zeros(n))  # (N, D)
+        ctx = torch.tensor([[7]])
+        user = model.query_from_state(None, ctx, torch.ones(1, 1), torch.zeros(1, dtype=torch.long),
+                                      torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
+    top4 = (user @ items.T).topk(4).indices[0]
+    assert sorted((top4 % 50).tolist()) == [7, 7, 7, 7]
