@@ -183,3 +183,40 @@ def test_append_extends_the_vocabulary_and_adds_only_new_items(spark, rees46_csv
     res = run_build_sequences(spark, lake, BUILD, now=NOW)
     assert all(r.n_quarantined == 0 for r in res.reports)
     assert not table_exists(spark, paths.table(C.T_RAW_USERS))
+
+
+def test_feast_serves_unknown_demographics_without_users(tmp_path):
+    """No users file -> an empty users table: the profile snapshot is empty, apply and
+    materialize work, and a user's profile lookup is None (the resolver's "unknown")."""
+    from datetime import timedelta
+
+    import pyarrow as pa
+    from deltalake import write_deltalake
+
+    lake, paths = str(tmp_path / "lake"), C.LakePaths(str(tmp_path / "lake"))
+    write_deltalake(paths.table(C.T_USERS), pa.table({
+        C.USER_ID: pa.array([], pa.int64()), C.AGE_BUCKET: pa.array([], pa.int32()),
+        C.COUNTRY: pa.array([], pa.string()), C.GENDER: pa.array([], pa.string())}))
+    write_deltalake(paths.table(C.T_ITEMS), pa.table({
+        C.ITEM_ID: pa.array([100], pa.int64()), C.CATEGORY_IDS: pa.array([[1]], pa.list_(pa.int32())),
+        C.CATEGORY_WEIGHTS: pa.array([[1.0]], pa.list_(pa.float32())),
+        C.ADVERTISER_ID: pa.array([0], pa.int64())}))
+    state_ts = datetime.now(timezone.utc) - timedelta(minutes=5)
+    write_deltalake(paths.table(C.T_USER_STATES), pa.table({
+        C.USER_ID: pa.array([541], pa.int64()),
+        C.HIDDEN_STATE: pa.array([[0.5] * 4], pa.list_(pa.float32())),
+        C.MODEL_VERSION: pa.array(["v1"]), C.STATE_TS: pa.array([state_ts], pa.timestamp("us", tz="UTC")),
+        C.SEQUENCE_HASH: pa.array(["h"])}))
+    results = {r.snapshot: r for r in feast_ops.export_feature_tables(lake)}
+    assert results[feast_ops.T_USER_PROFILE_FEATURES].rows == 0
+    feast_data = tmp_path / "feast"
+    store = feast_ops.apply(lake, feast_data)
+    feast_ops.materialize(store, state_ts - timedelta(days=1), datetime.now(timezone.utc))
+    with feast_ops.feast_env(lake, feast_data):
+        got = store.get_online_features(
+            features=[C.feature_ref(C.FV_USER_PROFILE, C.AGE_BUCKET),
+                      C.feature_ref(C.FV_USER_PROFILE, C.GENDER),
+                      C.feature_ref(C.FV_USER_SEQUENCE_STATE, C.MODEL_VERSION)],
+            entity_rows=[{C.USER_ID: 541}]).to_dict()
+    assert got[C.AGE_BUCKET] == [None] and got[C.GENDER] == [None]
+    assert got[C.MODEL_VERSION] == ["v1"]
