@@ -13,7 +13,8 @@ from pyspark.sql import functions as F
 from pipelines import contracts as C
 from pipelines import feast_ops
 from pipelines import ingest as I
-from pipelines.cli import BuildConfig, ingest_main, ingest_parser, run_build_sequences, run_ingest
+from pipelines.cli import (BuildConfig, build_parser, ingest_main, ingest_parser,
+                           run_build_sequences, run_ingest)
 from pipelines.delta_io import read_table, table_exists
 from pipelines.subjects import (DERIVE_LAST_OTHER_VIEW, DERIVE_LAST_VIEW, SubjectCoverage,
                                 load_coverage)
@@ -77,6 +78,10 @@ def test_help_documents_the_new_options():
     text = ingest_parser().format_help()
     for flag in ("--session-col", "--item-categories-from-events", "--vocabulary-out",
                  "--max-quarantine-frac", "'UTC'", "2053013555631882655"):
+        assert flag in text, flag
+    text = build_parser().format_help()
+    for flag in ("--derive-subject", "last_other_view", "--subject-window-minutes",
+                 "--max-quarantine-frac"):
         assert flag in text, flag
 
 
