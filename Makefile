@@ -13,7 +13,8 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export PYTHONPATH := $(CURDIR)
 DEMO_DIR ?= demo_run
 
-.PHONY: setup services test test-slow demo clean bench-sequences bench-training bench-serving bench-movielens
+.PHONY: setup services test test-slow demo clean bench-sequences bench-training bench-serving bench-movielens \
+	bench-calibration
 
 setup:
 	@.ci/setup_env.sh >/dev/null
@@ -42,6 +43,11 @@ bench-serving: setup
 
 bench-movielens: setup
 	$(PY) benchmarks/movielens.py
+
+# The realistic synthetic world's statistics beside the REES46 head's (and MovieLens's for
+# long-term interests) -> benchmarks/results/calibration.json. Pandas only, ~1 min.
+bench-calibration: setup
+	$(PY) benchmarks/calibrate_synthetic.py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache build *.egg-info

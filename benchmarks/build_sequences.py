@@ -48,12 +48,12 @@ def phase_prepare(lake: str, n_events: int, master: str, driver_memory: str) -> 
 
     from pipelines.delta_io import read_table, write_raw
     from pipelines.spark import get_spark
-    from pipelines.synthetic import SyntheticConfig, generate, users_for_events
+    from pipelines.synthetic import PLANTED, SyntheticConfig, generate, users_for_events
     from pipelines.validate import validate_events, validate_items
 
     spark = get_spark("bench-prepare", master=master,
                       extra_conf={"spark.driver.memory": driver_memory})
-    cfg = SyntheticConfig(n_items=max(10_000, n_events // 200))
+    cfg = SyntheticConfig(preset=PLANTED, n_items=max(10_000, n_events // 200))
     cfg = replace(cfg, n_users=users_for_events(n_events, cfg))
     tables = generate(spark, cfg)
     paths = C.LakePaths(lake)
@@ -172,7 +172,9 @@ def pandas_build(events, items, val_us: int, test_us: int, cap: int = CAP, k: in
             C.LABEL_ITEM_ID: item[rows][mask],
             C.CONTEXT_CATEGORY_IDS: [ctx_of[i][0] for i in sel.tolist()],
             C.CONTEXT_WEIGHTS: [ctx_of[i][1] for i in sel.tolist()],
-            C.CONTEXT_SOURCE: source}))
+            C.CONTEXT_SOURCE: source,
+            C.SUBJECT_ITEM_ID: pd.array(sel if source == C.CONTEXT_REAL else [None] * len(sel),
+                                        dtype="Int64")}))
     context = pd.concat(ctx, ignore_index=True)
     last = np.flatnonzero(np.r_[user[1:] != user[:-1], True])
     lo = np.maximum(user_start[last], last + 1 - cap)
@@ -217,6 +219,7 @@ def _canonical(df, table: str):
     conv = [(lambda v: tuple(float(x) for x in v)) if c == C.CONTEXT_WEIGHTS
             else (lambda v: tuple(int(x) for x in v)) if c in (C.ITEM_IDS, C.EVENT_TS_SECONDS,
                                                                C.CONTEXT_CATEGORY_IDS)
+            else (lambda v: None if pd.isna(v) else int(v)) if c == C.SUBJECT_ITEM_ID
             else (lambda v: v) for c in cols]
     rows = [tuple(f(v) for f, v in zip(conv, r)) for r in df[cols].itertuples(index=False)]
     rows.sort()

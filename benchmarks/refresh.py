@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     from pipelines.cli import run_generate
     from pipelines.delta_io import tune_local_delta
     from pipelines.spark import get_spark
-    from pipelines.synthetic import SyntheticConfig
+    from pipelines.synthetic import PLANTED, SyntheticConfig
 
     work = Path(tempfile.mkdtemp(prefix="ctt-bench-refresh-", dir=args.work_dir))
     spark = get_spark("ctt-bench-refresh", master=args.master, shuffle_partitions=args.shuffle_partitions)
@@ -135,8 +135,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         lakes = {}
         for name, n_users in (("N", args.users), ("2N", 2 * args.users)):
             lake = str(work / f"lake_{name}")
-            cfg = SyntheticConfig(n_users=n_users, n_items=args.items, malformed_frac=0.0,
-                                  seed=args.seed)
+            cfg = SyntheticConfig(preset=PLANTED, n_users=n_users, n_items=args.items,
+                                  malformed_frac=0.0, seed=args.seed)
             print(f"lake {name}: generating {n_users} users", flush=True)
             run_generate(spark, lake, cfg, partitions=None)
             lakes[name] = lake

@@ -1,6 +1,8 @@
 """Evaluation report from saved bundles: contextual (pseudo/real/no context) vs sequence-only vs
-popularity baselines on the same examples, plus the measured latency of the serving path
--> report folder (evaluation.md + PNG plots + evaluation.json) + MLflow run.
+the baselines (popularity, top category popularity, subject-item co-occurrence, category
+popularity) on the same examples, quality checks with paired bootstrap 95 % intervals ("not
+enough data" below 100 examples or with a zero denominator), plus the measured latency of the
+serving path -> report folder (evaluation.md + PNG plots + evaluation.json) + MLflow run.
 
     python jobs/evaluate.py --lake_root <lake> --contextual_bundle runs/contextual/bundle \
         --sequence_only_bundle runs/sequence_only/bundle --out_dir runs/report \

@@ -259,9 +259,11 @@ def finish_training(system: ContextualRetrievalSystem, dm: ContextualSequenceDat
     bundle_dir = export_bundle(model, model.config, dm.items_frame, out_dir / BUNDLE_DIR,
                                run_name or None,
                                extra_manifest={"input_versions": dm.input_versions, "mlflow_run_id": run_id,
-                                               "best_checkpoint": best})
+                                               "best_checkpoint": best,
+                                               "id_gate_k": system.hparams.id_gate_k},
+                               id_gate=None if system.id_gate is None else system.id_gate.numpy())
     bundle = load_bundle(bundle_dir)
-    data = ev.EvalExamples(dm.splits[C.SPLIT_TEST], dm.catalog, dm.item_counts, dm.input_versions)
+    data = ev.EvalExamples.from_datamodule(dm, C.SPLIT_TEST)
     result = ev.evaluate_bundles(bundle, None, data)
     client = logger.experiment
     tracking.log_input_versions(client, run_id, dm.input_versions)
@@ -310,7 +312,9 @@ def train_main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
 
 def evaluate_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="ctt-evaluate", description="Compare the contextual model, the "
-                            "sequence-only model and the popularity baselines on the same examples.")
+                            "sequence-only model and the baselines (popularity, top category "
+                            "popularity, co-occurrence, category popularity) on the same examples, "
+                            "with bootstrap intervals on the quality checks.")
     parser.add_argument("--config", action=ActionConfigFile)
     parser.add_argument("--lake_root", type=str, required=True)
     parser.add_argument("--contextual_bundle", type=str, required=True)
@@ -381,7 +385,7 @@ def evaluate_main(argv: Optional[List[str]] = None) -> ev.EvaluationResult:
     for name, version in result.model_versions.items():
         client.log_param(run_id, f"{C.MODEL_VERSION}.{name}", version)
     client.set_tag(run_id, "latency_measured", str(latency is not None).lower())
-    table = result.as_table()
+    table = {**result.as_table(), **result.checks_table()}
     if latency is not None:
         client.log_param(run_id, "latency.index_backend", latency.index_backend)
         client.log_param(run_id, "latency.k", latency.k)

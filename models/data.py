@@ -10,11 +10,13 @@ the logQ correction, are the same everywhere) and iterates only its own shard of
 ``ShardedBatches``. The training order is a pure function of (seed, epoch), so a run resumed
 from a checkpoint sees the same batches as an uninterrupted one without saving sampler state.
 
-Tables read: sequences, context_rows, items, users. Training uses the PSEUDO context rows (the
+Tables read: sequences, context_rows, items, users. Every split carries the PSEUDO context (the
 label item's top categories, produced by pipelines/context.py; never recomputed here, so the
-trainer cannot drift from the pipeline); evaluation splits carry both the pseudo and, where the
-conversion logged a subject item, the REAL context. The Delta version of every table read is
-recorded in ``input_versions`` (logged to MLflow and written into the bundle manifest).
+trainer cannot drift from the pipeline) and, where the conversion has a subject item, the REAL
+context with the subject's id and catalog row. The training split needs them too: the
+subject-item baselines (models/baselines.py) learn their co-occurrence counts from it, and a
+model may learn from real context. The Delta version of every table read is recorded in
+``input_versions`` (logged to MLflow and written into the bundle manifest).
 """
 from __future__ import annotations
 
@@ -37,12 +39,15 @@ log = logging.getLogger(__name__)
 
 INPUT_TABLES = (C.T_SEQUENCES, C.T_CONTEXT_ROWS, C.T_ITEMS, C.T_USERS)
 
-# Batch keys that are not table columns (model-input names; the rest reuse contracts names).
-# Lead: candidates for contracts.py if serving/inference ever need them.
-LABEL_ROW = "label_row"  # row of the label item in the catalog tensors
-REAL_CONTEXT_IDS = "real_context_category_ids"
-REAL_CONTEXT_WEIGHTS = "real_context_weights"
-HAS_REAL_CONTEXT = "has_real_context"
+# Batch keys that are not table columns (model inputs only; the others reuse contracts names).
+LABEL_ROW = "label_row"  # (B,) int64 row of the label item in the catalog tensors
+REAL_CONTEXT_IDS = "real_context_category_ids"  # (B, Cx) int64, -1 pad (all -1 without subject)
+REAL_CONTEXT_WEIGHTS = "real_context_weights"  # (B, Cx) float32, 0 pad
+HAS_REAL_CONTEXT = "has_real_context"  # (B,) bool: the conversion has a subject item
+SUBJECT_ITEM_ID = C.SUBJECT_ITEM_ID  # (B,) int64 raw subject item id, NO_SUBJECT without one
+SUBJECT_ROW = "subject_row"  # (B,) int64 catalog row of the subject item, NO_SUBJECT without one
+NO_SUBJECT = -1
+EXCLUDE_ROWS = "exclude_rows"  # (B, H) catalog rows to drop from the ranking (the user's history), -1 pad
 
 
 @dataclass
@@ -75,9 +80,13 @@ class Catalog:
 
 
 def read_delta(lake_root: str, table: str) -> tuple[pd.DataFrame, int]:
-    """One Delta table as pandas plus the version read (for lineage)."""
+    """One Delta table as pandas plus the version read (for lineage).
+
+    Integer columns holding nulls (context_rows.subject_item_id) come back as Python ints and
+    None, not float64 with NaN: ids above 2**53 would not survive a float.
+    """
     dt = DeltaTable(C.LakePaths(lake_root).table(table))
-    return dt.to_pandas(), int(dt.version())
+    return dt.to_pyarrow_table().to_pandas(integer_object_nulls=True), int(dt.version())
 
 
 def build_catalog(items: pd.DataFrame, max_item_categories: int) -> Catalog:
@@ -94,20 +103,29 @@ def build_catalog(items: pd.DataFrame, max_item_categories: int) -> Catalog:
                    cat_weights=torch.as_tensor(np.stack([p[1] for p in padded])))
 
 
-def context_join_key(context_rows: pd.DataFrame) -> List[str]:
-    """(user_id, as_of_ts), plus label_item_id when context_rows carries it: pipelines/context.py
-    adds that column because a user can convert on two items in the same second, which
-    (user_id, as_of_ts) alone cannot tell apart (a contract extension reported to the lead)."""
-    key = [C.USER_ID, C.AS_OF_TS]
-    return key + [C.LABEL_ITEM_ID] if C.LABEL_ITEM_ID in context_rows.columns else key
+def check_context_rows(context_rows: pd.DataFrame) -> None:
+    """Refuse a context_rows table that lacks a contract column, with what to do about it.
+
+    A lake built before ``subject_item_id`` existed lacks that column; rerunning
+    build_sequences adds it in place (pipelines.delta_io.evolve_schema), so the message says so
+    instead of failing later on a missing key.
+    """
+    missing = [c for c in C.CONTEXT_ROWS_COLUMNS if c not in context_rows.columns]
+    if missing:
+        raise ValueError(f"context_rows lacks columns {missing}: the lake was built by an older "
+                         f"version of the jobs; rerun build_sequences on it (it adds them)")
 
 
 def _context_for(sequences: pd.DataFrame, context_rows: pd.DataFrame, source: str,
                  required: bool) -> pd.DataFrame:
-    """Context columns of ``source`` aligned to ``sequences`` rows (NaN where absent)."""
-    key = context_join_key(context_rows)
+    """Context columns of ``source`` aligned to ``sequences`` rows (NaN where absent).
+
+    Joined on ``contracts.SEQUENCES_KEY``: (user_id, as_of_ts) alone is ambiguous when a user
+    converts on two items in the same second.
+    """
+    key = C.SEQUENCES_KEY
     rows = context_rows.loc[context_rows[C.CONTEXT_SOURCE] == source,
-                            key + [C.CONTEXT_CATEGORY_IDS, C.CONTEXT_WEIGHTS]]
+                            key + [C.CONTEXT_CATEGORY_IDS, C.CONTEXT_WEIGHTS, C.SUBJECT_ITEM_ID]]
     if rows.duplicated(key).any():
         raise ValueError(f"context_rows has duplicate {tuple(key)} keys for source {source!r}")
     merged = sequences[key].merge(rows, on=key, how="left", validate="many_to_one")
@@ -117,6 +135,20 @@ def _context_for(sequences: pd.DataFrame, context_rows: pd.DataFrame, source: st
             raise ValueError(f"{int(missing.sum())} sequences rows have no {source!r} context row; "
                              "the pipelines must write one for every example")
     return merged
+
+
+def subject_ids(real: pd.DataFrame) -> np.ndarray:
+    """(B,) int64 subject item ids of the real context rows aligned to the examples, NO_SUBJECT
+    where an example has none; a real row without a subject id is a broken table, not a gap."""
+    has_row = real[C.CONTEXT_CATEGORY_IDS].notna().to_numpy()
+    missing = real[C.SUBJECT_ITEM_ID].isna().to_numpy()
+    broken = has_row & missing
+    if broken.any():
+        raise ValueError(f"{int(broken.sum())} real context rows have no {C.SUBJECT_ITEM_ID}; "
+                         "rebuild context_rows with build_sequences")
+    ids = real[C.SUBJECT_ITEM_ID].to_numpy(object)  # exact Python ints (see read_delta)
+    return np.array([int(v) if has and not gap else NO_SUBJECT
+                     for v, has, gap in zip(ids, has_row, missing)], dtype=np.int64)
 
 
 def _pad_contexts(ctx: pd.DataFrame, max_ctx: int) -> tuple[np.ndarray, np.ndarray]:
@@ -145,13 +177,16 @@ def _demographics(sequences: pd.DataFrame, users: pd.DataFrame,
 
 
 def build_examples(sequences: pd.DataFrame, context_rows: pd.DataFrame, users: pd.DataFrame,
-                   catalog: Catalog, max_len: int, max_ctx: int, country_buckets: int,
-                   with_real_context: bool) -> Dict[str, torch.Tensor]:
+                   catalog: Catalog, max_len: int, max_ctx: int,
+                   country_buckets: int) -> Dict[str, torch.Tensor]:
     """sequences rows of one split -> dict of tensors, one row per example.
 
     Keys: ITEM_IDS (B, L), EVENT_TS_SECONDS (B, L), CONTEXT_CATEGORY_IDS/WEIGHTS (B, Cx) pseudo
-    context, AGE_BUCKET/COUNTRY/GENDER (B,), LABEL_ITEM_ID (B,), LABEL_ROW (B,), USER_ID (B,);
-    with_real_context adds REAL_CONTEXT_IDS/WEIGHTS (B, Cx) and HAS_REAL_CONTEXT (B,).
+    context, AGE_BUCKET/COUNTRY/GENDER (B,), LABEL_ITEM_ID (B,), LABEL_ROW (B,), USER_ID (B,),
+    the real context REAL_CONTEXT_IDS/WEIGHTS (B, Cx) (all padding without a subject item),
+    HAS_REAL_CONTEXT (B,) bool, SUBJECT_ITEM_ID (B,) raw ids and SUBJECT_ROW (B,) catalog rows
+    (NO_SUBJECT = -1 without a subject item; SUBJECT_ROW is also -1 for a subject missing from
+    the catalog).
     """
     sequences = sequences.reset_index(drop=True)
     n = len(sequences)
@@ -173,12 +208,14 @@ def build_examples(sequences: pd.DataFrame, context_rows: pd.DataFrame, users: p
         C.LABEL_ITEM_ID: torch.as_tensor(labels),
         LABEL_ROW: torch.as_tensor(catalog.rows_of(labels) if n else np.zeros(0, np.int64)),
     }
-    if with_real_context:
-        real = _context_for(sequences, context_rows, C.CONTEXT_REAL, False)
-        real_ids, real_w = _pad_contexts(real, max_ctx)
-        out[REAL_CONTEXT_IDS] = torch.as_tensor(real_ids)
-        out[REAL_CONTEXT_WEIGHTS] = torch.as_tensor(real_w)
-        out[HAS_REAL_CONTEXT] = torch.as_tensor(real[C.CONTEXT_CATEGORY_IDS].notna().to_numpy())
+    real = _context_for(sequences, context_rows, C.CONTEXT_REAL, False)
+    real_ids, real_w = _pad_contexts(real, max_ctx)
+    subjects = subject_ids(real)
+    out[REAL_CONTEXT_IDS] = torch.as_tensor(real_ids)
+    out[REAL_CONTEXT_WEIGHTS] = torch.as_tensor(real_w)
+    out[HAS_REAL_CONTEXT] = torch.as_tensor(real[C.CONTEXT_CATEGORY_IDS].notna().to_numpy(bool))
+    out[SUBJECT_ITEM_ID] = torch.as_tensor(subjects)
+    out[SUBJECT_ROW] = torch.as_tensor(catalog.find_rows(subjects).astype(np.int64))
     return out
 
 
@@ -298,13 +335,14 @@ class ContextualSequenceDataModule(pl.LightningDataModule):
         unknown_split = ~seqs[C.SPLIT].isin(C.SPLITS)
         if unknown_split.any():
             raise ValueError(f"{int(unknown_split.sum())} sequences rows have a split outside {C.SPLITS}")
+        check_context_rows(frames[C.T_CONTEXT_ROWS])
         for split in C.SPLITS:
             rows = seqs[seqs[C.SPLIT] == split]
             if split == C.SPLIT_VAL and hp.max_val_examples and len(rows) > hp.max_val_examples:
                 rows = rows.sample(n=hp.max_val_examples, random_state=hp.subsample_seed)
             self.splits[split] = build_examples(
                 rows, frames[C.T_CONTEXT_ROWS], frames[C.T_USERS], self.catalog, hp.max_len,
-                hp.max_ctx, hp.country_buckets, with_real_context=split != C.SPLIT_TRAIN)
+                hp.max_ctx, hp.country_buckets)
         if len(self.splits[C.SPLIT_TRAIN][LABEL_ROW]) == 0:
             raise ValueError("the sequences table has no train examples")
         self.item_counts = torch.bincount(self.splits[C.SPLIT_TRAIN][LABEL_ROW],

@@ -3,26 +3,37 @@
 Two groups of examples from one split (default: test):
 - ``all``: every example, context = the PSEUDO context (the label's categories; an upper bound
   on what context can give, the setting the model was trained in);
-- ``real``: the examples whose conversion logged a subject item, context = the REAL context
-  (the subject item's categories; what serving sees).
+- ``real``: the examples whose conversion has a subject item, context = the REAL context (the
+  subject item's categories; what serving sees).
 
 Variants in each group: the contextual model with that group's context, the same model with the
 context removed (empty category list, exactly "no context" at serving), the sequence-only model
-(use_context=False, use_demographics=False, trained with the same budget), popularity, and
-popularity within the context's categories. Models are scored from their exported bundles
-(item embeddings as served), so the report also checks the serving artifact.
+(use_context=False, use_demographics=False, trained with the same budget), and the baselines of
+models/baselines.py with the group's context: popularity, top category popularity, weighted
+category popularity and, on ``real`` (it needs the subject item), co-occurrence from the
+subject item, counted on the training split. Models are scored from their exported bundles
+(item embeddings as served), so the report also checks the serving artifact. Ties count at
+their expected rank under random tie-breaking (models/metrics.py), for models and baselines
+alike.
 
-The quality bar of the synthetic data (checked by ``quality_checks`` and printed in the report):
-real-context Recall@100 >= 3x the sequence-only model's; context removed >= 0.9x the sequence-
-only model (within 10%); real context >= 1.2x the context-category-popularity heuristic.
+Quality checks (``quality_checks``, DESIGN.md section 5): each is a ratio of one metric between
+two variants on the same examples, with a paired bootstrap 95 % interval (examples resampled
+with replacement, both metrics recomputed on the same resample, the ratio of the means; seeded,
+vectorised). A check with fewer than ``MIN_CHECK_EXAMPLES`` examples or a zero denominator is
+"not enough data", never passed. The checks:
+- real context vs the best of top category popularity and co-occurrence (the best picked again
+  on every resample), on Recall@100 and on NDCG@10: ratio >= 1.2 and interval above 1.0;
+- context removed vs sequence-only (``all``), Recall@100: >= 0.9 (within 10 %);
+- real context vs sequence-only (``real``), Recall@100: >= 1.0 (context must not hurt, even
+  when it is a poor guide to the label).
 
 The report (``write_report``) is one self-contained Markdown file with PNG plots beside it: the
-table, the quality checks, Recall@K curves, catalog coverage and the latency of the serving path.
-Latency is MEASURED, never estimated: ``time_requests`` calls a real resolver's ``recommend``
-in-process and keeps the stage timings each answer carries (Feast read, head, index search) plus
-the caller's own clock. This module only sees a ``recommend`` callable (models never imports
-serving); the CLI builds the resolver. Without serving artifacts the report says latency was not
-measured and how to measure it.
+table, the quality checks with their intervals, Recall@K curves, catalog coverage and the
+latency of the serving path. Latency is MEASURED, never estimated: ``time_requests`` calls a
+real resolver's ``recommend`` in-process and keeps the stage timings each answer carries (Feast
+read, head, index search) plus the caller's own clock. This module only sees a ``recommend``
+callable (models never imports serving); the CLI builds the resolver. Without serving artifacts
+the report says latency was not measured and how to measure it.
 """
 from __future__ import annotations
 
@@ -31,15 +42,17 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from models import baselines
-from models.data import HAS_REAL_CONTEXT, LABEL_ROW, Catalog, ContextualSequenceDataModule, take
+from models.data import (HAS_REAL_CONTEXT, LABEL_ROW, SUBJECT_ROW, Catalog,
+                         ContextualSequenceDataModule, take)
 from models.export import Bundle
-from models.metrics import DEFAULT_KS, Scorer, embedding_scorer, evaluate_scorer, metric_names
+from models.metrics import (DEFAULT_KS, NDCG_K, Scorer, TiedRanks, embedding_scorer, evaluate_ranked,
+                            metric_names, per_query_metrics)
 from models.system import context_inputs
 from models.two_tower import ContextualTwoTower, ModelConfig
 from pipelines import contracts as C
@@ -47,18 +60,55 @@ from pipelines import contracts as C
 GROUP_ALL, GROUP_REAL = "all", "real"
 CONTEXTUAL, NO_CONTEXT, SEQUENCE_ONLY = "contextual", "contextual_no_context", "sequence_only"
 POPULARITY, CATEGORY_POPULARITY = "popularity", "category_popularity"
+TOP_CATEGORY_POPULARITY, COOCCURRENCE = "top_category_popularity", "cooccurrence"
 QUALITY_K = 100
-BAR_REAL_VS_SEQUENCE, BAR_NO_CONTEXT_VS_SEQUENCE, BAR_REAL_VS_CATEGORY_POP = 3.0, 0.9, 1.2
+MIN_CHECK_EXAMPLES = 100  # fewer examples than this: a ratio is "not enough data"
+BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE = 1000, 0, 0.95
+STATUS_PASSED, STATUS_FAILED, STATUS_NOT_ENOUGH_DATA = "passed", "failed", "not enough data"
+
+
+@dataclass(frozen=True)
+class CheckSpec:
+    """One quality check: ``metric`` of ``numerator`` over the best of ``denominators`` (all
+    variants of ``group``, so the bootstrap can pair examples). Passed when the ratio reaches
+    ``target`` and, if ``ci_low_above`` is set, the interval's lower end exceeds it."""
+
+    name: str
+    group: str
+    metric: str
+    numerator: str
+    denominators: Tuple[str, ...]
+    target: float
+    ci_low_above: Optional[float] = None
+
+
+QUALITY_CHECKS: Tuple[CheckSpec, ...] = (
+    CheckSpec("real_context_vs_best_baseline_recall", GROUP_REAL, f"recall@{QUALITY_K}", CONTEXTUAL,
+              (TOP_CATEGORY_POPULARITY, COOCCURRENCE), 1.2, 1.0),
+    CheckSpec("real_context_vs_best_baseline_ndcg", GROUP_REAL, f"ndcg@{NDCG_K}", CONTEXTUAL,
+              (TOP_CATEGORY_POPULARITY, COOCCURRENCE), 1.2, 1.0),
+    CheckSpec("no_context_vs_sequence_only", GROUP_ALL, f"recall@{QUALITY_K}", NO_CONTEXT,
+              (SEQUENCE_ONLY,), 0.9),
+    CheckSpec("real_context_vs_sequence_only", GROUP_REAL, f"recall@{QUALITY_K}", CONTEXTUAL,
+              (SEQUENCE_ONLY,), 1.0),
+)
 
 
 @dataclass
 class EvalExamples:
-    """One split's example tensors, the catalog and the training label counts."""
+    """One split's example tensors, the catalog and what the baselines learn from training."""
 
     tensors: Dict[str, torch.Tensor]
     catalog: Catalog
     item_counts: torch.Tensor  # (N,) training-split label counts per catalog row
     input_versions: Dict[str, int]
+    train_pairs: baselines.SparseRows  # training (subject row -> label row) counts
+
+    @classmethod
+    def from_datamodule(cls, dm: ContextualSequenceDataModule, split: str) -> "EvalExamples":
+        train = dm.splits[C.SPLIT_TRAIN]
+        return cls(dm.splits[split], dm.catalog, dm.item_counts, dict(dm.input_versions),
+                   baselines.cooccurrence_counts(train[SUBJECT_ROW], train[LABEL_ROW]))
 
 
 @dataclass
@@ -68,6 +118,7 @@ class EvaluationResult:
     input_versions: Dict[str, int] = field(default_factory=dict)
     model_versions: Dict[str, str] = field(default_factory=dict)
     ks: Sequence[int] = DEFAULT_KS
+    ranks: Dict[Tuple[str, str], TiedRanks] = field(default_factory=dict)  # per example, same order
 
     def metric(self, group: str, variant: str, name: str) -> float:
         for row in self.rows:
@@ -80,6 +131,14 @@ class EvaluationResult:
         names = metric_names(self.ks)
         return {f"{r['group']}.{r['variant']}": {n: float(r[n]) for n in names} for r in self.rows}
 
+    def checks_table(self) -> Dict[str, Dict[str, float]]:
+        """{"check.<name>": {ratio, ci_low, ci_high, passed}} for MLflow, defined values only."""
+        out = {}
+        for name, c in self.checks.items():
+            values = {k: float(c[k]) for k in ("ratio", "ci_low", "ci_high") if c[k] is not None}
+            out[f"check.{name}"] = {**values, "passed": float(c["passed"])}
+        return out
+
 
 def load_examples(lake_root: str, config: ModelConfig, split: str = C.SPLIT_TEST) -> EvalExamples:
     """The split's examples shaped for ``config`` (history length, context slots, countries)."""
@@ -89,13 +148,16 @@ def load_examples(lake_root: str, config: ModelConfig, split: str = C.SPLIT_TEST
     dm.setup("test")
     if len(dm.splits[split][LABEL_ROW]) == 0:
         raise ValueError(f"the {split} split has no examples")
-    return EvalExamples(dm.splits[split], dm.catalog, dm.item_counts, dict(dm.input_versions))
+    return EvalExamples.from_datamodule(dm, split)
 
 
 @torch.no_grad()
 def user_embeddings(model: ContextualTwoTower, tensors: Dict[str, torch.Tensor], context: str,
-                    batch_size: int = 2048) -> torch.Tensor:
-    """(B, D) user embeddings through the split path (state, then head), in eval mode."""
+                    item_emb: Optional[torch.Tensor] = None, batch_size: int = 2048) -> torch.Tensor:
+    """(B, D) user embeddings through the split path (state, then head), in eval mode.
+
+    ``item_emb`` (N, D): the exported catalog embeddings, where a model that reads the subject
+    item takes its embedding from under the "real" context (as the resolver does)."""
     model.eval()
     out = []
     n = tensors[LABEL_ROW].shape[0]
@@ -104,8 +166,20 @@ def user_embeddings(model: ContextualTwoTower, tensors: Dict[str, torch.Tensor],
         state = model.encode_user_state(batch[C.ITEM_IDS], batch[C.EVENT_TS_SECONDS])
         ctx_ids, ctx_w = context_inputs(batch, context)
         out.append(model.query_from_state(state, ctx_ids, ctx_w, batch[C.AGE_BUCKET],
-                                          batch[C.COUNTRY], batch[C.GENDER]))
+                                          batch[C.COUNTRY], batch[C.GENDER],
+                                          subject_embeddings(model, batch, context, item_emb)))
     return torch.cat(out)
+
+
+def subject_embeddings(model: ContextualTwoTower, batch: Dict[str, torch.Tensor], context: str,
+                       item_emb: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """(B, D) the subject items' exported embeddings (zero rows without one) under the "real"
+    context of a model that reads them; None otherwise."""
+    if context != "real" or not model.config.use_subject_item or item_emb is None:
+        return None
+    rows = batch[SUBJECT_ROW]  # (B,) -1 = none
+    emb = item_emb[rows.clamp(min=0)]  # (B, D)
+    return emb * (rows >= 0).unsqueeze(-1).to(emb.dtype)
 
 
 def history_rows(tensors: Dict[str, torch.Tensor], catalog: Catalog) -> torch.Tensor:
@@ -136,9 +210,29 @@ def evaluate_from_lake(contextual: Bundle, sequence_only: Optional[Bundle], lake
     return evaluate_bundles(contextual, sequence_only, data, seq_data, exclude_history, ks)
 
 
+def baseline_scorers(data: EvalExamples, sub: Dict[str, torch.Tensor], context: str) -> Dict[str, Scorer]:
+    """The baselines for one group of examples ``sub`` with its context ("pseudo" / "real");
+    co-occurrence only with the real context (it starts from the subject item)."""
+    cat = data.catalog
+    ctx_ids, ctx_w = context_inputs(sub, context)
+    scorers: Dict[str, Scorer] = {
+        POPULARITY: baselines.popularity_scorer(data.item_counts),
+        TOP_CATEGORY_POPULARITY: baselines.top_category_popularity_scorer(
+            data.item_counts, cat.cat_ids, cat.cat_weights, ctx_ids, ctx_w),
+        CATEGORY_POPULARITY: baselines.category_popularity_scorer(
+            data.item_counts, cat.cat_ids, cat.cat_weights, ctx_ids, ctx_w),
+    }
+    if context == "real":
+        scorers[COOCCURRENCE] = baselines.cooccurrence_scorer(
+            data.train_pairs, sub[SUBJECT_ROW], data.item_counts, cat.cat_ids, cat.cat_weights,
+            ctx_ids, ctx_w)
+    return scorers
+
+
 def evaluate_bundles(contextual: Bundle, sequence_only: Optional[Bundle], data: EvalExamples,
                      seq_data: Optional[EvalExamples] = None, exclude_history: bool = False,
-                     ks: Sequence[int] = DEFAULT_KS) -> EvaluationResult:
+                     ks: Sequence[int] = DEFAULT_KS, n_resamples: int = BOOTSTRAP_RESAMPLES,
+                     seed: int = BOOTSTRAP_SEED) -> EvaluationResult:
     """The comparison table (see module docstring) on ``data``; the sequence-only bundle is
     optional and reads ``seq_data`` (same rows, shaped for its config) when given."""
     seq_data = seq_data or data
@@ -157,9 +251,8 @@ def evaluate_bundles(contextual: Bundle, sequence_only: Optional[Bundle], data: 
         sub = take(data.tensors, idx)
         target = sub[LABEL_ROW]
         exclude = history_rows(sub, data.catalog) if exclude_history else None
-        ctx_ids, ctx_w = context_inputs(sub, context)
         scorers: Dict[str, Scorer] = {
-            CONTEXTUAL: embedding_scorer(user_embeddings(contextual.model, sub, context), ctx_items),
+            CONTEXTUAL: embedding_scorer(user_embeddings(contextual.model, sub, context, ctx_items), ctx_items),
             NO_CONTEXT: embedding_scorer(user_embeddings(contextual.model, sub, "none"), ctx_items),
         }
         if sequence_only is not None:
@@ -167,13 +260,12 @@ def evaluate_bundles(contextual: Bundle, sequence_only: Optional[Bundle], data: 
             scorers[SEQUENCE_ONLY] = embedding_scorer(
                 user_embeddings(sequence_only.model, seq_sub, "none"),
                 _bundle_items(sequence_only, seq_data.catalog))
-        scorers[POPULARITY] = baselines.popularity_scorer(data.item_counts)
-        scorers[CATEGORY_POPULARITY] = baselines.category_popularity_scorer(
-            data.item_counts, data.catalog.cat_ids, data.catalog.cat_weights, ctx_ids, ctx_w)
+        scorers.update(baseline_scorers(data, sub, context))
         for variant, scorer in scorers.items():
-            metrics = evaluate_scorer(scorer, target, n_items, exclude, ks)
+            metrics, ranks = evaluate_ranked(scorer, target, n_items, exclude, ks)
             result.rows.append(_row(group, variant, int(idx.numel()), metrics))
-    result.checks = quality_checks(result)
+            result.ranks[group, variant] = ranks
+    result.checks = quality_checks(result, n_resamples=n_resamples, seed=seed)
     return result
 
 
@@ -181,26 +273,75 @@ def _shape_key(config: ModelConfig) -> tuple:
     return (config.max_len, config.max_ctx, config.max_item_categories, config.country_buckets)
 
 
-def quality_checks(result: EvaluationResult, k: int = QUALITY_K) -> Dict[str, Dict[str, object]]:
-    """Ratios of the synthetic-data quality bar (skipped when a needed row is absent)."""
-    name = f"recall@{k}"
-    specs = {
-        "real_context_vs_sequence_only": ((GROUP_REAL, CONTEXTUAL), (GROUP_REAL, SEQUENCE_ONLY),
-                                          BAR_REAL_VS_SEQUENCE),
-        "no_context_vs_sequence_only": ((GROUP_ALL, NO_CONTEXT), (GROUP_ALL, SEQUENCE_ONLY),
-                                        BAR_NO_CONTEXT_VS_SEQUENCE),
-        "real_context_vs_category_popularity": ((GROUP_REAL, CONTEXTUAL), (GROUP_REAL, CATEGORY_POPULARITY),
-                                                BAR_REAL_VS_CATEGORY_POP),
+def bootstrap_means(values: torch.Tensor, n_resamples: int, seed: int,
+                    chunk: Optional[int] = None) -> torch.Tensor:
+    """values (V, n) per-example values of V paired variants -> (n_resamples, V) means over
+    the same resamples of the n examples (drawn with replacement; seeded). Resamples are drawn
+    in chunks (default: ~4M gathered values each) so memory stays ``V x chunk x n``."""
+    v, n = values.shape
+    chunk = chunk or max(1, min(n_resamples, 4_000_000 // max(1, v * n)))
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for start in range(0, n_resamples, chunk):
+        r = min(chunk, n_resamples - start)
+        idx = torch.randint(0, n, (r, n), generator=g)  # (r, n)
+        out.append(values[:, idx].mean(dim=2).T)  # (r, V)
+    return torch.cat(out)
+
+
+def ratio_check(spec: CheckSpec, num: torch.Tensor, dens: Sequence[torch.Tensor],
+                den_names: Sequence[str], n_resamples: int = BOOTSTRAP_RESAMPLES,
+                seed: int = BOOTSTRAP_SEED) -> Dict[str, object]:
+    """One check from per-example values: num (n,) and each denominator (n,), same examples.
+
+    The ratio is mean(num) / max_d mean(den_d); its interval is the percentile interval of the
+    same ratio over paired bootstrap resamples (the best denominator picked per resample, so
+    picking the best baseline is part of what the interval covers).
+    """
+    n = int(num.shape[0])
+    means = [float(v.mean()) if n else 0.0 for v in (num, *dens)]
+    best = int(np.argmax(means[1:]))
+    numerator, denominator = means[0], means[1 + best]
+    out: Dict[str, object] = {
+        "metric": spec.metric, "group": spec.group, "numerator_variant": spec.numerator,
+        "denominator_variant": den_names[best], "numerator": numerator, "denominator": denominator,
+        "n_examples": n, "target": spec.target, "ci_low_above": spec.ci_low_above,
+        "ratio": None, "ci_low": None, "ci_high": None, "confidence": CONFIDENCE,
+        "n_resamples": n_resamples, "seed": seed,
     }
+    if denominator > 0:
+        out["ratio"] = numerator / denominator
+        boot = bootstrap_means(torch.stack([num, *dens]), n_resamples, seed)  # (R, 1 + D)
+        best_den = boot[:, 1:].max(dim=1).values
+        ratios = torch.where(best_den > 0, boot[:, 0] / best_den, torch.full_like(best_den, float("inf")))
+        tail = (1.0 - CONFIDENCE) / 2.0
+        lo, hi = np.quantile(ratios.numpy(), [tail, 1.0 - tail], method="inverted_cdf")
+        # an end is unbounded when many resamples drew only zero-denominator examples
+        out["ci_low"], out["ci_high"] = (float(v) if np.isfinite(v) else None for v in (lo, hi))
+    if n < MIN_CHECK_EXAMPLES or denominator <= 0:
+        status = STATUS_NOT_ENOUGH_DATA
+    else:
+        low = out["ci_low"]
+        met = out["ratio"] >= spec.target and (spec.ci_low_above is None
+                                               or (low is not None and low > spec.ci_low_above))
+        status = STATUS_PASSED if met else STATUS_FAILED
+    out["status"], out["passed"] = status, status == STATUS_PASSED
+    return out
+
+
+def quality_checks(result: EvaluationResult, specs: Sequence[CheckSpec] = QUALITY_CHECKS,
+                   n_resamples: int = BOOTSTRAP_RESAMPLES,
+                   seed: int = BOOTSTRAP_SEED) -> Dict[str, Dict[str, object]]:
+    """Every check whose variants were evaluated (a check needing an absent variant, e.g. the
+    sequence-only model, is left out), with paired bootstrap intervals (``ratio_check``)."""
     checks: Dict[str, Dict[str, object]] = {}
-    for check, (num, den, bar) in specs.items():
-        try:
-            a, b = result.metric(*num, name), result.metric(*den, name)
-        except KeyError:
+    for spec in specs:
+        names = [spec.numerator, *spec.denominators]
+        if any((spec.group, v) not in result.ranks for v in names):
             continue
-        ratio = a / b if b > 0 else float("inf")
-        checks[check] = {"metric": name, "numerator": a, "denominator": b, "ratio": ratio,
-                         "bar": bar, "passed": bool(ratio >= bar)}
+        ks = sorted(set(result.ks) | {QUALITY_K})
+        values = [per_query_metrics(result.ranks[spec.group, v], ks)[spec.metric] for v in names]
+        checks[spec.name] = ratio_check(spec, values[0], values[1:], spec.denominators, n_resamples, seed)
     return checks
 
 
@@ -381,13 +522,24 @@ def format_markdown(result: EvaluationResult, latency: Optional[LatencyReport] =
     for r in result.rows:
         cells = " | ".join(f"{float(r[n]):.4f}" for n in names)
         lines.append(f"| {r['group']} | {r['variant']} | {r['n_examples']} | {cells} |")
-    lines += ["", "| check | ratio | bar | passed |", "|---|---:|---:|---|"]
-    for check, c in result.checks.items():
-        lines.append(f"| {check} ({c['metric']}) | {c['ratio']:.2f} | {c['bar']} | {c['passed']} |")
+    first = next(iter(result.checks.values()), {})
+    how = checks_how(int(first.get("n_resamples", BOOTSTRAP_RESAMPLES)),
+                     int(first.get("seed", BOOTSTRAP_SEED)))
+    lines += ["", "## Quality checks", "", how, "",
+              "| check | examples | metric | numerator / denominator | ratio | 95% interval | target | status |",
+              "|---|---|---|---|---:|---|---|---|"]
+    lines += [format_check(name, c) for name, c in result.checks.items()]
     meta = [f"- model versions: {json.dumps(result.model_versions, sort_keys=True)}",
             f"- Delta input versions: {json.dumps(result.input_versions, sort_keys=True)}",
             f"- examples `{GROUP_ALL}`: every example with the PSEUDO context (the label's categories); "
-            f"`{GROUP_REAL}`: the examples with a logged subject item, with the REAL context"]
+            f"`{GROUP_REAL}`: the examples with a subject item, with the REAL context (its categories)",
+            "- ties count at their expected rank under random tie-breaking (mid-rank); every metric "
+            "is its expectation over the tie-breaks",
+            f"- baselines: `{POPULARITY}` (training label counts), `{TOP_CATEGORY_POPULARITY}` (the "
+            f"context's strongest category's items by popularity, then its next categories', then "
+            f"the rest), `{COOCCURRENCE}` (subject item -> converted item counts of the training "
+            f"split, backed off to `{TOP_CATEGORY_POPULARITY}`), `{CATEGORY_POPULARITY}` "
+            f"(popularity weighted by category affinity)"]
     plots = ["", "## Recall@K", "", f"![Recall@K per variant]({REPORT_PNG})", "",
              "## Catalog coverage", "",
              "Fraction of the catalog that appears in at least one top-100 list over the examples "
@@ -395,6 +547,32 @@ def format_markdown(result: EvaluationResult, latency: Optional[LatencyReport] =
              f"![Catalog coverage per variant]({REPORT_COVERAGE_PNG})"]
     head = ["# Retrieval evaluation (full corpus)", ""] + meta + ["", "## Comparison table", ""]
     return "\n".join(head + lines + plots + ["", format_latency_markdown(latency)]) + "\n"
+
+
+def checks_how(n_resamples: int, seed: int) -> str:
+    """How the checks' ratios and intervals are computed (the paragraph above the table)."""
+    return (f"Each ratio compares one metric of two variants on the same examples. The interval is "
+            f"a paired bootstrap: {n_resamples} resamples of the examples (seed {seed}), both "
+            f"metrics recomputed on each, the best baseline picked again on each; its 2.5 and 97.5 "
+            f"percentiles. Fewer than {MIN_CHECK_EXAMPLES} examples or a zero denominator: "
+            f"**{STATUS_NOT_ENOUGH_DATA}**, never passed.")
+
+
+def _number(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def format_check(name: str, c: Dict[str, object]) -> str:
+    """One Markdown row of the checks table."""
+    target = f">= {c['target']}"
+    if c["ci_low_above"] is not None:
+        target += f", interval above {c['ci_low_above']}"
+    interval = ("-" if c["ratio"] is None
+                else f"[{_number(c['ci_low'])}, {'unbounded' if c['ci_high'] is None else _number(c['ci_high'])}]")
+    status = f"**{c['status']}**" if c["status"] == STATUS_NOT_ENOUGH_DATA else c["status"]
+    return (f"| {name} | {c['group']} ({c['n_examples']}) | {c['metric']} | "
+            f"{c['numerator_variant']} {c['numerator']:.4f} / {c['denominator_variant']} "
+            f"{c['denominator']:.4f} | {_number(c['ratio'])} | {interval} | {target} | {status} |")
 
 
 def format_latency_markdown(report: Optional[LatencyReport]) -> str:

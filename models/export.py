@@ -92,14 +92,20 @@ def make_model_version(prefix: Optional[str], weights_sha256: str) -> str:
 
 
 @torch.no_grad()
-def catalog_embeddings(model: ContextualTwoTower, catalog: pd.DataFrame,
+def catalog_embeddings(model: ContextualTwoTower, catalog: pd.DataFrame, id_gate: Optional[np.ndarray] = None,
                        batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
-    """Item-tower embeddings of every catalog item: ids (N,) int64, embeddings (N, D) float32."""
+    """Item-tower embeddings of every catalog item: ids (N,) int64, embeddings (N, D) float32.
+
+    ``id_gate`` (N,) in item-id order: the trainer's per-item id-embedding weight (see
+    models/system.py ``id_gate``); None = every id at full weight."""
     cat = build_catalog(catalog, model.config.max_item_categories)
+    gate = torch.ones(len(cat)) if id_gate is None else torch.as_tensor(id_gate, dtype=torch.float32)
+    if gate.shape != (len(cat),):
+        raise ValueError(f"id_gate must be ({len(cat)},), got {tuple(gate.shape)}")
     was_training = model.training
     model.eval()
     out = [model.item_embeddings(cat.item_ids[i:i + batch_size], cat.cat_ids[i:i + batch_size],
-                                 cat.cat_weights[i:i + batch_size])
+                                 cat.cat_weights[i:i + batch_size], gate[i:i + batch_size])
            for i in range(0, len(cat), batch_size)]
     model.train(was_training)
     return cat.item_ids.numpy().astype(np.int64), torch.cat(out).numpy().astype(np.float32)
@@ -107,7 +113,8 @@ def catalog_embeddings(model: ContextualTwoTower, catalog: pd.DataFrame,
 
 def export_bundle(model: ContextualTwoTower, config: ModelConfig, catalog: pd.DataFrame,
                   out_dir: Path | str, model_version: Optional[str],
-                  extra_manifest: Optional[Dict[str, Any]] = None) -> Path:
+                  extra_manifest: Optional[Dict[str, Any]] = None,
+                  id_gate: Optional[np.ndarray] = None) -> Path:
     """Write the bundle into ``out_dir`` (replaced atomically if it exists) and return it.
 
     ``model_version`` is the run name / timestamp prefix (None = now); the stored version gets the
@@ -130,7 +137,7 @@ def export_bundle(model: ContextualTwoTower, config: ModelConfig, catalog: pd.Da
         weights_sha = sha256_file(tmp / C.BUNDLE_WEIGHTS)
         version = make_model_version(model_version, weights_sha)
         (tmp / C.BUNDLE_CONFIG).write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True))
-        item_ids, item_emb = catalog_embeddings(model, catalog)
+        item_ids, item_emb = catalog_embeddings(model, catalog, id_gate)
         if not np.isfinite(item_emb).all():  # finite weights can still overflow in the item tower
             raise BundleError(f"refusing to export non-finite {C.BUNDLE_ITEM_EMBEDDINGS}: "
                               f"{int((~np.isfinite(item_emb)).any(axis=1).sum())} of {len(item_emb)} rows")
@@ -171,6 +178,16 @@ def _read_manifest(path: Path) -> Dict[str, Any]:
     return manifest
 
 
+def _refuse_unlisted(path: Path) -> None:
+    """A bundle holds exactly the manifest and the files it hashes; anything else (a dropped-in
+    pickle above all) is refused before any file is read, so nothing foreign is ever loaded."""
+    extra = sorted(p.name for p in path.iterdir() if p.name not in _HASHED_FILES + (C.BUNDLE_MANIFEST,))
+    if extra:
+        raise BundleError(f"{path}: files not listed in the manifest: {extra[:10]}; refused (a "
+                          f"bundle holds only {C.BUNDLE_MANIFEST} and {list(_HASHED_FILES)}, and "
+                          f"nothing in it is ever unpickled)")
+
+
 def _verify_checksums(path: Path, manifest: Dict[str, Any]) -> None:
     for name in _HASHED_FILES:
         expected = manifest["files"].get(name)
@@ -188,6 +205,7 @@ def load_bundle(path: Path | str) -> Bundle:
     """Load and verify a bundle: checksums, config, weights (safetensors only) and shapes."""
     path = Path(path)
     manifest = _read_manifest(path)
+    _refuse_unlisted(path)
     _verify_checksums(path, manifest)
     version = manifest[C.MODEL_VERSION]
     if not _VERSION_SUFFIX.search(version) or not manifest["files"][C.BUNDLE_WEIGHTS].startswith(version[-8:]):

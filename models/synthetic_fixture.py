@@ -155,10 +155,13 @@ def build_tables(spec: FixtureSpec) -> Dict[str, pd.DataFrame]:
     ctx = []
     for source, id_col in ((C.CONTEXT_PSEUDO, C.LABEL_ITEM_ID), (C.CONTEXT_REAL, "_subject")):
         cats, weights = _top_k(items, seqs[id_col].to_numpy())
+        subject = seqs["_subject"] if source == C.CONTEXT_REAL else None  # pseudo rows: null
         ctx.append(pd.DataFrame({C.USER_ID: seqs[C.USER_ID], C.AS_OF_TS: seqs[C.AS_OF_TS],
                                  C.LABEL_ITEM_ID: seqs[C.LABEL_ITEM_ID],
                                  C.CONTEXT_CATEGORY_IDS: cats, C.CONTEXT_WEIGHTS: weights,
-                                 C.CONTEXT_SOURCE: source}))
+                                 C.CONTEXT_SOURCE: source,
+                                 C.SUBJECT_ITEM_ID: pd.array(subject if subject is not None
+                                                             else [None] * len(seqs), dtype="Int64")}))
     return {C.T_ITEMS: items, C.T_USERS: users, C.T_SEQUENCES: seqs,
             C.T_CONTEXT_ROWS: pd.concat(ctx, ignore_index=True)}
 
@@ -172,10 +175,10 @@ _ARROW = {
                               (C.ITEM_IDS, pa.list_(pa.int64())), (C.EVENT_TS_SECONDS, pa.list_(pa.int64())),
                               (C.LABEL_ITEM_ID, pa.int64()), (C.SPLIT, pa.string())]),
     C.T_CONTEXT_ROWS: pa.schema([(C.USER_ID, pa.int64()), (C.AS_OF_TS, pa.timestamp("us", tz="UTC")),
-                                 (C.LABEL_ITEM_ID, pa.int64()),  # the pipelines' join-key extension
+                                 (C.LABEL_ITEM_ID, pa.int64()),
                                  (C.CONTEXT_CATEGORY_IDS, pa.list_(pa.int32())),
                                  (C.CONTEXT_WEIGHTS, pa.list_(pa.float32())),
-                                 (C.CONTEXT_SOURCE, pa.string())]),
+                                 (C.CONTEXT_SOURCE, pa.string()), (C.SUBJECT_ITEM_ID, pa.int64())]),
 }
 
 

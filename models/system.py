@@ -14,13 +14,25 @@ Item id embeddings start either random or (``item_init="cooccurrence"``) from a 
 the training split's user x item matrix (models/warm_start.py: without it, the history's signal
 beyond popularity is found late or never on sparse logs).
 
+Objective (``objective``): "last_item" = one example per sequences row, its label predicted from
+its history (the product's training set: every conversion is a row); "all_positions" = next-item
+prediction at EVERY position of each row's history + label in one causal pass (SASRec's
+objective, what the MovieLens benchmark trains: a leave-one-out log has one row per user, so
+predicting only its newest item would waste all the others). ``full_softmax`` makes every
+catalog item a candidate (no sampling, no logQ); without it all_positions scores the positive
+against ``n_uniform_negatives`` uniform items shared by the batch (a uniform proposal's logQ is
+the same for every negative and cancels).
+
 Training-only regularisers beside the context dropout of the model: a ``history_drop_prob``
 share of examples get the learned cold-start state instead of their encoded history, so the
 ``state=None`` serving path is trained.
 
 Validation: full-corpus Recall@K etc. on the validation split with its pseudo context (what the
 early stopping monitors: ``val/recall@100``) and the same examples with the context removed
-(``val_no_context/...``), so a run that leans on context only is visible in the curves.
+(``val_no_context/...``), so a run that leans on context only is visible in the curves. A batch
+with ``EXCLUDE_ROWS`` has the user's own history dropped from the ranking, and a label row of -1
+(a target outside the catalog, possible in a leave-one-out split) counts as a miss: the
+MovieLens protocol (models/leave_one_out.py).
 """
 from __future__ import annotations
 
@@ -33,14 +45,34 @@ import torch.nn.functional as F
 from torch import nn
 
 from models import features
-from models.data import LABEL_ROW, REAL_CONTEXT_IDS, REAL_CONTEXT_WEIGHTS, Catalog
-from models.metrics import COVERAGE_K, DEFAULT_KS, metric_key, rank_targets, retrieval_metrics
-from models.two_tower import ContextualTwoTower, ModelConfig
+from models.data import (EXCLUDE_ROWS, HAS_REAL_CONTEXT, LABEL_ROW, REAL_CONTEXT_IDS, REAL_CONTEXT_WEIGHTS,
+                         SUBJECT_ROW, Catalog)
+from models.metrics import COVERAGE_K, DEFAULT_KS, TiedRanks, metric_key, rank_targets, retrieval_metrics
+from models.two_tower import ContextualTwoTower, ModelConfig, trim_left_padding
 from models.warm_start import cooccurrence_vectors, user_item_matrix
 from pipelines import contracts as C
 
 MONITOR = "val/recall_at_100"  # metric_key("val/recall@100")
 ITEM_INITS = ("random", "cooccurrence")
+# The context a training example is scored with: "pseudo" = the label's own categories (seed
+# 000: the log has no real context); "real" = the logged or derived subject item where the
+# example has one, else none; "mixed" = real where there is one, else pseudo.
+TRAIN_CONTEXTS = ("pseudo", "real", "mixed")
+OBJECTIVES = ("last_item", "all_positions")
+
+
+def id_gate(item_counts: torch.Tensor, k: float) -> torch.Tensor:
+    """(N,) training label counts -> (N,) weight of each item's id embedding, count / (count + k).
+
+    Why: on a real log most items converted at serving time were never converted in training;
+    their id vectors are noise (random rows or other items' rows through hash collisions), so an
+    unseen item should be represented by its categories alone and an item with many conversions
+    mostly by its own id. k = 0 disables the gate (every id at full weight).
+    """
+    if k < 0:
+        raise ValueError(f"id_gate_k must be >= 0, got {k}")
+    counts = item_counts.to(torch.float32)
+    return torch.ones_like(counts) if k == 0 else counts / (counts + k)
 
 
 def sampled_softmax_loss(user_emb: torch.Tensor, cand_emb: torch.Tensor, cand_rows: torch.Tensor,
@@ -60,6 +92,34 @@ def sampled_softmax_loss(user_emb: torch.Tensor, cand_emb: torch.Tensor, cand_ro
     return F.cross_entropy(logits, pos_col)
 
 
+def next_item_targets(history_rows: torch.Tensor, label_rows: torch.Tensor) -> torch.Tensor:
+    """What each position of a history predicts: the next history event, the label at the last.
+
+    history_rows (B, L) catalog rows of a left-padded history (-1 = padding or not in the
+    catalog), label_rows (B,) -> (B, L) target rows; -1 (no example there) where the position's
+    own row is -1 (padding, or an item outside the catalog) or its target has none.
+    """
+    nxt = torch.cat([history_rows[:, 1:], label_rows.unsqueeze(1)], dim=1)  # (B, L)
+    return torch.where(history_rows >= 0, nxt, torch.full_like(nxt, -1))  # (B, L)
+
+
+def uniform_negatives_loss(user_emb: torch.Tensor, pos_emb: torch.Tensor, pos_rows: torch.Tensor,
+                           neg_emb: torch.Tensor, neg_rows: torch.Tensor,
+                           temperature: torch.Tensor | float) -> torch.Tensor:
+    """Softmax of each positive against negatives shared by the batch, drawn uniformly.
+
+    user_emb (P, D), pos_emb (P, D) and pos_rows (P,) the positives, neg_emb (U, D) and
+    neg_rows (U,) the negatives. A uniform proposal's logQ is the same for every negative and
+    cancels, so none is applied; a negative that is the row's own positive is masked out.
+    """
+    pos_logit = (user_emb * pos_emb).sum(-1, keepdim=True) / temperature  # (P, 1)
+    neg_logit = (user_emb @ neg_emb.T / temperature).masked_fill(
+        neg_rows.unsqueeze(0) == pos_rows.unsqueeze(1), -math.inf)  # (P, U)
+    logits = torch.cat([pos_logit, neg_logit], dim=1)  # (P, 1 + U)
+    return F.cross_entropy(logits, torch.zeros(pos_rows.shape[0], dtype=torch.long,
+                                               device=logits.device))
+
+
 class ContextualRetrievalSystem(pl.LightningModule):
     """Trains ContextualTwoTower; expects ContextualSequenceDataModule as trainer.datamodule
     (catalog + item frequencies come from it in ``setup``)."""
@@ -69,13 +129,24 @@ class ContextualRetrievalSystem(pl.LightningModule):
                  learn_temperature: bool = True, n_uniform_negatives: int = 512,
                  logq_correction: bool = True, logq_weight: float = 1.0,
                  history_drop_prob: float = 0.05, item_init: str = "random",
-                 eval_ks: Sequence[int] = DEFAULT_KS, eval_chunk_size: int = 1024) -> None:
+                 id_gate_k: float = 0.0, train_context: str = "pseudo",
+                 eval_ks: Sequence[int] = DEFAULT_KS, eval_chunk_size: int = 1024,
+                 objective: str = "last_item", full_softmax: bool = False) -> None:
         super().__init__()
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
         if item_init not in ITEM_INITS:
             raise ValueError(f"item_init must be one of {ITEM_INITS}, got {item_init!r}")
+        if train_context not in TRAIN_CONTEXTS:
+            raise ValueError(f"train_context must be one of {TRAIN_CONTEXTS}, got {train_context!r}")
         if isinstance(model_config, dict):  # load_from_checkpoint passes the saved dict back
             model_config = ModelConfig.from_dict(model_config)
         self.config = model_config
+        if objective == "all_positions" and (self.config.use_context or self.config.state_len != 1):
+            raise ValueError("objective='all_positions' trains the sequence encoder's every position: "
+                             "it needs use_context=False (a context belongs to one example) and "
+                             f"state_len=1, got use_context={self.config.use_context}, "
+                             f"state_len={self.config.state_len}")
         self.save_hyperparameters(ignore=["model_config"])
         self.hparams["model_config"] = self.config.to_dict()  # JSON-friendly, no pickled classes
         self.model = ContextualTwoTower(self.config)
@@ -86,6 +157,7 @@ class ContextualRetrievalSystem(pl.LightningModule):
             self.register_buffer("log_temperature", log_t)
         self.catalog: Optional[Catalog] = None
         self.item_freq: Optional[torch.Tensor] = None
+        self.id_gate: Optional[torch.Tensor] = None  # (N,) see id_gate(); None = every id at full weight
         self.eval_ks = tuple(eval_ks)
         self._catalog_emb: Optional[torch.Tensor] = None
         self.val_metrics: Optional[nn.Module] = None
@@ -93,11 +165,15 @@ class ContextualRetrievalSystem(pl.LightningModule):
         self.val_metrics_served: Optional[nn.Module] = None
 
     # ------------------------------------------------------------------ wiring
-    def attach_data(self, catalog: Catalog, item_freq: torch.Tensor) -> None:
-        """Catalog tensors and training label frequencies (N,) used by loss and validation."""
+    def attach_data(self, catalog: Catalog, item_freq: torch.Tensor,
+                    item_counts: Optional[torch.Tensor] = None) -> None:
+        """Catalog tensors, training label frequencies (N,) used by loss and validation, and the
+        raw training label counts (N,) the id gate is computed from (None = no gate)."""
         if item_freq.shape != (len(catalog),):
             raise ValueError(f"item_freq must be ({len(catalog)},), got {tuple(item_freq.shape)}")
         self.catalog, self.item_freq = catalog, item_freq.float()
+        if item_counts is not None and self.hparams.id_gate_k > 0:
+            self.id_gate = id_gate(item_counts, self.hparams.id_gate_k)
         self.val_metrics = retrieval_metrics(len(catalog), self.eval_ks).clone(prefix="val/")
         self.val_metrics_no_ctx = retrieval_metrics(len(catalog), self.eval_ks).clone(prefix="val_no_context/")
         # What serving sees: the logged subject item's categories where there is one, else none.
@@ -109,7 +185,7 @@ class ContextualRetrievalSystem(pl.LightningModule):
             if dm is None or not hasattr(dm, "item_frequencies"):
                 raise RuntimeError("ContextualRetrievalSystem needs a ContextualSequenceDataModule "
                                    "(or call attach_data before fitting)")
-            self.attach_data(dm.catalog, dm.item_frequencies())
+            self.attach_data(dm.catalog, dm.item_frequencies(), dm.item_counts)
         if stage == "fit" and self.hparams.item_init == "cooccurrence" and dm is not None:
             # A resumed run's checkpoint overwrites these weights after setup, so this is harmless
             # there; the SVD itself is deterministic, so every DDP rank writes the same table.
@@ -144,33 +220,62 @@ class ContextualRetrievalSystem(pl.LightningModule):
 
     # ------------------------------------------------------------------ model calls
     def user_embeddings(self, batch: Dict[str, torch.Tensor], context: str = "pseudo",
-                        state: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """(B, D) user embeddings; context = "pseudo" | "real" | "none" (empty context)."""
-        ctx_ids, ctx_w = context_inputs(batch, context)
+                        state: Optional[torch.Tensor] = None,
+                        item_emb: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(B, D) user embeddings; context = "pseudo" | "real" | "none" (empty context) |
+        "train" (what ``train_context`` selects). ``item_emb`` (N, D): catalog embeddings to take
+        the subject item's from (computed for the subject rows if None)."""
+        ctx_ids, ctx_w, subject_rows = self.context_for(batch, context)
         if state is None:
             state = self.model.encode_user_state(batch[C.ITEM_IDS], batch[C.EVENT_TS_SECONDS])
+        subject = self.subject_embeddings(subject_rows, item_emb)
         return self.model.query_from_state(state, ctx_ids, ctx_w, batch[C.AGE_BUCKET],
-                                           batch[C.COUNTRY], batch[C.GENDER])
+                                           batch[C.COUNTRY], batch[C.GENDER], subject)
+
+    def context_for(self, batch: Dict[str, torch.Tensor],
+                    context: str) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """(ctx_ids (B, C), ctx_weights (B, C), subject catalog rows (B,) with -1 = none, or None)."""
+        if context == "train":
+            context = self.hparams.train_context
+            if context != "pseudo":
+                return mixed_context(batch, fallback="pseudo" if context == "mixed" else "none")
+        ids, w = context_inputs(batch, context)
+        return ids, w, batch.get(SUBJECT_ROW) if context == "real" else None
+
+    def subject_embeddings(self, subject_rows: Optional[torch.Tensor],
+                           item_emb: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """subject rows (B,) (-1 = none) -> (B, D) item-tower embeddings, zero rows for none;
+        None when the model does not use the subject item."""
+        if subject_rows is None or not self.config.use_subject_item:
+            return None
+        has = subject_rows >= 0  # (B,)
+        rows = subject_rows.clamp(min=0)  # (B,)
+        emb = item_emb[rows] if item_emb is not None else self.catalog_embeddings(rows)  # (B, D)
+        return emb * has.unsqueeze(-1).to(emb.dtype)  # (B, D)
 
     def catalog_embeddings(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Item-tower embeddings of catalog rows (all rows if None): (N, D)."""
         cat = self.catalog
-        if rows is None:
-            return self.model.item_embeddings(cat.item_ids.to(self.device), cat.cat_ids.to(self.device),
-                                              cat.cat_weights.to(self.device))
+        rows = torch.arange(len(cat)) if rows is None else rows.cpu()
+        gate = None if self.id_gate is None else self.id_gate[rows].to(self.device)
         return self.model.item_embeddings(cat.item_ids[rows].to(self.device),
                                           cat.cat_ids[rows].to(self.device),
-                                          cat.cat_weights[rows].to(self.device))
+                                          cat.cat_weights[rows].to(self.device), gate)
 
     def training_loss(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
         """The whole training objective of one batch (also used by the plain-torch benchmark)."""
+        hp = self.hparams
+        if hp.objective == "all_positions":
+            return self.all_positions_loss(batch)
         b = batch[LABEL_ROW].shape[0]
         state = self.model.encode_user_state(batch[C.ITEM_IDS], batch[C.EVENT_TS_SECONDS])  # (B, S)
-        hp = self.hparams
         if hp.history_drop_prob > 0:
             drop = torch.rand(b, 1, device=state.device) < hp.history_drop_prob  # (B, 1)
             state = torch.where(drop, self.model.cold_start_state(b), state)
-        user = self.user_embeddings(batch, "pseudo", state=state)  # (B, D)
+        user = self.user_embeddings(batch, "train", state=state)  # (B, D)
+        if hp.full_softmax:
+            logits = user @ self.catalog_embeddings().T / self.temperature  # (B, N)
+            return F.cross_entropy(logits, batch[LABEL_ROW])
         n_items = len(self.catalog)
         uniform = torch.randint(0, n_items, (hp.n_uniform_negatives,))  # (U,)
         cand_rows = torch.cat([batch[LABEL_ROW].cpu(), uniform])  # (M,) = (B + U,)
@@ -185,6 +290,40 @@ class ContextualRetrievalSystem(pl.LightningModule):
         pos_col = first_pos + torch.arange(b, device=self.device)
         return sampled_softmax_loss(user, cand, cand_rows.to(self.device), batch[LABEL_ROW], pos_col,
                                     log_q.to(self.device), self.temperature)
+
+    def all_positions_loss(self, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Next-item prediction at every position of each row's history + label.
+
+        Input = the history (B, L); position t is scored against history[t + 1], the last position
+        against the label (``next_item_targets``), so a row with n history events gives n
+        examples, all from one causal pass. ``history_drop_prob`` replaces a position's state by
+        the cold-start state; demographics are the row's. Mean over the P positions.
+        """
+        hp = self.hparams
+        items, ts = trim_left_padding(batch[C.ITEM_IDS], batch[C.EVENT_TS_SECONDS])  # (B, L')
+        hidden, _ = self.model.encode_positions(items, ts)  # (B, L', D)
+        rows = torch.as_tensor(self.catalog.find_rows(items.cpu().numpy()),
+                               device=items.device)  # (B, L') catalog rows, -1 pad
+        target = next_item_targets(rows, batch[LABEL_ROW])  # (B, L')
+        where = (target >= 0).nonzero(as_tuple=True)  # P positions
+        if where[0].numel() == 0:  # only empty histories: no example in this batch
+            return hidden.sum() * 0.0
+        state = hidden[where]  # (P, D)
+        if hp.history_drop_prob > 0:
+            drop = torch.rand(state.shape[0], 1, device=state.device) < hp.history_drop_prob  # (P, 1)
+            state = torch.where(drop, self.model.cold_start_state(state.shape[0]), state)
+        row = where[0]  # (P,) the batch row of each position
+        user = self.model.query_from_state(state, None, None, batch[C.AGE_BUCKET][row],
+                                           batch[C.COUNTRY][row], batch[C.GENDER][row])  # (P, D)
+        pos_rows = target[where]  # (P,)
+        if hp.full_softmax:
+            logits = user @ self.catalog_embeddings().T / self.temperature  # (P, N)
+            return F.cross_entropy(logits, pos_rows)
+        neg_rows = torch.randint(0, len(self.catalog), (hp.n_uniform_negatives,))  # (U,)
+        cand = self.catalog_embeddings(torch.cat([pos_rows.cpu(), neg_rows]))  # (P + U, D)
+        p = pos_rows.shape[0]
+        return uniform_negatives_loss(user, cand[:p], pos_rows, cand[p:], neg_rows.to(self.device),
+                                      self.temperature)
 
     def _global_in_batch_negatives(self, cand_rows: torch.Tensor, cand: torch.Tensor,
                                    b: int) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -216,12 +355,22 @@ class ContextualRetrievalSystem(pl.LightningModule):
 
     def validation_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
         state = self.model.encode_user_state(batch[C.ITEM_IDS], batch[C.EVENT_TS_SECONDS])
-        for context, metrics in (("pseudo", self.val_metrics), ("none", self.val_metrics_no_ctx),
-                                 ("real", self.val_metrics_served)):
-            user = self.user_embeddings(batch, context, state=state)  # (B, D)
-            ranks, top = rank_targets(user, self._catalog_emb, batch[LABEL_ROW], top_k=COVERAGE_K,
-                                      chunk_size=self.hparams.eval_chunk_size)
-            metrics.update(ranks=ranks, top_items=top)
+        exclude = batch.get(EXCLUDE_ROWS)  # (B, H) the user's history rows (-1 pad), or None
+        outside = batch[LABEL_ROW] < 0  # (B,) target without a catalog row: a miss
+        target = batch[LABEL_ROW].clamp(min=0)  # (B,) any column for those; their rank is replaced
+        passes = (("pseudo", self.val_metrics), ("none", self.val_metrics_no_ctx),
+                  ("real", self.val_metrics_served))
+        ranked = None
+        for context, metrics in passes:
+            # Without a context layer every pass gives the same embedding: rank once.
+            if ranked is None or self.config.use_context:
+                user = self.user_embeddings(batch, context, state=state, item_emb=self._catalog_emb)  # (B, D)
+                ranks, top = rank_targets(user, self._catalog_emb, target, exclude=exclude,
+                                          top_k=COVERAGE_K, chunk_size=self.hparams.eval_chunk_size)
+                missed = TiedRanks(ranks.greater.masked_fill(outside, len(self.catalog)),
+                                   ranks.ties.masked_fill(outside, 0))  # a target outside the catalog: a miss
+                ranked = (missed, top)  # (B,) ranks, (B, K)
+            metrics.update(ranks=ranked[0], top_items=ranked[1])
 
     def on_validation_epoch_end(self) -> None:
         for metrics in (self.val_metrics, self.val_metrics_no_ctx, self.val_metrics_served):
@@ -261,3 +410,19 @@ def context_inputs(batch: Dict[str, torch.Tensor], context: str) -> tuple[torch.
     if context == "none":
         return torch.full_like(ids, features.PAD_CATEGORY), torch.zeros_like(w)
     raise ValueError(f"context must be pseudo, real or none; got {context!r}")
+
+
+def mixed_context(batch: Dict[str, torch.Tensor],
+                  fallback: str) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Real context (and subject row) where the example has one, else ``fallback`` ("pseudo" or
+    "none"): ids (B, C), weights (B, C), subject rows (B,) with -1 where there is none."""
+    fb_ids, fb_w = context_inputs(batch, fallback)
+    if HAS_REAL_CONTEXT not in batch:
+        return fb_ids, fb_w, None
+    has = batch[HAS_REAL_CONTEXT].bool()  # (B,)
+    ids = torch.where(has.unsqueeze(1), batch[REAL_CONTEXT_IDS], fb_ids)  # (B, C)
+    w = torch.where(has.unsqueeze(1), batch[REAL_CONTEXT_WEIGHTS], fb_w)  # (B, C)
+    subject = batch.get(SUBJECT_ROW)
+    if subject is not None:
+        subject = torch.where(has, subject, torch.full_like(subject, -1))  # (B,)
+    return ids, w, subject

@@ -57,6 +57,9 @@ class ModelConfig:
     state_len: int = 1  # m: number of last encoder states cached per user (1 = last hidden state)
     use_context: bool = True
     use_demographics: bool = True
+    use_subject_item: bool = False  # the subject item's own item-tower embedding joins the context
+    use_item_categories: bool = True  # False: the item tower reads the item id only
+    use_time_gaps: bool = True  # False: the encoder reads item ids and positions only
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
@@ -67,6 +70,8 @@ class ModelConfig:
             raise ValueError(f"state_len must be in [1, max_len={self.max_len}], got {self.state_len}")
         if self.n_time_buckets < 3:
             raise ValueError("n_time_buckets must be >= 3 (padding, first event, >= 1 gap bucket)")
+        if self.use_subject_item and not self.use_context:
+            raise ValueError("use_subject_item needs use_context (the subject is part of the context)")
 
     @property
     def state_dim(self) -> int:
@@ -116,11 +121,14 @@ class ContextualTwoTower(nn.Module):
         self.category_emb = MultiHashEmbedding(config.category_buckets, d, config.n_hashes,
                                                config.hash_seed + 1)
         self.encoder = CausalSequenceEncoder(d, config.n_layers, config.n_heads, config.max_len,
-                                             config.n_time_buckets, config.dropout)
+                                             config.n_time_buckets, config.dropout,
+                                             config.use_time_gaps)
         self.pad_slot = nn.Parameter(torch.zeros(d))  # state slot of a history shorter than m
         self.no_history_state = nn.Parameter(torch.randn(config.state_dim) * 0.02)  # cold start
         self.context = (ContextLayer(d, config.context_dropout, config.context_drop_prob)
                         if config.use_context else None)
+        # No bias: "no subject" (a zero embedding) must add nothing to the context.
+        self.subject_proj = nn.Linear(d, d, bias=False) if config.use_subject_item else None
         self.demographics = (DemographicsEmbedding(d, config.country_buckets, config.dropout)
                              if config.use_demographics else None)
         if config.fusion == "concat":
@@ -143,10 +151,7 @@ class ContextualTwoTower(nn.Module):
         -> state (B, state_dim): the last ``state_len`` encoder outputs, flattened."""
         m, d = self.config.state_len, self.config.dim
         item_ids, event_ts = trim_left_padding(item_ids, event_ts, keep=m)  # (B, L') L' <= L
-        valid = item_ids != features.PAD_ITEM  # (B, L')
-        tokens = self.item_emb(item_ids)  # (B, L, D)
-        gaps = features.time_gap_buckets(event_ts, valid, self.config.n_time_buckets)  # (B, L)
-        hidden = self.encoder(tokens, gaps, valid)  # (B, L, D)
+        hidden, valid = self.encode_positions(item_ids, event_ts)  # (B, L', D), (B, L')
         if hidden.shape[1] < m:  # shorter input than the state: pad slots in front
             short = m - hidden.shape[1]
             hidden = torch.cat([hidden.new_zeros(hidden.shape[0], short, d), hidden], dim=1)
@@ -157,6 +162,22 @@ class ContextualTwoTower(nn.Module):
         has_history = valid.any(dim=1, keepdim=True)  # (B, 1)
         return torch.where(has_history, state, self.no_history_state.expand_as(state))  # (B, m*D)
 
+    def encode_positions(self, item_ids: torch.Tensor,
+                         event_ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """item_ids LongTensor (B, L) left-padded, event_ts LongTensor (B, L) -> the encoder output
+        at EVERY position (B, L, D) and the validity mask (B, L).
+
+        Position t is a function of events <= t only (causal). Its recency embedding counts from
+        the newest event of the whole row, so position t equals ``encode_user_state`` of the
+        prefix up to t only at the last position; the all-positions objective trains the earlier
+        positions the way SASRec does (one causal pass per sequence, fixed slot positions).
+        """
+        valid = item_ids != features.PAD_ITEM  # (B, L)
+        tokens = self.item_emb(item_ids)  # (B, L, D)
+        gaps = (features.time_gap_buckets(event_ts, valid, self.config.n_time_buckets)
+                if self.config.use_time_gaps else None)  # (B, L)
+        return self.encoder(tokens, gaps, valid), valid  # (B, L, D), (B, L)
+
     def cold_start_state(self, batch_size: int) -> torch.Tensor:
         """The learned state of a user with no history: (B, state_dim)."""
         return self.no_history_state.unsqueeze(0).expand(batch_size, -1)
@@ -164,13 +185,16 @@ class ContextualTwoTower(nn.Module):
     # ---------------------------------------------------------------- online half
     def query_from_state(self, state: Optional[torch.Tensor], ctx_ids: Optional[torch.Tensor],
                          ctx_weights: Optional[torch.Tensor], age: Optional[torch.Tensor],
-                         country: Optional[torch.Tensor],
-                         gender: Optional[torch.Tensor]) -> torch.Tensor:
+                         country: Optional[torch.Tensor], gender: Optional[torch.Tensor],
+                         subject_emb: Optional[torch.Tensor] = None) -> torch.Tensor:
         """state (B, state_dim) or None (cold start), ctx_ids LongTensor (B, C) (-1 pad),
-        ctx_weights (B, C), age/country/gender LongTensor (B,) -> user embedding (B, D), unit norm.
+        ctx_weights (B, C), age/country/gender LongTensor (B,), subject_emb (B, D) the subject
+        item's item-tower embedding (zero rows or None = no subject item) -> user embedding
+        (B, D), unit norm.
 
         Inputs the configuration does not use (context when use_context=False, demographics when
-        use_demographics=False) may be None and are ignored.
+        use_demographics=False, the subject when use_subject_item=False) may be None and are
+        ignored.
         """
         batch = self._batch_size(state, ctx_ids, age)
         if state is None:
@@ -188,6 +212,8 @@ class ContextualTwoTower(nn.Module):
             if self.training and self.config.context_slot_drop_prob > 0:
                 ctx_weights = drop_context_slots(ctx_weights, self.config.context_slot_drop_prob)
             pooled = weighted_pool(self.category_emb(ctx_ids), ctx_weights)  # (B, D)
+            if self.subject_proj is not None and subject_emb is not None:
+                pooled = pooled + self.subject_proj(subject_emb.to(pooled.dtype))  # (B, D)
             ctx = self.context(pooled)  # (B, D)
         demo = None
         if self.demographics is not None:
@@ -198,10 +224,11 @@ class ContextualTwoTower(nn.Module):
 
     def forward(self, item_ids: torch.Tensor, event_ts: torch.Tensor, ctx_ids: Optional[torch.Tensor],
                 ctx_weights: Optional[torch.Tensor], age: Optional[torch.Tensor],
-                country: Optional[torch.Tensor], gender: Optional[torch.Tensor]) -> torch.Tensor:
+                country: Optional[torch.Tensor], gender: Optional[torch.Tensor],
+                subject_emb: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Full user tower: (B, L) history + context + demographics -> (B, D)."""
         state = self.encode_user_state(item_ids, event_ts)  # (B, state_dim)
-        return self.query_from_state(state, ctx_ids, ctx_weights, age, country, gender)
+        return self.query_from_state(state, ctx_ids, ctx_weights, age, country, gender, subject_emb)
 
     # ---------------------------------------------------------------- item tower
     @torch.no_grad()
@@ -219,10 +246,24 @@ class ContextualTwoTower(nn.Module):
             self.item_emb.table.weight[rows[:, h]] = share.to(self.item_emb.table.weight.dtype)
 
     def item_embeddings(self, item_ids: torch.Tensor, cat_ids: torch.Tensor,
-                        cat_weights: torch.Tensor) -> torch.Tensor:
-        """item_ids (N,), cat_ids LongTensor (N, C) (-1 pad), cat_weights (N, C) -> (N, D) unit norm."""
-        cat = weighted_pool(self.category_emb(cat_ids), cat_weights)  # (N, D)
-        return self.item_tower(self.item_emb(item_ids), cat)  # (N, D)
+                        cat_weights: torch.Tensor, id_gate: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """item_ids (N,), cat_ids LongTensor (N, C) (-1 pad), cat_weights (N, C), id_gate (N,) in
+        [0, 1] or None (= 1) -> (N, D) unit norm. Categories are ignored with
+        ``use_item_categories=False``.
+
+        ``id_gate`` scales each item's id embedding: an item the training data never showed has
+        an id vector that is either its random initial rows or, through hash collisions, other
+        items' rows; gating it towards 0 lets such an item be represented by its categories
+        alone (see ``id_gate`` in models/system.py).
+        """
+        ids = self.item_emb(item_ids)  # (N, D)
+        if self.config.use_item_categories:
+            cat = weighted_pool(self.category_emb(cat_ids), cat_weights)  # (N, D)
+        else:  # a zero category vector: the tower's MLP sees the id alone
+            cat = torch.zeros_like(ids)  # (N, D)
+        if id_gate is not None:
+            ids = ids * id_gate.to(ids.dtype).unsqueeze(-1)  # (N, D)
+        return self.item_tower(ids, cat)  # (N, D)
 
     @staticmethod
     def _batch_size(state: Optional[torch.Tensor], ctx_ids: Optional[torch.Tensor],

@@ -14,12 +14,10 @@ from datetime import datetime, timezone
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from pipelines import contracts as C
-from pipelines.context import (CONTEXT_ROWS_KEY, DEFAULT_TOP_K, SEQUENCES_KEY, build_context_rows,
-                               context_rows_schema)
+from pipelines.context import DEFAULT_TOP_K, build_context_rows
 from pipelines.delta_io import (WriteResult, ensure_properties, print_results, raw_schema,
                                 read_table, sync_quarantine, sync_table, table_exists,
                                 table_version)
-from pipelines.ingest import add_missing_columns
 from pipelines.sequences import (DEFAULT_MAX_LEN, SplitCutoffs, build_sequences, conversions,
                                  examples_from_ranked, ranked_histories, resolve_cutoffs,
                                  user_sequences_from_ranked)
@@ -64,30 +62,41 @@ def _session(args: argparse.Namespace, app: str):
 # --------------------------------------------------------------------------------------
 # generate_data
 # --------------------------------------------------------------------------------------
+_KNOB_FLAGS = {"n_items": "--items", "n_categories": "--categories", "n_styles": "--styles"}
+
+
+def _knob_flag(knob: str) -> str:
+    return _KNOB_FLAGS.get(knob, "--" + knob.replace("_", "-"))
+
+
+def _default_text(value: object) -> str:
+    return "derived" if value is None else str(value)
+
+
 def generate_parser() -> argparse.ArgumentParser:
-    from pipelines.synthetic import SyntheticConfig
+    from pipelines.synthetic import (ALL_KNOBS, KNOB_HELP, PRESET_DEFAULTS, PRESETS, REALISTIC,
+                                     SyntheticConfig, knob_type)
 
     d = SyntheticConfig()
     p = argparse.ArgumentParser(
         prog="generate_data",
         description="Write seeded synthetic raw_events / raw_items / raw_users Delta tables "
-                    "with a planted signal (see pipelines/synthetic.py). Overwrites them.")
+                    "(see pipelines/synthetic.py: a realistic world calibrated to real logs, or "
+                    "the planted world of the first quality bars). Overwrites them.")
     _spark_args(p)
+    p.add_argument("--preset", choices=PRESETS, default=REALISTIC,
+                   help=f"which world (default {REALISTIC}); every knob below overrides the "
+                        f"preset's default, and a knob of the other preset is refused")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--users", type=int, default=d.n_users, help=f"users (default {d.n_users})")
     size.add_argument("--events", type=int, default=None,
                       help="approximate number of events instead of --users")
-    p.add_argument("--items", type=int, default=d.n_items, help=f"items (default {d.n_items})")
-    p.add_argument("--categories", type=int, default=d.n_categories)
-    p.add_argument("--styles", type=int, default=d.n_styles)
-    p.add_argument("--p-longterm", type=float, default=d.p_longterm,
-                   help="P(session intent is a long-term interest)")
-    p.add_argument("--p-style", type=float, default=d.p_style,
-                   help="P(conversion has the user's style)")
-    p.add_argument("--p-convert", type=float, default=d.p_convert, help="P(session converts)")
-    p.add_argument("--sessions-mean", type=float, default=d.sessions_mean)
-    p.add_argument("--max-clicks", type=int, default=d.max_clicks)
-    p.add_argument("--popularity-exponent", type=float, default=d.popularity_exponent)
+    knobs = p.add_argument_group("knobs (default: the preset's)")
+    for knob in ALL_KNOBS:
+        defaults = ", ".join(f"{name} {_default_text(PRESET_DEFAULTS[name][knob])}"
+                             for name in PRESETS if knob in PRESET_DEFAULTS[name])
+        knobs.add_argument(_knob_flag(knob), dest=knob, type=knob_type(knob), default=None,
+                           help=f"{KNOB_HELP[knob]} (default: {defaults})")
     p.add_argument("--malformed-frac", type=float, default=d.malformed_frac,
                    help="fraction of deliberately malformed event rows (default 0.005)")
     p.add_argument("--seed", type=int, default=d.seed)
@@ -99,18 +108,20 @@ def generate_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace):
-    from pipelines.synthetic import SyntheticConfig, users_for_events
+    """The SyntheticConfig of parsed flags: the preset plus only the knobs given."""
+    from dataclasses import replace
 
-    cfg = SyntheticConfig(
-        n_users=args.users, n_items=args.items, n_categories=args.categories,
-        n_styles=args.styles, p_longterm=args.p_longterm, p_style=args.p_style,
-        p_convert=args.p_convert, sessions_mean=args.sessions_mean, max_clicks=args.max_clicks,
-        popularity_exponent=args.popularity_exponent, malformed_frac=args.malformed_frac,
-        seed=args.seed, start=args.start, days=args.days,
-    )
+    from pipelines.synthetic import ALL_KNOBS, SyntheticConfig, users_for_events
+
+    knobs = {k: getattr(args, k) for k in ALL_KNOBS if getattr(args, k, None) is not None}
+    try:
+        cfg = SyntheticConfig(preset=args.preset, n_users=args.users,
+                              malformed_frac=args.malformed_frac, seed=args.seed,
+                              start=args.start, days=args.days, **knobs)
+    except ValueError as err:
+        flags = ", ".join(_knob_flag(k) for k in knobs)
+        raise SystemExit(f"generate_data: {err}" + (f" (flags given: {flags})" if flags else ""))
     if args.events is not None:
-        from dataclasses import replace
-
         cfg = replace(cfg, n_users=users_for_events(args.events, cfg))
     return cfg
 
@@ -511,7 +522,6 @@ def run_build_sequences(spark, lake: str, cfg: BuildConfig = BuildConfig(),
         _fail_fast({C.T_RAW_ITEMS: r_items, C.T_RAW_USERS: r_users, C.T_RAW_EVENTS: r_events},
                    reports, cfg.max_quarantine_frac)
 
-        add_missing_columns(spark, paths.table(C.T_EVENTS), C.spark_schema(C.T_EVENTS))
         writes.append(sync_table(spark, items, paths.table(C.T_ITEMS), C.T_ITEMS,
                                  C.spark_schema(C.T_ITEMS), [C.ITEM_ID]))
         writes.append(sync_table(spark, users, paths.table(C.T_USERS), C.T_USERS,
@@ -528,29 +538,6 @@ def run_build_sequences(spark, lake: str, cfg: BuildConfig = BuildConfig(),
     writes.extend(outputs)
     return BuildResult({w.table: w.version for w in writes}, writes, reports, cutoffs, in_versions,
                        coverage)
-
-
-def _non_null_elements(df, schema):
-    """Array columns typed with non-null elements where the table's schema says so.
-
-    Why: Delta's MERGE casts source columns to the table's types and Spark refuses to cast
-    array<int> with nullable elements to array<int> with non-null ones, so updating a context row
-    (a derived subject that changed, an item whose categories changed) failed although no element
-    is ever null (validated category ids and weights). ``coalesce`` with a zero of the element
-    type is a no-op on the values that only tells Spark the elements are not null.
-    """
-    from pyspark.sql import functions as F
-    from pyspark.sql import types as T
-
-    current = {f.name: f.dataType for f in df.schema.fields}
-    out = df
-    for f in schema.fields:
-        have = current.get(f.name)
-        if (isinstance(f.dataType, T.ArrayType) and not f.dataType.containsNull
-                and isinstance(have, T.ArrayType) and have.containsNull):
-            zero = F.lit(0).cast(f.dataType.elementType)
-            out = out.withColumn(f.name, F.transform(f.name, lambda x: F.coalesce(x, zero)))
-    return out
 
 
 def _build_outputs(spark, lake: str, cfg: BuildConfig, now: datetime, earlier: List[WriteResult]
@@ -575,11 +562,10 @@ def _build_outputs(spark, lake: str, cfg: BuildConfig, now: datetime, earlier: L
             StorageLevel.MEMORY_AND_DISK)
         out = [
             sync_table(spark, build_sequences(examples, cutoffs), paths.table(C.T_SEQUENCES),
-                       C.T_SEQUENCES, C.spark_schema(C.T_SEQUENCES), SEQUENCES_KEY),
-            sync_table(spark, _non_null_elements(
-                build_context_rows(examples, items, cfg.context_top_k), context_rows_schema()),
-                       paths.table(C.T_CONTEXT_ROWS), C.T_CONTEXT_ROWS, context_rows_schema(),
-                       CONTEXT_ROWS_KEY),
+                       C.T_SEQUENCES, C.spark_schema(C.T_SEQUENCES), C.SEQUENCES_KEY),
+            sync_table(spark, build_context_rows(examples, items, cfg.context_top_k),
+                       paths.table(C.T_CONTEXT_ROWS), C.T_CONTEXT_ROWS,
+                       C.spark_schema(C.T_CONTEXT_ROWS), C.CONTEXT_ROWS_KEY),
         ]
         us_path = paths.table(C.T_USER_SEQUENCES)
         out.append(sync_table(spark, user_sequences_from_ranked(ranked, cfg.max_len), us_path,
@@ -604,7 +590,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN,
                    help=f"history cap: newest N conversions kept (default {DEFAULT_MAX_LEN})")
     p.add_argument("--min-history", type=int, default=1,
-                   help="minimum earlier conversions for a training example (default 1)")
+                   help="minimum earlier conversions for a training example (default 1; 0 also keeps "
+                        "first conversions, served from the cold-start state and the context)")
     p.add_argument("--val-start", type=_timestamp_arg, default=None,
                    help="first label time of the validation split (ISO or epoch s, UTC); with "
                         "--test-start. Default: stored cutoffs, else derived once from quantiles")

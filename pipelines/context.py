@@ -5,21 +5,19 @@ Two sources (``contracts.CONTEXT_PSEUDO`` / ``CONTEXT_REAL``):
 * pseudo -- the *label* item's top-k categories by confidence weight, weights renormalised to sum
   to 1. Training never sees real context (seed 000): it learns from this label-derived stand-in,
   with heavy context dropout in the model so the sequence still matters. One row per example.
-* real -- the same projection of the *subject item* logged on the label conversion (the item the
-  user was viewing). Only where the conversion has a subject item; used for evaluation only.
+* real -- the same projection of the *subject item* of the label conversion (the item the user
+  was viewing), with the subject's id in ``subject_item_id`` (null on pseudo rows). Only where the
+  conversion has a subject item. The trainer carries it on every split: the subject-item
+  baselines (category lookup, co-occurrence) learn from the training split's real rows.
 
 Top-k is taken after sorting by (weight desc, category id asc), so ties are deterministic even if
 an upstream table was not sorted; weights are renormalised in double precision then stored as
 float (sum is 1 within float rounding).
 
-Contract extension: rows also carry ``label_item_id``. ``(user_id, as_of_ts)`` alone does not
-identify an example when a user converts on two items in the same second (common in real logs,
-e.g. MovieLens batch ratings), so the join to ``sequences`` is on (user_id, as_of_ts,
-label_item_id). Reported to the lead; defined here in one place until contracts has it.
+Rows are keyed by ``contracts.CONTEXT_ROWS_KEY`` (user_id, as_of_ts, label_item_id,
+context_source); the join to ``sequences`` is on ``contracts.SEQUENCES_KEY``.
 """
 from __future__ import annotations
-
-from typing import List
 
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
@@ -28,21 +26,6 @@ from pyspark.sql import types as T
 from pipelines import contracts as C
 
 DEFAULT_TOP_K = 3
-
-CONTEXT_ROWS_COLUMNS: List[str] = [
-    C.USER_ID, C.AS_OF_TS, C.LABEL_ITEM_ID, C.CONTEXT_CATEGORY_IDS, C.CONTEXT_WEIGHTS,
-    C.CONTEXT_SOURCE,
-]
-CONTEXT_ROWS_KEY: List[str] = [C.USER_ID, C.AS_OF_TS, C.LABEL_ITEM_ID, C.CONTEXT_SOURCE]
-SEQUENCES_KEY: List[str] = [C.USER_ID, C.AS_OF_TS, C.LABEL_ITEM_ID]
-
-
-def context_rows_schema() -> T.StructType:
-    """The contract schema of context_rows with label_item_id inserted after as_of_ts."""
-    base = C.spark_schema(C.T_CONTEXT_ROWS)
-    fields = {f.name: f for f in base.fields}
-    fields[C.LABEL_ITEM_ID] = T.StructField(C.LABEL_ITEM_ID, T.LongType(), False)
-    return T.StructType([fields[name] for name in CONTEXT_ROWS_COLUMNS])
 
 
 def top_k_categories(ids: Column, weights: Column, k: int) -> Column:
@@ -69,11 +52,14 @@ def _context_for(examples: DataFrame, items: DataFrame, item_col: str, source: s
                         top_k_categories(F.col(C.CATEGORY_IDS), F.col(C.CATEGORY_WEIGHTS), k)
                         .alias("__ctx"))
     joined = examples.join(cats, examples[item_col] == cats["__ctx_item"], "inner")
+    subject = (F.col(C.SUBJECT_ITEM_ID) if source == C.CONTEXT_REAL
+               else F.lit(None).cast(T.LongType()))
     return joined.select(
         C.USER_ID, C.AS_OF_TS, C.LABEL_ITEM_ID,
         F.col("__ctx.ids").alias(C.CONTEXT_CATEGORY_IDS),
         F.col("__ctx.weights").alias(C.CONTEXT_WEIGHTS),
         F.lit(source).alias(C.CONTEXT_SOURCE),
+        subject.alias(C.SUBJECT_ITEM_ID),
     )
 
 
@@ -92,4 +78,4 @@ def build_context_rows(examples: DataFrame, items: DataFrame,
                        k: int = DEFAULT_TOP_K) -> DataFrame:
     """examples (build_examples output) + clean items -> context_rows."""
     return (pseudo_context(examples, items, k).unionByName(real_context(examples, items, k))
-            .select(*CONTEXT_ROWS_COLUMNS))
+            .select(*C.CONTEXT_ROWS_COLUMNS))

@@ -22,7 +22,7 @@ EVENT_CONVERSION = "conversion"
 EVENT_TYPES: Tuple[str, ...] = (EVENT_VIEW, EVENT_CLICK, EVENT_CONVERSION)
 
 CONTEXT_PSEUDO = "pseudo"  # derived from the label item's categories (training + eval)
-CONTEXT_REAL = "real"  # derived from the logged subject item (evaluation only)
+CONTEXT_REAL = "real"  # derived from the conversion's subject item (what serving sees)
 
 SPLIT_TRAIN = "train"
 SPLIT_VAL = "val"
@@ -57,6 +57,12 @@ ROW_JSON = "row_json"
 SOURCE_TABLE = "source_table"
 REASON = "reason"
 INGESTED_AT = "ingested_at"
+
+# Raw tables carry one column beyond their contract columns: the original *string* values of a
+# row whose values failed to parse at ingest (JSON keyed by contract column names), else null.
+# Validation copies it into quarantine.row_json so that "abc" as a user id is quarantined as
+# "abc", not as null. The quarantine's column name on purpose: it is the same thing.
+RAW_ROW_JSON = ROW_JSON
 
 AS_OF_TS = "as_of_ts"  # timestamp of the label conversion (history is strictly before it)
 ITEM_IDS = "item_ids"  # history, oldest..newest
@@ -102,11 +108,20 @@ ITEMS_COLUMNS: List[str] = [ITEM_ID, CATEGORY_IDS, CATEGORY_WEIGHTS, ADVERTISER_
 USERS_COLUMNS: List[str] = [USER_ID, AGE_BUCKET, COUNTRY, GENDER]
 QUARANTINE_COLUMNS: List[str] = [ROW_JSON, SOURCE_TABLE, REASON, INGESTED_AT]
 SEQUENCES_COLUMNS: List[str] = [USER_ID, AS_OF_TS, ITEM_IDS, EVENT_TS_SECONDS, LABEL_ITEM_ID, SPLIT]
+# context_rows: label_item_id is part of the key because (user_id, as_of_ts) alone does not
+# identify an example when a user converts on two items in the same second (common in real logs,
+# e.g. MovieLens batch ratings). subject_item_id is the item a REAL row was derived from (null on
+# PSEUDO rows); it is last so a table written before it existed gains it by appending a column.
 CONTEXT_ROWS_COLUMNS: List[str] = [
-    USER_ID, AS_OF_TS, CONTEXT_CATEGORY_IDS, CONTEXT_WEIGHTS, CONTEXT_SOURCE,
+    USER_ID, AS_OF_TS, LABEL_ITEM_ID, CONTEXT_CATEGORY_IDS, CONTEXT_WEIGHTS, CONTEXT_SOURCE,
+    SUBJECT_ITEM_ID,
 ]
 USER_SEQUENCES_COLUMNS: List[str] = [USER_ID, AS_OF_TS, ITEM_IDS, EVENT_TS_SECONDS, SEQUENCE_HASH]
 USER_STATES_COLUMNS: List[str] = [USER_ID, HIDDEN_STATE, MODEL_VERSION, STATE_TS, SEQUENCE_HASH]
+
+# Unique row keys of the derived tables (the MERGE keys of the build job).
+SEQUENCES_KEY: List[str] = [USER_ID, AS_OF_TS, LABEL_ITEM_ID]
+CONTEXT_ROWS_KEY: List[str] = [*SEQUENCES_KEY, CONTEXT_SOURCE]
 
 # Quarantine reasons (the `reason` column takes exactly these values).
 R_WRONG_FIELD_COUNT = "wrong_number_of_fields"  # a CSV record with too few / too many fields
@@ -212,9 +227,9 @@ def spark_schema(table: str):  # -> pyspark.sql.types.StructType
             (SPLIT, str_, False),
         ],
         T_CONTEXT_ROWS: [
-            (USER_ID, long_, False), (AS_OF_TS, ts, False),
+            (USER_ID, long_, False), (AS_OF_TS, ts, False), (LABEL_ITEM_ID, long_, False),
             (CONTEXT_CATEGORY_IDS, arr_int, False), (CONTEXT_WEIGHTS, arr_float, False),
-            (CONTEXT_SOURCE, str_, False),
+            (CONTEXT_SOURCE, str_, False), (SUBJECT_ITEM_ID, long_, True),
         ],
         T_USER_SEQUENCES: [
             (USER_ID, long_, False), (AS_OF_TS, ts, False), (ITEM_IDS, arr_long, False),

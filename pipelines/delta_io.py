@@ -12,6 +12,10 @@ data feed of ``user_sequences``). So instead of ``mode("overwrite")`` the derive
   updates changed rows and inserts new ones, so untouched rows are not reported as changed
   in the change data feed.
 
+A table written before its contract gained a nullable column gets the column appended first
+(``evolve_schema``, one extra commit, once); other schema differences are a clear error that
+says to rebuild the table.
+
 Raw tables (written by the generator and by ingest) are plain overwrites/appends: they *are*
 the input, there is nothing to diff them against.
 
@@ -32,12 +36,7 @@ from pyspark.sql.window import Window
 
 from pipelines import contracts as C
 
-# Raw tables carry one column beyond the contract: the original *string* values of a row whose
-# values failed to parse at ingest (JSON keyed by contract column names), else null. Validation
-# copies it into quarantine.row_json so that "abc" as a user id is quarantined as "abc", not as
-# null. Reuses the quarantine's column name on purpose: it is the same thing (the row as JSON).
-# Reported to the lead as a contract addition.
-RAW_ROW_JSON = C.ROW_JSON
+RAW_ROW_JSON = C.RAW_ROW_JSON  # the raw tables' extra column (see contracts)
 RAW_TABLES = (C.T_RAW_EVENTS, C.T_RAW_ITEMS, C.T_RAW_USERS)
 
 # Internal column names used only inside this module's MERGE staging.
@@ -115,18 +114,33 @@ def conform(df: DataFrame, schema: T.StructType) -> DataFrame:
     """Select the schema's columns in order, cast to its types (nullability is left to Delta).
 
     Raises a clear error for a missing column instead of letting a write fail deep inside Delta.
+    An array column whose contract forbids null elements (``containsNull=False``) but whose
+    expression may yield them (e.g. built with ``transform``) is checked row by row (a null
+    element fails the job naming the column) and re-typed without nulls: a plain cast cannot
+    narrow ``containsNull`` and MERGE refuses the wider type.
     """
     missing = [f.name for f in schema.fields if f.name not in df.columns]
     if missing:
         raise ValueError(f"DataFrame lacks columns {missing}; has {df.columns}")
     current = {f.name: f.dataType for f in df.schema.fields}
-    # simpleString ignores nullability: a cast cannot turn array<int, containsNull> into
-    # array<int, not null> anyway; Delta enforces the table's NOT NULL columns on write.
-    return df.select([
-        F.col(f.name) if current[f.name].simpleString() == f.dataType.simpleString()
-        else F.col(f.name).cast(f.dataType).alias(f.name)
-        for f in schema.fields
-    ])
+    return df.select([_conform_column(f, current[f.name]) for f in schema.fields])
+
+
+def _conform_column(field: T.StructField, current: T.DataType) -> Column:
+    col = F.col(field.name)
+    target = field.dataType
+    if current.simpleString() != target.simpleString():
+        wide = (T.ArrayType(target.elementType, True) if isinstance(target, T.ArrayType)
+                else target)
+        col = col.cast(wide)
+    narrow = (isinstance(target, T.ArrayType) and not target.containsNull
+              and isinstance(current, T.ArrayType) and current.containsNull)
+    if narrow:
+        col = F.when(F.exists(col, lambda v: v.isNull()),
+                     F.raise_error(F.lit(f"column {field.name}: an array holds a null element, "
+                                         f"which the table contract forbids"))
+                     ).otherwise(F.array_compact(col))
+    return col.alias(field.name)
 
 
 def create_table(spark: SparkSession, path: str, schema: T.StructType,
@@ -157,6 +171,35 @@ def ensure_properties(spark: SparkSession, path: str, properties: Dict[str, str]
         return False
     assignments = ", ".join(f"'{k}' = '{v}'" for k, v in missing.items())
     spark.sql(f"ALTER TABLE delta.`{path}` SET TBLPROPERTIES ({assignments})")
+    return True
+
+
+def evolve_schema(spark: SparkSession, path: str, table: str, schema: T.StructType) -> bool:
+    """Bring a table written by an older version of the jobs up to its contract schema.
+
+    Why: a contract that gains a nullable column (e.g. context_rows.subject_item_id) must not
+    force every existing lake to be deleted and rebuilt. When the table's columns are exactly
+    the contract's leading columns (same names, order and types) and every missing column is
+    nullable, the missing columns are appended in one ALTER TABLE commit and the next diff fills
+    them. Anything else (a dropped, renamed, retyped or reordered column, a new NOT NULL column)
+    cannot be evolved in place: a ValueError names the difference and says to rebuild. Returns
+    True if a column was added.
+    """
+    from delta.tables import DeltaTable
+
+    current = DeltaTable.forPath(spark, path).toDF().schema
+    have = [(f.name, f.dataType.simpleString()) for f in current.fields]
+    want = [(f.name, f.dataType.simpleString()) for f in schema.fields]
+    missing = schema.fields[len(have):]
+    if have != want[:len(have)] or any(not f.nullable for f in missing):
+        raise ValueError(
+            f"{table} at {path} has columns {have} but the contract is {want}: it was written by "
+            f"another version of the jobs and cannot be evolved in place (only nullable columns "
+            f"appended at the end can). Delete {path} and rerun build_sequences to rebuild it.")
+    if not missing:
+        return False
+    columns = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in missing)
+    spark.sql(f"ALTER TABLE delta.`{path}` ADD COLUMNS ({columns})")
     return True
 
 
@@ -242,6 +285,7 @@ def sync_table(spark: SparkSession, df: DataFrame, path: str, table: str,
         return WriteResult(table, path, version, True, inserted=_metric(metrics, "numOutputRows"),
                            operation="create")
 
+    evolve_schema(spark, path, table, schema)
     version = table_version(spark, path)
     old = read_table(spark, path, version)
     # Keep changed rows, and unchanged ones whose key is repeated (to fail on them below).

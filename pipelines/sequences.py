@@ -125,9 +125,13 @@ def _arrays_from(hist) -> dict:
 
 def examples_from_ranked(ranked: DataFrame, min_history: int = 1) -> DataFrame:
     """Training examples without split: user_id, as_of_ts, item_ids, event_ts, label_item_id,
-    plus subject_item_id of the label conversion (for real context; not part of `sequences`)."""
-    if min_history < 1:
-        raise ValueError(f"min_history must be >= 1 (an example needs a history), got {min_history}")
+    plus subject_item_id of the label conversion (for real context; not part of `sequences`).
+
+    ``min_history`` 0 keeps a user's first conversion too, with an empty history: the cold-start
+    request (context and demographics only) that most users of a real shop make, since most
+    convert once or twice."""
+    if min_history < 0:
+        raise ValueError(f"min_history must be >= 0, got {min_history}")
     arrays = _arrays_from(F.col(_HIST))
     return (ranked.where(F.size(_HIST) >= min_history)
             .select(C.USER_ID, F.col(C.EVENT_TS).alias(C.AS_OF_TS),
@@ -139,8 +143,6 @@ def examples_from_ranked(ranked: DataFrame, min_history: int = 1) -> DataFrame:
 def build_examples(conv: DataFrame, cap: int = DEFAULT_MAX_LEN,
                    min_history: int = 1) -> DataFrame:
     """conversions -> training examples (see `examples_from_ranked`)."""
-    if min_history < 1:
-        raise ValueError(f"min_history must be >= 1 (an example needs a history), got {min_history}")
     return examples_from_ranked(ranked_histories(conv, cap), min_history)
 
 

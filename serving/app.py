@@ -1,26 +1,42 @@
 """HTTP front of the resolver: POST /recommend, GET /health, GET /version (FastAPI).
 
 Why so thin: all behaviour lives in `Resolver`; the app only validates the request shape
-(pydantic -> 422 with the offending field), maps each `ServingError` to its status code with a
-JSON message (409 skew, 503 online store down, 400/404 bad ids) and never leaks a stack trace.
-Request field names come from `pipelines.contracts` (built with `create_model`) so the HTTP API
-cannot drift from the table/feature names.
+(pydantic -> 422 with the offending field), maps each `ServingError` to its status code and never
+leaks a stack trace. Request field names come from `pipelines.contracts` (built with
+`create_model`) so the HTTP API cannot drift from the table/feature names.
+
+Every error answer has ONE JSON shape (`serving.errors.error_body`: error code, detail, fields),
+whichever layer refused: body limit (413), unparsable or invalid body (422), a `ServingError`
+(400/404/409/503), routing (404/405) or a bug (500). Two pure ASGI middlewares sit between
+Starlette's server-error layer and the routes:
+- `BodyLimit` answers 413 from the Content-Length header, or as soon as a chunked body passes
+  the limit, before anything is parsed (a 30 MB body would otherwise cost seconds of CPU and
+  hundreds of MB before validation rejects it);
+- `InternalErrors` turns an unexpected exception into a complete 500 answer and does NOT re-raise
+  it. Starlette's own handler for `Exception` re-raises after answering, and uvicorn then closes
+  the keep-alive connection, so the client's next request on it fails.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Literal, Optional, Tuple
+import math
+from typing import Annotated, Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, create_model, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from pipelines import contracts as C
-from serving.errors import ServingError
-from serving.resolver import MAX_K, Resolver
+from serving.errors import (HTTP_ERROR_CODES, INTERNAL_ERROR, INVALID_REQUEST, REQUEST_TOO_LARGE,
+                            ServingError, error_body)
+from serving.resolver import MAX_CATEGORY_ID, MAX_K, Resolver
 
 LOG = logging.getLogger(__name__)
+
+DEFAULT_MAX_BODY_BYTES = 64 * 1024  # a full request (32 categories, demographics) is < 2 KB
 
 _STRICT = ConfigDict(extra="forbid")
 
@@ -31,11 +47,15 @@ DemographicsIn = create_model(
        C.GENDER: (Optional[Literal[C.GENDERS]], None)},  # type: ignore[valid-type]
 )
 
+CategoryId = Annotated[StrictInt, Field(ge=0, le=MAX_CATEGORY_ID)]
+# JSON's `NaN`, `Infinity` and `1e999` all parse to non-finite floats.
+Weight = Annotated[float, Field(allow_inf_nan=False)]
+
 
 class _RecommendBase(BaseModel):
     model_config = _STRICT
 
-    categories: Optional[List[Tuple[StrictInt, float]]] = Field(
+    categories: Optional[List[Tuple[CategoryId, Weight]]] = Field(
         None, max_length=C.MAX_CATEGORIES_PER_ITEM,
         description="explicit context: [[category_id, confidence_weight], ...]")
     demographics: Optional[DemographicsIn] = None  # type: ignore[valid-type]
@@ -48,6 +68,14 @@ class _RecommendBase(BaseModel):
             raise ValueError(f"give either {C.SUBJECT_ITEM_ID} or categories, not both")
         return self
 
+    @model_validator(mode="after")
+    def _finite_weight_sum(self) -> "_RecommendBase":
+        # Finite weights can still sum to inf; the context would be normalised to all-zero.
+        if self.categories and not math.isfinite(sum(w for _, w in self.categories)):
+            raise ValueError("category weights overflow when summed; send relative confidences "
+                             "(e.g. in [0, 1])")
+        return self
+
 
 RecommendRequest = create_model(
     "RecommendRequest", __base__=_RecommendBase,
@@ -56,25 +84,147 @@ RecommendRequest = create_model(
 )
 
 
-def create_app(resolver: Resolver) -> FastAPI:
+def _error(status: int, code: str, detail: str,
+           fields: Sequence[Mapping[str, Any]] = ()) -> JSONResponse:
+    return JSONResponse(status_code=status, content=error_body(code, detail, fields))
+
+
+def _field_errors(exc: RequestValidationError) -> List[Dict[str, Any]]:
+    """pydantic's errors without their `input` (it may be huge, or NaN that JSON cannot carry)."""
+    fields = []
+    for e in exc.errors():
+        msg = str(e.get("msg", ""))
+        reason = (e.get("ctx") or {}).get("error")
+        if e.get("type") == "json_invalid" and reason:
+            msg = f"{msg}: {reason}"
+        fields.append({"loc": [str(x) for x in e.get("loc", ())], "msg": msg})
+    return fields
+
+
+class BodyLimit:
+    """413 for a request body above `max_bytes`, decided before anything parses it.
+
+    A declared Content-Length above the limit is refused without reading a byte; a chunked body
+    is read up to the limit and refused as soon as it passes it. An accepted body (at most
+    `max_bytes`) is handed to the app unchanged.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            await self._refuse(scope, receive, send, declared)
+            return
+        chunks: List[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left; nobody to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._refuse(scope, receive, send, None)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # later messages: the disconnect notice
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send,
+                      declared: Optional[int]) -> None:
+        size = f"{declared} bytes" if declared is not None else "the body"
+        await _error(413, REQUEST_TOO_LARGE,
+                     f"request body too large: {size} > limit of {self.max_bytes} bytes "
+                     f"(ctt-serve --max-body-bytes)")(scope, receive, send)
+
+
+def _content_length(scope: Scope) -> Optional[int]:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+class InternalErrors:
+    """The last line before the server: an unexpected exception becomes a complete 500 answer.
+
+    Not re-raised (unlike Starlette's `Exception` handler), so uvicorn keeps the keep-alive
+    connection open for the client's next request. The trace goes to the server log only.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:  # every bug: answered, logged, connection kept
+            LOG.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            if started:  # half an answer is already out; only closing the connection is honest
+                raise
+            await _error(500, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")(scope, receive, send)
+
+
+def create_app(resolver: Resolver, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """An app bound to one loaded resolver (one model version per process)."""
     app = FastAPI(title="contextual two-tower retrieval", version=resolver.model_version)
+    # add_middleware puts the last one added outermost: InternalErrors wraps BodyLimit.
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(InternalErrors)
 
     @app.exception_handler(ServingError)
     async def _serving_error(_: Request, exc: ServingError) -> JSONResponse:
-        return JSONResponse(status_code=exc.http_status,
-                            content={"error": exc.code, "detail": str(exc)})
+        return _error(exc.http_status, exc.code, str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", "")} for e in exc.errors()]
-        return JSONResponse(status_code=422, content={"error": "invalid_request", "detail": errors})
+        fields = _field_errors(exc)
+        detail = "; ".join(f"{'.'.join(f['loc'])}: {f['msg']}" for f in fields)
+        return _error(422, INVALID_REQUEST, f"invalid request: {detail}", fields)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
-        LOG.exception("unhandled error")  # the trace goes to the server log, not to the client
-        return JSONResponse(status_code=500, content={"error": "internal_error",
-                                                      "detail": f"{type(exc).__name__}: {exc}"})
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400:
+            # The app raises no HTTPException itself; FastAPI raises this 400 when the body is
+            # not decodable text (its JSON syntax errors are validation errors, 422). Both are an
+            # unparsable body: one status, one code.
+            return _error(422, INVALID_REQUEST, f"invalid request: body: {exc.detail}",
+                          [{"loc": ["body"], "msg": str(exc.detail)}])
+        return _error(exc.status_code, HTTP_ERROR_CODES.get(exc.status_code, "http_error"),
+                      str(exc.detail))
 
     @app.post("/recommend")
     def recommend(req: RecommendRequest) -> JSONResponse:  # type: ignore[valid-type]

@@ -2,6 +2,12 @@
 
 `jobs/serve.py` and `jobs/build_index.py` only import these, so the same code runs as a console
 script, as `python jobs/x.py` and under the tests (each `main` takes `argv`).
+
+Start-up errors an operator can fix (missing or corrupt bundle or index, an index of another
+model version, a feature repo that does not load or was never applied, a registry without the
+feature service) are printed as ONE line on stderr, ``<prog>: error: <what and where>``, and exit
+with code 2 like argparse's own usage errors; a traceback would bury the one line that matters.
+Anything else is a bug and keeps its traceback.
 """
 from __future__ import annotations
 
@@ -10,17 +16,43 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import numpy as np
 
+from serving.app import DEFAULT_MAX_BODY_BYTES
 from serving.index import (BACKENDS, DEFAULT_K, DEFAULT_N_QUERIES, DEFAULT_TARGET_RECALL,
                            build_index)
+from serving.errors import ServingError
 from serving.resolver import SKEW_POLICIES, SKEW_REFUSE, Resolver
 
 LOG = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"  # loopback unless the operator asks otherwise
 DEFAULT_PORT = 8000
+EXIT_STARTUP_ERROR = 2  # same code as argparse's usage errors: the command line needs fixing
+
+
+def startup_errors(with_mlflow: bool = False) -> Tuple[type, ...]:
+    """Exceptions that mean "the artifacts or the configuration are wrong", not "a bug"."""
+    import yaml
+    from feast.errors import FeastError
+
+    from models.export import BundleError
+
+    errors: List[type] = [BundleError, ServingError, FeastError, yaml.YAMLError, OSError,
+                          ValueError]
+    if with_mlflow:
+        from mlflow.exceptions import MlflowException
+
+        errors.append(MlflowException)
+    return tuple(errors)
+
+
+def report_startup_error(prog: str, exc: BaseException) -> int:
+    """Print `<prog>: error: <message>` on one line (multi-line messages folded), return 2."""
+    message = " ".join(str(exc).split()) or type(exc).__name__
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return EXIT_STARTUP_ERROR
 
 
 def build_index_parser() -> argparse.ArgumentParser:
@@ -45,16 +77,20 @@ def build_index_parser() -> argparse.ArgumentParser:
 
 def build_index_main(argv: Optional[List[str]] = None) -> int:
     """Load the bundle (checksums verified), build + tune + measure the index, print the manifest."""
-    args = build_index_parser().parse_args(argv)
+    parser = build_index_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from models.export import load_bundle
 
-    bundle = load_bundle(args.bundle)
-    queries = None
-    source = "perturbed_catalog"
-    if args.queries is not None:
-        queries = np.load(args.queries, allow_pickle=False)
-        source = f"file:{args.queries.name}"
+    try:
+        bundle = load_bundle(args.bundle)
+        queries = None
+        source = "perturbed_catalog"
+        if args.queries is not None:
+            queries = np.load(args.queries, allow_pickle=False)
+            source = f"file:{args.queries.name}"
+    except startup_errors() as exc:
+        return report_startup_error(parser.prog, exc)
     index = build_index(bundle.item_ids, bundle.item_embeddings, bundle.model_version, args.out,
                         queries=queries, query_source=source, k=args.k,
                         target_recall=args.target_recall, backend=args.backend,
@@ -83,6 +119,9 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="cached state of another model version: refuse (409) or serve as cold start")
     p.add_argument("--torch-threads", type=int, default=1,
                    help="intra-op threads of the head; 1 is fastest for one-row requests")
+    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="request bodies above this many bytes are answered 413 before parsing "
+                        f"(default {DEFAULT_MAX_BODY_BYTES})")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -99,7 +138,10 @@ def make_resolver(args: argparse.Namespace) -> Resolver:
 
 def serve_main(argv: Optional[List[str]] = None) -> int:
     """Load everything first (fail fast on a mismatched index/bundle), then run uvicorn."""
-    args = serve_parser().parse_args(argv)
+    parser = serve_parser()
+    args = parser.parse_args(argv)
+    if args.max_body_bytes < 0:
+        parser.error(f"--max-body-bytes must be >= 0, got {args.max_body_bytes}")
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
@@ -108,10 +150,13 @@ def serve_main(argv: Optional[List[str]] = None) -> int:
     from serving.app import create_app
 
     torch.set_num_threads(args.torch_threads)
-    resolver = make_resolver(args)
+    try:
+        resolver = make_resolver(args)
+    except startup_errors(with_mlflow=args.bundle is None) as exc:
+        return report_startup_error(parser.prog, exc)
     LOG.info("resolver ready: %s", json.dumps(resolver.version()))
-    uvicorn.run(create_app(resolver), host=args.host, port=args.port, log_level=args.log_level,
-                workers=1)
+    uvicorn.run(create_app(resolver, max_body_bytes=args.max_body_bytes), host=args.host,
+                port=args.port, log_level=args.log_level, workers=1)
     return 0
 
 

@@ -7,6 +7,8 @@ directly, so adding a hazard means adding a subclass here, not another `except` 
 """
 from __future__ import annotations
 
+from typing import Any, Dict, Mapping, Sequence
+
 
 class ServingError(Exception):
     """Base class: a request or artifact problem the serving layer reports with a status code."""
@@ -48,7 +50,6 @@ class IndexMismatchError(ServingError):
     code = "index_mismatch"
 
 
-
 class UnknownSubjectItemError(ServingError):
     """The subject item has no categories in the online store (unknown or not materialized).
 
@@ -67,3 +68,22 @@ class StoredFeatureError(ServingError):
 
     http_status = 500
     code = "bad_stored_feature"
+
+
+# ---------------------------------------------------------------------- the one error shape
+# Codes of the errors the HTTP layer raises itself (the ServingError codes are above).
+INVALID_REQUEST = "invalid_request"  # 422: body not JSON, wrong shape, field out of range
+REQUEST_TOO_LARGE = "request_too_large"  # 413: body above the configured limit, not read
+INTERNAL_ERROR = "internal_error"  # 500: a bug; the trace goes to the server log
+HTTP_ERROR_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed",
+                    413: REQUEST_TOO_LARGE, 422: INVALID_REQUEST}
+
+
+def error_body(code: str, detail: str, fields: Sequence[Mapping[str, Any]] = ()) -> Dict[str, Any]:
+    """Every error answer of the app: ``{"error": code, "detail": message, "fields": [...]}``.
+
+    ``error`` is a stable machine-readable code, ``detail`` one human-readable sentence, ``fields``
+    the offending request fields (``{"loc": [...], "msg": ...}``; empty unless the body failed
+    validation). One shape, so a client parses errors without knowing which layer refused.
+    """
+    return {"error": code, "detail": detail, "fields": [dict(f) for f in fields]}

@@ -11,8 +11,15 @@ Why this module looks the way it does:
   brute force reaches the target, then reports recall on the *other* half in the manifest.
 - Brute force (numpy matmul + argpartition) is both the oracle (``exact=True``) and the backend for
   catalogs so small that a tree cannot beat one matmul.
-- Positions, not ids, live inside ScaNN (its optional docid mapping is pickled; we never unpickle).
-  Row ``i`` of the index is ``item_ids[i]`` of the bundle.
+- Positions, not ids, live inside ScaNN. Its optional docid mapping is a pickle
+  (``scann_docids.pkl``) that ``scann_ops_pybind.load_searcher`` unpickles whenever the file is
+  present, so a file dropped into the folder would run code at server start. We never pass doc
+  ids to ScaNN and never call ``load_searcher``: the doc ids are our own ``item_ids.npy`` (row
+  ``i`` of the index is ``item_ids[i]``, loaded with ``allow_pickle=False`` and checked equal to
+  the bundle's), and the searcher is built from its protobuf + .npy assets directly.
+- Nothing is loaded from a folder that holds more than what the build wrote: the manifest lists
+  every file with its sha256, and the loader refuses any file it does not list and any pickle
+  (by suffix), before reading anything but the manifest.
 """
 from __future__ import annotations
 
@@ -26,8 +33,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from importlib import metadata
-from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from pathlib import Path, PurePosixPath
+from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
@@ -48,7 +55,12 @@ DEFAULT_TARGET_RECALL = 0.95
 DEFAULT_N_QUERIES = 1_000  # half tunes the search knobs, half measures the reported recall
 # Tune to a little above the target so the held-out half (a different query sample) still meets it.
 TUNE_MARGIN = 0.01
-MANIFEST_VERSION = 1
+# v2: every file listed by its path relative to the index folder, doc ids in item_ids.npy.
+MANIFEST_VERSION = 2
+INDEX_ITEM_IDS = "item_ids.npy"  # (N,) int64 doc ids: row i of the index is item_ids[i]
+SCANN_ASSETS = "scann_assets.pbtxt"  # ScaNN's list of its asset files (text protobuf)
+# Formats that execute code when loaded (pickle, and torch / joblib files, which are pickles).
+PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".pt", ".pth", ".ckpt")
 
 # Search-time grid, cheapest first. Fractions of the leaves to visit x multiples of k to reorder.
 _LEAF_FRACTIONS: Tuple[float, ...] = (0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3, 0.45, 0.7, 1.0)
@@ -186,7 +198,7 @@ class IndexManifest:
     query_source: str
     created_at: str
     scann_version: str
-    files_sha256: Dict[str, str] = field(default_factory=dict)
+    files_sha256: Dict[str, str] = field(default_factory=dict)  # path relative to the folder
     manifest_version: int = MANIFEST_VERSION
 
     def to_json(self) -> str:
@@ -390,7 +402,8 @@ def build_index(item_ids: np.ndarray, embeddings: np.ndarray, model_version: str
 
 
 def save_index(index: ItemIndex, out_dir: Path) -> None:
-    """Write ``out_dir/scann/`` (ScaNN assets, absent for brute force) + the manifest, atomically.
+    """Write ``item_ids.npy``, ``scann/`` (ScaNN assets, absent for brute force) and the manifest
+    listing every file with its sha256, atomically.
 
     Written into a sibling temp folder and swapped in, so a rerun replaces the previous index and
     a crash never leaves a half-written one.
@@ -399,13 +412,16 @@ def save_index(index: ItemIndex, out_dir: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        files: Dict[str, str] = {}
+        np.save(tmp / INDEX_ITEM_IDS, index.item_ids, allow_pickle=False)
         if index.searcher is not None:
             scann_dir = tmp / C.INDEX_DIR
             scann_dir.mkdir()
             index.searcher.serialize(str(scann_dir), relative_path=True)
-            files = {f.name: _sha256_file(f) for f in sorted(scann_dir.iterdir()) if f.is_file()}
-        index.manifest.files_sha256 = files
+        files = _files_under(tmp) - {C.INDEX_MANIFEST}
+        pickles = _pickle_names(files)
+        if pickles:  # ScaNN pickles its doc ids only when given some, which we never do
+            raise RuntimeError(f"the index build wrote pickle files {pickles}; refusing to save")
+        index.manifest.files_sha256 = {name: _sha256_file(tmp / name) for name in sorted(files)}
         (tmp / C.INDEX_MANIFEST).write_text(index.manifest.to_json())
         _swap_in(tmp, out_dir)
     finally:
@@ -430,9 +446,20 @@ def read_manifest(index_dir: Path | str) -> IndexManifest:
         raise IndexMismatchError(f"no {C.INDEX_MANIFEST} in {index_dir}: not an index folder "
                                  f"(build one with ctt-build-index / jobs/build_index.py)")
     try:
-        return IndexManifest.from_json(path.read_text())
+        manifest = IndexManifest.from_json(path.read_text())
     except (json.JSONDecodeError, TypeError) as exc:
         raise IndexMismatchError(f"{path} is not a valid index manifest: {exc}") from exc
+    if manifest.manifest_version != MANIFEST_VERSION:
+        raise IndexMismatchError(
+            f"{path}: index format v{manifest.manifest_version}, this server reads "
+            f"v{MANIFEST_VERSION}; rebuild it with ctt-build-index --bundle <bundle> --out <index>")
+    files = manifest.files_sha256
+    if not isinstance(files, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and _is_plain_relative(k)
+            for k, v in files.items()):
+        raise IndexMismatchError(f"{path}: files_sha256 must map relative paths inside the "
+                                 f"index folder to sha256 digests")
+    return manifest
 
 
 def check_manifest(manifest: IndexManifest, model_version: str, item_ids: np.ndarray,
@@ -455,36 +482,123 @@ def check_manifest(manifest: IndexManifest, model_version: str, item_ids: np.nda
 
 def load_index(index_dir: Path | str, model_version: str, item_ids: np.ndarray,
                embeddings: np.ndarray, verify_files: bool = True) -> ItemIndex:
-    """Load an index for a bundle's catalog, checking the manifest and (optionally) file hashes."""
+    """Load an index for a bundle's catalog; nothing in it is ever unpickled.
+
+    Order: manifest -> folder listing (any pickle, any file the manifest does not list, any
+    listed file missing: refused) -> bundle identity -> file hashes (skipped with
+    ``verify_files=False``) -> doc ids -> ScaNN assets.
+    """
     index_dir = Path(index_dir)
     manifest = read_manifest(index_dir)
+    check_listing(index_dir, manifest.files_sha256)
     item_ids = np.asarray(item_ids, dtype=np.int64)
     check_manifest(manifest, model_version, item_ids, embeddings)
+    if verify_files:
+        _verify_hashes(index_dir, manifest.files_sha256)
+    doc_ids = _load_doc_ids(index_dir, manifest.files_sha256, item_ids)
     searcher = None
     if manifest.backend == BACKEND_SCANN:
-        scann_dir = index_dir / C.INDEX_DIR
-        if not scann_dir.is_dir():
-            raise IndexMismatchError(f"manifest says scann but {scann_dir} is missing")
-        if verify_files:
-            _verify_files(scann_dir, manifest.files_sha256)
-        import scann
-
-        searcher = scann.scann_ops_pybind.load_searcher(str(scann_dir))
+        searcher = _load_scann(index_dir / C.INDEX_DIR, manifest.files_sha256)
         if searcher.size() != manifest.n_items:
             raise IndexMismatchError(f"ScaNN holds {searcher.size()} points, manifest "
                                      f"{manifest.n_items}")
     elif manifest.backend != BACKEND_BRUTE_FORCE:
         raise IndexMismatchError(f"unknown backend {manifest.backend!r} in {index_dir}")
-    return ItemIndex(item_ids, embeddings, manifest, searcher)
+    return ItemIndex(doc_ids, embeddings, manifest, searcher)
 
 
-def _verify_files(folder: Path, expected: Dict[str, str]) -> None:
-    present = {f.name for f in folder.iterdir() if f.is_file()}
-    missing = sorted(set(expected) - present)
+def check_listing(index_dir: Path, listed: Dict[str, str]) -> None:
+    """Refuse a folder holding a pickle, a file the manifest does not list, or missing a listed one.
+
+    A pickle is refused even when the manifest lists it: no file of an index is meant to be
+    unpickled, so one that looks like a pickle is an intrusion or a foreign tool's output.
+    """
+    present = _files_under(index_dir) - {C.INDEX_MANIFEST}
+    pickles = _pickle_names(present | set(listed))
+    if pickles:
+        raise IndexMismatchError(
+            f"index folder {index_dir} holds pickle files {pickles}: refused (nothing in an index "
+            f"is ever unpickled; loading one would run its code). Remove them or rebuild the index")
+    unlisted = sorted(present - set(listed))
+    if unlisted:
+        raise IndexMismatchError(
+            f"index folder {index_dir} holds files its manifest does not list: {unlisted[:10]}; "
+            f"refused (only what the build wrote is loaded). Remove them or rebuild the index")
+    missing = sorted(set(listed) - present)
     if missing:
-        raise IndexMismatchError(f"index files missing in {folder}: {', '.join(missing)}")
-    for name, digest in expected.items():
+        raise IndexMismatchError(f"index files missing in {index_dir}: {', '.join(missing)}")
+
+
+def _files_under(folder: Path) -> Set[str]:
+    """Every non-directory entry below `folder` (symlinks included, not followed), as relative
+    POSIX paths."""
+    found: Set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        rel = Path(root).relative_to(folder)
+        linked_dirs = [d for d in dirs if os.path.islink(os.path.join(root, d))]
+        for name in files + linked_dirs:
+            found.add((rel / name).as_posix())
+    return found
+
+
+def _pickle_names(names: Set[str]) -> List[str]:
+    return sorted(n for n in names if n.lower().endswith(PICKLE_SUFFIXES))
+
+
+def _is_plain_relative(name: str) -> bool:
+    path = PurePosixPath(name)
+    return not path.is_absolute() and all(part not in ("", ".", "..") for part in path.parts)
+
+
+def _verify_hashes(folder: Path, expected: Dict[str, str]) -> None:
+    for name, digest in sorted(expected.items()):
         if _sha256_file(folder / name) != digest:
             raise IndexMismatchError(f"index file {folder / name} is corrupt (sha256 differs from "
                                      f"the manifest); rebuild the index")
 
+
+def _load_doc_ids(index_dir: Path, listed: Dict[str, str], item_ids: np.ndarray) -> np.ndarray:
+    """The index's own row -> item id array (never pickled), which must equal the bundle's."""
+    if INDEX_ITEM_IDS not in listed:
+        raise IndexMismatchError(f"{index_dir}: the manifest lists no {INDEX_ITEM_IDS}")
+    path = index_dir / INDEX_ITEM_IDS
+    try:
+        doc_ids = np.load(path, allow_pickle=False)
+    except ValueError as exc:  # numpy's refusal of an object (pickled) array, or a bad header
+        raise IndexMismatchError(f"{path} is not a plain int64 array: {exc}") from exc
+    if doc_ids.dtype != np.int64 or doc_ids.shape != item_ids.shape \
+            or not np.array_equal(doc_ids, item_ids):
+        raise IndexMismatchError(f"{path} ({doc_ids.dtype} {doc_ids.shape}) differs from the "
+                                 f"bundle's item ids; rebuild the index")
+    return doc_ids
+
+
+def _load_scann(scann_dir: Path, listed: Dict[str, str]) -> object:
+    """A ScaNN searcher from its assets (text protobuf + .npy/.pb files read by ScaNN's C++),
+    built the way ``load_searcher`` builds it minus its ``pickle.load`` of scann_docids.pkl.
+
+    Every asset the protobuf names must be a plain file name listed in the manifest, so the
+    assets file cannot point the C++ loader outside the folder.
+    """
+    from google.protobuf import text_format
+    from scann.scann_ops import scann_assets_pb2
+    from scann.scann_ops.py import scann_ops_pybind
+
+    prefix = C.INDEX_DIR + "/"
+    if prefix + SCANN_ASSETS not in listed:
+        raise IndexMismatchError(f"manifest says scann but lists no {prefix}{SCANN_ASSETS}")
+    text = (scann_dir / SCANN_ASSETS).read_text()
+    try:
+        assets = text_format.Parse(text, scann_assets_pb2.ScannAssets())
+    except text_format.ParseError as exc:
+        raise IndexMismatchError(f"{scann_dir / SCANN_ASSETS} does not parse: {exc}") from exc
+    for asset in assets.assets:
+        name = asset.asset_path
+        if PurePosixPath(name).name != name or prefix + name not in listed:
+            raise IndexMismatchError(f"{scann_dir / SCANN_ASSETS} names asset {name!r}, which is "
+                                     f"not a file of this index listed in the manifest")
+    try:
+        native = scann_ops_pybind.scann_pybind.ScannNumpy(str(scann_dir), text)
+    except RuntimeError as exc:
+        raise IndexMismatchError(f"ScaNN could not load {scann_dir}: {exc}") from exc
+    return scann_ops_pybind.ScannSearcher(native)  # no doc ids: rows are positions

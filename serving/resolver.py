@@ -21,6 +21,7 @@ staleness), ``cold_start`` (+ reason), ``context_source`` and per-stage timings.
 from __future__ import annotations
 
 import logging
+import math
 import sqlite3
 import tempfile
 import time
@@ -36,6 +37,7 @@ from pipelines import contracts as C
 from serving.errors import (BadRequestError, OnlineStoreError, StoredFeatureError,
                             UnknownSubjectItemError, VersionSkewError)
 from serving.index import ItemIndex, build_index, load_index
+from serving.online_store import OnlineStoreHandle
 
 LOG = logging.getLogger(__name__)
 
@@ -51,6 +53,9 @@ COLD_START_NO_STATE = "no_state"
 COLD_START_VERSION_SKEW = "version_skew"
 
 MAX_K = 1000  # larger answers belong to a batch job, not to a per-request retrieval call
+# Category ids are int32 in the lake and in the online store (contracts.spark_schema, the Feast
+# item_categories view): an explicit context id outside that range names no category that exists.
+MAX_CATEGORY_ID = 2**31 - 1
 # Training contexts (pseudo and real context_rows) keep the item's top-3 categories by weight
 # (ties: smaller category id first), renormalised (pipelines/context.py DEFAULT_TOP_K). Serving
 # must project a subject item the same way or the head sees a context shape it never saw in
@@ -68,8 +73,9 @@ _FULL_NAME_SEP = "__"
 def _store_errors() -> Tuple[type, ...]:
     """Exceptions that mean "the online store could not be read" (not a bug in the request).
 
-    sqlite3.Error covers a locked/missing/corrupt SQLite file; redis' errors an unreachable or
-    failing Redis; OSError/ConnectionError/TimeoutError lower-level socket failures.
+    sqlite3.Error covers a locked/corrupt SQLite file; redis' errors an unreachable or failing
+    Redis; OSError/ConnectionError/TimeoutError lower-level socket failures and a missing
+    registry file.
     """
     errors: List[type] = [sqlite3.Error, OSError, ConnectionError, TimeoutError]
     try:
@@ -78,6 +84,14 @@ def _store_errors() -> Tuple[type, ...]:
         errors.append(redis_exc.RedisError)
     except ImportError:  # redis client not installed: the SQLite store cannot raise its errors
         pass
+    # The registry is part of the store: once its cache expires Feast re-reads registry.db, and a
+    # corrupt file raises protobuf's DecodeError, an emptied one FeatureViewNotFoundException
+    # (a FeastError). Every Feast error on this path is about the store, never about the request:
+    # the feature references are fixed and the entity rows validated before the call.
+    from feast.errors import FeastError
+    from google.protobuf.message import Error as ProtobufError
+
+    errors += [FeastError, ProtobufError]
     return tuple(errors)
 
 
@@ -151,10 +165,15 @@ class Resolver:
         self.config = bundle.config
         self.model_version: str = bundle.model_version
         self.index = index
-        self.store = feature_store
+        self._online = OnlineStoreHandle(feature_store)
         self.skew_policy = skew_policy
         if check_feature_service:
             self._check_feature_service()
+
+    @property
+    def store(self) -> Any:
+        """The Feast store currently in use (a new object after its SQLite file was replaced)."""
+        return self._online.store
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -206,7 +225,7 @@ class Resolver:
         ctx_ids, ctx_w, context_source = self._context(subject_item_id, categories, look)
         demo = self._demographics(look, overrides)
         state, cold_reason = self._state(look)
-        query = self._query(state, ctx_ids, ctx_w, demo)  # (D,)
+        query = self._query(state, ctx_ids, ctx_w, demo, subject_item_id)  # (D,)
         t2 = time.perf_counter()
 
         ids, scores = self.index.search(query, k, exact=exact)
@@ -233,7 +252,7 @@ class Resolver:
         ctx_ids, ctx_w, _ = self._context(subject_item_id, categories, look)
         state, _ = self._state(look)
         return self._query(state, ctx_ids, ctx_w,
-                           self._demographics(look, _check_demographics(demographics)))
+                           self._demographics(look, _check_demographics(demographics)), subject_item_id)
 
     def health(self) -> Dict[str, Any]:
         """Online-store reachability (one real read), model version and index facts."""
@@ -244,6 +263,7 @@ class Resolver:
         except OnlineStoreError as exc:
             store = {"reachable": False, "error": str(exc)}
         store["latency_ms"] = _ms(t0, time.perf_counter())
+        store["reopened"] = self._online.reopens  # times a replaced/rewritten file was reopened
         m = self.index.manifest
         return {
             "status": "ok" if store["reachable"] else "degraded",
@@ -265,9 +285,10 @@ class Resolver:
 
     # ------------------------------------------------------------------ steps
     def _read(self, entity_rows: List[Dict[str, int]], refs: List[str]) -> Dict[str, List[Any]]:
+        store = self._online.current()  # OnlineStoreError (503) when its SQLite file is gone
         try:
-            resp = self.store.get_online_features(features=refs, entity_rows=entity_rows,
-                                                  full_feature_names=True)
+            resp = store.get_online_features(features=refs, entity_rows=entity_rows,
+                                             full_feature_names=True)
             return resp.to_dict(include_event_timestamps=True)
         except STORE_ERRORS as exc:
             raise OnlineStoreError(f"online feature store unavailable: {type(exc).__name__}: "
@@ -314,12 +335,7 @@ class Resolver:
             ids, w = look.item_category_ids, look.item_category_weights
             source = CONTEXT_SUBJECT_ITEM
         elif categories is not None:
-            try:
-                ids = [int(c) for c, _ in categories]
-                w = [float(x) for _, x in categories]
-            except (TypeError, ValueError) as exc:
-                raise BadRequestError(f"categories must be a list of (id, weight) pairs: {exc}") \
-                    from exc
+            ids, w = _check_categories(categories)
             source = CONTEXT_EXPLICIT if ids else CONTEXT_NONE
         else:
             ids, w, source = [], [], CONTEXT_NONE
@@ -369,16 +385,29 @@ class Resolver:
         LOG.warning("serving as cold start: %s", problem)
         return None, COLD_START_VERSION_SKEW
 
+    def _subject_embedding(self, subject_item_id: Optional[int]) -> Optional[torch.Tensor]:
+        """(1, D) item-tower embedding of the subject item as exported in the bundle (the one the
+        model was trained with); zeros for an item outside the bundle's catalog; None when the
+        model does not read the subject item or there is none."""
+        if subject_item_id is None or not self.config.use_subject_item:
+            return None
+        ids = self.bundle.item_ids  # (N,) sorted
+        pos = int(np.searchsorted(ids, subject_item_id))
+        if pos < len(ids) and int(ids[pos]) == subject_item_id:
+            return torch.from_numpy(self.bundle.item_embeddings[pos]).unsqueeze(0)  # (1, D)
+        return torch.zeros(1, self.config.dim)
+
     @torch.inference_mode()
     def _query(self, state: Optional[np.ndarray], ctx_ids: np.ndarray, ctx_w: np.ndarray,
-               demo: Tuple[int, int, int]) -> np.ndarray:
+               demo: Tuple[int, int, int], subject_item_id: Optional[int] = None) -> np.ndarray:
         age, country, gender = demo
         st = None if state is None else torch.from_numpy(state).unsqueeze(0)  # (1, state_dim)
         q = self.model.query_from_state(
             st,
             torch.from_numpy(ctx_ids).unsqueeze(0),  # (1, C)
             torch.from_numpy(ctx_w).unsqueeze(0),  # (1, C)
-            torch.tensor([age]), torch.tensor([country]), torch.tensor([gender]))  # (1, D)
+            torch.tensor([age]), torch.tensor([country]), torch.tensor([gender]),  # (1,) each
+            self._subject_embedding(subject_item_id))  # (1, D)
         return q[0].numpy()  # (D,)
 
     def _check_feature_service(self) -> None:
@@ -386,7 +415,9 @@ class Resolver:
         try:
             service = self.store.get_feature_service(C.FEATURE_SERVICE)
         except STORE_ERRORS as exc:
-            raise OnlineStoreError(f"cannot read the Feast registry: {exc}") from exc
+            raise OnlineStoreError(f"cannot read FeatureService {C.FEATURE_SERVICE!r} from the "
+                                   f"Feast registry (was `feast apply` run on this repo?): "
+                                   f"{type(exc).__name__}: {exc}") from exc
         served = {C.feature_ref(p.name, f.name) for p in service.feature_view_projections
                   for f in p.features}
         missing = sorted(set(USER_ITEM_REFS) - served)
@@ -414,6 +445,26 @@ def _check_k(k: Any) -> int:
     return int(k)
 
 
+def _check_categories(categories: Sequence[Tuple[int, float]]) -> Tuple[List[int], List[float]]:
+    """Explicit context pairs -> (ids, weights), refusing numbers the head would silently mangle.
+
+    An id beyond int32 is no category (and beyond int64 overflows the id tensor); a weight sum
+    that overflows float64 normalises every weight to 0 and would drop the context without a
+    word while the answer still says ``context_source: explicit``.
+    """
+    try:
+        ids = [int(c) for c, _ in categories]
+        w = [float(x) for _, x in categories]
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise BadRequestError(f"categories must be a list of (id, weight) pairs: {exc}") from exc
+    bad_ids = [c for c in ids if not 0 <= c <= MAX_CATEGORY_ID]
+    if bad_ids:
+        raise BadRequestError(f"category ids must be in [0, {MAX_CATEGORY_ID}], got {bad_ids[:5]}")
+    if not all(math.isfinite(x) for x in w) or not math.isfinite(sum(w)):
+        raise BadRequestError(f"category weights must be finite with a finite sum, got {w[:5]}")
+    return ids, w
+
+
 def _check_demographics(demographics: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
     if demographics is None:
         return {}
@@ -424,9 +475,15 @@ def _check_demographics(demographics: Optional[Mapping[str, Any]]) -> Dict[str, 
 
 
 def _feature_store(feature_repo_dir: Path | str) -> Any:
+    import yaml
     from feast import FeatureStore
+    from feast.errors import FeastError
 
-    return FeatureStore(repo_path=str(feature_repo_dir))
+    try:
+        return FeatureStore(repo_path=str(feature_repo_dir))
+    except (OSError, yaml.YAMLError, ValueError, FeastError) as exc:
+        raise ValueError(f"feature repo {feature_repo_dir} does not load (a folder with a valid "
+                         f"feature_store.yaml is needed): {type(exc).__name__}: {exc}") from exc
 
 
 def _index_for(bundle: Any, index_dir: Optional[Path | str]) -> ItemIndex:

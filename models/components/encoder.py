@@ -10,9 +10,13 @@ Why these choices:
   never changes an event's position embedding: the same history padded to another length gives
   the same states;
 - padded query rows may attend to themselves only. Otherwise a fully masked row would produce
-  NaN, which leaks into valid rows through ``0 * NaN`` in the value product.
+  NaN, which leaks into valid rows through ``0 * NaN`` in the value product;
+- the time-gap embedding can be switched off (``use_time_gaps=False``) so the encoder reads item
+  ids and positions only, the information a plain SASRec gets (the MovieLens head-to-head).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 from torch import nn
@@ -22,14 +26,15 @@ class CausalSequenceEncoder(nn.Module):
     """(token embeddings, time-gap buckets, validity) -> hidden states (B, L, D)."""
 
     def __init__(self, dim: int, n_layers: int, n_heads: int, max_len: int, n_time_buckets: int,
-                 dropout: float) -> None:
+                 dropout: float, use_time_gaps: bool = True) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.max_len = max_len
         self.position = nn.Embedding(max_len, dim)  # recency position: 0 = newest
-        self.time_gap = nn.Embedding(n_time_buckets, dim)
+        self.time_gap = nn.Embedding(n_time_buckets, dim) if use_time_gaps else None
         nn.init.normal_(self.position.weight, std=0.02)
-        nn.init.normal_(self.time_gap.weight, std=0.02)
+        if self.time_gap is not None:
+            nn.init.normal_(self.time_gap.weight, std=0.02)
         self.input_dropout = nn.Dropout(dropout)
         layer = nn.TransformerEncoderLayer(
             d_model=dim, nhead=n_heads, dim_feedforward=2 * dim, dropout=dropout,
@@ -52,15 +57,20 @@ class CausalSequenceEncoder(nn.Module):
         mask = mask.masked_fill(~allowed, float("-inf"))  # (B, L, L)
         return mask.repeat_interleave(self.n_heads, dim=0)  # (B * H, L, L)
 
-    def forward(self, tokens: torch.Tensor, gap_buckets: torch.Tensor,
+    def forward(self, tokens: torch.Tensor, gap_buckets: Optional[torch.Tensor],
                 valid: torch.Tensor) -> torch.Tensor:
-        """tokens (B, L, D) item embeddings, gap_buckets LongTensor (B, L), valid BoolTensor (B, L)
-        -> hidden states (B, L, D) (padded positions hold finite values that callers must mask)."""
+        """tokens (B, L, D) item embeddings, gap_buckets LongTensor (B, L) (ignored, may be None,
+        without time gaps), valid BoolTensor (B, L) -> hidden states (B, L, D) (padded positions
+        hold finite values that callers must mask)."""
         b, length, _ = tokens.shape
         if length > self.max_len:
             raise ValueError(f"history length {length} exceeds max_len {self.max_len}")
         recency = torch.arange(length - 1, -1, -1, device=tokens.device)  # (L,): newest = 0
-        x = tokens + self.position(recency).unsqueeze(0) + self.time_gap(gap_buckets)  # (B, L, D)
+        x = tokens + self.position(recency).unsqueeze(0)  # (B, L, D)
+        if self.time_gap is not None:
+            if gap_buckets is None:
+                raise ValueError("this encoder uses time gaps: pass gap_buckets")
+            x = x + self.time_gap(gap_buckets)  # (B, L, D)
         x = self.input_dropout(x)
         x = self.layers(x, mask=self.attention_mask(valid))  # (B, L, D)
         return self.final_norm(x)  # (B, L, D)

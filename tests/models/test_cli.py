@@ -69,13 +69,18 @@ def test_evaluate_cli_writes_report_and_logs_it(trained, tiny_lake, tmp_path):
     variants = {(r["group"], r["variant"]) for r in result.rows}
     assert (ev.GROUP_REAL, ev.CONTEXTUAL) in variants and (ev.GROUP_ALL, ev.CATEGORY_POPULARITY) in variants
     saved = json.loads((report / ev.REPORT_JSON).read_text())
-    assert len(saved["rows"]) == len(result.rows) == 2 * 5  # 2 example groups x 5 variants
+    # all: 3 models + 3 baselines; real: the same + co-occurrence (it needs the subject item)
+    assert len(saved["rows"]) == len(result.rows) == 6 + 7
+    assert (ev.GROUP_REAL, ev.COOCCURRENCE) in variants and (ev.GROUP_ALL, ev.COOCCURRENCE) not in variants
+    assert set(saved["checks"]) == {spec.name for spec in ev.QUALITY_CHECKS}
     client = MlflowClient(f"sqlite:///{report.resolve() / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("contextual_two_tower").experiment_id])
     assert len(runs) == 1
     metrics = runs[0].data.metrics
     assert metrics["real.contextual.recall_at_100"] == pytest.approx(
         result.metric(ev.GROUP_REAL, ev.CONTEXTUAL, "recall@100"))
+    check = result.checks["real_context_vs_best_baseline_recall"]
+    assert metrics["check.real_context_vs_best_baseline_recall.passed"] == float(check["passed"])
     assert {a.path for a in client.list_artifacts(runs[0].info.run_id, "report")} == {
         f"report/{n}" for n in (ev.REPORT_MD, ev.REPORT_JSON, ev.REPORT_PNG, ev.REPORT_COVERAGE_PNG)}
 

@@ -10,7 +10,8 @@ import torch
 from deltalake import DeltaTable, write_deltalake
 
 from models import features
-from models.data import (HAS_REAL_CONTEXT, INPUT_TABLES, LABEL_ROW, REAL_CONTEXT_IDS,
+from models.data import (HAS_REAL_CONTEXT, INPUT_TABLES, LABEL_ROW, NO_SUBJECT, REAL_CONTEXT_IDS,
+                         REAL_CONTEXT_WEIGHTS, SUBJECT_ITEM_ID, SUBJECT_ROW,
                          ContextualSequenceDataModule)
 from pipelines import contracts as C
 
@@ -30,7 +31,9 @@ def test_setup_builds_aligned_tensors_and_records_versions(tiny_lake):
         t = dm.splits[split]
         n = int((seqs[C.SPLIT] == split).sum())
         assert t[C.ITEM_IDS].shape == (n, 8) and t[C.CONTEXT_CATEGORY_IDS].shape == (n, 3)
-        assert (HAS_REAL_CONTEXT in t) == (split != C.SPLIT_TRAIN)
+        # every split, train included, carries the real context and its subject item
+        assert t[REAL_CONTEXT_IDS].shape == (n, 3) and t[HAS_REAL_CONTEXT].shape == (n,)
+        assert t[SUBJECT_ITEM_ID].dtype == torch.int64 and t[SUBJECT_ROW].dtype == torch.int64
         # the label row points at the label item in the catalog
         assert torch.equal(dm.catalog.item_ids[t[LABEL_ROW]], t[C.LABEL_ITEM_ID])
     # pseudo context = the label item's top categories (as written by the pipeline / fixture)
@@ -50,6 +53,14 @@ def test_setup_builds_aligned_tensors_and_records_versions(tiny_lake):
     assert freq.sum().item() == pytest.approx(1.0, abs=1e-5)
     test = dm.splits[C.SPLIT_TEST]
     assert test[HAS_REAL_CONTEXT].all() and (test[REAL_CONTEXT_IDS][:, 0] >= 0).all()
+    # the subject is the real row's subject item; its top category leads the real context
+    ctx = DeltaTable(C.LakePaths(str(tiny_lake)).table(C.T_CONTEXT_ROWS)).to_pandas()
+    real = ctx[ctx[C.CONTEXT_SOURCE] == C.CONTEXT_REAL]
+    aligned = seqs[seqs[C.SPLIT] == C.SPLIT_TRAIN].merge(real, on=C.SEQUENCES_KEY, how="left")
+    assert np.array_equal(train[SUBJECT_ITEM_ID].numpy(), aligned[C.SUBJECT_ITEM_ID].to_numpy(np.int64))
+    assert torch.equal(dm.catalog.item_ids[train[SUBJECT_ROW]], train[SUBJECT_ITEM_ID])
+    top = dm.catalog.cat_ids[train[SUBJECT_ROW], 0]
+    assert torch.equal(train[REAL_CONTEXT_IDS][:, 0], top)
 
 
 def test_train_loader_yields_whole_batches(tiny_lake):
@@ -91,4 +102,61 @@ def test_label_outside_the_catalog_is_an_error(tiny_lake, tmp_path):
     keep = pa.array(np.arange(table.num_rows) >= 1)
     write_deltalake(path, table.filter(keep), mode="overwrite")
     with pytest.raises(ValueError, match="label items are not in the items table"):
+        _dm(lake)
+
+
+def _context_rows(lake):
+    path = C.LakePaths(str(lake)).table(C.T_CONTEXT_ROWS)
+    return path, DeltaTable(path).to_pyarrow_table()
+
+
+def test_examples_without_a_subject_have_no_real_context(tiny_lake, tmp_path):
+    """Real rows dropped for two examples: their real context is all padding, their subject -1;
+    a subject id beyond 2**53 survives exactly and, outside the catalog, has row -1."""
+    lake = _copy_lake(tiny_lake, tmp_path / "lake")
+    path, table = _context_rows(lake)
+    frame = table.to_pandas(integer_object_nulls=True)
+    real = np.flatnonzero((frame[C.CONTEXT_SOURCE] == C.CONTEXT_REAL).to_numpy())
+    big = 2**60 + 1
+    frame.loc[real[2], C.SUBJECT_ITEM_ID] = big
+    frame = frame.drop(index=real[:2])
+    write_deltalake(path, pa.Table.from_pandas(frame, schema=table.schema, preserve_index=False),
+                    mode="overwrite")
+    dm = _dm(lake)
+    seqs = DeltaTable(C.LakePaths(str(lake)).table(C.T_SEQUENCES)).to_pandas()
+    gone = {tuple(frame_key) for frame_key in table.to_pandas().iloc[real[:2]][C.SEQUENCES_KEY]
+            .itertuples(index=False)}
+    for split in C.SPLITS:
+        t = dm.splits[split]
+        part = seqs[seqs[C.SPLIT] == split].reset_index(drop=True)
+        missing = np.array([tuple(k) in gone for k in part[C.SEQUENCES_KEY].itertuples(index=False)])
+        assert np.array_equal(~t[HAS_REAL_CONTEXT].numpy(), missing), split
+        assert (t[SUBJECT_ITEM_ID][missing] == NO_SUBJECT).all()
+        assert (t[SUBJECT_ROW][missing] == NO_SUBJECT).all()
+        assert (t[REAL_CONTEXT_IDS][missing] == features.PAD_CATEGORY).all()
+        assert (t[REAL_CONTEXT_WEIGHTS][missing] == 0).all()
+    everything = torch.cat([dm.splits[s][SUBJECT_ITEM_ID] for s in C.SPLITS])
+    rows = torch.cat([dm.splits[s][SUBJECT_ROW] for s in C.SPLITS])
+    assert int((everything == big).sum()) == 1 and int(rows[everything == big]) == NO_SUBJECT
+    assert int((everything == NO_SUBJECT).sum()) == 2
+
+
+def test_context_rows_of_an_older_build_are_refused_with_what_to_do(tiny_lake, tmp_path):
+    lake = _copy_lake(tiny_lake, tmp_path / "lake")
+    path, table = _context_rows(lake)
+    write_deltalake(path, table.drop_columns([C.SUBJECT_ITEM_ID]), mode="overwrite",
+                    schema_mode="overwrite")
+    with pytest.raises(ValueError, match="lacks columns .'subject_item_id'.*rerun build_sequences"):
+        _dm(lake)
+
+
+def test_a_real_row_without_its_subject_is_an_error(tiny_lake, tmp_path):
+    lake = _copy_lake(tiny_lake, tmp_path / "lake")
+    path, table = _context_rows(lake)
+    frame = table.to_pandas(integer_object_nulls=True)
+    frame.loc[(frame[C.CONTEXT_SOURCE] == C.CONTEXT_REAL).to_numpy().nonzero()[0][0],
+              C.SUBJECT_ITEM_ID] = None
+    write_deltalake(path, pa.Table.from_pandas(frame, schema=table.schema, preserve_index=False),
+                    mode="overwrite")
+    with pytest.raises(ValueError, match="1 real context rows have no subject_item_id"):
         _dm(lake)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from models.system import sampled_softmax_loss
@@ -45,3 +46,33 @@ def test_loss_gradient_flows_to_both_towers():
                                 torch.arange(4), torch.arange(4), torch.zeros(6), 0.1)
     loss.backward()
     assert user.grad.abs().sum() > 0 and cand.grad.abs().sum() > 0
+
+
+def test_id_gate_is_count_over_count_plus_k():
+    from models.system import id_gate
+
+    counts = torch.tensor([0.0, 1.0, 3.0, 9.0])
+    assert torch.allclose(id_gate(counts, 1.0), torch.tensor([0.0, 0.5, 0.75, 0.9]))
+    assert torch.equal(id_gate(counts, 0.0), torch.ones(4))
+    with pytest.raises(ValueError, match="id_gate_k"):
+        id_gate(counts, -1.0)
+
+
+def test_mixed_context_takes_real_context_and_subject_where_the_example_has_one():
+    from models.data import HAS_REAL_CONTEXT, REAL_CONTEXT_IDS, REAL_CONTEXT_WEIGHTS, SUBJECT_ROW
+    from models.system import mixed_context
+    from pipelines import contracts as C
+
+    batch = {
+        C.CONTEXT_CATEGORY_IDS: torch.tensor([[1, 2], [3, -1]]),
+        C.CONTEXT_WEIGHTS: torch.tensor([[0.5, 0.5], [1.0, 0.0]]),
+        REAL_CONTEXT_IDS: torch.tensor([[7, -1], [-1, -1]]),
+        REAL_CONTEXT_WEIGHTS: torch.tensor([[1.0, 0.0], [0.0, 0.0]]),
+        HAS_REAL_CONTEXT: torch.tensor([True, False]),
+        SUBJECT_ROW: torch.tensor([4, 9]),
+    }
+    ids, w, subject = mixed_context(batch, fallback="pseudo")
+    assert ids.tolist() == [[7, -1], [3, -1]] and w.tolist() == [[1.0, 0.0], [1.0, 0.0]]
+    assert subject.tolist() == [4, -1]
+    ids, w, subject = mixed_context(batch, fallback="none")
+    assert ids.tolist() == [[7, -1], [-1, -1]] and w[1].tolist() == [0.0, 0.0]

@@ -16,7 +16,9 @@ from models import evaluate as ev
 from models.cli import evaluate_main
 from models.export import load_bundle
 
-VARIANTS = (ev.CONTEXTUAL, ev.NO_CONTEXT, ev.SEQUENCE_ONLY, ev.POPULARITY, ev.CATEGORY_POPULARITY)
+ALL_VARIANTS = (ev.CONTEXTUAL, ev.NO_CONTEXT, ev.SEQUENCE_ONLY, ev.POPULARITY,
+                ev.TOP_CATEGORY_POPULARITY, ev.CATEGORY_POPULARITY)
+VARIANTS = {ev.GROUP_ALL: ALL_VARIANTS, ev.GROUP_REAL: ALL_VARIANTS + (ev.COOCCURRENCE,)}
 KINDS = (ev.REQ_NO_CONTEXT, ev.REQ_SUBJECT_ITEM)
 
 
@@ -42,8 +44,8 @@ def test_report_has_every_variant_plots_and_measured_latency(demo):
     for png in (ev.REPORT_PNG, ev.REPORT_COVERAGE_PNG, ev.REPORT_LATENCY_PNG):
         assert files[png].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = files[ev.REPORT_MD].read_text()
-    for group in (ev.GROUP_ALL, ev.GROUP_REAL):
-        for variant in VARIANTS:
+    for group, variants in VARIANTS.items():
+        for variant in variants:
             assert f"| {group} | {variant} |" in md
     for png in (ev.REPORT_PNG, ev.REPORT_COVERAGE_PNG, ev.REPORT_LATENCY_PNG):
         assert f"]({png})" in md  # self-contained: the plots are linked beside the Markdown
@@ -51,7 +53,16 @@ def test_report_has_every_variant_plots_and_measured_latency(demo):
 
     saved = json.loads(files[ev.REPORT_JSON].read_text())
     assert {(r["group"], r["variant"]) for r in saved["rows"]} == {
-        (g, v) for g in (ev.GROUP_ALL, ev.GROUP_REAL) for v in VARIANTS}
+        (g, v) for g, variants in VARIANTS.items() for v in variants}
+    # every check of the design, each with its interval or "not enough data", printed as such
+    assert set(saved["checks"]) == {spec.name for spec in ev.QUALITY_CHECKS}
+    for name, c in saved["checks"].items():
+        enough = c["n_examples"] >= ev.MIN_CHECK_EXAMPLES and c["denominator"] > 0
+        assert c["status"] in ((ev.STATUS_PASSED, ev.STATUS_FAILED) if enough else (ev.STATUS_NOT_ENOUGH_DATA,))
+        assert c["passed"] == (c["status"] == ev.STATUS_PASSED)
+        if c["denominator"] > 0:
+            assert c["ci_low"] <= c["ratio"] <= c["ci_high"], (name, c)
+        assert ev.format_check(name, c) in md
     lat = saved["latency"]
     assert lat["model_version"] == load_bundle(demo.contextual_bundle).model_version
     assert lat["index_backend"] == "scann"

@@ -60,3 +60,37 @@ def test_config_round_trip_and_validation(tiny_config):
         ModelConfig(fusion="sum")
     with pytest.raises(ValueError, match="divisible"):
         ModelConfig(dim=10, n_heads=3)
+
+
+def test_subject_item_embedding_moves_the_query_and_keeps_split_parity(tiny_config, random_inputs):
+    torch.manual_seed(0)
+    cfg = tiny_config(use_subject_item=True)
+    model = ContextualTwoTower(cfg).eval()
+    x = random_inputs(cfg, batch=4)
+    subject = torch.nn.functional.normalize(torch.randn(4, cfg.dim), dim=-1)  # (B, D)
+    with torch.no_grad():
+        full = model(*x, subject)
+        split = model.query_from_state(model.encode_user_state(x[0], x[1]), *x[2:], subject)
+        without = model(*x)
+        zero = model(*x, torch.zeros(4, cfg.dim))
+    assert torch.allclose(full, split, atol=1e-5)
+    assert torch.allclose(without, zero, atol=1e-6)  # a zero subject embedding is "no subject"
+    assert not torch.allclose(full, without, atol=1e-3)
+    with pytest.raises(ValueError, match="use_subject_item needs use_context"):
+        tiny_config(use_subject_item=True, use_context=False)
+
+
+def test_id_gate_zero_leaves_the_item_to_its_categories(tiny_config):
+    torch.manual_seed(0)
+    cfg = tiny_config()
+    model = ContextualTwoTower(cfg).eval()
+    cats = torch.tensor([[3, 5], [3, 5]])  # (2, C): two items with the same categories
+    w = torch.tensor([[0.6, 0.4], [0.6, 0.4]])
+    ids = torch.tensor([11, 12])
+    with torch.no_grad():
+        gated = model.item_embeddings(ids, cats, w, torch.zeros(2))
+        full = model.item_embeddings(ids, cats, w)
+        ones = model.item_embeddings(ids, cats, w, torch.ones(2))
+    assert torch.allclose(gated[0], gated[1], atol=1e-6)  # ids gated out: categories alone
+    assert not torch.allclose(full[0], full[1], atol=1e-3)
+    assert torch.allclose(full, ones, atol=1e-6)

@@ -8,8 +8,7 @@ import pytest
 from pyspark.sql import functions as F
 
 from pipelines import contracts as C
-from pipelines.context import (CONTEXT_ROWS_COLUMNS, build_context_rows, context_rows_schema,
-                               top_k_categories)
+from pipelines.context import build_context_rows, top_k_categories
 
 pytestmark = pytest.mark.spark
 
@@ -43,16 +42,19 @@ def test_pseudo_for_every_example_real_only_with_subject(spark):
         "user_id long, as_of_ts timestamp, item_ids array<long>, event_ts array<long>, "
         "label_item_id long, subject_item_id long")
     rows = build_context_rows(ex, items(spark), k=2)
-    assert rows.columns == CONTEXT_ROWS_COLUMNS
+    assert rows.columns == C.CONTEXT_ROWS_COLUMNS
     got = sorted((r[C.USER_ID], r[C.LABEL_ITEM_ID], r[C.CONTEXT_SOURCE], r[C.CONTEXT_CATEGORY_IDS],
-                  [round(w, 4) for w in r[C.CONTEXT_WEIGHTS]]) for r in rows.collect())
+                  [round(w, 4) for w in r[C.CONTEXT_WEIGHTS]], r[C.SUBJECT_ITEM_ID])
+                 for r in rows.collect())
     assert got == [
-        (1, 1, C.CONTEXT_PSEUDO, [4, 2], [0.6, 0.4]),
-        (1, 1, C.CONTEXT_REAL, [3, 6], [0.5, 0.5]),  # subject item 3
-        (1, 2, C.CONTEXT_PSEUDO, [5], [1.0]),  # no subject: no real row
-        (2, 3, C.CONTEXT_PSEUDO, [3, 6], [0.5, 0.5]),
-        (2, 3, C.CONTEXT_REAL, [4, 2], [0.6, 0.4]),
+        (1, 1, C.CONTEXT_PSEUDO, [4, 2], [0.6, 0.4], None),  # pseudo rows carry no subject
+        (1, 1, C.CONTEXT_REAL, [3, 6], [0.5, 0.5], 3),  # subject item 3
+        (1, 2, C.CONTEXT_PSEUDO, [5], [1.0], None),  # no subject: no real row
+        (2, 3, C.CONTEXT_PSEUDO, [3, 6], [0.5, 0.5], None),
+        (2, 3, C.CONTEXT_REAL, [4, 2], [0.6, 0.4], 1),
     ]
-    assert [f.name for f in context_rows_schema().fields] == CONTEXT_ROWS_COLUMNS
+    assert [f.name for f in C.spark_schema(C.T_CONTEXT_ROWS).fields] == C.CONTEXT_ROWS_COLUMNS
+    assert set(C.CONTEXT_ROWS_KEY) <= set(C.CONTEXT_ROWS_COLUMNS)
+    assert C.SUBJECT_ITEM_ID not in C.CONTEXT_ROWS_KEY  # a value of the example, not a key part
     with pytest.raises(ValueError):
         build_context_rows(ex, items(spark), k=0)

@@ -13,19 +13,20 @@ from pathlib import Path
 
 import pytest
 from pyspark.sql import functions as F
+from pyspark.sql import types as T
 
 from pipelines import contracts as C
 from pipelines.cli import BuildConfig, ingest_main, run_build_sequences, run_generate
-from pipelines.context import context_rows_schema
-from pipelines.delta_io import read_table, sync_quarantine, sync_table, table_version, write_raw
+from pipelines.delta_io import (conform, create_table, read_table, sync_quarantine, sync_table, table_exists, table_version,
+                                write_raw)
 from pipelines.sequences import load_cutoffs
-from pipelines.synthetic import SyntheticConfig
+from pipelines.synthetic import PLANTED, SyntheticConfig
 
 pytestmark = pytest.mark.spark
 
 REPO = Path(__file__).resolve().parents[2]
 NOW = datetime(2025, 1, 1, tzinfo=timezone.utc)
-GEN = SyntheticConfig(n_users=60, n_items=400, malformed_frac=0.02, seed=5)
+GEN = SyntheticConfig(preset=PLANTED, n_users=60, n_items=400, malformed_frac=0.02, seed=5)
 BUILD = BuildConfig(max_len=5)  # a small cap so that it binds on this data
 OUTPUTS = (C.T_SEQUENCES, C.T_CONTEXT_ROWS, C.T_USER_SEQUENCES)
 
@@ -59,7 +60,7 @@ def test_build_contract_tables_then_rerun_is_a_noop(spark, lake):
     for name in (C.T_EVENTS, C.T_ITEMS, C.T_USERS, C.T_QUARANTINE, C.T_SEQUENCES,
                  C.T_USER_SEQUENCES):
         assert _table(spark, lake, name).schema == C.spark_schema(name), name
-    assert _table(spark, lake, C.T_CONTEXT_ROWS).schema == context_rows_schema()
+    assert _table(spark, lake, C.T_CONTEXT_ROWS).schema == C.spark_schema(C.T_CONTEXT_ROWS)
     seq = _table(spark, lake, C.T_SEQUENCES)
     ctx = _table(spark, lake, C.T_CONTEXT_ROWS)
     assert {r[C.SPLIT] for r in seq.select(C.SPLIT).distinct().collect()} == set(C.SPLITS)
@@ -68,6 +69,7 @@ def test_build_contract_tables_then_rerun_is_a_noop(spark, lake):
     assert n_pseudo == seq.count()
     # every synthetic conversion logs its subject item -> one real row per example too
     assert ctx.where(F.col(C.CONTEXT_SOURCE) == C.CONTEXT_REAL).count() == n_pseudo
+    _assert_subjects_match_events(spark, lake)
     props = spark.sql(f"DESCRIBE DETAIL delta.`{C.LakePaths(lake).table(C.T_USER_SEQUENCES)}`")
     assert props.first()["properties"]["delta.enableChangeDataFeed"] == "true"
     assert load_cutoffs(spark, lake).origin == "quantiles"
@@ -77,6 +79,89 @@ def test_build_contract_tables_then_rerun_is_a_noop(spark, lake):
     assert not any(w.changed for w in second.writes)
     assert second.versions == first.versions
     assert {t: _rows(_table(spark, lake, t)) for t in OUTPUTS} == snapshot
+
+
+def _assert_subjects_match_events(spark, lake):
+    """Real context rows carry the subject item logged on their label conversion; pseudo rows
+    carry none."""
+    ctx = _table(spark, lake, C.T_CONTEXT_ROWS)
+    pseudo = ctx.where(F.col(C.CONTEXT_SOURCE) == C.CONTEXT_PSEUDO)
+    assert pseudo.where(F.col(C.SUBJECT_ITEM_ID).isNotNull()).count() == 0
+    conv = (_table(spark, lake, C.T_EVENTS).where(F.col(C.EVENT_TYPE) == C.EVENT_CONVERSION)
+            .select(F.col(C.USER_ID), F.col(C.EVENT_TS).alias(C.AS_OF_TS),
+                    F.col(C.ITEM_ID).alias(C.LABEL_ITEM_ID), F.col(C.SUBJECT_ITEM_ID).alias("logged")))
+    real = ctx.where(F.col(C.CONTEXT_SOURCE) == C.CONTEXT_REAL)
+    joined = real.join(conv, C.SEQUENCES_KEY, "left")
+    assert joined.count() == real.count() > 0
+    assert joined.where(~F.col(C.SUBJECT_ITEM_ID).eqNullSafe(F.col("logged"))).count() == 0
+
+
+def test_context_rows_of_an_older_build_gain_the_subject_column(spark, lake, tmp_path):
+    """A lake whose context_rows predates subject_item_id: the next build appends the column (one
+    ALTER commit), fills it for the real rows, and the build after that commits nothing."""
+    copy = str(tmp_path / "lake")
+    shutil.copytree(lake, copy)
+    path = C.LakePaths(copy).table(C.T_CONTEXT_ROWS)
+    if not table_exists(spark, path):  # run alone, without the module's first build
+        run_build_sequences(spark, copy, BUILD, now=NOW)
+    old_schema = T.StructType([f for f in C.spark_schema(C.T_CONTEXT_ROWS).fields
+                               if f.name != C.SUBJECT_ITEM_ID])
+    old = read_table(spark, path).select(*old_schema.names).toPandas()
+    shutil.rmtree(path)
+    create_table(spark, path, old_schema)  # as the older build created it: NOT NULL enforced
+    spark.createDataFrame(old, old_schema).write.format("delta").mode("append").save(path)
+    assert C.SUBJECT_ITEM_ID not in read_table(spark, path).columns
+    before = table_version(spark, path)
+    res = {w.table: w for w in run_build_sequences(spark, copy, BUILD, now=NOW).writes}
+    ctx = res[C.T_CONTEXT_ROWS]
+    n_real = _table(spark, copy, C.T_CONTEXT_ROWS).where(
+        F.col(C.CONTEXT_SOURCE) == C.CONTEXT_REAL).count()
+    assert (ctx.operation, ctx.updated, ctx.inserted, ctx.deleted) == ("merge", n_real, 0, 0)
+    assert ctx.version == before + 2  # the ALTER TABLE, then the MERGE filling the real rows
+    assert _table(spark, copy, C.T_CONTEXT_ROWS).schema == C.spark_schema(C.T_CONTEXT_ROWS)
+    _assert_subjects_match_events(spark, copy)
+    again = run_build_sequences(spark, copy, BUILD, now=NOW)
+    assert not any(w.changed for w in again.writes)
+
+
+def test_sync_table_refuses_a_table_it_cannot_evolve(spark, tmp_path):
+    """Only nullable columns appended at the end evolve in place; a table missing a NOT NULL
+    contract column (or with its columns in another order) is an error that says to rebuild."""
+    path = str(tmp_path / "ctx")
+    schema = C.spark_schema(C.T_CONTEXT_ROWS)
+    t = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    row = (1, t, 5, [2], [1.0], C.CONTEXT_REAL, 9)
+    without_label = T.StructType([f for f in schema.fields if f.name != C.LABEL_ITEM_ID])
+    spark.createDataFrame([row[:2] + row[3:]], without_label).write.format("delta").save(path)
+    with pytest.raises(ValueError, match="Delete .* and rerun build_sequences"):
+        sync_table(spark, spark.createDataFrame([row], schema), path, C.T_CONTEXT_ROWS, schema,
+                   C.CONTEXT_ROWS_KEY)
+    reordered = T.StructType(schema.fields[1:2] + schema.fields[:1] + schema.fields[2:])
+    path2 = str(tmp_path / "ctx2")
+    spark.createDataFrame([(t, 1) + row[2:]], reordered).write.format("delta").save(path2)
+    with pytest.raises(ValueError, match="cannot be evolved in place"):
+        sync_table(spark, spark.createDataFrame([row], schema), path2, C.T_CONTEXT_ROWS, schema,
+                   C.CONTEXT_ROWS_KEY)
+
+
+def test_conform_narrows_array_columns_and_refuses_null_elements(spark):
+    """Arrays built by `transform` may hold nulls as far as Spark knows; the contract's arrays may
+    not: conform re-types them (MERGE needs the exact type) and fails on a real null element."""
+    from pyspark.errors import PySparkException
+
+    schema = C.spark_schema(C.T_CONTEXT_ROWS)
+    t = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    base = spark.createDataFrame([(1, t, 5, [2, 3], [0.5, 0.5], C.CONTEXT_REAL, 9)], schema)
+
+    def with_ids(fn):
+        return base.withColumn(C.CONTEXT_CATEGORY_IDS, F.transform(C.CONTEXT_CATEGORY_IDS, fn))
+
+    ok = conform(with_ids(lambda c: c + 1), schema)
+    assert ok.schema[C.CONTEXT_CATEGORY_IDS].dataType == schema[C.CONTEXT_CATEGORY_IDS].dataType
+    assert ok.first()[C.CONTEXT_CATEGORY_IDS] == [3, 4]
+    bad = conform(with_ids(lambda c: F.when(c == 3, F.lit(None)).otherwise(c)), schema)
+    with pytest.raises(PySparkException, match="context_category_ids: an array holds a null"):
+        bad.collect()
 
 
 def test_appended_events_change_only_affected_users(spark, lake):

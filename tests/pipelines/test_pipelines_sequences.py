@@ -77,8 +77,10 @@ def test_min_history_and_duplicate_conversions_count_once(spark):
     assert got == [(1, 9, 12, [10, 11], [0, 5])]
     ex = build_examples(c, cap=100, min_history=1)
     assert sorted(r[C.SUBJECT_ITEM_ID] or 0 for r in ex.collect()) == [0, 4]
+    first = examples_of(build_examples(c, cap=100, min_history=0))  # first conversion kept, no history
+    assert [(r[2], r[3]) for r in first] == [(10, []), (11, [10]), (12, [10, 11])]
     with pytest.raises(ValueError):
-        build_examples(c, min_history=0)
+        build_examples(c, min_history=-1)
 
 
 def test_split_boundaries(spark):

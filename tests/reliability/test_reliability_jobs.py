@@ -28,14 +28,14 @@ from deltalake import DeltaTable
 from pipelines import contracts as C
 from pipelines.cli import run_generate
 from pipelines.sequences import split_cutoffs_path
-from pipelines.synthetic import SyntheticConfig
+from pipelines.synthetic import PLANTED, SyntheticConfig
 
 pytestmark = [pytest.mark.spark, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 NOW = datetime(2025, 1, 1, tzinfo=timezone.utc)
-GEN = SyntheticConfig(n_users=150, n_items=400, malformed_frac=0.02, seed=11)
+GEN = SyntheticConfig(preset=PLANTED, n_users=150, n_items=400, malformed_frac=0.02, seed=11)
 OUTPUTS = (C.T_ITEMS, C.T_USERS, C.T_EVENTS, C.T_QUARANTINE, C.T_SEQUENCES, C.T_CONTEXT_ROWS,
            C.T_USER_SEQUENCES)
 JOB_TIMEOUT_S = 1200

@@ -242,6 +242,7 @@ def test_missing_sqlite_online_store_is_503_not_a_cold_start(model, tmp_path):
         answer = _ask(client, 1)
         assert answer["status"] == 503, answer
         assert answer["error"] == "online_store_unavailable"
-        assert "no such table" in answer["detail"]
+        assert "missing" in answer["detail"] and str(db) in answer["detail"]
         health = client.get("/health")
         assert health.status_code == 503 and health.json()["online_store"]["reachable"] is False
+    assert not db.exists(), "serving recreated the missing store as an empty database"

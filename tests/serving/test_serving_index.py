@@ -10,8 +10,8 @@ import pytest
 from pipelines import contracts as C
 from serving.errors import IndexMismatchError
 from serving.index import (BACKEND_BRUTE_FORCE, BACKEND_SCANN, BRUTE_FORCE_MAX_ITEMS,
-                           brute_force_topk, build_index, choose_scann_params, load_index,
-                           recall_at_k, sample_queries, sha256_array)
+                           INDEX_ITEM_IDS, brute_force_topk, build_index, choose_scann_params,
+                           load_index, recall_at_k, sample_queries, sha256_array)
 
 N_ITEMS, DIM = 6000, 32
 
@@ -141,6 +141,25 @@ def test_load_detects_corrupt_or_missing_files(scann_dir, catalog, tmp_path):
         load_index(bad, "run-a-0123abcd", ids, emb)
     with pytest.raises(IndexMismatchError, match="not an index folder"):
         load_index(tmp_path / "nowhere", "run-a-0123abcd", ids, emb)
+
+
+def test_manifest_lists_every_file_and_other_formats_are_refused(scann_dir, catalog, tmp_path):
+    """Every file the build wrote is in the manifest (and nothing else is on disk); the doc ids
+    are a plain int64 .npy; an index of another manifest format is refused with 'rebuild'."""
+    ids, emb = catalog
+    manifest = json.loads((scann_dir / C.INDEX_MANIFEST).read_text())
+    on_disk = {p.relative_to(scann_dir).as_posix() for p in scann_dir.rglob("*") if p.is_file()}
+    assert set(manifest["files_sha256"]) == on_disk - {C.INDEX_MANIFEST}
+    assert {INDEX_ITEM_IDS, f"{C.INDEX_DIR}/scann_assets.pbtxt"} <= on_disk
+    assert not any(name.endswith(".pkl") for name in on_disk)
+    np.testing.assert_array_equal(np.load(scann_dir / INDEX_ITEM_IDS, allow_pickle=False), ids)
+
+    old = tmp_path / "old"
+    shutil.copytree(scann_dir, old)
+    manifest["manifest_version"] = 1
+    (old / C.INDEX_MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(IndexMismatchError, match="format v1.*rebuild"):
+        load_index(old, "run-a-0123abcd", ids, emb)
 
 
 def test_tiny_catalog_uses_exact_brute_force_and_rebuild_replaces(tmp_path):
