@@ -88,7 +88,7 @@ def append_events(spark, lake: str, n_events: int, seed: int) -> Dict[str, int]:
         for e in range(EVENTS_PER_USER):
             item = int(rng.choice(items))
             rows.append((int(user), item, C.EVENT_CONVERSION,
-                         day + timedelta(seconds=j * EVENTS_PER_USER + e), "home", item))
+                         day + timedelta(seconds=j * EVENTS_PER_USER + e), "home", item, None))
     write_raw(spark, spark.createDataFrame(rows, C.spark_schema(C.T_RAW_EVENTS)), lake,
               C.T_RAW_EVENTS, mode="append")
     return {"events": len(rows), "users": n_users}

@@ -15,13 +15,18 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from pipelines import contracts as C
 from pipelines.context import DEFAULT_TOP_K, build_context_rows
-from pipelines.delta_io import (WriteResult, ensure_properties, print_results, read_table,
-                                sync_quarantine, sync_table, table_exists, table_version)
+from pipelines.delta_io import (WriteResult, ensure_properties, print_results, raw_schema,
+                                read_table, sync_quarantine, sync_table, table_exists,
+                                table_version)
 from pipelines.sequences import (DEFAULT_MAX_LEN, SplitCutoffs, build_sequences, conversions,
                                  examples_from_ranked, ranked_histories, resolve_cutoffs,
                                  user_sequences_from_ranked)
-from pipelines.validate import (ValidationReport, event_reasons, format_reports, item_reasons,
-                                report_from_reasons, sort_categories, split_reasoned, user_reasons)
+from pipelines.subjects import (DEFAULT_WINDOW_MINUTES, DERIVE_MODES, DERIVE_NONE,
+                                SubjectCoverage, derive_subjects, store_coverage,
+                                subject_coverage)
+from pipelines.validate import (DEFAULT_MAX_QUARANTINE_FRAC, ValidationReport, event_reasons,
+                                format_reports, item_reasons, report_from_reasons,
+                                sort_categories, split_reasoned, user_reasons)
 
 CDF_PROPERTIES = {"delta.enableChangeDataFeed": "true"}
 
@@ -159,15 +164,27 @@ def _pairs(text: Optional[str]) -> Dict[str, str]:
 
 def ingest_parser() -> argparse.ArgumentParser:
     from pipelines import ingest as I
+    from pipelines.validate import DEFAULT_MAX_QUARANTINE_FRAC
 
     p = argparse.ArgumentParser(
         prog="ingest",
         description="Import a real event log (CSV/Parquet) + optional items and users files into "
                     "raw_events / raw_items / raw_users. Unparseable values become nulls that "
-                    "build_sequences quarantines with the original strings.")
+                    "build_sequences quarantines with the original strings. CSV is read as "
+                    "RFC 4180 (quoted separators, quoted newlines, \"\" escapes); a record with "
+                    "the wrong number of fields is kept verbatim and quarantined "
+                    "(wrong_number_of_fields); each CSV file is read by one task, so a folder of "
+                    "files imports in parallel. Prints row counts; stops before writing when "
+                    "more than --max-quarantine-frac of a source cannot be imported cleanly.")
     _spark_args(p)
     p.add_argument("--mode", choices=("overwrite", "append"), default="overwrite",
-                   help="overwrite the raw tables, or append a new increment of the log")
+                   help="overwrite the raw tables, or append a new increment of the log "
+                        "(reports the rows each append wrote)")
+    p.add_argument("--max-quarantine-frac", type=float, default=DEFAULT_MAX_QUARANTINE_FRAC,
+                   help="stop without writing when more than this share of a source's rows fail "
+                        "the row checks (wrong field count, unparseable id or time, unknown "
+                        "event type...); usually a wrong mapping such as --ts-format. 1 = never "
+                        f"stop (default {DEFAULT_MAX_QUARANTINE_FRAC})")
     ev = p.add_argument_group("events")
     ev.add_argument("--events", required=True, help="event log path (file or folder)")
     ev.add_argument("--format", choices=I.FORMATS, default="csv")
@@ -177,18 +194,36 @@ def ingest_parser() -> argparse.ArgumentParser:
     ev.add_argument("--ts-col", required=True)
     ev.add_argument("--ts-format", default=I.TS_EPOCH_SECONDS,
                     help="epoch_s | epoch_ms | iso | a Spark datetime pattern "
-                         "(e.g. 'yyyy-MM-dd HH:mm:ss'); values without a zone are UTC")
+                         "(e.g. 'yyyy-MM-dd HH:mm:ss'; text in single quotes is literal: "
+                         "REES46's '2019-10-01 00:00:04 UTC' is \"yyyy-MM-dd HH:mm:ss 'UTC'\"); "
+                         "values without a zone are UTC")
     et = ev.add_mutually_exclusive_group(required=True)
     et.add_argument("--event-type-col", help="column holding the event type")
     et.add_argument("--event-type", choices=C.EVENT_TYPES,
                     help="constant event type for every row (e.g. every rating = conversion)")
     ev.add_argument("--event-type-map", default=None,
-                    help="source=contract pairs, e.g. 'addtocart=click,transaction=conversion'")
+                    help="source=contract pairs, e.g. 'addtocart=click,transaction=conversion' "
+                         "or 'cart=conversion,purchase=conversion' (REES46)")
     ev.add_argument("--subject-col", default=None, help="subject item id column (optional)")
+    ev.add_argument("--session-col", default=None,
+                    help="session id column (optional, any string) -> session_id; "
+                         "build_sequences --derive-subject looks for views in the same session")
     ev.add_argument("--surface-col", default=None, help="surface column (optional)")
     ev.add_argument("--surface", default=None, help="constant surface (optional)")
-    it = p.add_argument_group("items (optional)")
-    it.add_argument("--items", default=None, help="items file")
+    it = p.add_argument_group(
+        "items (optional)",
+        "Category ids are array<int>: names that are all canonical integers of at most 9 digits "
+        "are kept as ids; any other names (words, or 19-digit ids such as REES46's "
+        "2053013555631882655) are re-indexed densely 0..n-1 in sorted order. The vocabulary "
+        "is stored under <lake>/_meta/category_vocabulary and extended by --mode append, so "
+        "ids keep their meaning; only counts are printed.")
+    src = it.add_mutually_exclusive_group()
+    src.add_argument("--items", default=None, help="items file")
+    src.add_argument("--item-categories-from-events", default=None, metavar="COL",
+                     help="no items file: derive each item's categories from this column of the "
+                          "event log (e.g. category_id); an item logged under several categories "
+                          "gets them all, weighted by their share of its events; with --mode "
+                          "append only items not imported before are added")
     it.add_argument("--items-format", choices=I.FORMATS, default="csv")
     it.add_argument("--item-id-col", default=None, help="item id column (default: --item-col)")
     it.add_argument("--categories-col", default=None,
@@ -198,9 +233,11 @@ def ingest_parser() -> argparse.ArgumentParser:
     it.add_argument("--category-flag-cols", default=None,
                     help="comma-separated 0/1 columns, one per category (e.g. MovieLens genres)")
     it.add_argument("--advertiser-col", default=None)
-    it.add_argument("--category-vocab-out", default=None,
-                    help="write the category name -> id vocabulary to this JSON file")
-    us = p.add_argument_group("users (optional)")
+    it.add_argument("--vocabulary-out", "--category-vocab-out", dest="vocabulary_out",
+                    default=None, help="also write the category name -> id vocabulary to this "
+                                       "JSON file")
+    us = p.add_argument_group("users (optional: without it every user's demographics are "
+                              "unknown)")
     us.add_argument("--users", default=None, help="users file")
     us.add_argument("--users-format", choices=I.FORMATS, default="csv")
     us.add_argument("--users-user-col", default=None, help="user id column (default: --user-col)")
@@ -221,7 +258,7 @@ def mappings_from_args(args: argparse.Namespace):
         user_col=args.user_col, item_col=args.item_col, ts_col=args.ts_col,
         ts_format=args.ts_format, event_type_col=args.event_type_col, event_type=args.event_type,
         event_type_map=_pairs(args.event_type_map), subject_col=args.subject_col,
-        surface_col=args.surface_col, surface=args.surface)
+        surface_col=args.surface_col, surface=args.surface, session_col=args.session_col)
     items = None
     if args.items:
         items = I.ItemMapping(
@@ -241,25 +278,105 @@ def mappings_from_args(args: argparse.Namespace):
     return events, items, users
 
 
-def ingest_main(argv: Optional[Sequence[str]] = None) -> Dict[str, int]:
+@dataclass
+class IngestResult:
+    writes: List[WriteResult]
+    checks: List[ValidationReport]  # row-local checks per source, before writing
+    vocabulary: Optional[Dict[str, int]] = None
+
+    def rows_written(self) -> Dict[str, int]:
+        return {w.table: w.inserted for w in self.writes}
+
+
+def _checked(spark, df, source_table: str, max_frac: float, now: datetime):
+    """Persist a mapped source, count its row-local problems, stop if too many (nothing written)."""
+    from pyspark import StorageLevel
+
+    from pipelines.validate import (QuarantineThresholdExceeded, over_threshold, reason_examples,
+                                    row_local_reasons, threshold_message)
+
+    df = df.persist(StorageLevel.MEMORY_AND_DISK)
+    reasoned = row_local_reasons(df, source_table, now)
+    report = report_from_reasons(source_table, reasoned)
+    if over_threshold(report, max_frac):
+        message = threshold_message(report, max_frac, reason_examples(reasoned))
+        df.unpersist()
+        raise QuarantineThresholdExceeded(
+            f"ingest stopped, nothing written.\n{message}\nCheck the mapping flags (e.g. "
+            f"--ts-format, --event-type-map, --sep), or pass --max-quarantine-frac 1 to import "
+            f"anyway.")
+    return df, report
+
+
+def run_ingest(spark, args: argparse.Namespace, now: Optional[datetime] = None) -> IngestResult:
+    """Map, check, write; the vocabulary is extended (append) or rebuilt (overwrite) and stored."""
     from pipelines import ingest as I
 
-    args = ingest_parser().parse_args(argv)
+    now = now or datetime.now(timezone.utc)
     ev_map, it_map, us_map = mappings_from_args(args)
-    spark = _session(args, "ctt-ingest")
-    events = I.ingest_events(spark, args.events, args.format, ev_map, args.sep)
-    items = users = None
+    base = I.load_vocabulary(spark, args.lake) if args.mode == "append" else None
+    src = I.read_source(spark, args.events, args.format, args.sep)
+    if args.item_categories_from_events:  # read once for the names, the items and the events
+        from pyspark import StorageLevel
+
+        src = src.persist(StorageLevel.MEMORY_AND_DISK)
+    frames: Dict[str, object] = {C.T_RAW_EVENTS: I.events_from_source(src, ev_map)}
+    vocab = None
     if it_map is not None:
-        items, vocab = I.ingest_items(spark, args.items, args.items_format, it_map, args.sep)
-        print(f"category vocabulary ({len(vocab)}):", json.dumps(vocab, sort_keys=True))
-        if args.category_vocab_out:
-            with open(args.category_vocab_out, "w", encoding="utf-8") as fh:
-                json.dump(vocab, fh, indent=1, sort_keys=True)
+        frames[C.T_RAW_ITEMS], vocab = I.ingest_items(
+            spark, args.items, args.items_format, it_map, args.sep, base_vocab=base)
+    elif args.item_categories_from_events:
+        col = args.item_categories_from_events
+        vocab = I.build_vocabulary(I.event_category_names(src, col, args.category_sep), base)
+        items = I.items_from_events(src, ev_map, col, vocab, args.category_sep)
+        frames[C.T_RAW_ITEMS] = (I.new_items_only(spark, args.lake, items)
+                                 if args.mode == "append" else items)
     if us_map is not None:
-        users = I.ingest_users(spark, args.users, args.users_format, us_map, args.sep)
-    results = I.write_ingested(spark, args.lake, events, items, users, args.mode)
-    print_results(results)
-    return {r.table: r.version for r in results}
+        frames[C.T_RAW_USERS] = I.ingest_users(spark, args.users, args.users_format, us_map,
+                                               args.sep)
+    if vocab is not None:
+        print(I.vocabulary_summary(vocab, base))
+    checked, reports = {}, []
+    try:
+        for table in (C.T_RAW_ITEMS, C.T_RAW_USERS, C.T_RAW_EVENTS):
+            if table in frames:
+                checked[table], report = _checked(spark, frames[table], table,
+                                                  args.max_quarantine_frac, now)
+                reports.append(report)
+        print("row checks before writing (the build quarantines these rows):")
+        print(format_reports(reports))
+        writes = I.write_ingested(spark, args.lake, checked.get(C.T_RAW_EVENTS),
+                                  checked.get(C.T_RAW_ITEMS), checked.get(C.T_RAW_USERS), args.mode)
+    finally:
+        for df in checked.values():
+            df.unpersist()
+        src.unpersist()
+    if vocab is not None:
+        I.store_vocabulary(spark, args.lake, vocab)
+        if args.vocabulary_out:
+            with open(args.vocabulary_out, "w", encoding="utf-8") as fh:
+                json.dump(vocab, fh, indent=1, sort_keys=True)
+            print(f"category vocabulary written to {args.vocabulary_out}")
+    return IngestResult(writes, reports, vocab)
+
+
+def ingest_main(argv: Optional[Sequence[str]] = None) -> Dict[str, int]:
+    """Run the import; returns {raw table: Delta version}. Rows written are printed (+N)."""
+    from pipelines.validate import QuarantineThresholdExceeded
+
+    parser = ingest_parser()
+    args = parser.parse_args(argv)
+    if not 0 <= args.max_quarantine_frac <= 1:
+        parser.error("--max-quarantine-frac must be within [0, 1]")
+    mappings_from_args(args)  # fail on a bad mapping before starting Spark
+    spark = _session(args, "ctt-ingest")
+    try:
+        result = run_ingest(spark, args)
+    except QuarantineThresholdExceeded as err:
+        parser.exit(2, f"error: {err}\n")
+    print_results(result.writes)
+    print("rows written:", json.dumps(result.rows_written(), sort_keys=True))
+    return {r.table: r.version for r in result.writes}
 
 
 # --------------------------------------------------------------------------------------
@@ -274,6 +391,20 @@ class BuildConfig:
     val_frac: float = 0.1
     test_frac: float = 0.1
     context_top_k: int = DEFAULT_TOP_K
+    derive_subject: str = DERIVE_NONE
+    subject_window_minutes: int = DEFAULT_WINDOW_MINUTES
+    max_quarantine_frac: float = DEFAULT_MAX_QUARANTINE_FRAC
+
+    def __post_init__(self) -> None:
+        if self.derive_subject not in DERIVE_MODES:
+            raise ValueError(f"derive_subject must be one of {DERIVE_MODES}, "
+                             f"got {self.derive_subject!r}")
+        if self.subject_window_minutes <= 0:
+            raise ValueError(f"subject window must be > 0 minutes, "
+                             f"got {self.subject_window_minutes}")
+        if not 0 <= self.max_quarantine_frac <= 1:
+            raise ValueError(f"max_quarantine_frac must be within [0, 1], "
+                             f"got {self.max_quarantine_frac}")
 
     def explicit_cutoffs(self) -> Optional[SplitCutoffs]:
         if (self.val_start is None) != (self.test_start is None):
@@ -289,7 +420,8 @@ class BuildResult:
     writes: List[WriteResult]
     reports: List[ValidationReport]
     cutoffs: SplitCutoffs
-    input_versions: Dict[str, int] = field(default_factory=dict)
+    input_versions: Dict[str, int] = field(default_factory=dict)  # raw tables that exist
+    subject_coverage: Optional[SubjectCoverage] = None
 
     def summary(self) -> Dict[str, object]:
         return {"versions": self.versions, "input_versions": self.input_versions,
@@ -297,7 +429,9 @@ class BuildResult:
                 "validation": [r.as_dict() for r in self.reports],
                 "split_cutoffs": {"val_start": self.cutoffs.val_start.isoformat(),
                                   "test_start": self.cutoffs.test_start.isoformat(),
-                                  "origin": self.cutoffs.origin}}
+                                  "origin": self.cutoffs.origin},
+                "subject_coverage": (self.subject_coverage.as_dict()
+                                     if self.subject_coverage else None)}
 
 
 def _validate_source(spark, raw, reasoned, columns, source_table: str):
@@ -314,20 +448,57 @@ def _validate_source(spark, raw, reasoned, columns, source_table: str):
     return reasoned, clean, quarantine, report
 
 
+def _read_raw(spark, lake: str, table: str, version: Optional[int]):
+    """A raw table at `version` with the current contract's columns: a table written before a
+    nullable column existed (e.g. session_id) reads it as null; a missing optional table
+    (raw_users: the users file is optional) reads as empty."""
+    from pyspark.sql import functions as F
+
+    schema = raw_schema(table)
+    if version is None:
+        return spark.createDataFrame([], schema)
+    df = read_table(spark, C.LakePaths(lake).table(table), version)
+    for f in schema.fields:
+        if f.name not in df.columns:
+            df = df.withColumn(f.name, F.lit(None).cast(f.dataType))
+    return df.select(*schema.fieldNames())
+
+
+def _fail_fast(reasoned_by_source, reports: List[ValidationReport], max_frac: float) -> None:
+    """Stop before any write when a source is mostly quarantined (usually a wrong mapping)."""
+    from pipelines.validate import (QuarantineThresholdExceeded, over_threshold, reason_examples,
+                                    threshold_message)
+
+    bad = [r for r in reports if over_threshold(r, max_frac)]
+    if bad:
+        messages = [threshold_message(r, max_frac, reason_examples(reasoned_by_source[r.source_table]))
+                    for r in bad]
+        raise QuarantineThresholdExceeded(
+            "build stopped, nothing written.\n" + "\n".join(messages)
+            + "\nFix the import mapping and ingest again, or pass --max-quarantine-frac 1 to "
+              "build anyway.")
+
+
 def run_build_sequences(spark, lake: str, cfg: BuildConfig = BuildConfig(),
                         now: Optional[datetime] = None) -> BuildResult:
-    """raw tables -> validated tables + quarantine -> sequences, context_rows, user_sequences."""
+    """raw tables -> validated tables + quarantine -> sequences, context_rows, user_sequences.
+
+    raw_events and raw_items are required; raw_users is optional (no users file: every user's
+    demographics are unknown, and the users table is empty).
+    """
     now = now or datetime.now(timezone.utc)
     paths = C.LakePaths(lake)
-    for raw in (C.T_RAW_EVENTS, C.T_RAW_ITEMS, C.T_RAW_USERS):
+    for raw in (C.T_RAW_EVENTS, C.T_RAW_ITEMS):
         if not table_exists(spark, paths.table(raw)):
-            raise FileNotFoundError(f"no Delta table {raw} at {paths.table(raw)}: run "
-                                    f"generate_data or ingest first")
+            raise FileNotFoundError(
+                f"no Delta table {raw} at {paths.table(raw)}: run generate_data or ingest first"
+                + (" (ingest writes raw_items from --items or --item-categories-from-events)"
+                   if raw == C.T_RAW_ITEMS else ""))
     in_versions = {t: table_version(spark, paths.table(t))
-                   for t in (C.T_RAW_EVENTS, C.T_RAW_ITEMS, C.T_RAW_USERS)}
-    raw_items = read_table(spark, paths.table(C.T_RAW_ITEMS), in_versions[C.T_RAW_ITEMS])
-    raw_users = read_table(spark, paths.table(C.T_RAW_USERS), in_versions[C.T_RAW_USERS])
-    raw_events = read_table(spark, paths.table(C.T_RAW_EVENTS), in_versions[C.T_RAW_EVENTS])
+                   for t in (C.T_RAW_EVENTS, C.T_RAW_ITEMS, C.T_RAW_USERS)
+                   if table_exists(spark, paths.table(t))}
+    raw_items, raw_users, raw_events = (_read_raw(spark, lake, t, in_versions.get(t))
+                                        for t in (C.T_RAW_ITEMS, C.T_RAW_USERS, C.T_RAW_EVENTS))
 
     writes: List[WriteResult] = []
     reports: List[ValidationReport] = []
@@ -348,6 +519,8 @@ def run_build_sequences(spark, lake: str, cfg: BuildConfig = BuildConfig(),
         persisted.append(r_events)
         reports.append(rep)
         print(format_reports(reports))
+        _fail_fast({C.T_RAW_ITEMS: r_items, C.T_RAW_USERS: r_users, C.T_RAW_EVENTS: r_events},
+                   reports, cfg.max_quarantine_frac)
 
         writes.append(sync_table(spark, items, paths.table(C.T_ITEMS), C.T_ITEMS,
                                  C.spark_schema(C.T_ITEMS), [C.ITEM_ID]))
@@ -361,22 +534,27 @@ def run_build_sequences(spark, lake: str, cfg: BuildConfig = BuildConfig(),
         for df in persisted:
             df.unpersist()
 
-    outputs, cutoffs = _build_outputs(spark, lake, cfg, now, writes)
+    outputs, cutoffs, coverage = _build_outputs(spark, lake, cfg, now, writes)
     writes.extend(outputs)
-    return BuildResult({w.table: w.version for w in writes}, writes, reports, cutoffs, in_versions)
+    return BuildResult({w.table: w.version for w in writes}, writes, reports, cutoffs, in_versions,
+                       coverage)
 
 
-def _build_outputs(spark, lake: str, cfg: BuildConfig, now: datetime,
-                   earlier: List[WriteResult]) -> Tuple[List[WriteResult], SplitCutoffs]:
+def _build_outputs(spark, lake: str, cfg: BuildConfig, now: datetime, earlier: List[WriteResult]
+                   ) -> Tuple[List[WriteResult], SplitCutoffs, SubjectCoverage]:
     from pyspark import StorageLevel
 
     paths = C.LakePaths(lake)
     version_of = {w.table: w.version for w in earlier}
     events = read_table(spark, paths.table(C.T_EVENTS), version_of[C.T_EVENTS])
     items = read_table(spark, paths.table(C.T_ITEMS), version_of[C.T_ITEMS])
+    events = derive_subjects(events, cfg.derive_subject, cfg.subject_window_minutes)
     conv = conversions(events).persist(StorageLevel.MEMORY_AND_DISK)
     ranked = examples = None
     try:
+        coverage = subject_coverage(conv, cfg.derive_subject, cfg.subject_window_minutes)
+        print(coverage.line())
+        store_coverage(spark, lake, coverage)
         cutoffs = resolve_cutoffs(spark, lake, conv, cfg.explicit_cutoffs(), cfg.val_frac,
                                   cfg.test_frac, now)
         ranked = ranked_histories(conv, cfg.max_len).persist(StorageLevel.MEMORY_AND_DISK)
@@ -394,7 +572,7 @@ def _build_outputs(spark, lake: str, cfg: BuildConfig, now: datetime,
                               C.T_USER_SEQUENCES, C.spark_schema(C.T_USER_SEQUENCES), [C.USER_ID],
                               properties=CDF_PROPERTIES))
         ensure_properties(spark, us_path, CDF_PROPERTIES)
-        return out, cutoffs
+        return out, cutoffs, coverage
     finally:
         for df in (conv, ranked, examples):
             if df is not None:
@@ -427,20 +605,45 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"categories per context row (default {DEFAULT_TOP_K})")
     p.add_argument("--now", type=_timestamp_arg, default=None,
                    help="reference time for 'timestamp in the future' (default: wall clock, UTC)")
+    p.add_argument("--derive-subject", choices=DERIVE_MODES, default=DERIVE_NONE,
+                   help="subject item of conversions that logged none, from the user's browsing "
+                        "(views/clicks at or before the conversion, in its session, else within "
+                        "--subject-window-minutes): last_view = the last viewed item (often the "
+                        "converted item itself), last_other_view = the last viewed item other "
+                        "than the converted one; a logged subject always wins (default none)")
+    p.add_argument("--subject-window-minutes", type=int, default=DEFAULT_WINDOW_MINUTES,
+                   help="how far back a view may be for conversions without a session id "
+                        f"(default {DEFAULT_WINDOW_MINUTES})")
+    p.add_argument("--max-quarantine-frac", type=float, default=DEFAULT_MAX_QUARANTINE_FRAC,
+                   help="stop before writing when more than this share of a raw table would be "
+                        f"quarantined, with the top reasons; 1 = never stop "
+                        f"(default {DEFAULT_MAX_QUARANTINE_FRAC})")
     return p
 
 
 def build_sequences_main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     """Run the build; returns the summary: {"versions": {table: version}, "validation": [...],
-    "changed": {...}, "input_versions": {...}, "split_cutoffs": {...}} (also printed)."""
-    args = build_parser().parse_args(argv)
-    cfg = BuildConfig(max_len=args.max_len, min_history=args.min_history,
-                      val_start=args.val_start, test_start=args.test_start,
-                      val_frac=args.val_frac, test_frac=args.test_frac,
-                      context_top_k=args.context_top_k)
-    cfg.explicit_cutoffs()  # fail on a half-given pair before starting Spark
+    "changed": {...}, "input_versions": {...}, "split_cutoffs": {...},
+    "subject_coverage": {...}} (also printed)."""
+    from pipelines.validate import QuarantineThresholdExceeded
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = BuildConfig(max_len=args.max_len, min_history=args.min_history,
+                          val_start=args.val_start, test_start=args.test_start,
+                          val_frac=args.val_frac, test_frac=args.test_frac,
+                          context_top_k=args.context_top_k, derive_subject=args.derive_subject,
+                          subject_window_minutes=args.subject_window_minutes,
+                          max_quarantine_frac=args.max_quarantine_frac)
+        cfg.explicit_cutoffs()  # fail on a half-given pair before starting Spark
+    except ValueError as err:
+        parser.error(str(err))
     spark = _session(args, "ctt-build-sequences")
-    result = run_build_sequences(spark, args.lake, cfg, args.now)
+    try:
+        result = run_build_sequences(spark, args.lake, cfg, args.now)
+    except QuarantineThresholdExceeded as err:
+        parser.exit(2, f"error: {err}\n")
     print_results(result.writes)
     summary = result.summary()
     print("summary:", json.dumps(summary, sort_keys=True))

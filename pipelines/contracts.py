@@ -43,6 +43,7 @@ EVENT_TYPE = "event_type"
 EVENT_TS = "event_ts"
 SURFACE = "surface"
 SUBJECT_ITEM_ID = "subject_item_id"
+SESSION_ID = "session_id"  # the log's session key (any string), null when the log has none
 
 CATEGORY_IDS = "category_ids"
 CATEGORY_WEIGHTS = "category_weights"
@@ -101,7 +102,8 @@ ALL_TABLES: Tuple[str, ...] = (
 )
 
 # Column lists in table order (used by schema builders, pandas baselines and readers).
-RAW_EVENTS_COLUMNS: List[str] = [USER_ID, ITEM_ID, EVENT_TYPE, EVENT_TS, SURFACE, SUBJECT_ITEM_ID]
+RAW_EVENTS_COLUMNS: List[str] = [USER_ID, ITEM_ID, EVENT_TYPE, EVENT_TS, SURFACE, SUBJECT_ITEM_ID,
+                                  SESSION_ID]
 ITEMS_COLUMNS: List[str] = [ITEM_ID, CATEGORY_IDS, CATEGORY_WEIGHTS, ADVERTISER_ID]
 USERS_COLUMNS: List[str] = [USER_ID, AGE_BUCKET, COUNTRY, GENDER]
 QUARANTINE_COLUMNS: List[str] = [ROW_JSON, SOURCE_TABLE, REASON, INGESTED_AT]
@@ -122,6 +124,7 @@ SEQUENCES_KEY: List[str] = [USER_ID, AS_OF_TS, LABEL_ITEM_ID]
 CONTEXT_ROWS_KEY: List[str] = [*SEQUENCES_KEY, CONTEXT_SOURCE]
 
 # Quarantine reasons (the `reason` column takes exactly these values).
+R_WRONG_FIELD_COUNT = "wrong_number_of_fields"  # a CSV record with too few / too many fields
 R_NULL_ID = "null_or_unparseable_id"
 R_ID_OUT_OF_RANGE = "id_out_of_range"
 R_UNKNOWN_EVENT_TYPE = "unknown_event_type"
@@ -134,10 +137,14 @@ R_MALFORMED_CATEGORIES = "malformed_category_arrays"
 R_BAD_DEMOGRAPHICS = "bad_demographics"
 R_DUPLICATE_KEY = "duplicate_key"
 QUARANTINE_REASONS: Tuple[str, ...] = (
+    R_WRONG_FIELD_COUNT,
     R_NULL_ID, R_ID_OUT_OF_RANGE, R_UNKNOWN_EVENT_TYPE, R_BAD_TIMESTAMP, R_FUTURE_TIMESTAMP,
     R_ANCIENT_TIMESTAMP, R_UNKNOWN_ITEM, R_DUPLICATE_EVENT, R_MALFORMED_CATEGORIES,
     R_BAD_DEMOGRAPHICS, R_DUPLICATE_KEY,
 )
+# Key of a raw row's JSON (raw tables' row_json) holding the source record verbatim when the
+# record itself was malformed (wrong number of fields): validation quarantines such rows first.
+SOURCE_RECORD = "source_record"
 
 # --------------------------------------------------------------------------------------
 # Feast names (feature_repo/ and serving/ both use these)
@@ -200,6 +207,7 @@ def spark_schema(table: str):  # -> pyspark.sql.types.StructType
         T_RAW_EVENTS: [
             (USER_ID, long_, True), (ITEM_ID, long_, True), (EVENT_TYPE, str_, True),
             (EVENT_TS, ts, True), (SURFACE, str_, True), (SUBJECT_ITEM_ID, long_, True),
+            (SESSION_ID, str_, True),
         ],
         T_RAW_ITEMS: [
             (ITEM_ID, long_, True), (CATEGORY_IDS, arr_int, True),
@@ -232,7 +240,8 @@ def spark_schema(table: str):  # -> pyspark.sql.types.StructType
             (MODEL_VERSION, str_, False), (STATE_TS, ts, False), (SEQUENCE_HASH, str_, False),
         ],
     }
-    fields[T_EVENTS] = [(n, t, n == SUBJECT_ITEM_ID or n == SURFACE) for n, t, _ in fields[T_RAW_EVENTS]]
+    optional = (SUBJECT_ITEM_ID, SURFACE, SESSION_ID)
+    fields[T_EVENTS] = [(n, t, n in optional) for n, t, _ in fields[T_RAW_EVENTS]]
     fields[T_ITEMS] = [(n, t, False) for n, t, _ in fields[T_RAW_ITEMS]]
     fields[T_USERS] = [(n, t, False) for n, t, _ in fields[T_RAW_USERS]]
     if table not in fields:

@@ -13,21 +13,44 @@ validation then quarantines the row with that original text. Missing optional co
 the contract's "unknown" values (age bucket 0, country "unknown", gender "unknown", advertiser 0,
 surface null, subject null) -- absent is not malformed.
 
-Timestamp formats: ``epoch_s`` / ``epoch_ms`` (integer or decimal numbers), ``iso`` (anything
-Spark casts to a timestamp), or a Spark datetime pattern such as ``yyyy-MM-dd HH:mm:ss``.
-Values without a zone are UTC (the session time zone pinned by ``pipelines.spark``). Native
-timestamp columns (Parquet) are used as they are.
+CSV is read as RFC 4180: fields in double quotes may hold the separator, newlines and ``""``
+(an escaped quote). A record with too few or too many fields is not repaired (its values would
+land in the wrong columns): it is kept verbatim under ``contracts.SOURCE_RECORD`` in the row's
+JSON and validation quarantines it as ``wrong_number_of_fields``. Quoted newlines mean a record
+boundary is only known by reading a file from its start, so each CSV file is read by one task
+(Spark's multiLine mode): give a folder of files to read a large log in parallel. A line-split
+read would be faster but silently truncates a quoted newline in the last column, so there is no
+such mode.
 
-Categories: either one delimited column (``"Action|Comedy"``, or with confidence weights
-``"3:0.9|7:0.4"``; a token without a weight gets 1.0) or 0/1 flag columns (MovieLens 100k genre
-flags -> the set flags, each with weight 1.0). Category ids: integer tokens are used as they are;
-otherwise names get ids from a vocabulary (given, or the sorted distinct names of the file,
-returned so callers can store it). Advertiser 0 means "unknown advertiser".
+Timestamp formats: ``epoch_s`` / ``epoch_ms`` (integer or decimal numbers), ``iso`` (anything
+Spark casts to a timestamp), or a Spark datetime pattern such as ``yyyy-MM-dd HH:mm:ss``; text
+in single quotes is a literal, so REES46's ``2019-10-01 00:00:04 UTC`` is
+``yyyy-MM-dd HH:mm:ss 'UTC'`` (``yyyy-MM-dd HH:mm:ss z`` also reads the zone name). Values
+without a zone are UTC (the session time zone pinned by ``pipelines.spark``). Native timestamp
+columns (Parquet) are used as they are.
+
+Sessions: an optional column mapped to ``session_id`` (any string). Build-time subject
+derivation (``pipelines.subjects``) looks for the viewed item inside the conversion's session.
+
+Categories: either one delimited column of an items file (``"Action|Comedy"``, or with
+confidence weights ``"3:0.9|7:0.4"``; a token without a weight gets 1.0), 0/1 flag columns
+(MovieLens 100k genre flags -> the set flags, each with weight 1.0), or -- for logs without an
+items file -- a category column of the event log itself (``items_from_events``: each item gets
+the categories it was logged with, weighted by their share of its events).
+
+Category ids (``category_ids`` is ``array<int>``): when every category name is a canonical
+integer of at most 9 digits, the ids are the names themselves; otherwise (names such as
+"Comedy", or REES46's 19-digit ids like 2053013555631882655, beyond int32) categories are
+re-indexed densely 0..n-1 in sorted order (numeric order when all names are integers). The
+vocabulary (name -> id) is returned, printed as counts, stored under ``<lake>/_meta/`` by the
+importer and can be written to a JSON file; an appended increment extends the stored vocabulary
+(new names get new ids), so ids never change meaning between increments. Advertiser 0 means
+"unknown advertiser".
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -35,7 +58,8 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from pipelines import contracts as C
-from pipelines.delta_io import RAW_ROW_JSON, WriteResult, write_raw
+from pipelines.delta_io import (RAW_ROW_JSON, WriteResult, raw_schema, read_table, table_exists,
+                                table_version, write_raw)
 
 TS_EPOCH_SECONDS = "epoch_s"
 TS_EPOCH_MILLIS = "epoch_ms"
@@ -53,6 +77,17 @@ DEFAULT_GENDER_MAP: Mapping[str, str] = {
 AGE_BUCKET_UPPER_BOUNDS: Tuple[int, ...] = (18, 25, 35, 45, 55, 65)
 TRUE_FLAGS = ("1", "true", "t", "yes", "y")
 FALSE_FLAGS = ("0", "false", "f", "no", "n")
+
+# Spark's corrupt-record column of a CSV read (internal, never written as a column).
+CSV_RECORD_COL = "__ctt_source_record"
+
+# The category vocabulary of an imported lake (a Delta table: works on any lake URI).
+META_DIR = "_meta"
+VOCABULARY_TABLE = "category_vocabulary"
+CATEGORY_NAME = "category_name"
+CATEGORY_ID = "category_id"
+_INT32_NAME = re.compile(r"0|[1-9][0-9]{0,8}")  # canonical, fits int32: "007" is not one
+_DIGITS = re.compile(r"[0-9]+")
 
 
 # --------------------------------------------------------------------------------------
@@ -72,6 +107,7 @@ class EventMapping:
     subject_col: Optional[str] = None
     surface_col: Optional[str] = None
     surface: Optional[str] = None  # constant surface when the log has no column
+    session_col: Optional[str] = None  # session key column (any string)
 
     def __post_init__(self) -> None:
         if (self.event_type_col is None) == (self.event_type is None):
@@ -122,13 +158,31 @@ class UserMapping:
 # --------------------------------------------------------------------------------------
 def read_source(spark: SparkSession, path: str, fmt: str, sep: str = ",",
                 header: bool = True) -> DataFrame:
-    """CSV with every column as a string (nothing guessed, nothing lost), or Parquet as typed."""
-    if fmt == "csv":
-        return (spark.read.option("header", str(header).lower()).option("sep", sep)
-                .option("inferSchema", "false").option("mode", "PERMISSIVE").csv(path))
+    """CSV with every column as a string (nothing guessed, nothing lost), or Parquet as typed.
+
+    CSV follows RFC 4180 (see the module docstring); the result has one more column,
+    CSV_RECORD_COL, holding the record's text when it had the wrong number of fields.
+    """
     if fmt == "parquet":
         return spark.read.parquet(path)
-    raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    if fmt != "csv":
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    reader = (spark.read.option("header", str(header).lower()).option("sep", sep)
+              .option("quote", '"').option("escape", '"')
+              .option("multiLine", "true").option("inferSchema", "false"))
+    columns = reader.csv(path).columns  # the header (or _c0.. without one)
+    if CSV_RECORD_COL in columns:
+        raise ValueError(f"{path}: a source column is named {CSV_RECORD_COL!r}, which the "
+                         f"importer reserves")
+    schema = T.StructType([T.StructField(c, T.StringType(), True) for c in columns]
+                          + [T.StructField(CSV_RECORD_COL, T.StringType(), True)])
+    return (reader.schema(schema).option("mode", "PERMISSIVE")
+            .option("columnNameOfCorruptRecord", CSV_RECORD_COL).csv(path))
+
+
+def _source_record(df: DataFrame) -> Optional[Column]:
+    """The malformed record's text (null for good records), or None for sources without one."""
+    return F.col(CSV_RECORD_COL) if CSV_RECORD_COL in df.columns else None
 
 
 def _require(df: DataFrame, columns: Sequence[Optional[str]], what: str) -> None:
@@ -168,14 +222,26 @@ def _failed(original: Column, parsed: Column) -> Column:
     return original.isNotNull() & parsed.isNull()
 
 
-def _with_row_json(df: DataFrame, originals: Dict[str, Column], failures: List[Column]) -> DataFrame:
-    """RAW_ROW_JSON = original strings (contract names) when any value failed to parse."""
+def _with_row_json(df: DataFrame, originals: Dict[str, Column], failures: List[Column],
+                   record: Optional[Column] = None) -> DataFrame:
+    """RAW_ROW_JSON = original strings (contract names) when any value failed to parse; plus the
+    whole source record under SOURCE_RECORD when the record had the wrong number of fields."""
     any_failed = F.lit(False)
     for failed in failures:
         any_failed = any_failed | F.coalesce(failed, F.lit(False))
-    original = F.to_json(F.struct(*[c.alias(n) for n, c in originals.items()]),
-                         {"ignoreNullFields": "false"})
-    return df.withColumn(RAW_ROW_JSON, F.when(any_failed, original))
+    fields = [c.alias(n) for n, c in originals.items()]
+    original = F.to_json(F.struct(*fields), {"ignoreNullFields": "false"})
+    row_json = F.when(any_failed, original)
+    if record is not None:
+        whole = F.to_json(F.struct(*fields, record.alias(C.SOURCE_RECORD)),
+                          {"ignoreNullFields": "false"})
+        row_json = F.when(record.isNotNull(), whole).otherwise(row_json)
+    return df.withColumn(RAW_ROW_JSON, row_json)
+
+
+def _record_alias(src: DataFrame) -> List[Column]:
+    """The source-record column carried through a select (empty for Parquet)."""
+    return [F.col(CSV_RECORD_COL)] if CSV_RECORD_COL in src.columns else []
 
 
 # --------------------------------------------------------------------------------------
@@ -194,7 +260,7 @@ def _event_type(df: DataFrame, mapping: EventMapping) -> Column:
 def events_from_source(src: DataFrame, mapping: EventMapping) -> DataFrame:
     """Source rows -> raw_events rows (+ RAW_ROW_JSON). Pure DataFrame transform."""
     _require(src, [mapping.user_col, mapping.item_col, mapping.ts_col, mapping.event_type_col,
-                   mapping.subject_col, mapping.surface_col], "events")
+                   mapping.subject_col, mapping.surface_col, mapping.session_col], "events")
     orig = {
         C.USER_ID: _text(src, mapping.user_col),
         C.ITEM_ID: _text(src, mapping.item_col),
@@ -205,6 +271,8 @@ def events_from_source(src: DataFrame, mapping: EventMapping) -> DataFrame:
                     else F.lit(mapping.surface).cast(T.StringType())),
         C.SUBJECT_ITEM_ID: (_text(src, mapping.subject_col) if mapping.subject_col
                             else F.lit(None).cast(T.StringType())),
+        C.SESSION_ID: (_text(src, mapping.session_col) if mapping.session_col
+                       else F.lit(None).cast(T.StringType())),
     }
     typed = {
         C.USER_ID: parse_long(orig[C.USER_ID]),
@@ -213,13 +281,15 @@ def events_from_source(src: DataFrame, mapping: EventMapping) -> DataFrame:
         C.EVENT_TS: parse_timestamp(src, mapping.ts_col, mapping.ts_format),
         C.SURFACE: orig[C.SURFACE],
         C.SUBJECT_ITEM_ID: parse_long(orig[C.SUBJECT_ITEM_ID]),
+        C.SESSION_ID: orig[C.SESSION_ID],
     }
     out = src.select(*[typed[c].alias(c) for c in C.RAW_EVENTS_COLUMNS],
-                     *[orig[c].alias(f"__orig_{c}") for c in C.RAW_EVENTS_COLUMNS])
+                     *[orig[c].alias(f"__orig_{c}") for c in C.RAW_EVENTS_COLUMNS],
+                     *_record_alias(src))
     originals = {c: F.col(f"__orig_{c}") for c in C.RAW_EVENTS_COLUMNS}
     failures = [_failed(originals[c], F.col(c)) for c in (C.USER_ID, C.ITEM_ID, C.EVENT_TS,
                                                            C.SUBJECT_ITEM_ID)]
-    out = _with_row_json(out, originals, failures)
+    out = _with_row_json(out, originals, failures, _source_record(out))
     return out.select(*C.RAW_EVENTS_COLUMNS, RAW_ROW_JSON)
 
 
@@ -238,23 +308,58 @@ def _tokens(text: Column, sep: str) -> Column:
     return F.filter(F.transform(parts, lambda t: F.trim(t)), lambda t: t != "")
 
 
+def _good_records(src: DataFrame) -> DataFrame:
+    """Rows whose source record had the right number of fields (malformed ones name nothing)."""
+    return src.where(F.col(CSV_RECORD_COL).isNull()) if CSV_RECORD_COL in src.columns else src
+
+
 def category_names(src: DataFrame, mapping: ItemMapping) -> List[str]:
     """Distinct category names of the file, sorted (the default vocabulary)."""
     toks = _tokens(_text(src, mapping.categories_col), mapping.category_sep)
     names = F.transform(toks, lambda t: F.trim(F.split(t, re.escape(mapping.weight_sep))[0]))
-    rows = src.select(F.explode(names).alias("n")).distinct().collect()
+    rows = _good_records(src).select(F.explode(names).alias("n")).distinct().collect()
     return sorted(r["n"] for r in rows)
 
 
-def _all_integer(names: Sequence[str]) -> bool:
-    return bool(names) and all(re.fullmatch(r"\d{1,9}", n) for n in names)
+def _all_int32(names: Sequence[str]) -> bool:
+    return all(_INT32_NAME.fullmatch(n) for n in names)
 
 
-def build_vocabulary(names: Sequence[str]) -> Dict[str, int]:
-    """name -> id: integer names map to themselves, other names to their sorted position."""
-    if _all_integer(names):
-        return {n: int(n) for n in names}
-    return {n: i for i, n in enumerate(sorted(set(names)))}
+def _name_order(names: Sequence[str]) -> List[str]:
+    """Distinct names sorted numerically when all are digit strings ("007" before "10"), else
+    as text."""
+    distinct = set(names)
+    if all(_DIGITS.fullmatch(n) for n in distinct):
+        return sorted(distinct, key=lambda n: (int(n), n))
+    return sorted(distinct)
+
+
+def is_identity(vocab: Mapping[str, int]) -> bool:
+    """True when every name is a canonical int32 integer mapped to itself."""
+    return all(_INT32_NAME.fullmatch(n) and int(n) == i for n, i in vocab.items())
+
+
+def build_vocabulary(names: Sequence[str],
+                     base: Optional[Mapping[str, int]] = None) -> Dict[str, int]:
+    """name -> category id (see the module docstring), extending `base` when given.
+
+    Without `base`: canonical int32 integer names map to themselves, any other set of names is
+    re-indexed densely 0..n-1 in sorted order. With `base` (a stored vocabulary): its ids are kept;
+    new names map to themselves if base and new names are all identity-able, else get ids after
+    the largest one, in sorted order.
+    """
+    if not base:
+        if names and _all_int32(names):
+            return {n: int(n) for n in names}
+        return {n: i for i, n in enumerate(_name_order(names))}
+    out = dict(base)
+    new = [n for n in _name_order(names) if n not in out]
+    if is_identity(out) and _all_int32(new):
+        out.update({n: int(n) for n in new})
+        return out
+    start = max(out.values()) + 1
+    out.update({n: start + k for k, n in enumerate(new)})
+    return out
 
 
 def _delimited_categories(src: DataFrame, mapping: ItemMapping,
@@ -287,14 +392,19 @@ def _flag_categories(src: DataFrame, mapping: ItemMapping,
 
 
 def items_from_source(src: DataFrame, mapping: ItemMapping,
-                      vocab: Optional[Mapping[str, int]] = None
+                      vocab: Optional[Mapping[str, int]] = None,
+                      base_vocab: Optional[Mapping[str, int]] = None
                       ) -> Tuple[DataFrame, Dict[str, int]]:
-    """Source rows -> raw_items rows (+ RAW_ROW_JSON), and the category vocabulary used."""
+    """Source rows -> raw_items rows (+ RAW_ROW_JSON), and the category vocabulary used.
+
+    `vocab` is used as it is; else the file's names extend `base_vocab` (a stored vocabulary).
+    """
     _require(src, [mapping.item_col, mapping.categories_col, mapping.advertiser_col,
                    *mapping.category_flag_cols], "items")
     if vocab is None and mapping.category_flag_cols:  # flag columns: ids in column order
         vocab = {c: i for i, c in enumerate(mapping.category_flag_cols)}
-    vocab = dict(vocab) if vocab is not None else build_vocabulary(category_names(src, mapping))
+    vocab = (dict(vocab) if vocab is not None
+             else build_vocabulary(category_names(src, mapping), base_vocab))
     orig = {C.ITEM_ID: _text(src, mapping.item_col),
             C.ADVERTISER_ID: (_text(src, mapping.advertiser_col) if mapping.advertiser_col
                               else F.lit(str(UNKNOWN_ADVERTISER)))}
@@ -312,18 +422,112 @@ def items_from_source(src: DataFrame, mapping: ItemMapping,
         weights.alias(C.CATEGORY_WEIGHTS), parse_long(orig[C.ADVERTISER_ID]).alias(C.ADVERTISER_ID),
         orig[C.ITEM_ID].alias("__o_item"), cats_text.alias("__o_cats"),
         orig[C.ADVERTISER_ID].alias("__o_adv"), cats_failed.alias("__cats_failed"),
+        *_record_alias(src),
     )
     originals = {C.ITEM_ID: F.col("__o_item"), C.CATEGORY_IDS: F.col("__o_cats"),
                  C.CATEGORY_WEIGHTS: F.col("__o_cats"), C.ADVERTISER_ID: F.col("__o_adv")}
     failures = [_failed(F.col("__o_item"), F.col(C.ITEM_ID)),
                 _failed(F.col("__o_adv"), F.col(C.ADVERTISER_ID)), F.col("__cats_failed")]
-    out = _with_row_json(out, originals, failures)
+    out = _with_row_json(out, originals, failures, _source_record(out))
     return out.select(*C.ITEMS_COLUMNS, RAW_ROW_JSON), vocab
 
 
 def ingest_items(spark: SparkSession, path: str, fmt: str, mapping: ItemMapping, sep: str = ",",
-                 vocab: Optional[Mapping[str, int]] = None) -> Tuple[DataFrame, Dict[str, int]]:
-    return items_from_source(read_source(spark, path, fmt, sep), mapping, vocab)
+                 vocab: Optional[Mapping[str, int]] = None,
+                 base_vocab: Optional[Mapping[str, int]] = None
+                 ) -> Tuple[DataFrame, Dict[str, int]]:
+    return items_from_source(read_source(spark, path, fmt, sep), mapping, vocab, base_vocab)
+
+
+# --------------------------------------------------------------------------------------
+# Items from the event log (logs without an items file)
+# --------------------------------------------------------------------------------------
+def event_category_names(src: DataFrame, category_col: str, category_sep: str) -> List[str]:
+    """Distinct category names of the event log's category column."""
+    _require(src, [category_col], "events (categories)")
+    toks = _tokens(_text(src, category_col), category_sep)
+    rows = _good_records(src).select(F.explode(toks).alias("n")).distinct().collect()
+    return [r["n"] for r in rows]
+
+
+def items_from_events(src: DataFrame, mapping: EventMapping, category_col: str,
+                      vocab: Mapping[str, int], category_sep: str = "|") -> DataFrame:
+    """Event log rows -> one raw_items row per item id: the categories it was logged with.
+
+    Why weights by share: a product logged under two categories (a re-categorisation mid-log)
+    keeps both, the more frequent one first (weight = its share of the item's events, in (0, 1]).
+    Rows whose item id does not parse, and malformed records, make no item (their events are
+    quarantined anyway). An item logged only without a category gets empty arrays, which
+    validation quarantines (malformed_category_arrays) -- and then its events (unknown_item).
+    A name missing from `vocab` gives a null category id: the item is quarantined, not guessed.
+    """
+    _require(src, [mapping.item_col, category_col], "events (items)")
+    spark = src.sparkSession
+    good = _good_records(src)
+    rows = good.select(
+        parse_long(_text(good, mapping.item_col)).alias(C.ITEM_ID),
+        F.explode_outer(_tokens(_text(good, category_col), category_sep)).alias(CATEGORY_NAME),
+    ).where(F.col(C.ITEM_ID).isNotNull())
+    counts = rows.groupBy(C.ITEM_ID, CATEGORY_NAME).agg(F.count(F.lit(1)).alias("__n"))
+    vocab_df = spark.createDataFrame(list(vocab.items()),
+                                     f"{CATEGORY_NAME} string, {CATEGORY_ID} int")
+    named = counts.join(F.broadcast(vocab_df), CATEGORY_NAME, "left")
+    per_item = named.groupBy(C.ITEM_ID).agg(
+        F.array_sort(F.collect_list(F.when(F.col(CATEGORY_NAME).isNotNull(), F.struct(
+            F.col(CATEGORY_ID).alias("c"), F.col("__n").alias("n"))))).alias("__cats"),
+        F.sum(F.when(F.col(CATEGORY_NAME).isNotNull(), F.col("__n"))).alias("__total"))
+    return per_item.select(
+        C.ITEM_ID,
+        F.transform("__cats", lambda p: p["c"]).alias(C.CATEGORY_IDS),
+        F.transform("__cats", lambda p: (p["n"] / F.col("__total")).cast(T.FloatType()))
+        .alias(C.CATEGORY_WEIGHTS),
+        F.lit(UNKNOWN_ADVERTISER).cast(T.LongType()).alias(C.ADVERTISER_ID),
+        F.lit(None).cast(T.StringType()).alias(RAW_ROW_JSON),
+    )
+
+
+def new_items_only(spark: SparkSession, lake: str, items: DataFrame) -> DataFrame:
+    """Items whose id is not in raw_items yet (appending a log increment: a known item keeps the
+    categories it was first imported with, instead of a second row quarantined as duplicate_key)."""
+    path = C.LakePaths(lake).table(C.T_RAW_ITEMS)
+    if not table_exists(spark, path):
+        return items
+    known = read_table(spark, path, table_version(spark, path)).select(C.ITEM_ID)
+    return items.join(known, C.ITEM_ID, "left_anti")
+
+
+# --------------------------------------------------------------------------------------
+# The stored vocabulary
+# --------------------------------------------------------------------------------------
+def vocabulary_path(lake: str) -> str:
+    return f"{lake.rstrip('/')}/{META_DIR}/{VOCABULARY_TABLE}"
+
+
+def load_vocabulary(spark: SparkSession, lake: str) -> Optional[Dict[str, int]]:
+    """The vocabulary stored by the last import into `lake`, or None."""
+    path = vocabulary_path(lake)
+    if not table_exists(spark, path):
+        return None
+    return {r[CATEGORY_NAME]: int(r[CATEGORY_ID]) for r in read_table(spark, path).collect()}
+
+
+def store_vocabulary(spark: SparkSession, lake: str, vocab: Mapping[str, int]) -> bool:
+    """Replace the stored vocabulary if it differs (True when written)."""
+    if load_vocabulary(spark, lake) == dict(vocab):
+        return False
+    df = spark.createDataFrame(sorted(vocab.items(), key=lambda kv: kv[1]),
+                               f"{CATEGORY_NAME} string, {CATEGORY_ID} int")
+    df.coalesce(1).write.format("delta").mode("overwrite").save(vocabulary_path(lake))
+    return True
+
+
+def vocabulary_summary(vocab: Mapping[str, int], base: Optional[Mapping[str, int]]) -> str:
+    """One line of counts (the vocabulary itself can be thousands of names)."""
+    new = len([n for n in vocab if not base or n not in base])
+    kind = ("ids = the source's integer names" if is_identity(vocab)
+            else "ids re-indexed densely (source names are not all int32 integers)")
+    span = f"ids {min(vocab.values())}..{max(vocab.values())}" if vocab else "no ids"
+    return f"category vocabulary: {len(vocab)} categories ({new} new), {span}; {kind}"
 
 
 # --------------------------------------------------------------------------------------
@@ -360,11 +564,12 @@ def users_from_source(src: DataFrame, mapping: UserMapping) -> DataFrame:
         F.coalesce(orig[C.COUNTRY], F.lit(C.UNKNOWN_COUNTRY)).alias(C.COUNTRY),
         gender.alias(C.GENDER),
         *[orig[c].alias(f"__orig_{c}") for c in C.USERS_COLUMNS],
+        *_record_alias(src),
     )
     originals = {c: F.col(f"__orig_{c}") for c in C.USERS_COLUMNS}
     failures = [_failed(originals[C.USER_ID], F.col(C.USER_ID)),
                 _failed(originals[C.AGE_BUCKET], F.col(C.AGE_BUCKET))]
-    out = _with_row_json(out, originals, failures)
+    out = _with_row_json(out, originals, failures, _source_record(out))
     return out.select(*C.USERS_COLUMNS, RAW_ROW_JSON)
 
 
@@ -376,12 +581,49 @@ def ingest_users(spark: SparkSession, path: str, fmt: str, mapping: UserMapping,
 # --------------------------------------------------------------------------------------
 # Writing
 # --------------------------------------------------------------------------------------
+def add_missing_columns(spark: SparkSession, path: str, schema: T.StructType) -> List[str]:
+    """Add the schema's nullable columns an existing Delta table lacks (a lake written before the
+    column existed, e.g. session_id); returns the added names. One commit only when needed."""
+    if not table_exists(spark, path):
+        return []
+    current = read_table(spark, path).schema.fieldNames()
+    added = []
+    for pos, f in enumerate(schema.fields):
+        if f.name in current:
+            continue
+        if not f.nullable:
+            raise ValueError(f"{path} lacks the NOT NULL column {f.name!r}; rebuild the table")
+        where = f"AFTER `{schema.fields[pos - 1].name}`" if pos > 0 else "FIRST"
+        spark.sql(f"ALTER TABLE delta.`{path}` ADD COLUMNS "
+                  f"(`{f.name}` {f.dataType.simpleString()} {where})")
+        current.append(f.name)
+        added.append(f.name)
+    return added
+
+
+def rows_written(spark: SparkSession, path: str, version: int) -> int:
+    """Rows the commit `version` of the table at `path` wrote (Delta's numOutputRows)."""
+    from delta.tables import DeltaTable
+
+    row = (DeltaTable.forPath(spark, path).history().where(F.col("version") == version)
+           .select("operationMetrics").first())
+    if row is None:
+        raise RuntimeError(f"{path}: commit {version} not found in the table history")
+    return int((row["operationMetrics"] or {}).get("numOutputRows", 0) or 0)
+
+
 def write_ingested(spark: SparkSession, lake: str, events: Optional[DataFrame] = None,
                    items: Optional[DataFrame] = None, users: Optional[DataFrame] = None,
                    mode: str = "overwrite") -> List[WriteResult]:
-    """Write whichever raw tables are given (overwrite, or append for a new log increment)."""
+    """Write whichever raw tables are given (overwrite, or append for a new log increment).
+
+    Each result's `inserted` is the number of rows its commit wrote (read back from the Delta
+    log, so an append reports what it added, not +0).
+    """
     results = []
     for table, df in ((C.T_RAW_ITEMS, items), (C.T_RAW_USERS, users), (C.T_RAW_EVENTS, events)):
         if df is not None:
-            results.append(write_raw(spark, df, lake, table, mode))
+            add_missing_columns(spark, C.LakePaths(lake).table(table), raw_schema(table))
+            res = write_raw(spark, df, lake, table, mode)
+            results.append(replace(res, inserted=rows_written(spark, res.path, res.version)))
     return results

@@ -4,7 +4,8 @@ Definitions (DataFrame -> DataFrame, Spark SQL only: window functions and higher
 functions, no Python UDFs, so the build scales with the cluster):
 
 * Only conversions make a history. Several conversions of the same item by the same user at the
-  same instant count once (their `subject_item_id` is the smallest non-null one) -- they are one
+  same instant count once (their `subject_item_id` is the smallest non-null one, else the one
+  derived from browsing by ``pipelines.subjects`` when the build asks for it) -- they are one
   purchase logged twice on different surfaces, not two labels.
 * A user's conversions are ordered by (event_ts, item_id): ties in time are broken by item id so
   the output is deterministic.
@@ -63,11 +64,23 @@ def split_cutoffs_path(lake: str) -> str:
 def conversions(events: DataFrame) -> DataFrame:
     """Clean events -> one row per distinct (user, event_ts, item) conversion.
 
-    Columns: user_id, item_id, event_ts (timestamp), subject_item_id, TS_US, TS_S.
+    Columns: user_id, item_id, event_ts (timestamp), subject_item_id, TS_US, TS_S and
+    ``subjects.SUBJECT_ORIGIN``. When the events went through ``subjects.derive_subjects``, a
+    conversion without any logged subject gets the derived one (a logged subject always wins).
     """
+    from pipelines.subjects import DERIVED_SUBJECT, SUBJECT_ORIGIN, resolve_subject
+
+    derived = DERIVED_SUBJECT in events.columns
+    aggs = [F.min(C.SUBJECT_ITEM_ID).alias(C.SUBJECT_ITEM_ID)]
+    if derived:  # min of the struct: item and origin come from the same row
+        aggs.append(F.min(DERIVED_SUBJECT).alias(DERIVED_SUBJECT))
     conv = (events.where(F.col(C.EVENT_TYPE) == C.EVENT_CONVERSION)
-            .groupBy(C.USER_ID, C.EVENT_TS, C.ITEM_ID)
-            .agg(F.min(C.SUBJECT_ITEM_ID).alias(C.SUBJECT_ITEM_ID)))
+            .groupBy(C.USER_ID, C.EVENT_TS, C.ITEM_ID).agg(*aggs))
+    subject = resolve_subject(F.col(C.SUBJECT_ITEM_ID),
+                              F.col(DERIVED_SUBJECT) if derived else None)
+    conv = conv.select(C.USER_ID, C.EVENT_TS, C.ITEM_ID,
+                       subject[C.SUBJECT_ITEM_ID].alias(C.SUBJECT_ITEM_ID),
+                       subject[SUBJECT_ORIGIN].alias(SUBJECT_ORIGIN))
     return (conv.withColumn(TS_US, F.unix_micros(F.col(C.EVENT_TS)))
             .withColumn(TS_S, F.unix_seconds(F.col(C.EVENT_TS))))
 

@@ -7,6 +7,8 @@ clean and sends every other copy to quarantine).
 
 First failing reason wins, checked in this order (the order of ``QUARANTINE_REASONS``):
 
+all     0 wrong_number_of_fields      the source record (CSV) had too few or too many fields
+                                      (ingest keeps it verbatim under SOURCE_RECORD in row_json)
 events  1 null_or_unparseable_id      user_id / item_id null, or subject_item_id present in the
                                       source but not parseable as a long
         2 id_out_of_range             user_id / item_id / subject_item_id < 0 or > MAX_ID
@@ -29,6 +31,9 @@ users   1 null_or_unparseable_id      user_id null
                                       in GENDERS, country null or blank (unknown is "unknown", not null)
         4 duplicate_key               as for items
 
+Checks 0-6 of events and 0-3 of items / users look at the row alone (``row_local_reason``): the
+importer uses them to stop early when most of a source would be quarantined.
+
 Clean items are canonicalised: (category_ids, category_weights) sorted by weight descending,
 ties by category id ascending (the contract's "sorted descending", made deterministic).
 
@@ -39,7 +44,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Dict, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
@@ -122,6 +127,13 @@ def _row_json(df: DataFrame, columns: Sequence[str]) -> Column:
     return typed
 
 
+def _malformed_record(df: DataFrame) -> Column:
+    """True when ingest kept the source record because it had the wrong number of fields."""
+    if RAW_ROW_JSON not in df.columns:
+        return F.lit(False)
+    return F.get_json_object(F.col(RAW_ROW_JSON), f"$.{C.SOURCE_RECORD}").isNotNull()
+
+
 def _unparsed(df: DataFrame, column: str) -> Column:
     """True when ingest saw a non-empty original value for `column` but could not parse it."""
     if RAW_ROW_JSON not in df.columns:
@@ -178,17 +190,22 @@ def sort_categories(df: DataFrame) -> DataFrame:
             .drop("__pairs"))
 
 
-def item_reasons(raw_items: DataFrame) -> DataFrame:
-    """raw items + internal reason column + row_json."""
+def item_checks(raw_items: DataFrame) -> List[Tuple[Column, str]]:
+    """The row-local checks of an item row, in order."""
     item, adv = F.col(C.ITEM_ID), F.col(C.ADVERTISER_ID)
-    checks = [
+    return [
+        (_malformed_record(raw_items), C.R_WRONG_FIELD_COUNT),
         (item.isNull() | adv.isNull(), C.R_NULL_ID),
         (_out_of_range(item) | _out_of_range(adv), C.R_ID_OUT_OF_RANGE),
         (malformed_categories(F.col(C.CATEGORY_IDS), F.col(C.CATEGORY_WEIGHTS)),
          C.R_MALFORMED_CATEGORIES),
     ]
+
+
+def item_reasons(raw_items: DataFrame) -> DataFrame:
+    """raw items + internal reason column + row_json."""
     df = raw_items.withColumn(C.ROW_JSON, _row_json(raw_items, C.ITEMS_COLUMNS))
-    df = df.withColumn(_REASON, _first_failing(checks))
+    df = df.withColumn(_REASON, _first_failing(item_checks(raw_items)))
     return _mark_duplicates(df, [C.ITEM_ID], [F.col(C.ROW_JSON)], C.R_DUPLICATE_KEY)
 
 
@@ -209,16 +226,21 @@ def bad_demographics(age: Column, country: Column, gender: Column) -> Column:
     )
 
 
-def user_reasons(raw_users: DataFrame) -> DataFrame:
+def user_checks(raw_users: DataFrame) -> List[Tuple[Column, str]]:
+    """The row-local checks of a user row, in order."""
     user = F.col(C.USER_ID)
-    checks = [
+    return [
+        (_malformed_record(raw_users), C.R_WRONG_FIELD_COUNT),
         (user.isNull(), C.R_NULL_ID),
         (_out_of_range(user), C.R_ID_OUT_OF_RANGE),
         (bad_demographics(F.col(C.AGE_BUCKET), F.col(C.COUNTRY), F.col(C.GENDER)),
          C.R_BAD_DEMOGRAPHICS),
     ]
+
+
+def user_reasons(raw_users: DataFrame) -> DataFrame:
     df = raw_users.withColumn(C.ROW_JSON, _row_json(raw_users, C.USERS_COLUMNS))
-    df = df.withColumn(_REASON, _first_failing(checks))
+    df = df.withColumn(_REASON, _first_failing(user_checks(raw_users)))
     return _mark_duplicates(df, [C.USER_ID], [F.col(C.ROW_JSON)], C.R_DUPLICATE_KEY)
 
 
@@ -240,14 +262,12 @@ def _flag_known(df: DataFrame, item_ids: DataFrame, column: str, flag: str) -> D
             .withColumn(flag, F.coalesce(F.col(flag), F.lit(False))))
 
 
-def event_reasons(raw_events: DataFrame, clean_items: DataFrame, now: datetime) -> DataFrame:
-    """raw events + internal reason column + row_json (see the module docstring for the order)."""
+def event_checks(raw_events: DataFrame, now: datetime) -> List[Tuple[Column, str]]:
+    """The row-local checks of an event row, in order (everything before unknown_item)."""
     user, item, subject = F.col(C.USER_ID), F.col(C.ITEM_ID), F.col(C.SUBJECT_ITEM_ID)
     ts, etype = F.col(C.EVENT_TS), F.col(C.EVENT_TYPE)
-    df = raw_events.withColumn(C.ROW_JSON, _row_json(raw_events, C.RAW_EVENTS_COLUMNS))
-    df = _flag_known(df, clean_items, C.ITEM_ID, _ITEM_OK)
-    df = _flag_known(df, clean_items, C.SUBJECT_ITEM_ID, _SUBJECT_OK)
-    checks = [
+    return [
+        (_malformed_record(raw_events), C.R_WRONG_FIELD_COUNT),
         (user.isNull() | item.isNull() | _unparsed(raw_events, C.SUBJECT_ITEM_ID), C.R_NULL_ID),
         (_out_of_range(user) | _out_of_range(item) | (subject.isNotNull() & _out_of_range(subject)),
          C.R_ID_OUT_OF_RANGE),
@@ -255,6 +275,16 @@ def event_reasons(raw_events: DataFrame, clean_items: DataFrame, now: datetime) 
         (ts.isNull(), C.R_BAD_TIMESTAMP),
         (ts > ts_literal(now), C.R_FUTURE_TIMESTAMP),
         (ts < F.timestamp_seconds(F.lit(C.MIN_EVENT_TS_SECONDS)), C.R_ANCIENT_TIMESTAMP),
+    ]
+
+
+def event_reasons(raw_events: DataFrame, clean_items: DataFrame, now: datetime) -> DataFrame:
+    """raw events + internal reason column + row_json (see the module docstring for the order)."""
+    subject = F.col(C.SUBJECT_ITEM_ID)
+    df = raw_events.withColumn(C.ROW_JSON, _row_json(raw_events, C.RAW_EVENTS_COLUMNS))
+    df = _flag_known(df, clean_items, C.ITEM_ID, _ITEM_OK)
+    df = _flag_known(df, clean_items, C.SUBJECT_ITEM_ID, _SUBJECT_OK)
+    checks = event_checks(raw_events, now) + [
         (~F.col(_ITEM_OK) | (subject.isNotNull() & ~F.col(_SUBJECT_OK)), C.R_UNKNOWN_ITEM),
     ]
     df = df.withColumn(_REASON, _first_failing(checks)).drop(_ITEM_OK, _SUBJECT_OK)
@@ -267,3 +297,65 @@ def validate_events(raw_events: DataFrame, clean_items: DataFrame,
     """raw_events -> (clean events, quarantine rows); `now` bounds future timestamps."""
     return split_reasoned(event_reasons(raw_events, clean_items, now), C.RAW_EVENTS_COLUMNS,
                           C.T_RAW_EVENTS)
+
+
+# --------------------------------------------------------------------------------------
+# Row-local reasons (no joins, no duplicates): what the importer can know before writing
+# --------------------------------------------------------------------------------------
+def row_local_reason(raw: DataFrame, source_table: str, now: datetime) -> Column:
+    """The first failing row-local reason of a raw row (null when none), as in the build."""
+    if source_table == C.T_RAW_EVENTS:
+        return _first_failing(event_checks(raw, now))
+    if source_table == C.T_RAW_ITEMS:
+        return _first_failing(item_checks(raw))
+    if source_table == C.T_RAW_USERS:
+        return _first_failing(user_checks(raw))
+    raise ValueError(f"{source_table!r} is not a raw table")
+
+
+_COLUMNS_OF = {C.T_RAW_EVENTS: C.RAW_EVENTS_COLUMNS, C.T_RAW_ITEMS: C.ITEMS_COLUMNS,
+               C.T_RAW_USERS: C.USERS_COLUMNS}
+
+
+def row_local_reasons(raw: DataFrame, source_table: str, now: datetime) -> DataFrame:
+    """raw rows + row_json + the internal reason column, row-local checks only (for
+    ``report_from_reasons`` / ``reason_examples`` before anything is written)."""
+    df = raw.withColumn(C.ROW_JSON, _row_json(raw, _COLUMNS_OF[source_table]))
+    return df.withColumn(_REASON, row_local_reason(raw, source_table, now))
+
+
+# --------------------------------------------------------------------------------------
+# Fail fast: a source that would be mostly quarantined is a mapping error, not bad data
+# --------------------------------------------------------------------------------------
+DEFAULT_MAX_QUARANTINE_FRAC = 0.5
+
+
+class QuarantineThresholdExceeded(RuntimeError):
+    """More than the allowed share of a source would be quarantined; nothing was written."""
+
+
+def over_threshold(report: ValidationReport, max_frac: float) -> bool:
+    """True when more than `max_frac` of the source's rows are quarantined (empty sources pass)."""
+    return report.n_input > 0 and report.n_quarantined > max_frac * report.n_input
+
+
+def reason_examples(reasoned: DataFrame) -> Dict[str, str]:
+    """reason -> one quarantined row's JSON (the smallest, so the choice is deterministic)."""
+    rows = (reasoned.where(F.col(_REASON).isNotNull()).groupBy(_REASON)
+            .agg(F.min(C.ROW_JSON).alias("example")).collect())
+    return {r[_REASON]: r["example"] for r in rows}
+
+
+def threshold_message(report: ValidationReport, max_frac: float, examples: Dict[str, str],
+                      top: int = 3, max_chars: int = 300) -> str:
+    """What was quarantined, the top reasons with one example row each."""
+    share = report.n_quarantined / report.n_input
+    lines = [f"{report.source_table}: {report.n_quarantined} of {report.n_input} rows "
+             f"({share:.1%}) would be quarantined, more than the allowed {max_frac:.0%}. "
+             f"Top reasons:"]
+    for reason, n in sorted(report.counts.items(), key=lambda kv: (-kv[1], kv[0]))[:top]:
+        example = examples.get(reason, "")
+        if len(example) > max_chars:
+            example = example[:max_chars] + "..."
+        lines.append(f"  {reason}: {n} rows, e.g. {example}")
+    return "\n".join(lines)

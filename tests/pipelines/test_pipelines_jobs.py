@@ -171,8 +171,8 @@ def test_appended_events_change_only_affected_users(spark, lake):
     affected = [3, 7]
     late = datetime(2024, 12, 1, tzinfo=timezone.utc)  # after every generated event
     new = spark.createDataFrame(
-        [(u, 11, C.EVENT_CONVERSION, late, "search", 12) for u in affected]
-        + [(3, 13, C.EVENT_VIEW, late, "search", 12)], C.spark_schema(C.T_RAW_EVENTS))
+        [(u, 11, C.EVENT_CONVERSION, late, "search", 12, None) for u in affected]
+        + [(3, 13, C.EVENT_VIEW, late, "search", 12, None)], C.spark_schema(C.T_RAW_EVENTS))
     write_raw(spark, new, lake, C.T_RAW_EVENTS, mode="append")
     res = run_build_sequences(spark, lake, BUILD, now=NOW)
     ops = {w.table: w for w in res.writes}

@@ -21,7 +21,7 @@ def at(sec: float) -> datetime:
 
 def events(spark, rows):
     """rows: (user, item, type, second offset, subject)."""
-    data = [(u, i, t, at(s), None, subj) for u, i, t, s, subj in rows]
+    data = [(u, i, t, at(s), None, subj, None) for u, i, t, s, subj in rows]
     return spark.createDataFrame(data, C.spark_schema(C.T_EVENTS))
 
 

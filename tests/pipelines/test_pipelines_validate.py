@@ -25,7 +25,9 @@ def items_df(spark, rows):
 
 
 def events_df(spark, rows):
-    return spark.createDataFrame(rows, raw_schema(C.T_RAW_EVENTS))
+    """rows: the contract columns without session_id, then row_json (session_id left null)."""
+    return spark.createDataFrame([(*r[:-1], None, r[-1]) for r in rows],
+                                 raw_schema(C.T_RAW_EVENTS))
 
 
 def users_df(spark, rows):

@@ -59,9 +59,9 @@ def events(user_ids: Sequence[int], start: datetime, end: datetime, per_user: Tu
         ts = np.sort(rng.choice(np.arange(lo, hi, dtype=np.int64), size=n, replace=False))
         for item, t in zip(rng.choice(items, size=n), ts):
             when = datetime.fromtimestamp(int(t), tz=timezone.utc)
-            rows.append((int(user), int(item), C.EVENT_CONVERSION, when, "home", int(item)))
+            rows.append((int(user), int(item), C.EVENT_CONVERSION, when, "home", int(item), None))
             rows.append((int(user), int(item), C.EVENT_VIEW, when - timedelta(seconds=30), "home",
-                         None))
+                         None, None))
     out = pd.DataFrame(rows, columns=C.RAW_EVENTS_COLUMNS)
     return out.astype({C.SUBJECT_ITEM_ID: "Int64"})  # nullable: views have no subject item
 
