@@ -13,7 +13,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export PYTHONPATH := $(CURDIR)
 DEMO_DIR ?= demo_run
 
-.PHONY: setup services test test-slow demo clean bench-sequences bench-training bench-serving bench-movielens \
+.PHONY: setup services test test-slow demo clean bench-sequences bench-training bench-serving bench-movielens bench-quality \
 	bench-calibration
 
 setup:
@@ -40,6 +40,9 @@ bench-training: setup
 
 bench-serving: setup
 	$(PY) benchmarks/serving.py
+
+bench-quality: setup
+	$(PY) benchmarks/quality.py
 
 bench-movielens: setup
 	$(PY) benchmarks/movielens.py
