@@ -50,16 +50,17 @@ def demo_env(out: Path) -> Dict[str, str]:
     return env
 
 
-def steps(out: Path, users: int, items: int, master: str) -> List[Step]:
+def steps(out: Path, users: int, items: Optional[int], master: str) -> List[Step]:
     """The pipeline, in order. Paths are absolute so each command also works from anywhere."""
     lake, runs, py = out / "lake", out / "runs", sys.executable
     bundle = runs / "contextual" / "bundle"
     return [
-        Step("generate synthetic raw_events/items/users (Delta)",
+        Step("generate a realistic synthetic log: raw_events/items/users (Delta)",
              [py, "jobs/generate_data.py", "--lake", str(lake), "--users", str(users),
-              "--items", str(items), "--master", master]),
+              *([] if items is None else ["--items", str(items)]), "--master", master]),
         Step("validate + build sequences and context rows (spark-submit)",
-             [_bin("spark-submit"), "--master", master, "jobs/build_sequences.py", "--lake", str(lake)]),
+             [_bin("spark-submit"), "--master", master, "jobs/build_sequences.py", "--lake", str(lake),
+              "--min-history", "0"]),
         Step("train the contextual two-tower (Lightning, MLflow)",
              [py, "jobs/train.py", "--config", "configs/contextual.yaml", "--data.lake_root", str(lake),
               "--out_dir", str(runs / "contextual")]),
@@ -179,8 +180,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_run", help="folder for every output (default demo_run/)")
-    p.add_argument("--users", type=int, default=100_000)
-    p.add_argument("--items", type=int, default=10_000)
+    p.add_argument("--users", type=int, default=30_000)
+    p.add_argument("--items", type=int, default=None,
+                   help="catalogue size (default: the realistic world's, 45,000 items in 3,000 leaf categories)")
     p.add_argument("--master", default="local[*]", help="Spark master of the Spark steps")
     p.add_argument("--k", type=int, default=10, help="items shown per answer")
     p.add_argument("--fresh", action="store_true", help="delete --out first")

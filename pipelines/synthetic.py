@@ -579,6 +579,9 @@ class _EventBuffer:
             C.SURFACE: pd.Series(self.surface, dtype=object),
             C.SUBJECT_ITEM_ID: (pd.array(self.subject, dtype="Int64") if None in self.subject
                                 else np.asarray(self.subject, dtype=np.int64)),
+            # Every session lives in its own hour slot, so (user, hour) is the session key.
+            C.SESSION_ID: pd.Series([f"{u}-{t // SESSION_SLOT_SECONDS}" for u, t in zip(self.user, self.ts)],
+                                    dtype=object),
         })
 
 
