@@ -104,10 +104,23 @@ def train_and_evaluate(lake: Path, runs: Path, seed: int, with_sequence_only: bo
             "best_checkpoints": epochs}
 
 
+def reuse(root: Path) -> Optional[Dict[str, Any]]:
+    """A world's finished result from an earlier run with the same --work (resuming a long run)."""
+    done = root / "result.json"
+    return json.loads(done.read_text()) if done.exists() else None
+
+
+def keep(root: Path, result: Dict[str, Any]) -> Dict[str, Any]:
+    (root / "result.json").write_text(json.dumps(result))
+    return result
+
+
 def synthetic_world(work: Path, alignment: float, seed: int, users: int, env: Dict[str, str],
                     max_time: str, with_sequence_only: bool) -> Dict[str, Any]:
     name = f"realistic_a{alignment:g}_s{seed}"
     root = work / name
+    if (done := reuse(root)) is not None:
+        return done
     lake, log = root / "lake", root / "jobs.log"
     root.mkdir(parents=True, exist_ok=True)
     seconds = {
@@ -119,12 +132,14 @@ def synthetic_world(work: Path, alignment: float, seed: int, users: int, env: Di
     out = train_and_evaluate(lake, root / "runs", seed, with_sequence_only, env, log, max_time)
     out["seconds"] = {**seconds, **out["seconds"]}
     print(f"{name}: {summary_line(out)}", flush=True)
-    return {"world": name, "alignment": alignment, "seed": seed, "users": users, **out}
+    return keep(root, {"world": name, "alignment": alignment, "seed": seed, "users": users, **out})
 
 
 def rees46(work: Path, env: Dict[str, str], max_time: str, derive: str) -> Dict[str, Any]:
     """The REES46 head through the importer (session column, derived subject) and the jobs."""
     root = work / "rees46"
+    if (done := reuse(root)) is not None:
+        return done
     lake, log = root / "lake", root / "jobs.log"
     root.mkdir(parents=True, exist_ok=True)
     seconds = {
@@ -135,7 +150,7 @@ def rees46(work: Path, env: Dict[str, str], max_time: str, derive: str) -> Dict[
     out = train_and_evaluate(lake, root / "runs", 0, True, env, log, max_time)
     out["seconds"] = {**seconds, **out["seconds"]}
     print(f"rees46: {summary_line(out)}", flush=True)
-    return {"world": "rees46-2019oct-head", "derive_subject": derive, **out}
+    return keep(root, {"world": "rees46-2019oct-head", "derive_subject": derive, **out})
 
 
 def rees46_ingest_args(lake: Path) -> List[str]:
@@ -318,7 +333,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         "read, the first seed at the others)")
     p.add_argument("--skip-rees46", action="store_true")
     p.add_argument("--derive-subject", default="last_other_view")
-    p.add_argument("--work", default=None, help="scratch folder (default: a new temporary one, removed)")
+    p.add_argument("--work", default=None, help="scratch folder, kept; a rerun with the same folder reuses "
+                   "the worlds it finished (default: a new temporary one, removed)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--render-readme", action="store_true", help="only regenerate the README from --out")
     return p.parse_args(argv)
