@@ -39,7 +39,7 @@ bench-training: setup
 	$(PY) benchmarks/training.py
 
 bench-serving: setup
-	$(PY) benchmarks/serving.py
+	$(PY) benchmarks/serving_latency.py
 
 bench-quality: setup
 	$(PY) benchmarks/quality.py

@@ -6,7 +6,7 @@ connections), its latency is reported as p50/p90/p99/p99.9/max, and its memory s
 the server process sampled every second; growth between the first and the last 10 s of the
 measured window is reported), i.e. no leak per request.
 
-Set-up (all real code paths, as benchmarks/serving.py builds them, whose helpers are reused):
+Set-up (all real code paths, as benchmarks/serving_latency.py builds them, whose helpers are reused):
 an untrained seeded model with the default ModelConfig is exported with models.export over a
 synthetic 1M-item catalog (item embeddings = the model's item tower), a ScaNN index is built and
 tuned with resolver queries, user states / profiles / subject-item categories are written to a
@@ -14,7 +14,7 @@ Feast repo with the SQLite online store, and `python jobs/serve.py` (uvicorn, on
 on 127.0.0.1. The load generator is one asyncio process with `httpx.AsyncClient` (a pool of 200
 keep-alive connections) running 200 client coroutines in closed loop: each sends its next request
 as soon as the previous answer arrives. Requests: 80% with a subject item, 20% without context,
-5% unknown users (cold start), k=100 - the mix of benchmarks/serving.py.
+5% unknown users (cold start), k=100 - the mix of benchmarks/serving_latency.py.
 
 Client and server share the machine (2 cores here): the figures are a floor for a real
 deployment, not a capacity plan. Nothing is hard-coded; everything printed is measured.
@@ -27,14 +27,8 @@ from __future__ import annotations
 import os
 import sys
 
-if __name__ == "__main__" and not sys.flags.safe_path:
-    # benchmarks/serving.py shadows the `serving` package when this folder is sys.path[0];
-    # re-run under `python -P` (the script's folder is not put on sys.path), as serving.py does.
-    os.execv(sys.executable, [sys.executable, "-P", os.path.abspath(__file__), *sys.argv[1:]])
-
-import argparse  # noqa: E402  (after the re-exec guard on purpose)
+import argparse  # noqa: E402
 import asyncio  # noqa: E402
-import importlib.util  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import signal  # noqa: E402
@@ -63,13 +57,10 @@ REQUEST_TIMEOUT_S = 30.0
 
 
 def _serving_bench() -> ModuleType:
-    """benchmarks/serving.py as a module (its name would shadow the `serving` package)."""
-    spec = importlib.util.spec_from_file_location("ctt_bench_serving",
-                                                  REPO_ROOT / "benchmarks" / "serving.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """benchmarks/serving_latency.py (a sibling: this folder is first on sys.path as a script)."""
+    import serving_latency
+
+    return serving_latency
 
 
 # ---------------------------------------------------------------------- set-up

@@ -1,6 +1,9 @@
 """Quality regression: on a tiny realistic world the trained contextual model must beat the
-baseline a practitioner would deploy (top-category popularity of the subject item), and the same
-model untrained must not, so the check fails when training learns nothing.
+baseline a practitioner would deploy (top-category popularity of the subject item) on NDCG@10,
+and must rank clearly better than the same architecture untrained (Recall@100), so the check
+fails when training learns nothing. (Untrained, the skip path already ranks the subject item
+itself first, which alone beats the baseline's NDCG@10 when users often convert on the item they
+are viewing; hence the second condition.)
 
 The world is the realistic preset of pipelines/synthetic.py at a size that trains in seconds;
 generation and the build run through the jobs' own functions on the shared local Spark session,
@@ -28,7 +31,7 @@ SMALL = ["--model.model_config.dim", "32", "--model.model_config.mlp_hidden", "6
          "--model.model_config.category_buckets", "4096", "--model.n_uniform_negatives", "128",
          "--data.batch_size", "128", "--trainer.max_epochs", "6", "--trainer.max_time", "00:00:03:00",
          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
-MARGIN = 1.2  # NDCG@10 of the trained model over top-category popularity, on the real context
+MARGIN = 1.2  # trained over top-category popularity (NDCG@10) and over untrained (Recall@100)
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +42,8 @@ def world(spark, tmp_path_factory):
     return lake
 
 
-def ndcg(result: ev.EvaluationResult, variant: str) -> float:
-    return result.metric(ev.GROUP_REAL, variant, "ndcg@10")
+def real(result: ev.EvaluationResult, variant: str, metric: str) -> float:
+    return result.metric(ev.GROUP_REAL, variant, metric)
 
 
 @pytest.mark.spark
@@ -53,13 +56,14 @@ def test_trained_contextual_model_beats_top_category_popularity(world, tmp_path)
                           "--tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *SMALL])
     trained = load_bundle(summary["bundle"])
     result = ev.evaluate_from_lake(trained, None, world)
-    baseline = ndcg(result, ev.TOP_CATEGORY_POPULARITY)
+    baseline = real(result, ev.TOP_CATEGORY_POPULARITY, "ndcg@10")
     assert baseline > 0
-    assert ndcg(result, ev.CONTEXTUAL) >= MARGIN * baseline, result.rows
+    assert real(result, ev.CONTEXTUAL, "ndcg@10") >= MARGIN * baseline, result.rows
 
     torch.manual_seed(0)
     untrained = ContextualTwoTower(trained.config).eval()
     catalog = DeltaTable(C.LakePaths(world).table(C.T_ITEMS)).to_pandas(columns=C.ITEMS_COLUMNS)
     fresh = load_bundle(export_bundle(untrained, trained.config, catalog, tmp_path / "untrained", "untrained"))
     untrained_result = ev.evaluate_from_lake(fresh, None, world)
-    assert ndcg(untrained_result, ev.CONTEXTUAL) < MARGIN * baseline, untrained_result.rows
+    learned, initial = (real(r, ev.CONTEXTUAL, "recall@100") for r in (result, untrained_result))
+    assert learned >= MARGIN * initial, (learned, initial)

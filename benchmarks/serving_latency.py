@@ -17,7 +17,7 @@ a Feast repo with a SQLite online store (the production definitions from feature
 folder has them, else stand-ins with the same contract names), together with profiles and the
 categories of the subject items used by the requests.
 
-Usage: python benchmarks/serving.py [--scales 100000 1000000] [--requests 5000] [--quick]
+Usage: python benchmarks/serving_latency.py [--scales 100000 1000000] [--requests 5000] [--quick]
 Writes benchmarks/results/serving.json and prints a table. Figures depend on the machine and its
 load (recorded in the json); they are measurements, nothing here is hard-coded.
 """
@@ -26,13 +26,7 @@ from __future__ import annotations
 import os
 import sys
 
-if __name__ == "__main__" and not sys.flags.safe_path:
-    # This file shares its name with the `serving` package. Run as a script, its own folder comes
-    # first on sys.path and `import serving` would import this file. Re-run under `python -P`
-    # (Python >= 3.11: the script's folder is not put on sys.path) rather than editing sys.path.
-    os.execv(sys.executable, [sys.executable, "-P", os.path.abspath(__file__), *sys.argv[1:]])
-
-import argparse  # noqa: E402  (after the re-exec guard on purpose)
+import argparse  # noqa: E402
 import json  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
