@@ -264,7 +264,7 @@ def render_readme(report: Dict[str, Any]) -> str:
     lines = [
         f"Measured by `python benchmarks/quality.py` on {report['date'][:10]} "
         f"({report['machine']['cores']} cores; load average {report['load_avg_before'][0]} before, "
-        f"{report['load_avg_after'][0]} after; {res['wall_minutes']:.0f} min wall). Every world is "
+        f"{report['load_avg_after'][0]} after; {res['wall_minutes']:.0f} min of job time). Every world is "
         f"generated, built, trained (both models to early stopping on validation, the same caps) and "
         f"evaluated by the product's own jobs; ranks count ties at their expected position; ratios carry "
         f"paired bootstrap 95% intervals over the test examples.",
@@ -337,6 +337,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    "the worlds it finished (default: a new temporary one, removed)")
     p.add_argument("--out", default=str(RESULTS))
     p.add_argument("--render-readme", action="store_true", help="only regenerate the README from --out")
+    p.add_argument("--reuse-only", action="store_true",
+                   help="report only the worlds an earlier run with the same --work finished (wall "
+                        "minutes = the sum of their job times)")
     return p.parse_args(argv)
 
 
@@ -352,6 +355,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     started = time.perf_counter()
 
     def run_all() -> Dict[str, Any]:
+        if args.reuse_only:  # report what an earlier run with this --work finished, run nothing
+            worlds = [w for a in args.alignments for s in seeds_for(a, args)
+                      if (w := reuse(work / f"realistic_a{a:g}_s{s}")) is not None]
+            rees = None if args.skip_rees46 else reuse(work / "rees46")
+            return {"worlds": worlds, "rees46": rees, "users": args.users, "max_time": args.max_time,
+                    "wall_minutes": sum(sum(w["seconds"].values()) for w in worlds + [rees] if w) / 60.0}
         rees = None if args.skip_rees46 else rees46(work, env, args.max_time, args.derive_subject)
         worlds = [synthetic_world(work, a, s, args.users, env, args.max_time,
                                   a in args.sequence_only_alignments)
