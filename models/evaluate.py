@@ -53,7 +53,7 @@ from models.data import (HAS_REAL_CONTEXT, LABEL_ROW, SUBJECT_ROW, Catalog,
 from models.export import Bundle
 from models.metrics import (DEFAULT_KS, NDCG_K, Scorer, TiedRanks, embedding_scorer, evaluate_ranked,
                             metric_names, per_query_metrics)
-from models.system import context_inputs
+from models.system import context_inputs, rows_or_zero
 from models.two_tower import ContextualTwoTower, ModelConfig
 from pipelines import contracts as C
 
@@ -178,8 +178,7 @@ def subject_embeddings(model: ContextualTwoTower, batch: Dict[str, torch.Tensor]
     if context != "real" or not model.config.use_subject_item or item_emb is None:
         return None
     rows = batch[SUBJECT_ROW]  # (B,) -1 = none
-    emb = item_emb[rows.clamp(min=0)]  # (B, D)
-    return emb * (rows >= 0).unsqueeze(-1).to(emb.dtype)
+    return rows_or_zero(item_emb[rows.clamp(min=0)], rows)  # (B, D)
 
 
 def history_rows(tensors: Dict[str, torch.Tensor], catalog: Catalog) -> torch.Tensor:

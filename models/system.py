@@ -248,10 +248,9 @@ class ContextualRetrievalSystem(pl.LightningModule):
         None when the model does not use the subject item."""
         if subject_rows is None or not self.config.use_subject_item:
             return None
-        has = subject_rows >= 0  # (B,)
-        rows = subject_rows.clamp(min=0)  # (B,)
-        emb = item_emb[rows] if item_emb is not None else self.catalog_embeddings(rows)  # (B, D)
-        return emb * has.unsqueeze(-1).to(emb.dtype)  # (B, D)
+        if item_emb is None:
+            return rows_or_zero(self.catalog_embeddings(subject_rows.clamp(min=0)), subject_rows)
+        return rows_or_zero(item_emb[subject_rows.clamp(min=0)], subject_rows)
 
     def catalog_embeddings(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Item-tower embeddings of catalog rows (all rows if None): (N, D)."""
@@ -410,6 +409,12 @@ def context_inputs(batch: Dict[str, torch.Tensor], context: str) -> tuple[torch.
     if context == "none":
         return torch.full_like(ids, features.PAD_CATEGORY), torch.zeros_like(w)
     raise ValueError(f"context must be pseudo, real or none; got {context!r}")
+
+
+def rows_or_zero(emb: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """emb (B, D) looked up at ``rows.clamp(min=0)``, rows (B,) with -1 = none -> (B, D) with the
+    rows of "none" zeroed (a zero subject embedding is "no subject item")."""
+    return emb * (rows >= 0).unsqueeze(-1).to(emb.dtype)
 
 
 def mixed_context(batch: Dict[str, torch.Tensor],
