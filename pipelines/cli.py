@@ -11,9 +11,10 @@ import argparse
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from pipelines import contracts as C
+from pipelines import lease
 from pipelines.context import (CONTEXT_ROWS_KEY, DEFAULT_TOP_K, SEQUENCES_KEY, build_context_rows,
                                context_rows_schema)
 from pipelines.delta_io import (WriteResult, ensure_properties, print_results, read_table,
@@ -110,13 +111,18 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run_generate(spark, lake: str, cfg, partitions: Optional[int] = None) -> List[WriteResult]:
+    """Generate and write the raw tables, holding the lake's ``raw`` writer lease."""
     from pipelines.delta_io import write_raw
     from pipelines.synthetic import generate
 
     tables = generate(spark, cfg, partitions)
-    return [write_raw(spark, tables.items, lake, C.T_RAW_ITEMS),
-            write_raw(spark, tables.users, lake, C.T_RAW_USERS),
-            write_raw(spark, tables.events, lake, C.T_RAW_EVENTS)]
+    with lease.held(lake, lease.SCOPE_RAW, "generate_data") as writer:
+        out = []
+        for table, df in ((C.T_RAW_ITEMS, tables.items), (C.T_RAW_USERS, tables.users),
+                          (C.T_RAW_EVENTS, tables.events)):
+            writer.check()
+            out.append(write_raw(spark, df, lake, table))
+        return out
 
 
 def generate_data_main(argv: Optional[Sequence[str]] = None) -> Dict[str, int]:
@@ -124,7 +130,11 @@ def generate_data_main(argv: Optional[Sequence[str]] = None) -> Dict[str, int]:
     cfg = config_from_args(args)
     spark = _session(args, "ctt-generate-data")
     print("synthetic config:", json.dumps(cfg.to_dict(), sort_keys=True))
-    results = run_generate(spark, args.lake, cfg, args.partitions)
+    try:
+        results = run_generate(spark, args.lake, cfg, args.partitions)
+    except RuntimeError as err:
+        lease.exit_on_refusal("generate_data", err)
+        raise
     print_results(results)
     return {r.table: r.version for r in results}
 
@@ -245,7 +255,12 @@ def ingest_main(argv: Optional[Sequence[str]] = None) -> Dict[str, int]:
                 json.dump(vocab, fh, indent=1, sort_keys=True)
     if us_map is not None:
         users = I.ingest_users(spark, args.users, args.users_format, us_map, args.sep)
-    results = I.write_ingested(spark, args.lake, events, items, users, args.mode)
+    try:
+        with lease.held(args.lake, lease.SCOPE_RAW, "ingest"):
+            results = I.write_ingested(spark, args.lake, events, items, users, args.mode)
+    except RuntimeError as err:
+        lease.exit_on_refusal("ingest", err)
+        raise
     print_results(results)
     return {r.table: r.version for r in results}
 
@@ -302,10 +317,41 @@ def _validate_source(spark, raw, reasoned, columns, source_table: str):
     return reasoned, clean, quarantine, report
 
 
+def repair_command(lake: str) -> str:
+    return (f"python jobs/build_sequences.py --lake {lake} --repair-duplicates (with the run's "
+            f"other flags)")
+
+
+@dataclass(frozen=True)
+class _Writes:
+    """How this run writes: the lease's fence before each commit, and the duplicate policy."""
+
+    fence: Optional[Callable[[], None]]
+    repair: bool
+    hint: str
+
+    def sync(self, spark, df, path: str, table: str, schema, key_cols, **kwargs) -> WriteResult:
+        return sync_table(spark, df, path, table, schema, key_cols, fence=self.fence,
+                          repair_duplicates=self.repair, repair_hint=self.hint, **kwargs)
+
+
 def run_build_sequences(spark, lake: str, cfg: BuildConfig = BuildConfig(),
-                        now: Optional[datetime] = None) -> BuildResult:
-    """raw tables -> validated tables + quarantine -> sequences, context_rows, user_sequences."""
+                        now: Optional[datetime] = None, repair_duplicates: bool = False,
+                        lease_ttl_s: Optional[float] = None) -> BuildResult:
+    """raw tables -> validated tables + quarantine -> sequences, context_rows, user_sequences.
+
+    Holds the lake's ``build_sequences`` writer lease for the whole run (another live build of
+    the same lake -> ``lease.LeaseHeldError`` before anything is read or written). A key found
+    twice in an output table -> ``DuplicateKeyError`` naming table, key and repair command; with
+    ``repair_duplicates`` those keys' rows are deleted and recomputed instead.
+    """
     now = now or datetime.now(timezone.utc)
+    with lease.held(lake, lease.SCOPE_BUILD, "build_sequences", lease_ttl_s) as writer:
+        writes = _Writes(writer.check, repair_duplicates, repair_command(lake))
+        return _build(spark, lake, cfg, now, writes)
+
+
+def _build(spark, lake: str, cfg: BuildConfig, now: datetime, w: _Writes) -> BuildResult:
     paths = C.LakePaths(lake)
     for raw in (C.T_RAW_EVENTS, C.T_RAW_ITEMS, C.T_RAW_USERS):
         if not table_exists(spark, paths.table(raw)):
@@ -337,50 +383,55 @@ def run_build_sequences(spark, lake: str, cfg: BuildConfig = BuildConfig(),
         reports.append(rep)
         print(format_reports(reports))
 
-        writes.append(sync_table(spark, items, paths.table(C.T_ITEMS), C.T_ITEMS,
-                                 C.spark_schema(C.T_ITEMS), [C.ITEM_ID]))
-        writes.append(sync_table(spark, users, paths.table(C.T_USERS), C.T_USERS,
-                                 C.spark_schema(C.T_USERS), [C.USER_ID]))
-        writes.append(sync_table(spark, events, paths.table(C.T_EVENTS), C.T_EVENTS,
-                                 C.spark_schema(C.T_EVENTS), C.RAW_EVENTS_COLUMNS))
+        writes.append(w.sync(spark, items, paths.table(C.T_ITEMS), C.T_ITEMS,
+                             C.spark_schema(C.T_ITEMS), [C.ITEM_ID]))
+        writes.append(w.sync(spark, users, paths.table(C.T_USERS), C.T_USERS,
+                             C.spark_schema(C.T_USERS), [C.USER_ID]))
+        writes.append(w.sync(spark, events, paths.table(C.T_EVENTS), C.T_EVENTS,
+                             C.spark_schema(C.T_EVENTS), C.RAW_EVENTS_COLUMNS))
         writes.append(sync_quarantine(spark, q_items.unionByName(q_users).unionByName(q_events),
-                                      lake, [C.T_RAW_ITEMS, C.T_RAW_USERS, C.T_RAW_EVENTS], now))
+                                      lake, [C.T_RAW_ITEMS, C.T_RAW_USERS, C.T_RAW_EVENTS], now,
+                                      fence=w.fence))
     finally:
         for df in persisted:
             df.unpersist()
 
-    outputs, cutoffs = _build_outputs(spark, lake, cfg, now, writes)
+    outputs, cutoffs = _build_outputs(spark, lake, cfg, now, writes, w)
     writes.extend(outputs)
     return BuildResult({w.table: w.version for w in writes}, writes, reports, cutoffs, in_versions)
 
 
 def _build_outputs(spark, lake: str, cfg: BuildConfig, now: datetime,
-                   earlier: List[WriteResult]) -> Tuple[List[WriteResult], SplitCutoffs]:
+                   earlier: List[WriteResult], w: _Writes) -> Tuple[List[WriteResult], SplitCutoffs]:
     from pyspark import StorageLevel
 
     paths = C.LakePaths(lake)
-    version_of = {w.table: w.version for w in earlier}
+    version_of = {r.table: r.version for r in earlier}
     events = read_table(spark, paths.table(C.T_EVENTS), version_of[C.T_EVENTS])
     items = read_table(spark, paths.table(C.T_ITEMS), version_of[C.T_ITEMS])
     conv = conversions(events).persist(StorageLevel.MEMORY_AND_DISK)
     ranked = examples = None
     try:
+        if w.fence is not None:
+            w.fence()
         cutoffs = resolve_cutoffs(spark, lake, conv, cfg.explicit_cutoffs(), cfg.val_frac,
                                   cfg.test_frac, now)
         ranked = ranked_histories(conv, cfg.max_len).persist(StorageLevel.MEMORY_AND_DISK)
         examples = examples_from_ranked(ranked, cfg.min_history).persist(
             StorageLevel.MEMORY_AND_DISK)
         out = [
-            sync_table(spark, build_sequences(examples, cutoffs), paths.table(C.T_SEQUENCES),
-                       C.T_SEQUENCES, C.spark_schema(C.T_SEQUENCES), SEQUENCES_KEY),
-            sync_table(spark, build_context_rows(examples, items, cfg.context_top_k),
-                       paths.table(C.T_CONTEXT_ROWS), C.T_CONTEXT_ROWS, context_rows_schema(),
-                       CONTEXT_ROWS_KEY),
+            w.sync(spark, build_sequences(examples, cutoffs), paths.table(C.T_SEQUENCES),
+                   C.T_SEQUENCES, C.spark_schema(C.T_SEQUENCES), SEQUENCES_KEY),
+            w.sync(spark, build_context_rows(examples, items, cfg.context_top_k),
+                   paths.table(C.T_CONTEXT_ROWS), C.T_CONTEXT_ROWS, context_rows_schema(),
+                   CONTEXT_ROWS_KEY),
         ]
         us_path = paths.table(C.T_USER_SEQUENCES)
-        out.append(sync_table(spark, user_sequences_from_ranked(ranked, cfg.max_len), us_path,
-                              C.T_USER_SEQUENCES, C.spark_schema(C.T_USER_SEQUENCES), [C.USER_ID],
-                              properties=CDF_PROPERTIES))
+        out.append(w.sync(spark, user_sequences_from_ranked(ranked, cfg.max_len), us_path,
+                          C.T_USER_SEQUENCES, C.spark_schema(C.T_USER_SEQUENCES), [C.USER_ID],
+                          properties=CDF_PROPERTIES))
+        if w.fence is not None:
+            w.fence()
         ensure_properties(spark, us_path, CDF_PROPERTIES)
         return out, cutoffs
     finally:
@@ -414,6 +465,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"categories per context row (default {DEFAULT_TOP_K})")
     p.add_argument("--now", type=_timestamp_arg, default=None,
                    help="reference time for 'timestamp in the future' (default: wall clock, UTC)")
+    p.add_argument("--repair-duplicates", action="store_true",
+                   help="if an output table holds a key twice (left by overlapping runs of an older "
+                        "version), delete those keys' rows and recompute them in this run "
+                        "(default: stop with an error naming table and key)")
     return p
 
 
@@ -427,7 +482,11 @@ def build_sequences_main(argv: Optional[Sequence[str]] = None) -> Dict[str, obje
                       context_top_k=args.context_top_k)
     cfg.explicit_cutoffs()  # fail on a half-given pair before starting Spark
     spark = _session(args, "ctt-build-sequences")
-    result = run_build_sequences(spark, args.lake, cfg, args.now)
+    try:
+        result = run_build_sequences(spark, args.lake, cfg, args.now, args.repair_duplicates)
+    except RuntimeError as err:
+        lease.exit_on_refusal("build_sequences", err)
+        raise
     print_results(result.writes)
     summary = result.summary()
     print("summary:", json.dumps(summary, sort_keys=True))

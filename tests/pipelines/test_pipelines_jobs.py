@@ -91,7 +91,7 @@ def test_appended_events_change_only_affected_users(spark, lake):
     write_raw(spark, new, lake, C.T_RAW_EVENTS, mode="append")
     res = run_build_sequences(spark, lake, BUILD, now=NOW)
     ops = {w.table: w for w in res.writes}
-    assert ops[C.T_EVENTS].operation == "append" and ops[C.T_EVENTS].inserted == 3
+    assert ops[C.T_EVENTS].operation == "insert" and ops[C.T_EVENTS].inserted == 3
     assert ops[C.T_SEQUENCES].inserted == 2 and ops[C.T_SEQUENCES].deleted == 0
     assert ops[C.T_USER_SEQUENCES].updated == 2 and ops[C.T_USER_SEQUENCES].inserted == 0
     assert not ops[C.T_QUARANTINE].changed
