@@ -181,7 +181,7 @@ def test_help_documents_every_option():
     out = subprocess.run([sys.executable, str(REPO / "jobs" / "build_sequences.py"), "--help"],
                          capture_output=True, text=True, check=True, cwd=REPO).stdout
     for flag in ("--lake", "--master", "--max-len", "--min-history", "--val-start", "--test-start",
-                 "--val-frac", "--test-frac", "--context-top-k", "--now"):
+                 "--val-frac", "--test-frac", "--context-top-k", "--now", "--repair-duplicates"):
         assert flag in out
 
 
