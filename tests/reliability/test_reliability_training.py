@@ -25,6 +25,7 @@ from models.cli import (LAST_CHECKPOINT, SUMMARY_FILE, TAG_RESUME_COUNT, TAG_RES
 from models.data import LABEL_ROW, ShardedBatches
 from models.export import load_bundle
 from models.synthetic_fixture import FixtureSpec, write_lake
+from models.tracking import TAG_ENDED_BY, TAG_OUT_DIR, TAG_PID
 from pipelines import contracts as C
 
 REPO = Path(__file__).resolve().parents[2]
@@ -180,6 +181,43 @@ def test_sigkill_after_a_checkpoint_then_rerun_resumes_to_the_uninterrupted_resu
     assert find_resume_checkpoint(killed_out) is None and find_resume_checkpoint(clean_out) is None
     print(f"\nkilled after the epoch-{killed_at} checkpoint; resumed run == clean run "
           f"(weights sha256, {MONITOR} {list(ha.values())})")
+
+
+def test_run_killed_before_its_first_checkpoint_is_marked_killed_at_the_next_start(lake, tmp_path):
+    """Killed before any checkpoint, nothing closes the MLflow run: it stays RUNNING. The next
+    start of the same command (same out_dir) finds its process gone and marks it KILLED, then
+    trains a new run (there is nothing to resume)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    victim = start(train_command(lake, out), out / "train.log")
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    # the run exists once its config is logged as an artifact (fit start, before any step)
+    while (not list(out.glob("mlartifacts/*/artifacts/config.yaml")) and victim.poll() is None
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=60)
+    log = (out / "train.log").read_text(errors="replace")
+    assert victim.returncode == -signal.SIGKILL, (victim.returncode, log[-3000:])
+    assert not last_checkpoints(out), "killed too late: a checkpoint exists"
+    client = MlflowClient(f"sqlite:///{(out / 'mlflow.db').resolve()}")
+    exp = client.get_experiment_by_name("contextual_two_tower").experiment_id
+    (dead,) = client.search_runs([exp])
+    assert dead.info.status == "RUNNING"  # the condition: nobody closed it
+    assert dead.data.tags[TAG_PID] == str(victim.pid)
+    assert dead.data.tags[TAG_OUT_DIR] == str(out.resolve())
+
+    rerun_log = finish(start(train_command(lake, out, "--trainer.max_epochs", "1",
+                                           "--trainer.limit_train_batches", "2"), out / "rerun.log"),
+                       out / "rerun.log")
+    assert f"MLflow run {dead.info.run_id} of {out}: its process is gone (killed)" in rerun_log
+    runs = {r.info.run_id: r for r in client.search_runs([exp])}
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert set(runs) == {dead.info.run_id, summary["mlflow_run_id"]}
+    killed = runs[dead.info.run_id]
+    assert killed.info.status == "KILLED" and killed.info.end_time is not None
+    assert f"process {victim.pid}" in killed.data.tags[TAG_ENDED_BY]
+    assert runs[summary["mlflow_run_id"]].info.status == "FINISHED"
 
 
 def test_explicit_ckpt_path_must_exist(tmp_path):
