@@ -326,7 +326,7 @@ def repair_command(lake: str) -> str:
 class _Writes:
     """How this run writes: the lease's fence before each commit, and the duplicate policy."""
 
-    fence: Optional[Callable[[], None]]
+    fence: Callable[[], None]
     repair: bool
     hint: str
 
@@ -346,17 +346,18 @@ def run_build_sequences(spark, lake: str, cfg: BuildConfig = BuildConfig(),
     ``repair_duplicates`` those keys' rows are deleted and recomputed instead.
     """
     now = now or datetime.now(timezone.utc)
-    with lease.held(lake, lease.SCOPE_BUILD, "build_sequences", lease_ttl_s) as writer:
-        writes = _Writes(writer.check, repair_duplicates, repair_command(lake))
-        return _build(spark, lake, cfg, now, writes)
-
-
-def _build(spark, lake: str, cfg: BuildConfig, now: datetime, w: _Writes) -> BuildResult:
     paths = C.LakePaths(lake)
-    for raw in (C.T_RAW_EVENTS, C.T_RAW_ITEMS, C.T_RAW_USERS):
-        if not table_exists(spark, paths.table(raw)):
+    for raw in (C.T_RAW_EVENTS, C.T_RAW_ITEMS, C.T_RAW_USERS):  # before the lease: a wrong path
+        if not table_exists(spark, paths.table(raw)):          # must not get a lease table
             raise FileNotFoundError(f"no Delta table {raw} at {paths.table(raw)}: run "
                                     f"generate_data or ingest first")
+    with lease.held(lake, lease.SCOPE_BUILD, "build_sequences", lease_ttl_s) as writer:
+        return _build(spark, lake, cfg, now, _Writes(writer.check, repair_duplicates,
+                                                     repair_command(lake)))
+
+
+def _build(spark, lake: str, cfg: BuildConfig, now: datetime, how: _Writes) -> BuildResult:
+    paths = C.LakePaths(lake)
     in_versions = {t: table_version(spark, paths.table(t))
                    for t in (C.T_RAW_EVENTS, C.T_RAW_ITEMS, C.T_RAW_USERS)}
     raw_items = read_table(spark, paths.table(C.T_RAW_ITEMS), in_versions[C.T_RAW_ITEMS])
@@ -383,26 +384,26 @@ def _build(spark, lake: str, cfg: BuildConfig, now: datetime, w: _Writes) -> Bui
         reports.append(rep)
         print(format_reports(reports))
 
-        writes.append(w.sync(spark, items, paths.table(C.T_ITEMS), C.T_ITEMS,
-                             C.spark_schema(C.T_ITEMS), [C.ITEM_ID]))
-        writes.append(w.sync(spark, users, paths.table(C.T_USERS), C.T_USERS,
-                             C.spark_schema(C.T_USERS), [C.USER_ID]))
-        writes.append(w.sync(spark, events, paths.table(C.T_EVENTS), C.T_EVENTS,
-                             C.spark_schema(C.T_EVENTS), C.RAW_EVENTS_COLUMNS))
+        writes.append(how.sync(spark, items, paths.table(C.T_ITEMS), C.T_ITEMS,
+                               C.spark_schema(C.T_ITEMS), [C.ITEM_ID]))
+        writes.append(how.sync(spark, users, paths.table(C.T_USERS), C.T_USERS,
+                               C.spark_schema(C.T_USERS), [C.USER_ID]))
+        writes.append(how.sync(spark, events, paths.table(C.T_EVENTS), C.T_EVENTS,
+                               C.spark_schema(C.T_EVENTS), C.RAW_EVENTS_COLUMNS))
         writes.append(sync_quarantine(spark, q_items.unionByName(q_users).unionByName(q_events),
                                       lake, [C.T_RAW_ITEMS, C.T_RAW_USERS, C.T_RAW_EVENTS], now,
-                                      fence=w.fence))
+                                      fence=how.fence))
     finally:
         for df in persisted:
             df.unpersist()
 
-    outputs, cutoffs = _build_outputs(spark, lake, cfg, now, writes, w)
+    outputs, cutoffs = _build_outputs(spark, lake, cfg, now, writes, how)
     writes.extend(outputs)
     return BuildResult({w.table: w.version for w in writes}, writes, reports, cutoffs, in_versions)
 
 
 def _build_outputs(spark, lake: str, cfg: BuildConfig, now: datetime,
-                   earlier: List[WriteResult], w: _Writes) -> Tuple[List[WriteResult], SplitCutoffs]:
+                   earlier: List[WriteResult], how: _Writes) -> Tuple[List[WriteResult], SplitCutoffs]:
     from pyspark import StorageLevel
 
     paths = C.LakePaths(lake)
@@ -412,26 +413,24 @@ def _build_outputs(spark, lake: str, cfg: BuildConfig, now: datetime,
     conv = conversions(events).persist(StorageLevel.MEMORY_AND_DISK)
     ranked = examples = None
     try:
-        if w.fence is not None:
-            w.fence()
+        how.fence()
         cutoffs = resolve_cutoffs(spark, lake, conv, cfg.explicit_cutoffs(), cfg.val_frac,
                                   cfg.test_frac, now)
         ranked = ranked_histories(conv, cfg.max_len).persist(StorageLevel.MEMORY_AND_DISK)
         examples = examples_from_ranked(ranked, cfg.min_history).persist(
             StorageLevel.MEMORY_AND_DISK)
         out = [
-            w.sync(spark, build_sequences(examples, cutoffs), paths.table(C.T_SEQUENCES),
-                   C.T_SEQUENCES, C.spark_schema(C.T_SEQUENCES), SEQUENCES_KEY),
-            w.sync(spark, build_context_rows(examples, items, cfg.context_top_k),
-                   paths.table(C.T_CONTEXT_ROWS), C.T_CONTEXT_ROWS, context_rows_schema(),
-                   CONTEXT_ROWS_KEY),
+            how.sync(spark, build_sequences(examples, cutoffs), paths.table(C.T_SEQUENCES),
+                     C.T_SEQUENCES, C.spark_schema(C.T_SEQUENCES), SEQUENCES_KEY),
+            how.sync(spark, build_context_rows(examples, items, cfg.context_top_k),
+                     paths.table(C.T_CONTEXT_ROWS), C.T_CONTEXT_ROWS, context_rows_schema(),
+                     CONTEXT_ROWS_KEY),
         ]
         us_path = paths.table(C.T_USER_SEQUENCES)
-        out.append(w.sync(spark, user_sequences_from_ranked(ranked, cfg.max_len), us_path,
-                          C.T_USER_SEQUENCES, C.spark_schema(C.T_USER_SEQUENCES), [C.USER_ID],
-                          properties=CDF_PROPERTIES))
-        if w.fence is not None:
-            w.fence()
+        out.append(how.sync(spark, user_sequences_from_ranked(ranked, cfg.max_len), us_path,
+                            C.T_USER_SEQUENCES, C.spark_schema(C.T_USER_SEQUENCES), [C.USER_ID],
+                            properties=CDF_PROPERTIES))
+        how.fence()
         ensure_properties(spark, us_path, CDF_PROPERTIES)
         return out, cutoffs
     finally:

@@ -313,7 +313,8 @@ def check_duplicates(spark: SparkSession, table: str, path: str, df: DataFrame,
         n_keys = dups.count()
         if not repair:
             raise DuplicateKeyError(table, path, key_cols, n_keys,
-                                    [{k: r[k] for k in (*key_cols, _DUPS)} for r in examples],
+                                    [{**{k: r[k] for k in key_cols}, "rows": r[_DUPS]}
+                                     for r in examples],
                                     repair_hint)
         if fence is not None:
             fence()

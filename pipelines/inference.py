@@ -31,7 +31,7 @@ import argparse
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -244,10 +244,15 @@ def run_batch_inference(spark, lake: str, bundle_path: str, batch_size: int = DE
     command; ``repair_duplicates`` deletes those users' states, which this run then re-encodes.
     """
     from models.export import load_bundle
+    from pipelines.delta_io import table_exists
 
     now = now or datetime.now(timezone.utc)
     bundle_path = os.path.abspath(bundle_path)  # executors may run in another working directory
     model_version = load_bundle(bundle_path).model_version  # verifies the bundle on the driver
+    seq_path = C.LakePaths(lake).table(C.T_USER_SEQUENCES)
+    if not table_exists(spark, seq_path):  # before the lease: a wrong path must not get one
+        raise FileNotFoundError(f"no Delta table {C.T_USER_SEQUENCES} at {seq_path}; run "
+                                f"jobs/build_sequences.py first")
     with lease.held(lake, lease.SCOPE_INFERENCE, "batch_inference", lease_ttl_s) as writer:
         return _infer(spark, lake, bundle_path, model_version, batch_size, partitions, now,
                       repair_duplicates, writer.check)
@@ -255,7 +260,7 @@ def run_batch_inference(spark, lake: str, bundle_path: str, batch_size: int = DE
 
 def _infer(spark, lake: str, bundle_path: str, model_version: str, batch_size: int,
            partitions: Optional[int], now: datetime, repair_duplicates: bool,
-           fence) -> InferenceResult:
+           fence: Callable[[], None]) -> InferenceResult:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
@@ -264,9 +269,6 @@ def _infer(spark, lake: str, bundle_path: str, model_version: str, batch_size: i
 
     paths = C.LakePaths(lake)
     seq_path, states_path = paths.table(C.T_USER_SEQUENCES), paths.table(C.T_USER_STATES)
-    if not table_exists(spark, seq_path):
-        raise FileNotFoundError(f"no Delta table {C.T_USER_SEQUENCES} at {seq_path}; run "
-                                f"jobs/build_sequences.py first")
     seq_version = table_version(spark, seq_path)
     sequences = latest_sequences(read_table(spark, seq_path, seq_version))
     has_states = table_exists(spark, states_path)
