@@ -13,21 +13,27 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export PYTHONPATH := $(CURDIR)
 DEMO_DIR ?= demo_run
 
-.PHONY: setup services test test-slow demo clean bench-sequences bench-training bench-serving bench-movielens bench-quality \
-	bench-calibration
+.PHONY: setup services test test-slow test-all demo clean bench-sequences bench-training bench-serving \
+	bench-movielens bench-quality bench-calibration
 
 setup:
 	@.ci/setup_env.sh >/dev/null
 
-# redis-server for the online-store fault tests (Debian package; they skip, saying why, without it).
+# redis-server and wrk for the integration tests (Debian packages). Without them those tests
+# skip on a developer machine and FAIL under CI=true (tests/conftest.py: require_service).
 services:
-	@.ci/services.sh >/dev/null || echo "warning: .ci/services.sh failed; the Redis tests will skip" >&2
+	@.ci/services.sh >/dev/null || echo "warning: .ci/services.sh failed; tests that need redis-server / wrk skip (fail under CI=true)" >&2
 
+# The quick default run for developers (setup.cfg deselects the slow tests).
 test: setup services
 	$(PY) -m pytest -q
 
-test-slow: setup
+test-slow: setup services
 	$(PY) -m pytest -q -m "slow"
+
+# Every test, the slow ones included, in one session: what CI runs (.ci/run).
+test-all: setup services
+	$(PY) -m pytest -q -m "slow or not slow" --durations=25
 
 demo: setup
 	$(PY) jobs/demo.py --out $(DEMO_DIR)

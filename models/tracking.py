@@ -7,6 +7,14 @@ variable (a shared server or database), else ``sqlite:///<out_dir>/mlflow.db``
 so the local default is the embedded SQLite backend). With the local default the artifacts go
 beside the SQLite file (``<db folder>/mlartifacts``) instead of MLflow's cwd-relative ``./mlruns``.
 
+A run killed before it could close (SIGKILL, OOM killer, a lost node) stays RUNNING in MLflow for
+ever. So every training run is tagged with the process that runs it (``ctt.pid``, its start
+time, the machine's kernel boot + PID namespace, and the resolved ``ctt.out_dir``), and the next
+start in the same ``out_dir`` marks each RUNNING run of that folder whose process provably no
+longer exists on this machine as KILLED (tag ``ctt.ended_by``). A run being resumed from its
+checkpoint is continued instead (its process tags are updated). Runs of other machines are left
+alone: their liveness cannot be checked from here.
+
 A training run records: hyper-parameters (Lightning's MLFlowLogger), per-epoch metrics, the
 Delta versions of its inputs (params ``input_version.<table>``), the test metrics of the trained
 model, and the exported serving bundle as the artifact folder ``bundle`` (optionally also
@@ -16,8 +24,9 @@ JSON + Recall@K plot) as artifacts and every cell as a metric ``<variant>.<metri
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence
 
 from mlflow import MlflowClient
 from pytorch_lightning.loggers import MLFlowLogger
@@ -27,6 +36,14 @@ from models.metrics import metric_key
 
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
 DEFAULT_EXPERIMENT = "contextual_two_tower"
+# Tags naming the process of a training run (see the module docstring).
+TAG_OUT_DIR = "ctt.out_dir"
+TAG_HOST = "ctt.host"
+TAG_NODE = "ctt.node"
+TAG_PID = "ctt.pid"
+TAG_PID_START = "ctt.pid_start"
+TAG_ENDED_BY = "ctt.ended_by"
+STATUS_RUNNING, STATUS_KILLED = "RUNNING", "KILLED"
 
 
 def resolve_tracking_uri(out_dir: Optional[Path | str], tracking_uri: Optional[str] = None) -> str:
@@ -52,15 +69,87 @@ def _local_artifact_location(uri: str) -> Optional[str]:
     return (Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts").as_uri()
 
 
+# ------------------------------------------------------------------ which process runs a run
+def process_start(pid: int) -> Optional[int]:
+    """Start time of a process in clock ticks since boot (Linux /proc); None if it does not exist
+    or there is no /proc. With the pid it names one process even across pid reuse."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(")") + 2:].split()[19])  # field 22, after the ")" of comm
+
+
+def node_id() -> Optional[str]:
+    """Kernel boot + PID namespace: processes with the same node id see the same pids."""
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return None
+
+
+def process_tags(out_dir: Path | str) -> Dict[str, str]:
+    """The tags that let a later start tell whether this run's process still exists."""
+    pid = os.getpid()
+    return {TAG_OUT_DIR: str(Path(out_dir).resolve()), TAG_HOST: socket.gethostname(),
+            TAG_NODE: node_id() or "", TAG_PID: str(pid), TAG_PID_START: str(process_start(pid) or "")}
+
+
+def process_is_gone(tags: Mapping[str, str]) -> bool:
+    """True only when the tagged process provably no longer runs (same node, pid gone or reused)."""
+    here = node_id()
+    if not here or tags.get(TAG_NODE) != here or not tags.get(TAG_PID, "").isdigit():
+        return False
+    start = process_start(int(tags[TAG_PID]))
+    return start is None or (tags.get(TAG_PID_START, "") not in ("", str(start)))
+
+
+def mark_dead_runs(client: MlflowClient, experiment_name: str, out_dir: Path | str,
+                   keep: Optional[str] = None) -> List[str]:
+    """Set KILLED on every RUNNING run of ``out_dir`` whose process is gone (except ``keep``, a
+    run being resumed). Returns their ids."""
+    exp = client.get_experiment_by_name(experiment_name)
+    if exp is None:
+        return []
+    folder = str(Path(out_dir).resolve())
+    marked = []
+    for run in client.search_runs([exp.experiment_id],
+                                  filter_string=f"attributes.status = '{STATUS_RUNNING}'"):
+        tags = run.data.tags
+        if run.info.run_id == keep or tags.get(TAG_OUT_DIR) != folder or not process_is_gone(tags):
+            continue
+        client.set_tag(run.info.run_id, TAG_ENDED_BY,
+                       f"process {tags[TAG_PID]} on {tags.get(TAG_HOST)} ended without closing the "
+                       f"run (killed); marked {STATUS_KILLED} by the next start in {folder}")
+        client.set_terminated(run.info.run_id, status=STATUS_KILLED)
+        marked.append(run.info.run_id)
+    return marked
+
+
 def make_logger(out_dir: Path | str, run_name: Optional[str] = None,
                 experiment_name: str = DEFAULT_EXPERIMENT,
                 tracking_uri: Optional[str] = None, run_id: Optional[str] = None) -> MLFlowLogger:
     """Lightning's MLFlowLogger on the resolved tracking URI (per-epoch metrics + hparams);
-    ``run_id`` continues an existing run (a resumed training) instead of starting one."""
+    ``run_id`` continues an existing run (a resumed training) instead of starting one.
+
+    On global rank 0 (the process that logs) it first closes the runs of ``out_dir`` whose
+    process died (``mark_dead_runs``) and tags the run with this process (``process_tags``)."""
+    from pytorch_lightning.utilities.rank_zero import rank_zero_only
+
     uri = resolve_tracking_uri(out_dir, tracking_uri)
+    tags = process_tags(out_dir)
+    if getattr(rank_zero_only, "rank", 0) == 0:
+        client = MlflowClient(uri)
+        for dead in mark_dead_runs(client, experiment_name, out_dir, keep=run_id):
+            print(f"MLflow run {dead} of {out_dir}: its process is gone (killed); marked "
+                  f"{STATUS_KILLED}", flush=True)
+        if run_id is not None:  # a resumed run: this process runs it now
+            for key, value in tags.items():
+                client.set_tag(run_id, key, value)
     return MLFlowLogger(experiment_name=experiment_name, run_name=run_name, tracking_uri=uri,
                         artifact_location=_local_artifact_location(uri), log_model=False,
-                        run_id=run_id)
+                        run_id=run_id, tags=tags if run_id is None else None)
 
 
 def start_run(out_dir: Path | str, run_name: str, experiment_name: str = DEFAULT_EXPERIMENT,

@@ -11,9 +11,10 @@ import argparse
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from pipelines import contracts as C
+from pipelines import lease
 from pipelines.context import DEFAULT_TOP_K, build_context_rows
 from pipelines.delta_io import (WriteResult, ensure_properties, print_results, raw_schema,
                                 read_table, sync_quarantine, sync_table, table_exists,
@@ -127,13 +128,18 @@ def config_from_args(args: argparse.Namespace):
 
 
 def run_generate(spark, lake: str, cfg, partitions: Optional[int] = None) -> List[WriteResult]:
+    """Generate and write the raw tables, holding the lake's ``raw`` writer lease."""
     from pipelines.delta_io import write_raw
     from pipelines.synthetic import generate
 
     tables = generate(spark, cfg, partitions)
-    return [write_raw(spark, tables.items, lake, C.T_RAW_ITEMS),
-            write_raw(spark, tables.users, lake, C.T_RAW_USERS),
-            write_raw(spark, tables.events, lake, C.T_RAW_EVENTS)]
+    with lease.held(lake, lease.SCOPE_RAW, "generate_data") as writer:
+        out = []
+        for table, df in ((C.T_RAW_ITEMS, tables.items), (C.T_RAW_USERS, tables.users),
+                          (C.T_RAW_EVENTS, tables.events)):
+            writer.check()
+            out.append(write_raw(spark, df, lake, table))
+        return out
 
 
 def generate_data_main(argv: Optional[Sequence[str]] = None) -> Dict[str, int]:
@@ -141,7 +147,11 @@ def generate_data_main(argv: Optional[Sequence[str]] = None) -> Dict[str, int]:
     cfg = config_from_args(args)
     spark = _session(args, "ctt-generate-data")
     print("synthetic config:", json.dumps(cfg.to_dict(), sort_keys=True))
-    results = run_generate(spark, args.lake, cfg, args.partitions)
+    try:
+        results = run_generate(spark, args.lake, cfg, args.partitions)
+    except RuntimeError as err:
+        lease.exit_on_refusal("generate_data", err)
+        raise
     print_results(results)
     return {r.table: r.version for r in results}
 
@@ -345,23 +355,26 @@ def run_ingest(spark, args: argparse.Namespace, now: Optional[datetime] = None) 
                 reports.append(report)
         print("row checks before writing (the build quarantines these rows):")
         print(format_reports(reports))
-        writes = I.write_ingested(spark, args.lake, checked.get(C.T_RAW_EVENTS),
-                                  checked.get(C.T_RAW_ITEMS), checked.get(C.T_RAW_USERS), args.mode)
+        with lease.held(args.lake, lease.SCOPE_RAW, "ingest"):
+            writes = I.write_ingested(spark, args.lake, checked.get(C.T_RAW_EVENTS),
+                                      checked.get(C.T_RAW_ITEMS), checked.get(C.T_RAW_USERS),
+                                      args.mode)
+            if vocab is not None:
+                I.store_vocabulary(spark, args.lake, vocab)
     finally:
         for df in checked.values():
             df.unpersist()
         src.unpersist()
-    if vocab is not None:
-        I.store_vocabulary(spark, args.lake, vocab)
-        if args.vocabulary_out:
-            with open(args.vocabulary_out, "w", encoding="utf-8") as fh:
-                json.dump(vocab, fh, indent=1, sort_keys=True)
-            print(f"category vocabulary written to {args.vocabulary_out}")
+    if vocab is not None and args.vocabulary_out:
+        with open(args.vocabulary_out, "w", encoding="utf-8") as fh:
+            json.dump(vocab, fh, indent=1, sort_keys=True)
+        print(f"category vocabulary written to {args.vocabulary_out}")
     return IngestResult(writes, reports, vocab)
 
 
 def ingest_main(argv: Optional[Sequence[str]] = None) -> Dict[str, int]:
-    """Run the import; returns {raw table: Delta version}. Rows written are printed (+N)."""
+    """Run the import; returns {raw table: Delta version}. Rows written are printed (+N).
+    Exit 2: too much of a source would be quarantined; 75: another writer holds the raw lease."""
     from pipelines.validate import QuarantineThresholdExceeded
 
     parser = ingest_parser()
@@ -374,6 +387,9 @@ def ingest_main(argv: Optional[Sequence[str]] = None) -> Dict[str, int]:
         result = run_ingest(spark, args)
     except QuarantineThresholdExceeded as err:
         parser.exit(2, f"error: {err}\n")
+    except RuntimeError as err:
+        lease.exit_on_refusal("ingest", err)
+        raise
     print_results(result.writes)
     print("rows written:", json.dumps(result.rows_written(), sort_keys=True))
     return {r.table: r.version for r in result.writes}
@@ -479,21 +495,52 @@ def _fail_fast(reasoned_by_source, reports: List[ValidationReport], max_frac: fl
               "build anyway.")
 
 
+def repair_command(lake: str) -> str:
+    return (f"python jobs/build_sequences.py --lake {lake} --repair-duplicates (with the run's "
+            f"other flags)")
+
+
+@dataclass(frozen=True)
+class _Writes:
+    """How this run writes: the lease's fence before each commit, and the duplicate policy."""
+
+    fence: Callable[[], None]
+    repair: bool
+    hint: str
+
+    def sync(self, spark, df, path: str, table: str, schema, key_cols, **kwargs) -> WriteResult:
+        return sync_table(spark, df, path, table, schema, key_cols, fence=self.fence,
+                          repair_duplicates=self.repair, repair_hint=self.hint, **kwargs)
+
+
 def run_build_sequences(spark, lake: str, cfg: BuildConfig = BuildConfig(),
-                        now: Optional[datetime] = None) -> BuildResult:
+                        now: Optional[datetime] = None, repair_duplicates: bool = False,
+                        lease_ttl_s: Optional[float] = None) -> BuildResult:
     """raw tables -> validated tables + quarantine -> sequences, context_rows, user_sequences.
 
     raw_events and raw_items are required; raw_users is optional (no users file: every user's
     demographics are unknown, and the users table is empty).
+
+    Holds the lake's ``build_sequences`` writer lease for the whole run (another live build of
+    the same lake -> ``lease.LeaseHeldError`` before anything is read or written). A key found
+    twice in an output table -> ``DuplicateKeyError`` naming table, key and repair command; with
+    ``repair_duplicates`` those keys' rows are deleted and recomputed instead.
     """
     now = now or datetime.now(timezone.utc)
     paths = C.LakePaths(lake)
-    for raw in (C.T_RAW_EVENTS, C.T_RAW_ITEMS):
-        if not table_exists(spark, paths.table(raw)):
+    for raw in (C.T_RAW_EVENTS, C.T_RAW_ITEMS):  # before the lease: a wrong path must not get
+        if not table_exists(spark, paths.table(raw)):  # a lease table; raw_users is optional
             raise FileNotFoundError(
                 f"no Delta table {raw} at {paths.table(raw)}: run generate_data or ingest first"
                 + (" (ingest writes raw_items from --items or --item-categories-from-events)"
                    if raw == C.T_RAW_ITEMS else ""))
+    with lease.held(lake, lease.SCOPE_BUILD, "build_sequences", lease_ttl_s) as writer:
+        return _build(spark, lake, cfg, now, _Writes(writer.check, repair_duplicates,
+                                                     repair_command(lake)))
+
+
+def _build(spark, lake: str, cfg: BuildConfig, now: datetime, how: _Writes) -> BuildResult:
+    paths = C.LakePaths(lake)
     in_versions = {t: table_version(spark, paths.table(t))
                    for t in (C.T_RAW_EVENTS, C.T_RAW_ITEMS, C.T_RAW_USERS)
                    if table_exists(spark, paths.table(t))}
@@ -522,30 +569,31 @@ def run_build_sequences(spark, lake: str, cfg: BuildConfig = BuildConfig(),
         _fail_fast({C.T_RAW_ITEMS: r_items, C.T_RAW_USERS: r_users, C.T_RAW_EVENTS: r_events},
                    reports, cfg.max_quarantine_frac)
 
-        writes.append(sync_table(spark, items, paths.table(C.T_ITEMS), C.T_ITEMS,
-                                 C.spark_schema(C.T_ITEMS), [C.ITEM_ID]))
-        writes.append(sync_table(spark, users, paths.table(C.T_USERS), C.T_USERS,
-                                 C.spark_schema(C.T_USERS), [C.USER_ID]))
-        writes.append(sync_table(spark, events, paths.table(C.T_EVENTS), C.T_EVENTS,
-                                 C.spark_schema(C.T_EVENTS), C.RAW_EVENTS_COLUMNS))
+        writes.append(how.sync(spark, items, paths.table(C.T_ITEMS), C.T_ITEMS,
+                               C.spark_schema(C.T_ITEMS), [C.ITEM_ID]))
+        writes.append(how.sync(spark, users, paths.table(C.T_USERS), C.T_USERS,
+                               C.spark_schema(C.T_USERS), [C.USER_ID]))
+        writes.append(how.sync(spark, events, paths.table(C.T_EVENTS), C.T_EVENTS,
+                               C.spark_schema(C.T_EVENTS), C.RAW_EVENTS_COLUMNS))
         writes.append(sync_quarantine(spark, q_items.unionByName(q_users).unionByName(q_events),
-                                      lake, [C.T_RAW_ITEMS, C.T_RAW_USERS, C.T_RAW_EVENTS], now))
+                                      lake, [C.T_RAW_ITEMS, C.T_RAW_USERS, C.T_RAW_EVENTS], now,
+                                      fence=how.fence))
     finally:
         for df in persisted:
             df.unpersist()
 
-    outputs, cutoffs, coverage = _build_outputs(spark, lake, cfg, now, writes)
+    outputs, cutoffs, coverage = _build_outputs(spark, lake, cfg, now, writes, how)
     writes.extend(outputs)
     return BuildResult({w.table: w.version for w in writes}, writes, reports, cutoffs, in_versions,
                        coverage)
 
 
-def _build_outputs(spark, lake: str, cfg: BuildConfig, now: datetime, earlier: List[WriteResult]
-                   ) -> Tuple[List[WriteResult], SplitCutoffs, SubjectCoverage]:
+def _build_outputs(spark, lake: str, cfg: BuildConfig, now: datetime, earlier: List[WriteResult],
+                   how: _Writes) -> Tuple[List[WriteResult], SplitCutoffs, SubjectCoverage]:
     from pyspark import StorageLevel
 
     paths = C.LakePaths(lake)
-    version_of = {w.table: w.version for w in earlier}
+    version_of = {r.table: r.version for r in earlier}
     events = read_table(spark, paths.table(C.T_EVENTS), version_of[C.T_EVENTS])
     items = read_table(spark, paths.table(C.T_ITEMS), version_of[C.T_ITEMS])
     events = derive_subjects(events, cfg.derive_subject, cfg.subject_window_minutes)
@@ -554,6 +602,7 @@ def _build_outputs(spark, lake: str, cfg: BuildConfig, now: datetime, earlier: L
     try:
         coverage = subject_coverage(conv, cfg.derive_subject, cfg.subject_window_minutes)
         print(coverage.line())
+        how.fence()
         store_coverage(spark, lake, coverage)
         cutoffs = resolve_cutoffs(spark, lake, conv, cfg.explicit_cutoffs(), cfg.val_frac,
                                   cfg.test_frac, now)
@@ -561,16 +610,17 @@ def _build_outputs(spark, lake: str, cfg: BuildConfig, now: datetime, earlier: L
         examples = examples_from_ranked(ranked, cfg.min_history).persist(
             StorageLevel.MEMORY_AND_DISK)
         out = [
-            sync_table(spark, build_sequences(examples, cutoffs), paths.table(C.T_SEQUENCES),
-                       C.T_SEQUENCES, C.spark_schema(C.T_SEQUENCES), C.SEQUENCES_KEY),
-            sync_table(spark, build_context_rows(examples, items, cfg.context_top_k),
-                       paths.table(C.T_CONTEXT_ROWS), C.T_CONTEXT_ROWS,
-                       C.spark_schema(C.T_CONTEXT_ROWS), C.CONTEXT_ROWS_KEY),
+            how.sync(spark, build_sequences(examples, cutoffs), paths.table(C.T_SEQUENCES),
+                     C.T_SEQUENCES, C.spark_schema(C.T_SEQUENCES), C.SEQUENCES_KEY),
+            how.sync(spark, build_context_rows(examples, items, cfg.context_top_k),
+                     paths.table(C.T_CONTEXT_ROWS), C.T_CONTEXT_ROWS,
+                     C.spark_schema(C.T_CONTEXT_ROWS), C.CONTEXT_ROWS_KEY),
         ]
         us_path = paths.table(C.T_USER_SEQUENCES)
-        out.append(sync_table(spark, user_sequences_from_ranked(ranked, cfg.max_len), us_path,
-                              C.T_USER_SEQUENCES, C.spark_schema(C.T_USER_SEQUENCES), [C.USER_ID],
-                              properties=CDF_PROPERTIES))
+        out.append(how.sync(spark, user_sequences_from_ranked(ranked, cfg.max_len), us_path,
+                            C.T_USER_SEQUENCES, C.spark_schema(C.T_USER_SEQUENCES), [C.USER_ID],
+                            properties=CDF_PROPERTIES))
+        how.fence()
         ensure_properties(spark, us_path, CDF_PROPERTIES)
         return out, cutoffs, coverage
     finally:
@@ -618,6 +668,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop before writing when more than this share of a raw table would be "
                         f"quarantined, with the top reasons; 1 = never stop "
                         f"(default {DEFAULT_MAX_QUARANTINE_FRAC})")
+    p.add_argument("--repair-duplicates", action="store_true",
+                   help="if an output table holds a key twice (left by overlapping runs of an older "
+                        "version), delete those keys' rows and recompute them in this run "
+                        "(default: stop with an error naming table and key)")
     return p
 
 
@@ -641,9 +695,12 @@ def build_sequences_main(argv: Optional[Sequence[str]] = None) -> Dict[str, obje
         parser.error(str(err))
     spark = _session(args, "ctt-build-sequences")
     try:
-        result = run_build_sequences(spark, args.lake, cfg, args.now)
+        result = run_build_sequences(spark, args.lake, cfg, args.now, args.repair_duplicates)
     except QuarantineThresholdExceeded as err:
         parser.exit(2, f"error: {err}\n")
+    except RuntimeError as err:
+        lease.exit_on_refusal("build_sequences", err)
+        raise
     print_results(result.writes)
     summary = result.summary()
     print("summary:", json.dumps(summary, sort_keys=True))

@@ -81,6 +81,18 @@ HIDDEN_STATE = "hidden_state"
 MODEL_VERSION = "model_version"
 STATE_TS = "state_ts"
 
+# Writer lease of a lake (pipelines/lease.py: <lake>/_meta/lease, one row per scope).
+LEASE_SCOPE = "scope"
+LEASE_OWNER = "owner"
+LEASE_JOB = "job"
+LEASE_HOST = "host"
+LEASE_NODE = "node"
+LEASE_PID = "pid"
+LEASE_PID_START = "pid_start"
+LEASE_ACQUIRED_AT = "acquired_at"
+LEASE_RENEWED_AT = "renewed_at"
+LEASE_EXPIRES_AT = "expires_at"
+
 # --------------------------------------------------------------------------------------
 # Tables (Delta, one folder each under the lake root)
 # --------------------------------------------------------------------------------------

@@ -7,26 +7,33 @@ data feed of ``user_sequences``). So instead of ``mode("overwrite")`` the derive
 *synchronised*: the new content is diffed against the current snapshot and
 
 * nothing changed -> no commit at all (an explicit no-op, reported as such);
-* only new rows -> one append commit;
-* otherwise -> one MERGE keyed by the table's unique row key that deletes vanished keys,
-  updates changed rows and inserts new ones, so untouched rows are not reported as changed
-  in the change data feed.
+* only new rows -> one insert-only MERGE keyed by the table's unique row key;
+* otherwise -> one MERGE keyed by the same key that deletes vanished keys, updates changed rows
+  and inserts new ones, so untouched rows are not reported as changed in the change data feed.
+
+Overlapping runs: no derived-table write is a blind append (Delta never conflict-checks those:
+two overlapping builds used to add the same new events twice). Every write reads the table it
+changes (MERGE, or replaceWhere for quarantine), so Delta refuses the second of two conflicting
+commits, and a write whose snapshot went stale is diffed again (``sync_table``). A key found
+twice in a table is reported with the way to repair it (``DuplicateKeyError``). The jobs also
+hold the lake's writer lease (``pipelines.lease``) so that two overlapping runs cannot each win
+some of the tables.
 
 A table written before its contract gained a nullable column gets the column appended first
 (``evolve_schema``, one extra commit, once); other schema differences are a clear error that
 says to rebuild the table.
 
 Raw tables (written by the generator and by ingest) are plain overwrites/appends: they *are*
-the input, there is nothing to diff them against.
+the input, there is nothing to diff them against; the ``raw`` lease keeps two writers apart.
 
 Tables are always created with the contract schema (``contracts.spark_schema``), so NOT NULL
 columns are enforced by Delta on every later write, whatever nullability Spark inferred.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, SparkSession
@@ -110,9 +117,15 @@ def read_table(spark: SparkSession, path: str, version: Optional[int] = None) ->
     return reader.load(path)
 
 
-def conform(df: DataFrame, schema: T.StructType) -> DataFrame:
-    """Select the schema's columns in order, cast to its types (nullability is left to Delta).
+def conform(df: DataFrame, schema: T.StructType, for_merge: bool = False) -> DataFrame:
+    """Select the schema's columns in order, cast to its types.
 
+    Top-level nullability is left to Delta (it enforces the table's NOT NULL columns on write).
+    ``for_merge``: array columns whose contract elements are NOT NULL also get that element type,
+    because a MERGE (every derived-table write) refuses to assign array<x> with nullable elements
+    to array<x not null> and no cast can do it; a null element then fails the write naming the
+    column (validation never lets one through), it is never dropped. Raw tables keep such
+    elements as ingested (appends are lenient), so validation can quarantine them.
     Raises a clear error for a missing column instead of letting a write fail deep inside Delta.
     An array column whose contract forbids null elements (``containsNull=False``) but whose
     expression may yield them (e.g. built with ``transform``) is checked row by row (a null
@@ -123,23 +136,21 @@ def conform(df: DataFrame, schema: T.StructType) -> DataFrame:
     if missing:
         raise ValueError(f"DataFrame lacks columns {missing}; has {df.columns}")
     current = {f.name: f.dataType for f in df.schema.fields}
-    return df.select([_conform_column(f, current[f.name]) for f in schema.fields])
+    return df.select([_conform_column(f, current[f.name], for_merge) for f in schema.fields])
 
 
-def _conform_column(field: T.StructField, current: T.DataType) -> Column:
+def _conform_column(field: T.StructField, have: T.DataType, for_merge: bool) -> Column:
     col = F.col(field.name)
-    target = field.dataType
-    if current.simpleString() != target.simpleString():
-        wide = (T.ArrayType(target.elementType, True) if isinstance(target, T.ArrayType)
-                else target)
-        col = col.cast(wide)
-    narrow = (isinstance(target, T.ArrayType) and not target.containsNull
-              and isinstance(current, T.ArrayType) and current.containsNull)
-    if narrow:
-        col = F.when(F.exists(col, lambda v: v.isNull()),
-                     F.raise_error(F.lit(f"column {field.name}: an array holds a null element, "
-                                         f"which the table contract forbids"))
-                     ).otherwise(F.array_compact(col))
+    want = field.dataType
+    arrays = isinstance(want, T.ArrayType) and isinstance(have, T.ArrayType)
+    if have.simpleString() != want.simpleString():  # simpleString ignores nullability
+        # no cast may drop element nullability: cast to the nullable variant, then as below
+        keep_nulls = for_merge and arrays and have.containsNull
+        col = col.cast(T.ArrayType(want.elementType, True) if keep_nulls else want)
+    if for_merge and arrays and have.containsNull and not want.containsNull:
+        message = F.lit(f"{field.name}: null element in an array whose elements are NOT NULL")
+        col = F.when(F.exists(col, lambda x: x.isNull()), F.raise_error(message)).otherwise(
+            F.array_compact(col))
     return col.alias(field.name)
 
 
@@ -265,29 +276,153 @@ def _metric(metrics: Dict[str, str], *names: str) -> int:
     return sum(int(metrics.get(n, 0) or 0) for n in names)
 
 
+class DuplicateKeyError(RuntimeError):
+    """A derived table holds a key more than once: no run of this code writes that, so it came
+    from overlapping runs of an older version or from a writer outside the pipeline."""
+
+    def __init__(self, table: str, path: str, key_cols: Sequence[str], n_keys: int,
+                 examples: List[Dict[str, object]], repair: str):
+        self.table, self.path, self.key_cols, self.n_keys = table, path, list(key_cols), n_keys
+        self.examples = examples
+        shown = "; ".join(", ".join(f"{k}={v}" for k, v in e.items()) for e in examples)
+        super().__init__(
+            f"{table} ({path}): {n_keys} key(s) of ({', '.join(key_cols)}) occur more than once, "
+            f"e.g. {shown}. Rows like these come from overlapping runs of an older version or "
+            f"from a writer outside the pipeline; this run wrote nothing to {table}. Repair: "
+            f"{repair} - it deletes every row of the duplicated keys in one commit and recomputes "
+            f"them from the inputs in the same run")
+
+
+class ConcurrentWriteError(RuntimeError):
+    """Another writer kept changing a table while this run synchronised it."""
+
+
+# Optimistic concurrency: a write whose snapshot went stale (another commit landed between the
+# read and the write, or around it) is diffed again against the newest version.
+SYNC_ATTEMPTS = 4
+REPAIR_HINT = "rerun the job that writes it with --repair-duplicates"
+
+
+def delta_conflicts() -> tuple:
+    """Delta's commit-conflict exceptions (the python classes share no common base)."""
+    from delta import exceptions as E
+
+    return (E.DeltaConcurrentModificationException, E.ConcurrentWriteException,
+            E.MetadataChangedException, E.ProtocolChangedException, E.ConcurrentAppendException,
+            E.ConcurrentDeleteReadException, E.ConcurrentDeleteDeleteException,
+            E.ConcurrentTransactionException)
+
+
+class _StaleRead(Exception):
+    """The table moved past the version this attempt read, before it wrote."""
+
+
+def duplicate_keys(df: DataFrame, key_cols: Sequence[str]) -> DataFrame:
+    """Keys of `df` that occur more than once, with their row count (null-safe: a null is a key)."""
+    return df.groupBy(*key_cols).agg(F.count(F.lit(1)).alias(_DUPS)).where(F.col(_DUPS) > 1)
+
+
+def delete_keys(spark: SparkSession, path: str, keys: DataFrame, key_cols: Sequence[str]) -> None:
+    """Delete every row whose key is in `keys`: one MERGE (conflict-checked like every write)."""
+    from delta.tables import DeltaTable
+
+    (DeltaTable.forPath(spark, path).alias("t")
+     .merge(keys.select(*key_cols).distinct().alias("s"), _null_safe_match(key_cols))
+     .whenMatchedDelete().execute())
+
+
+def check_duplicates(spark: SparkSession, table: str, path: str, df: DataFrame,
+                     key_cols: Sequence[str], repair: bool, repair_hint: str = REPAIR_HINT,
+                     fence: Optional[Callable[[], None]] = None) -> int:
+    """Raise DuplicateKeyError if `df` (a snapshot of the table at `path`) repeats a key, or with
+    `repair` delete every row of those keys (the caller then recomputes them). Returns the
+    number of keys deleted."""
+    dups = duplicate_keys(df, key_cols).persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        examples = dups.orderBy(*key_cols).limit(3).collect()
+        if not examples:
+            return 0
+        n_keys = dups.count()
+        if not repair:
+            raise DuplicateKeyError(table, path, key_cols, n_keys,
+                                    [{**{k: r[k] for k in key_cols}, "rows": r[_DUPS]}
+                                     for r in examples],
+                                    repair_hint)
+        if fence is not None:
+            fence()
+        delete_keys(spark, path, dups, key_cols)
+        print(f"{table}: repaired {n_keys} duplicated key(s) of ({', '.join(key_cols)}): their "
+              f"rows were deleted and are recomputed by this run", flush=True)
+        return n_keys
+    finally:
+        dups.unpersist()
+
+
 def sync_table(spark: SparkSession, df: DataFrame, path: str, table: str,
                schema: T.StructType, key_cols: Sequence[str],
                properties: Optional[Dict[str, str]] = None,
-               partition_by: Sequence[str] = ()) -> WriteResult:
+               partition_by: Sequence[str] = (), fence: Optional[Callable[[], None]] = None,
+               repair_duplicates: bool = False, repair_hint: str = REPAIR_HINT) -> WriteResult:
     """Make the Delta table at `path` hold exactly the rows of `df`, with at most one commit.
 
-    `key_cols` must identify a row uniquely in `df` (checked): a changed row is an update of its
-    key, a key that disappeared is deleted, a new key is inserted, identical rows are left alone.
-    Rows are compared column by column (arrays by value), so identical content is a no-op.
+    `key_cols` must identify a row uniquely in `df` (checked) and in the table (checked:
+    DuplicateKeyError, or with `repair_duplicates` the duplicated keys are deleted and rewritten):
+    a changed row is an update of its key, a key that disappeared is deleted, a new key is
+    inserted, identical rows are left alone. Rows are compared column by column (arrays by value),
+    so identical content is a no-op.
+
+    Concurrency: every write is a MERGE keyed on `key_cols` (never a blind append, which Delta
+    does not conflict-check), so a second writer can neither duplicate a row nor commit over a
+    conflicting one. A write that meets another writer's commit (a Delta conflict, or a newer
+    version than the one it diffed against) is diffed again against the newest version, so the
+    table ends holding exactly `df`; after SYNC_ATTEMPTS contested attempts ConcurrentWriteError.
+    `fence` is called right before each commit (the lake lease's check).
     """
-    df = conform(df, schema)
+    df = conform(df, schema, for_merge=True)
+    committed: Optional[WriteResult] = None
+    last: Optional[BaseException] = None
+    for _ in range(SYNC_ATTEMPTS):
+        try:
+            result, read_version = _sync_once(spark, df, path, table, schema, key_cols, properties,
+                                              partition_by, fence, repair_duplicates, repair_hint)
+        except (_StaleRead, *delta_conflicts()) as err:
+            last = err
+            continue
+        if not result.changed:  # a repeat after our own commit finds nothing left to do
+            return replace(committed, version=result.version) if committed else result
+        committed = result
+        if result.version == read_version + 1:
+            return result  # nobody committed between our read and our write
+        last = None  # another commit landed around ours: diff again to be sure of the content
+    raise ConcurrentWriteError(
+        f"{table} ({path}): another writer changed it during each of {SYNC_ATTEMPTS} attempts to "
+        f"synchronise it ({type(last).__name__ if last else 'commits around ours'}); this run "
+        f"stopped. Every attempt was one atomic commit or none: the table holds a complete "
+        f"version, no mix. Run the job again when the other writer has finished")
+
+
+def _sync_once(spark: SparkSession, df: DataFrame, path: str, table: str, schema: T.StructType,
+               key_cols: Sequence[str], properties: Optional[Dict[str, str]],
+               partition_by: Sequence[str], fence: Optional[Callable[[], None]],
+               repair_duplicates: bool, repair_hint: str) -> Tuple[WriteResult, int]:
+    """One diff + at most one commit. Returns (result, version the diff was made against; 0
+    for a table this attempt created, whose insert is then version 1 if nobody interfered)."""
     cols = [f.name for f in schema.fields]
     if not table_exists(spark, path):
         _check_unique(df, key_cols, table)
-        create_table(spark, path, schema, properties, partition_by)
-        df.write.format("delta").mode("append").save(path)
+        if fence is not None:
+            fence()
+        ensure_table(spark, path, schema, properties, partition_by)
+        _insert_new_keys(spark, path, key_cols, df)
         version, metrics = _last_commit(spark, path)
-        return WriteResult(table, path, version, True, inserted=_metric(metrics, "numOutputRows"),
-                           operation="create")
+        return (WriteResult(table, path, version, True, operation="create",
+                            inserted=_metric(metrics, "numTargetRowsInserted")), 0)
 
     evolve_schema(spark, path, table, schema)
     version = table_version(spark, path)
     old = read_table(spark, path, version)
+    if check_duplicates(spark, table, path, old, key_cols, repair_duplicates, repair_hint, fence):
+        raise _StaleRead()  # the repair committed: diff again against the repaired table
     # Keep changed rows, and unchanged ones whose key is repeated (to fail on them below).
     changed = (diff_rows(df, old, key_cols)
                .where((F.col(_STATUS) != "S") | (F.col(_DUPS) > 1))
@@ -299,19 +434,49 @@ def sync_table(spark: SparkSession, df: DataFrame, path: str, table: str,
         if any(d > 1 for _, d in stats.values()):
             raise ValueError(f"{table}: key {list(key_cols)} is not unique in the new content")
         if not stats:
-            return WriteResult(table, path, version, False, operation="noop")
+            return WriteResult(table, path, version, False, operation="noop"), version
         n_ins, n_del, n_upd = (stats.get(s, (0, 0))[0] for s in ("I", "D", "U"))
+        if fence is not None:
+            fence()
+        if table_version(spark, path) != version:
+            raise _StaleRead()
         if n_del == 0 and n_upd == 0:
-            changed.select(*cols).write.format("delta").mode("append").save(path)
-            op = "append"
+            _insert_new_keys(spark, path, key_cols, changed.select(*cols))
+            op = "insert"
         else:
             _merge_changes(spark, path, schema, key_cols, changed)
             op = "merge"
     finally:
         changed.unpersist()
-    version, _ = _last_commit(spark, path)
-    return WriteResult(table, path, version, True, inserted=n_ins, deleted=n_del, updated=n_upd,
-                       operation=op)
+    after = table_version(spark, path)
+    return (WriteResult(table, path, after, True, inserted=n_ins, deleted=n_del, updated=n_upd,
+                        operation=op), version)
+
+
+def ensure_table(spark: SparkSession, path: str, schema: T.StructType,
+                 properties: Optional[Dict[str, str]] = None, partition_by: Sequence[str] = ()) -> None:
+    """create_table, where losing a creation race to a concurrent creator is not an error."""
+    try:
+        create_table(spark, path, schema, properties, partition_by)
+    except delta_conflicts():
+        if not table_exists(spark, path):
+            raise
+
+
+def _insert_new_keys(spark: SparkSession, path: str, key_cols: Sequence[str],
+                     rows: DataFrame) -> None:
+    """Insert-only MERGE keyed on `key_cols`: a key the table already has is not inserted again.
+
+    Why not ``mode("append")``: an append is a blind write that Delta never conflict-checks, so two
+    runs that both computed the same new rows would both add them (the duplicated events and
+    examples of overlapping builds). The MERGE reads the table, so a concurrent writer's commit
+    is a conflict, and a replay after one finds the keys present.
+    """
+    from delta.tables import DeltaTable
+
+    (DeltaTable.forPath(spark, path).alias("t")
+     .merge(rows.alias("s"), _null_safe_match(key_cols))
+     .whenNotMatchedInsertAll().execute())
 
 
 def _check_unique(df: DataFrame, key_cols: Sequence[str], table: str) -> None:
@@ -347,7 +512,8 @@ QUARANTINE_PARTITION = (C.SOURCE_TABLE,)
 
 
 def sync_quarantine(spark: SparkSession, rows: DataFrame, lake: str,
-                    source_tables: Sequence[str], now: datetime) -> WriteResult:
+                    source_tables: Sequence[str], now: datetime,
+                    fence: Optional[Callable[[], None]] = None) -> WriteResult:
     """Make quarantine's partitions of `source_tables` hold exactly `rows`.
 
     `rows` has (row_json, source_table, reason), all with source_table in `source_tables`.
@@ -357,12 +523,39 @@ def sync_quarantine(spark: SparkSession, rows: DataFrame, lake: str,
     rows already quarantined keep their original `ingested_at` (matched by (source, reason,
     row_json, occurrence number)), new ones get `now`, and if the multiset is unchanged nothing is
     written. One diff, at most one commit, for all sources together.
+
+    Concurrency as in ``sync_table``: the replaceWhere overwrite reads the partitions it replaces
+    (Delta conflict-checks it), a stale snapshot is diffed again, ``fence`` runs before the commit.
     """
     if not source_tables:
         raise ValueError("source_tables is empty")
+    committed: Optional[WriteResult] = None
+    last: Optional[BaseException] = None
+    for _ in range(SYNC_ATTEMPTS):
+        try:
+            result, read_version = _sync_quarantine_once(spark, rows, lake, source_tables, now, fence)
+        except (_StaleRead, *delta_conflicts()) as err:
+            last = err
+            continue
+        if not result.changed:
+            return replace(committed, version=result.version) if committed else result
+        committed = result
+        if result.version == read_version + 1:
+            return result
+        last = None
+    raise ConcurrentWriteError(
+        f"{C.T_QUARANTINE}: another writer changed it during each of {SYNC_ATTEMPTS} attempts "
+        f"({type(last).__name__ if last else 'commits around ours'}); this run stopped. Run the "
+        f"job again when the other writer has finished")
+
+
+def _sync_quarantine_once(spark: SparkSession, rows: DataFrame, lake: str,
+                          source_tables: Sequence[str], now: datetime,
+                          fence: Optional[Callable[[], None]]) -> Tuple[WriteResult, int]:
+    """One diff + at most one commit of quarantine (see sync_quarantine)."""
     path = C.LakePaths(lake).table(C.T_QUARANTINE)
     schema = C.spark_schema(C.T_QUARANTINE)
-    create_table(spark, path, schema, partition_by=QUARANTINE_PARTITION)
+    ensure_table(spark, path, schema, None, QUARANTINE_PARTITION)
     version = table_version(spark, path)
     existing = (read_table(spark, path, version)
                 .where(F.col(C.SOURCE_TABLE).isin(*source_tables))
@@ -385,17 +578,21 @@ def sync_quarantine(spark: SparkSession, rows: DataFrame, lake: str,
             raise ValueError(f"quarantine rows from sources outside {list(source_tables)}")
         n_new_only, n_old_only = int(counts["new_only"]), int(counts["old_only"])
         if n_new_only == 0 and n_old_only == 0:
-            return WriteResult(C.T_QUARANTINE, path, version, False, operation="noop")
+            return WriteResult(C.T_QUARANTINE, path, version, False, operation="noop"), version
         final = joined.where(F.col(_IN_NEW)).select(
             C.ROW_JSON, C.SOURCE_TABLE, C.REASON,
             F.coalesce(F.col(C.INGESTED_AT), ts_literal(now)).alias(C.INGESTED_AT))
         sources = ", ".join(f"'{t}'" for t in source_tables)
+        if fence is not None:
+            fence()
+        if table_version(spark, path) != version:
+            raise _StaleRead()
         (conform(final, schema).write.format("delta").mode("overwrite")
          .option("replaceWhere", f"{C.SOURCE_TABLE} IN ({sources})").save(path))
     finally:
         joined.unpersist()
-    return WriteResult(C.T_QUARANTINE, path, table_version(spark, path), True,
-                       inserted=n_new_only, deleted=n_old_only, operation="replace")
+    return (WriteResult(C.T_QUARANTINE, path, table_version(spark, path), True,
+                        inserted=n_new_only, deleted=n_old_only, operation="replace"), version)
 
 
 def _epoch_micros(ts: datetime) -> int:

@@ -31,12 +31,13 @@ import argparse
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
 
 from pipelines import contracts as C
+from pipelines import lease
 
 DEFAULT_BATCH_SIZE = 1024
 # Columns local to this module's staging (not stored anywhere). TODO(lead) if others need them.
@@ -221,32 +222,62 @@ def _merge(spark, path: str, staged) -> None:
      .execute())
 
 
+def repair_command(lake: str, bundle_path: str) -> str:
+    return (f"python jobs/batch_inference.py --lake {lake} --bundle {bundle_path} "
+            f"--repair-duplicates (the users whose states it deletes are re-encoded as new users)")
+
+
 def run_batch_inference(spark, lake: str, bundle_path: str, batch_size: int = DEFAULT_BATCH_SIZE,
                         partitions: Optional[int] = None, now: Optional[datetime] = None,
+                        repair_duplicates: bool = False, lease_ttl_s: Optional[float] = None,
                         ) -> InferenceResult:
     """Encode the users that need it and MERGE their states into ``user_states``.
 
     ``partitions`` = tasks of the encoding stage (default: the cluster's default parallelism);
     ``now`` = the ``state_ts`` of this run (one value for all rows written).
-    """
-    from pyspark import StorageLevel
-    from pyspark.sql import functions as F
 
+    Overlapping runs: the run holds the lake's ``batch_inference`` writer lease (another live
+    run -> ``lease.LeaseHeldError`` before any work); its one write is a MERGE keyed on
+    ``user_id`` (on the first run too: never a blind append), made only if ``user_states`` is
+    still at the version it classified against, else ``ConcurrentWriteError`` and nothing is
+    written. A user_id found twice in ``user_states`` -> ``DuplicateKeyError`` with the repair
+    command; ``repair_duplicates`` deletes those users' states, which this run then re-encodes.
+    """
     from models.export import load_bundle
-    from pipelines.delta_io import create_table, read_table, table_exists, table_version
+    from pipelines.delta_io import table_exists
 
     now = now or datetime.now(timezone.utc)
     bundle_path = os.path.abspath(bundle_path)  # executors may run in another working directory
     model_version = load_bundle(bundle_path).model_version  # verifies the bundle on the driver
-    paths = C.LakePaths(lake)
-    seq_path, states_path = paths.table(C.T_USER_SEQUENCES), paths.table(C.T_USER_STATES)
-    if not table_exists(spark, seq_path):
+    seq_path = C.LakePaths(lake).table(C.T_USER_SEQUENCES)
+    if not table_exists(spark, seq_path):  # before the lease: a wrong path must not get one
         raise FileNotFoundError(f"no Delta table {C.T_USER_SEQUENCES} at {seq_path}; run "
                                 f"jobs/build_sequences.py first")
+    with lease.held(lake, lease.SCOPE_INFERENCE, "batch_inference", lease_ttl_s) as writer:
+        return _infer(spark, lake, bundle_path, model_version, batch_size, partitions, now,
+                      repair_duplicates, writer.check)
+
+
+def _infer(spark, lake: str, bundle_path: str, model_version: str, batch_size: int,
+           partitions: Optional[int], now: datetime, repair_duplicates: bool,
+           fence: Callable[[], None]) -> InferenceResult:
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    from pipelines.delta_io import (ConcurrentWriteError, check_duplicates, delta_conflicts,
+                                    ensure_table, read_table, table_exists, table_version)
+
+    paths = C.LakePaths(lake)
+    seq_path, states_path = paths.table(C.T_USER_SEQUENCES), paths.table(C.T_USER_STATES)
     seq_version = table_version(spark, seq_path)
     sequences = latest_sequences(read_table(spark, seq_path, seq_version))
     has_states = table_exists(spark, states_path)
-    states = read_table(spark, states_path) if has_states else None
+    states_version = table_version(spark, states_path) if has_states else None
+    states = read_table(spark, states_path, states_version) if has_states else None
+    if has_states and check_duplicates(spark, C.T_USER_STATES, states_path, states, [C.USER_ID],
+                                       repair_duplicates, repair_command(lake, bundle_path), fence):
+        states_version = table_version(spark, states_path)
+        states = read_table(spark, states_path, states_version)
 
     classified = classify_users(sequences, states, model_version).persist(StorageLevel.MEMORY_AND_DISK)
     encoded = None
@@ -272,11 +303,23 @@ def run_batch_inference(spark, lake: str, bundle_path: str, batch_size: int = DE
                          for f in C.spark_schema(C.T_USER_STATES).fields if f.name != C.USER_ID]
                 orphans = classified.where(F.col(_REASON) == REASON_ORPHAN).select(C.USER_ID, *blank)
                 staged = staged.unionByName(orphans.withColumn(_TAG, F.lit(_TAG_DELETE)))
-            if has_states:
+            fence()
+            if not has_states:  # first run: create, then the same keyed MERGE into the empty table
+                ensure_table(spark, states_path, C.spark_schema(C.T_USER_STATES))
+                states_version = 0
+            now_at = table_version(spark, states_path)
+            if now_at != states_version:
+                raise ConcurrentWriteError(
+                    f"{C.T_USER_STATES} moved from v{states_version} to v{now_at} while this run "
+                    f"encoded against v{states_version} (a writer that does not hold the lake's "
+                    f"lease); this run wrote nothing. Run it again")
+            try:
                 _merge(spark, states_path, staged)
-            else:  # first run: nothing to match, a plain append into the contract schema
-                create_table(spark, states_path, C.spark_schema(C.T_USER_STATES))
-                encoded.write.format("delta").mode("append").save(states_path)
+            except delta_conflicts() as err:
+                raise ConcurrentWriteError(
+                    f"{C.T_USER_STATES}: another writer committed while this run's MERGE ran "
+                    f"({type(err).__name__}); Delta refused this run's commit, nothing of it was "
+                    f"written. Run it again") from err
             committed = True
         version = table_version(spark, states_path) if (has_states or committed) else None
     finally:
@@ -304,6 +347,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--master", default=None, help="Spark master (default: spark-submit's or local[*])")
     p.add_argument("--no-feast-export", action="store_true",
                    help="skip refreshing the Parquet snapshots Feast materializes from")
+    p.add_argument("--repair-duplicates", action="store_true",
+                   help="if user_states holds a user twice (left by overlapping runs of an older "
+                        "version), delete that user's states and re-encode it in this run "
+                        "(default: stop with an error naming the users)")
     return p.parse_args(argv)
 
 
@@ -315,7 +362,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     spark = get_spark("ctt-batch-inference", master=args.master)
     tune_local_delta(spark)
     try:
-        result = run_batch_inference(spark, args.lake, args.bundle, args.batch_size, args.partitions)
+        result = run_batch_inference(spark, args.lake, args.bundle, args.batch_size, args.partitions,
+                                     repair_duplicates=args.repair_duplicates)
+    except RuntimeError as err:
+        lease.exit_on_refusal("batch_inference", err)
+        raise
     finally:
         spark.stop()  # a clean stop: local-cluster otherwise relaunches executors while exiting
     print(result.summary(), flush=True)

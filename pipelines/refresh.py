@@ -24,9 +24,13 @@ request can ever meet a state and a head of different versions. Keying rows by
 (user_id, model_version) would do the same inside one store but changes the Feast entity, the
 resolver's lookup and every existing store; the folder per version changes nothing that serves.
 
-Two guards make the procedure hard to get wrong (both raise ``RolloutError`` before any work):
+Three guards make the procedure hard to get wrong (all raise ``RolloutError`` before any work):
 - the Feast data folder records the version it serves (``VERSION_MARKER``); a refresh with
   another bundle is refused instead of pushing foreign states into a live store;
+- a Redis online store records it too, in the Redis db itself (``REDIS_VERSION_KEY``): two data
+  folders whose yaml point at the same Redis db share one keyspace (rows keyed by user_id
+  only), so a rollout into a db another version's store already uses is refused, whichever
+  folder it comes from;
 - a refresh whose bundle differs from the states already in the lake re-encodes EVERY user, so
   it must be asked for (``new_model=True`` / ``--new-model``), and then only into a fresh folder
   (or the one already marked with the new version, i.e. a retry or a rollback).
@@ -34,6 +38,7 @@ Two guards make the procedure hard to get wrong (both raise ``RolloutError`` bef
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -47,6 +52,10 @@ from pipelines.delta_io import WriteResult
 from pipelines.inference import DEFAULT_BATCH_SIZE, InferenceResult, run_batch_inference
 
 VERSION_MARKER = "ctt_model_version"  # file in the Feast data folder: the version it serves
+# Key in a Redis online store's db: JSON {model_version, feast_data} of the store that filled it.
+# Feast's own keys are serialized entity keys, so this plain name cannot collide with them;
+# FLUSHDB (the way to hand a db to another version) removes it with the rows.
+REDIS_VERSION_KEY = "ctt:served_model_version"
 REGISTRY_FILE = "registry.db"  # feature_store.yaml / redis.yaml: ${CTT_FEAST_DATA}/registry.db
 # First fill of a store: every row since the contract's earliest valid timestamp (Feast's own
 # materialize-incremental would start one year back for views with ttl=0).
@@ -156,6 +165,61 @@ def check_versions(model_version: str, lake_versions: Set[str], served: Optional
             f"with {model_version!r}; this folder holds a store of an unknown version")
 
 
+def _redis_client(store: Any) -> Optional[Any]:
+    """A redis-py client on the store's Redis db (None: the online store is not Redis). Built by
+    Feast's own Redis store, so host, db, password, ssl, cluster and sentinel settings are read
+    exactly as materialize and the resolver read them."""
+    config = store.config.online_store
+    if getattr(config, "type", None) != "redis":
+        return None
+    from feast.infra.online_stores.redis import RedisOnlineStore
+
+    return RedisOnlineStore()._get_client(config)
+
+
+def _redis_where(store: Any) -> str:
+    """host:port[,db=N] of the store's connection string, without credentials."""
+    parts = store.config.online_store.connection_string.split(",")
+    return ",".join(p for p in parts if "=" not in p or p.split("=", 1)[0].strip() == "db")
+
+
+def redis_store_version(store: Any) -> Optional[Dict[str, str]]:
+    """{model_version, feast_data} recorded in the store's Redis db; None if never marked (or
+    the store is not Redis)."""
+    client = _redis_client(store)
+    if client is None:
+        return None
+    raw = client.get(REDIS_VERSION_KEY)
+    return None if raw is None else json.loads(raw)
+
+
+def check_redis_store(store: Any, model_version: str, feast_data: str | Path) -> None:
+    """Refuse when the store's Redis db already serves another model version (any folder)."""
+    recorded = redis_store_version(store)
+    if recorded is None or recorded["model_version"] == model_version:
+        return
+    raise RolloutError(
+        f"the Redis online store {_redis_where(store)} already holds the states of model_version "
+        f"{recorded['model_version']!r} (filled through Feast data folder {recorded['feast_data']}); "
+        f"refusing to materialize {model_version!r} into it from {feast_data}: one Redis db is one "
+        f"keyspace (rows keyed by user_id), the other version's resolver would read these states. "
+        f"Give each version its own db (',db=N' in the connection_string of a copy of redis.yaml) "
+        f"or instance (docs/operations.md section 5), or FLUSHDB a db that no resolver reads any "
+        f"more")
+
+
+def claim_redis_store(store: Any, model_version: str, feast_data: str | Path) -> None:
+    """Record this version in the store's Redis db (SET NX), or refuse if another version's
+    store already did; a no-op for other online stores."""
+    client = _redis_client(store)
+    if client is None:
+        return
+    value = json.dumps({"model_version": model_version,
+                        "feast_data": str(Path(feast_data).resolve())})
+    if not client.set(REDIS_VERSION_KEY, value, nx=True):
+        check_redis_store(store, model_version, feast_data)
+
+
 def mark_store(feast_data: str | Path, model_version: str) -> None:
     """Record the version a store serves (written once, before anything goes online)."""
     folder = Path(feast_data)
@@ -243,6 +307,10 @@ def run_refresh(spark: Any, lake: str, bundle: str | Path, feast_data: str | Pat
     if store_is_fresh(feast_data) and not apply:
         raise FileNotFoundError(f"no Feast registry in {feast_data}: run `feast apply` there first "
                                 f"(or pass --apply)")
+    # a Redis db is claimed for this version now, before any work: of two rollouts racing for
+    # one db the second stops here
+    claim_redis_store(feast_ops.feature_store(lake, feast_data, repo_dir, fs_yaml_file),
+                      model_version, feast_data)
     seconds: Dict[str, float] = {}
 
     t0 = time.perf_counter()

@@ -1,9 +1,38 @@
-"""Shared fixtures: one real local SparkSession with Delta for the whole run."""
+"""Shared fixtures: one real local SparkSession with Delta for the whole run, and the rule for
+tests that need a service binary (redis-server, wrk)."""
 from __future__ import annotations
 
 import os
+import shutil
+from typing import Callable
 
 import pytest
+
+ENV_CI = "CI"
+
+
+def in_ci() -> bool:
+    return os.environ.get(ENV_CI, "").strip().lower() in ("1", "true", "yes")
+
+
+def _require_service(binary: str, why: str) -> str:
+    """Path of a service binary a test needs. Missing: skipped on a developer machine (saying
+    what to install), but FAILED when CI=true: a CI run that cannot install a service must go
+    red, not pass green without the tests that need it (.ci/services.sh installs them)."""
+    path = shutil.which(binary)
+    if path:
+        return path
+    message = f"{binary} is not installed ({why}); .ci/services.sh installs it"
+    if in_ci():
+        pytest.fail(f"{ENV_CI}=true and {message}: CI must run this test, not skip it",
+                    pytrace=False)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def require_service() -> Callable[[str, str], str]:
+    """``require_service("redis-server", "the Redis outage test")`` -> the binary's path."""
+    return _require_service
 
 
 @pytest.fixture(scope="session")

@@ -146,7 +146,7 @@ def test_sync_table_refuses_a_table_it_cannot_evolve(spark, tmp_path):
 
 def test_conform_narrows_array_columns_and_refuses_null_elements(spark):
     """Arrays built by `transform` may hold nulls as far as Spark knows; the contract's arrays may
-    not: conform re-types them (MERGE needs the exact type) and fails on a real null element."""
+    not: conform for a MERGE re-types them (MERGE needs the exact type) and fails on a real null element."""
     from pyspark.errors import PySparkException
 
     schema = C.spark_schema(C.T_CONTEXT_ROWS)
@@ -156,11 +156,12 @@ def test_conform_narrows_array_columns_and_refuses_null_elements(spark):
     def with_ids(fn):
         return base.withColumn(C.CONTEXT_CATEGORY_IDS, F.transform(C.CONTEXT_CATEGORY_IDS, fn))
 
-    ok = conform(with_ids(lambda c: c + 1), schema)
+    ok = conform(with_ids(lambda c: c + 1), schema, for_merge=True)
     assert ok.schema[C.CONTEXT_CATEGORY_IDS].dataType == schema[C.CONTEXT_CATEGORY_IDS].dataType
     assert ok.first()[C.CONTEXT_CATEGORY_IDS] == [3, 4]
-    bad = conform(with_ids(lambda c: F.when(c == 3, F.lit(None)).otherwise(c)), schema)
-    with pytest.raises(PySparkException, match="context_category_ids: an array holds a null"):
+    bad = conform(with_ids(lambda c: F.when(c == 3, F.lit(None)).otherwise(c)), schema,
+                  for_merge=True)
+    with pytest.raises(PySparkException, match="context_category_ids: null element in an array"):
         bad.collect()
 
 
@@ -176,7 +177,7 @@ def test_appended_events_change_only_affected_users(spark, lake):
     write_raw(spark, new, lake, C.T_RAW_EVENTS, mode="append")
     res = run_build_sequences(spark, lake, BUILD, now=NOW)
     ops = {w.table: w for w in res.writes}
-    assert ops[C.T_EVENTS].operation == "append" and ops[C.T_EVENTS].inserted == 3
+    assert ops[C.T_EVENTS].operation == "insert" and ops[C.T_EVENTS].inserted == 3
     assert ops[C.T_SEQUENCES].inserted == 2 and ops[C.T_SEQUENCES].deleted == 0
     assert ops[C.T_USER_SEQUENCES].updated == 2 and ops[C.T_USER_SEQUENCES].inserted == 0
     assert not ops[C.T_QUARANTINE].changed
@@ -266,7 +267,7 @@ def test_help_documents_every_option():
     out = subprocess.run([sys.executable, str(REPO / "jobs" / "build_sequences.py"), "--help"],
                          capture_output=True, text=True, check=True, cwd=REPO).stdout
     for flag in ("--lake", "--master", "--max-len", "--min-history", "--val-start", "--test-start",
-                 "--val-frac", "--test-frac", "--context-top-k", "--now"):
+                 "--val-frac", "--test-frac", "--context-top-k", "--now", "--repair-duplicates"):
         assert flag in out
 
 

@@ -171,9 +171,8 @@ def _ask(client: TestClient, user: int) -> Dict:
 
 
 @pytest.fixture
-def redis_server(tmp_path) -> Iterator[RedisServer]:
-    if REDIS is None:
-        pytest.skip("redis-server is not installed (.ci/services.sh installs Debian's package)")
+def redis_server(tmp_path, require_service) -> Iterator[RedisServer]:
+    require_service("redis-server", "a real Redis online store")
     server = RedisServer(tmp_path)
     server.start()
     yield server

@@ -59,6 +59,65 @@ def test_store_marker_round_trip_and_empty_marker_is_an_error(tmp_path):
         store_version(tmp_path / "f")
 
 
+# ------------------------------------------------------------------ one Redis db, two versions
+def _redis_yaml(path: Path, port: int, db: int) -> Path:
+    """feature_repo/redis.yaml with the test server's port and a db number."""
+    text = (feast_ops.FEATURE_REPO / "redis.yaml").read_text()
+    assert '"127.0.0.1:6379"' in text
+    path.write_text(text.replace('"127.0.0.1:6379"', f'"127.0.0.1:{port},db={db}"'))
+    return path
+
+
+@pytest.mark.spark
+@pytest.mark.integration
+def test_rollout_into_a_redis_db_another_version_uses_is_refused(spark, tmp_path, require_service):
+    """Two Feast data folders whose yaml point at the same Redis db share one keyspace; the folder
+    markers cannot see that. The first refresh claims the db for its version before any work;
+    a rollout of another version into that db (from a fresh folder, with --new-model) is then
+    refused before any work, the claim untouched; another db of the same Redis is fine."""
+    from test_reliability_online_store import RedisServer
+
+    from models.export import load_bundle
+    from pipelines.refresh import claim_redis_store, redis_store_version
+
+    require_service("redis-server", "a real Redis online store")
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        lake = str(tmp_path / "lake")  # no tables: every refresh here stops before Spark work
+        old_dir = RL.export_bundle(tmp_path, "model-old", seed=0)
+        new_dir = RL.export_bundle(tmp_path, "model-new", seed=1)
+        old_v, new_v = (load_bundle(d).model_version for d in (old_dir, new_dir))
+        data_old, data_new = tmp_path / "feast" / "old", tmp_path / "feast" / "new"
+        db0_old = _redis_yaml(tmp_path / "old.yaml", server.port, 0)
+        db0_new = _redis_yaml(tmp_path / "new-db0.yaml", server.port, 0)
+        db1_new = _redis_yaml(tmp_path / "new-db1.yaml", server.port, 1)
+
+        # the old version's first refresh into Redis db 0 claims it, then needs raw tables
+        with pytest.raises(FileNotFoundError, match=C.T_RAW_EVENTS):
+            run_refresh(spark, lake, old_dir, data_old, apply=True, fs_yaml_file=db0_old)
+        store_db0 = feast_ops.feature_store(lake, data_old, fs_yaml_file=db0_old)
+        assert redis_store_version(store_db0) == {"model_version": old_v,
+                                                  "feast_data": str(data_old.resolve())}
+
+        # the rollout of the new version into a fresh folder that points at the same db: refused
+        files = sorted((tmp_path / "lake").rglob("*"))
+        with pytest.raises(RolloutError, match=f"already holds the states of model_version '{old_v}'"):
+            run_refresh(spark, lake, new_dir, data_new, new_model=True, apply=True,
+                        fs_yaml_file=db0_new)
+        assert store_is_fresh(data_new) and store_version(data_new) is None
+        assert redis_store_version(store_db0)["model_version"] == old_v
+        assert sorted((tmp_path / "lake").rglob("*")) == files  # nothing ran: not even the lease
+
+        # its own db is fine (claimed for the new version); the old version's retry still is
+        store_db1 = feast_ops.feature_store(lake, data_new, fs_yaml_file=db1_new)
+        claim_redis_store(store_db1, new_v, data_new)
+        assert redis_store_version(store_db1)["model_version"] == new_v
+        claim_redis_store(store_db0, old_v, data_old)
+    finally:
+        server.kill()
+
+
 # ------------------------------------------------------------------ the whole sequence
 class Traffic(threading.Thread):
     """Requests to one resolver in a loop until stopped; keeps every answer or error."""

@@ -25,6 +25,7 @@ from models.cli import (LAST_CHECKPOINT, SUMMARY_FILE, TAG_RESUME_COUNT, TAG_RES
 from models.data import LABEL_ROW, ShardedBatches
 from models.export import load_bundle
 from models.synthetic_fixture import FixtureSpec, write_lake
+from models.tracking import TAG_ENDED_BY, TAG_OUT_DIR, TAG_PID
 from pipelines import contracts as C
 
 REPO = Path(__file__).resolve().parents[2]
@@ -182,6 +183,43 @@ def test_sigkill_after_a_checkpoint_then_rerun_resumes_to_the_uninterrupted_resu
           f"(weights sha256, {MONITOR} {list(ha.values())})")
 
 
+def test_run_killed_before_its_first_checkpoint_is_marked_killed_at_the_next_start(lake, tmp_path):
+    """Killed before any checkpoint, nothing closes the MLflow run: it stays RUNNING. The next
+    start of the same command (same out_dir) finds its process gone and marks it KILLED, then
+    trains a new run (there is nothing to resume)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    victim = start(train_command(lake, out), out / "train.log")
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    # the run exists once its config is logged as an artifact (fit start, before any step)
+    while (not list(out.glob("mlartifacts/*/artifacts/config.yaml")) and victim.poll() is None
+           and time.monotonic() < deadline):
+        time.sleep(0.05)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=60)
+    log = (out / "train.log").read_text(errors="replace")
+    assert victim.returncode == -signal.SIGKILL, (victim.returncode, log[-3000:])
+    assert not last_checkpoints(out), "killed too late: a checkpoint exists"
+    client = MlflowClient(f"sqlite:///{(out / 'mlflow.db').resolve()}")
+    exp = client.get_experiment_by_name("contextual_two_tower").experiment_id
+    (dead,) = client.search_runs([exp])
+    assert dead.info.status == "RUNNING"  # the condition: nobody closed it
+    assert dead.data.tags[TAG_PID] == str(victim.pid)
+    assert dead.data.tags[TAG_OUT_DIR] == str(out.resolve())
+
+    rerun_log = finish(start(train_command(lake, out, "--trainer.max_epochs", "1",
+                                           "--trainer.limit_train_batches", "2"), out / "rerun.log"),
+                       out / "rerun.log")
+    assert f"MLflow run {dead.info.run_id} of {out}: its process is gone (killed)" in rerun_log
+    runs = {r.info.run_id: r for r in client.search_runs([exp])}
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert set(runs) == {dead.info.run_id, summary["mlflow_run_id"]}
+    killed = runs[dead.info.run_id]
+    assert killed.info.status == "KILLED" and killed.info.end_time is not None
+    assert f"process {victim.pid}" in killed.data.tags[TAG_ENDED_BY]
+    assert runs[summary["mlflow_run_id"]].info.status == "FINISHED"
+
+
 def test_explicit_ckpt_path_must_exist(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         resume_checkpoint(tmp_path, str(tmp_path / "nope.ckpt"), auto_resume=True)
@@ -257,3 +295,57 @@ def test_ddp_on_two_cpu_processes_matches_single_process_and_writes_once(tmp_pat
     logged = max(history(client, b["mlflow_run_id"], MONITOR).values())
     n_val = len(ranks)
     assert abs(logged - recall) <= 1.0 / n_val + 1e-9, (logged, recall, n_val)  # a near-tie may flip
+
+
+DDP_ARGS = ("--trainer.strategy", "ddp", "--trainer.devices", "2", "--trainer.accelerator", "cpu",
+            "--data.batch_size", "32")
+
+
+@pytest.mark.slow  # three DDP runs (2 processes each), two of them side by side
+def test_ddp_run_sigkilled_after_a_checkpoint_resumes_to_the_uninterrupted_result(lake, tmp_path):
+    """The single-process kill + resume, on 2 DDP ranks: the whole process group (launcher = rank 0
+    and the rank-1 child) is SIGKILLed after the first epoch's checkpoint; the same command
+    resumes from it, restores both ranks' RNG states, and ends exactly where an uninterrupted DDP
+    run ends: same weights (bundle sha256), same per-epoch validation metrics, same test metrics,
+    one MLflow run continued. Tolerance as in the single-process test (gloo sums two ranks in a
+    fixed order, so DDP on CPU is as deterministic as one process)."""
+    clean_out, killed_out = tmp_path / "clean", tmp_path / "killed"
+    clean_out.mkdir(), killed_out.mkdir()
+    clean = start(train_command(lake, clean_out, *DDP_ARGS), clean_out / "train.log")
+    victim = start(train_command(lake, killed_out, *DDP_ARGS), killed_out / "train.log")
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while not last_checkpoints(killed_out) and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait(timeout=60)
+    assert victim.returncode == -signal.SIGKILL, (victim.returncode,
+                                                  (killed_out / "train.log").read_text()[-3000:])
+    assert not (killed_out / SUMMARY_FILE).exists(), "the run finished before the kill"
+    (ckpt,) = last_checkpoints(killed_out)
+    killed_at = ckpt_epoch(ckpt)
+    assert killed_at < 2
+
+    resumed_log = finish(start(train_command(lake, killed_out, *DDP_ARGS), killed_out / "resume.log"),
+                         killed_out / "resume.log")
+    assert f"RESUMING from checkpoint {ckpt}" in resumed_log
+    assert "restored the RNG states of 2 process(es)" in resumed_log
+    finish(clean, clean_out / "train.log")
+
+    a = json.loads((clean_out / SUMMARY_FILE).read_text())
+    b = json.loads((killed_out / SUMMARY_FILE).read_text())
+    assert b["mlflow_run_id"] == ckpt.parent.parent.name
+    assert load_bundle(b["bundle"]).manifest["files"][C.BUNDLE_WEIGHTS] == \
+        load_bundle(a["bundle"]).manifest["files"][C.BUNDLE_WEIGHTS]
+    assert a["model_version"] == b["model_version"]
+    for row, metrics in a["test"].items():
+        assert b["test"][row] == pytest.approx(metrics, abs=1e-9), row
+    ca, cb = MlflowClient(a["tracking_uri"]), MlflowClient(b["tracking_uri"])
+    for key in (MONITOR, "val/mrr"):
+        ha, hb = history(ca, a["mlflow_run_id"], key), history(cb, b["mlflow_run_id"], key)
+        assert len(ha) == 3 and hb.keys() == ha.keys(), key
+        assert [hb[k] for k in ha] == pytest.approx(list(ha.values()), abs=1e-9), key
+    run = cb.get_run(b["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags[TAG_RESUME_COUNT] == "1"
+    assert len(cb.search_runs([run.info.experiment_id])) == 1
+    print(f"\nDDP killed after the epoch-{killed_at} checkpoint; resumed == uninterrupted "
+          f"({MONITOR} {[round(v, 4) for v in history(ca, a['mlflow_run_id'], MONITOR).values()]})")

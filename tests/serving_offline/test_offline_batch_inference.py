@@ -131,3 +131,43 @@ def test_batch_inference_to_online_store(spark, tmp_path, bundles):
 def test_missing_user_sequences_is_a_clear_error(spark, tmp_path, bundles):
     with pytest.raises(FileNotFoundError, match="build_sequences"):
         run_batch_inference(spark, str(tmp_path / "empty_lake"), str(bundles.first))
+
+
+@pytest.mark.spark
+@pytest.mark.usefixtures("small_delta_snapshots")
+def test_duplicate_user_states_are_refused_with_the_repair_then_reencoded(spark, tmp_path, bundles):
+    """user_states with a user twice (what two overlapping first runs of the previous version left:
+    two blind appends) is refused, naming table, key and repair command, before anything is
+    encoded or written; ``repair_duplicates`` deletes those users' states and re-encodes them.
+    Every write to user_states, the first run's included, is one Delta conflict-checks."""
+    from delta.tables import DeltaTable
+    from pyspark.sql import functions as F
+
+    from pipelines.delta_io import DuplicateKeyError, read_table
+
+    lake = str(tmp_path / "lake")
+    hist = histories(n_users=12)
+    write_user_sequences(spark, lake, hist)
+    run_batch_inference(spark, lake, str(bundles.first), batch_size=16)
+    path = C.LakePaths(lake).table(C.T_USER_STATES)
+    twice = sorted(hist)[:2]
+    (read_table(spark, path).where(F.col(C.USER_ID).isin(twice))
+     .write.format("delta").mode("append").save(path))
+    version = delta_version(lake, C.T_USER_STATES)
+
+    with pytest.raises(DuplicateKeyError) as err:
+        run_batch_inference(spark, lake, str(bundles.first), batch_size=16)
+    msg = str(err.value)
+    assert msg.startswith(f"{C.T_USER_STATES} ({path}): 2 key(s) of ({C.USER_ID}) occur more than once")
+    assert f"{C.USER_ID}={twice[0]}" in msg
+    assert f"--lake {lake} --bundle {bundles.first.resolve()} --repair-duplicates" in msg
+    assert delta_version(lake, C.T_USER_STATES) == version
+
+    fixed = run_batch_inference(spark, lake, str(bundles.first), batch_size=16, repair_duplicates=True)
+    assert (fixed.encoded, fixed.new_users, fixed.committed) == (2, 2, True)
+    states = read_states(lake)
+    assert sorted(states[C.USER_ID]) == sorted(hist)
+    _assert_states_equal(lake, bundles.first, hist)
+    ours = [h for h in DeltaTable.forPath(spark, path).history().collect()
+            if h["operation"] == "MERGE"]
+    assert len(ours) == 3 and not any(h["isBlindAppend"] for h in ours)  # first run, repair, re-encode
