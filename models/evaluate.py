@@ -65,6 +65,13 @@ QUALITY_K = 100
 MIN_CHECK_EXAMPLES = 100  # fewer examples than this: a ratio is "not enough data"
 BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE = 1000, 0, 0.95
 STATUS_PASSED, STATUS_FAILED, STATUS_NOT_ENOUGH_DATA = "passed", "failed", "not enough data"
+# How the subject item relates to the converted item, from the catalog's category order
+# (strongest first: on a taxonomy the leaf, then its parent): where a model gains or loses
+# against a category lookup is a question of these slices, not of the overall mean.
+SUBJECT_IS_LABEL, SAME_LEAF, SAME_PARENT, OTHER = ("subject_is_label", "same_leaf", "same_parent",
+                                                   "other")
+RELATIONS = (SUBJECT_IS_LABEL, SAME_LEAF, SAME_PARENT, OTHER)
+SLICE_METRICS = (f"recall@{QUALITY_K}", f"ndcg@{NDCG_K}")
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,7 @@ class EvaluationResult:
     model_versions: Dict[str, str] = field(default_factory=dict)
     ks: Sequence[int] = DEFAULT_KS
     ranks: Dict[Tuple[str, str], TiedRanks] = field(default_factory=dict)  # per example, same order
+    slices: List[Dict[str, object]] = field(default_factory=list)  # real group by relation
 
     def metric(self, group: str, variant: str, name: str) -> float:
         for row in self.rows:
@@ -264,8 +272,50 @@ def evaluate_bundles(contextual: Bundle, sequence_only: Optional[Bundle], data: 
             metrics, ranks = evaluate_ranked(scorer, target, n_items, exclude, ks)
             result.rows.append(_row(group, variant, int(idx.numel()), metrics))
             result.ranks[group, variant] = ranks
+        if group == GROUP_REAL:
+            result.slices = relation_slices(result, sub, data.catalog.cat_ids)
     result.checks = quality_checks(result, n_resamples=n_resamples, seed=seed)
     return result
+
+
+def subject_relations(subject_rows: torch.Tensor, label_rows: torch.Tensor,
+                      cat_ids: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Each example's relation of subject to label, one (B,) bool mask per ``RELATIONS`` entry.
+
+    subject_rows, label_rows (B,) catalog rows (subject >= 0); cat_ids (N, C) each item's
+    categories strongest first, -1 = none. The first category is the leaf, the second its
+    parent; the masks are exclusive and cover every example, in the order listed.
+    """
+    def shared(col: int) -> torch.Tensor:
+        if cat_ids.shape[1] <= col:
+            return torch.zeros_like(label_rows, dtype=torch.bool)
+        s, lab = cat_ids[subject_rows, col], cat_ids[label_rows, col]  # (B,), (B,)
+        return (s == lab) & (lab >= 0)
+
+    same_item = subject_rows == label_rows
+    leaf = shared(0) & ~same_item
+    parent = shared(1) & ~same_item & ~leaf
+    return {SUBJECT_IS_LABEL: same_item, SAME_LEAF: leaf, SAME_PARENT: parent,
+            OTHER: ~(same_item | leaf | parent)}
+
+
+def relation_slices(result: EvaluationResult, sub: Dict[str, torch.Tensor],
+                    cat_ids: torch.Tensor) -> List[Dict[str, object]]:
+    """The real group's metrics per subject-label relation and variant, from the ranks already
+    computed (no scoring again): one row per (relation, variant) with at least one example."""
+    masks = subject_relations(sub[SUBJECT_ROW], sub[LABEL_ROW], cat_ids)
+    rows = []
+    for relation, mask in masks.items():
+        if not bool(mask.any()):
+            continue
+        for (group, variant), ranks in result.ranks.items():
+            if group != GROUP_REAL:
+                continue
+            per = per_query_metrics(TiedRanks(ranks.greater[mask], ranks.ties[mask]), result.ks)
+            rows.append({"group": GROUP_REAL, "relation": relation, "variant": variant,
+                         "n_examples": int(mask.sum()),
+                         **{m: float(per[m].mean()) for m in SLICE_METRICS}})
+    return rows
 
 
 def _shape_key(config: ModelConfig) -> tuple:
@@ -539,6 +589,7 @@ def format_markdown(result: EvaluationResult, latency: Optional[LatencyReport] =
             f"the rest), `{COOCCURRENCE}` (subject item -> converted item counts of the training "
             f"split, backed off to `{TOP_CATEGORY_POPULARITY}`), `{CATEGORY_POPULARITY}` "
             f"(popularity weighted by category affinity)"]
+    lines += format_slices(result.slices)
     plots = ["", "## Recall@K", "", f"![Recall@K per variant]({REPORT_PNG})", "",
              "## Catalog coverage", "",
              "Fraction of the catalog that appears in at least one top-100 list over the examples "
@@ -546,6 +597,26 @@ def format_markdown(result: EvaluationResult, latency: Optional[LatencyReport] =
              f"![Catalog coverage per variant]({REPORT_COVERAGE_PNG})"]
     head = ["# Retrieval evaluation (full corpus)", ""] + meta + ["", "## Comparison table", ""]
     return "\n".join(head + lines + plots + ["", format_latency_markdown(latency)]) + "\n"
+
+
+def format_slices(slices: Sequence[Dict[str, object]]) -> List[str]:
+    """The real group by subject-label relation: one row per relation, one column per variant."""
+    if not slices:
+        return []
+    variants = list(dict.fromkeys(str(s["variant"]) for s in slices))
+    cell = {(s["relation"], s["variant"]): s for s in slices}
+    lines = ["", "## By subject-label relation", "",
+             f"Examples with a subject item by how it relates to the converted item (`{SAME_LEAF}` "
+             f"= same strongest category, `{SAME_PARENT}` = same second category only); each cell "
+             f"{' / '.join(SLICE_METRICS)}.", "",
+             "| relation | n | " + " | ".join(variants) + " |", "|---|---:|" + "---|" * len(variants)]
+    for relation in RELATIONS:
+        present = [cell[relation, v] for v in variants if (relation, v) in cell]
+        if present:
+            values = " | ".join(" / ".join(f"{float(cell[relation, v][m]):.3f}" for m in SLICE_METRICS)
+                                if (relation, v) in cell else "" for v in variants)
+            lines.append(f"| {relation} | {present[0]['n_examples']} | {values} |")
+    return lines
 
 
 def checks_how(n_resamples: int, seed: int) -> str:
@@ -683,7 +754,7 @@ def write_report(result: EvaluationResult, out_dir: Path | str,
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT_MD).write_text(format_markdown(result, latency))
     (out / REPORT_JSON).write_text(json.dumps({
-        "rows": result.rows, "checks": result.checks, "ks": list(result.ks),
+        "rows": result.rows, "checks": result.checks, "slices": result.slices, "ks": list(result.ks),
         "model_versions": result.model_versions, "input_versions": result.input_versions,
         "latency": None if latency is None else asdict(latency),
     }, indent=2, sort_keys=True))

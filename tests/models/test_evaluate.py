@@ -132,3 +132,38 @@ def test_report_prints_intervals_and_checks_serialise_as_json():
     table = result.checks_table()
     assert table["check.real_context_vs_best_baseline_recall"]["ratio"] == pytest.approx(c["ratio"])
     assert np.isfinite(list(table["check.real_context_vs_best_baseline_ndcg"].values())).all()
+
+
+def test_subject_relations_are_exclusive_and_follow_the_category_order():
+    """Items 0-1 share leaf 10, item 2 is a sibling leaf (11) under parent 20, item 3 another
+    parent's leaf; item 4 has no category at all (never 'same leaf' as another such item)."""
+    cat_ids = torch.tensor([[10, 20], [10, 20], [11, 20], [12, 21], [-1, -1], [-1, -1]])
+    subject = torch.tensor([0, 0, 0, 0, 4])
+    label = torch.tensor([0, 1, 2, 3, 5])
+    masks = ev.subject_relations(subject, label, cat_ids)
+    assert list(masks) == list(ev.RELATIONS)
+    as_lists = {k: v.tolist() for k, v in masks.items()}
+    assert as_lists[ev.SUBJECT_IS_LABEL] == [True, False, False, False, False]
+    assert as_lists[ev.SAME_LEAF] == [False, True, False, False, False]
+    assert as_lists[ev.SAME_PARENT] == [False, False, True, False, False]
+    assert as_lists[ev.OTHER] == [False, False, False, True, True]
+    only_leaf = ev.subject_relations(subject, label, cat_ids[:, :1])  # no second category
+    assert only_leaf[ev.SAME_PARENT].tolist() == [False] * 5
+
+
+def test_relation_slices_recompute_metrics_from_the_stored_ranks():
+    result = ev.EvaluationResult(ks=(1, 100))
+    result.ranks[ev.GROUP_REAL, ev.CONTEXTUAL] = TiedRanks(torch.tensor([0, 5, 500, 0]),
+                                                           torch.tensor([0, 0, 0, 3]))
+    result.ranks[ev.GROUP_ALL, ev.CONTEXTUAL] = TiedRanks.exact(torch.tensor([900, 900, 900, 900]))
+    cat_ids = torch.tensor([[10, 20], [10, 20], [11, 20], [12, 21]])
+    sub = {ev.SUBJECT_ROW: torch.tensor([0, 0, 0, 0]), ev.LABEL_ROW: torch.tensor([0, 1, 2, 3])}
+    rows = {r["relation"]: r for r in ev.relation_slices(result, sub, cat_ids)}
+    assert set(rows) == set(ev.RELATIONS)  # the "all" group's ranks are not read
+    assert rows[ev.SUBJECT_IS_LABEL]["recall@100"] == 1.0
+    assert rows[ev.SAME_LEAF]["recall@100"] == 1.0
+    assert rows[ev.SAME_PARENT]["recall@100"] == 0.0
+    assert rows[ev.OTHER]["ndcg@10"] == pytest.approx(
+        float(ev.per_query_metrics(TiedRanks(torch.tensor([0]), torch.tensor([3])))["ndcg@10"][0]))
+    table = "\n".join(ev.format_slices(list(rows.values())))
+    assert "| same_parent | 1 | 0.000 / 0.000 |" in table
