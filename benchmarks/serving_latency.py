@@ -6,6 +6,8 @@ What it measures, per catalog size (default 100k and 1M items):
 - search only: per-query latency of ScaNN vs the exact numpy brute force (the baseline), ratio;
 - resolver in process: end-to-end `Resolver.recommend` latency p50/p99/p999 with the breakdown
   Feast lookup / head (context layer + MLP) / search, and the same with exact search;
+- head stage alone (micro-benchmark): `Resolver.head_stage` (context projection, demographics,
+  state check, query) on pre-read Feast rows, numpy head (served) vs the torch head;
 - HTTP: client-side latency of POST /recommend against a real `jobs/serve.py` (uvicorn) process
   on 127.0.0.1, keep-alive connection, one request at a time.
 
@@ -51,12 +53,18 @@ from models.two_tower import ContextualTwoTower, ModelConfig  # noqa: E402
 from pipelines import contracts as C  # noqa: E402
 from serving.index import (BACKEND_SCANN, ItemIndex, brute_force_topk, build_index,  # noqa: E402
                            recall_at_k)
-from serving.resolver import CONTEXT_TOP_K, Resolver  # noqa: E402
+from serving.resolver import CONTEXT_TOP_K, HEAD_NUMPY, HEAD_TORCH, Resolver  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "serving.json"
 TARGETS = {"in_process_p99_ms": 2.0, "http_p99_ms": 5.0, "scann_speedup_min": 20.0,
            "recall_at_100_min": 0.95}
+# Issue-16 bars: {"name", "value", "target", "met"}; "max" = the value must not exceed the target.
+BAR_SCALE = 1_000_000
+HEAD_BAR_DIM = 64
+BARS = (("inprocess_p99_ms_1m_random", 1.0, "max"), ("inprocess_p99_ms_1m_trained", 1.0, "max"),
+        ("http_p99_ms_1m", 3.0, "max"), ("scann_speedup_1m", 50.0, "min"),
+        ("scann_recall100_1m", 0.95, "min"), ("head_p50_ms_dim64", 0.1, "max"))
 N_CATEGORIES = 2000
 PERCENTILES = (50, 90, 99, 99.9)
 
@@ -243,6 +251,58 @@ def bench_in_process(resolver: Resolver, reqs: List[Dict[str, Any]], exact: bool
     return {"total_ms": pct(wall), **{f"{k}_ms": pct(v) for k, v in parts.items()}}
 
 
+def bench_head(resolver: Resolver, reqs: List[Dict[str, Any]], repeats: int = 5,
+               warmup: int = 200) -> Dict[str, Any]:
+    """The head stage alone: each request's Feast row is read once up front, then
+    ``Resolver.head_stage`` (what the "head" timing of a request covers) is timed ``repeats``
+    times per request, with the served numpy head and with the torch head of the same bundle."""
+    torch_resolver = Resolver(resolver.bundle, resolver.index, resolver.store, head=HEAD_TORCH,
+                              check_feature_service=False)
+    rows = []
+    for r in reqs:
+        look = resolver._lookup(r[C.USER_ID], r[C.SUBJECT_ITEM_ID])
+        rows.append((look, r[C.SUBJECT_ITEM_ID]))
+    out: Dict[str, Any] = {}
+    for name, res in ((HEAD_NUMPY, resolver), (HEAD_TORCH, torch_resolver)):
+        for look, item in rows[:warmup]:
+            res.head_stage(look, item, None, {})
+        samples = []
+        for look, item in rows[warmup:]:
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                res.head_stage(look, item, None, {})
+                samples.append((time.perf_counter() - t0) * 1e3)
+        out[f"{name}_ms"] = pct(samples)
+    out["speedup_p50"] = round(out[f"{HEAD_TORCH}_ms"]["p50"] / out[f"{HEAD_NUMPY}_ms"]["p50"], 2)
+    return out
+
+
+def bars(report: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The issue's bars from a report's results (value None and met False when not measured)."""
+    trained = report.get("model_weights", "").startswith("bundle")
+    at_scale = next((r for r in report["results"] if r["n_items"] == BAR_SCALE), None)
+    head_run = next((r for r in report["results"] if r["dim"] == HEAD_BAR_DIM), None)
+    values: Dict[str, Optional[float]] = {
+        "inprocess_p99_ms_1m_trained": None, "inprocess_p99_ms_1m_random": None,
+        "http_p99_ms_1m": None, "scann_speedup_1m": None, "scann_recall100_1m": None,
+        "head_p50_ms_dim64": head_run["head_only"][f"{HEAD_NUMPY}_ms"]["p50"] if head_run else None}
+    if at_scale is not None:
+        kind = "trained" if trained else "random"
+        values[f"inprocess_p99_ms_1m_{kind}"] = at_scale["in_process_scann"]["total_ms"]["p99"]
+        values["http_p99_ms_1m"] = at_scale["http"]["client_ms"]["p99"] if at_scale["http"] else None
+        values["scann_speedup_1m"] = at_scale["search_only"]["speedup_p50"]
+        values["scann_recall100_1m"] = at_scale["search_only"]["recall_at_100"]
+    out = []
+    for name, target, sense in BARS:
+        v = values[name]
+        met = v is not None and (v <= target if sense == "max" else v >= target)
+        bar = {"name": name, "value": v, "target": target, "met": met}
+        if v is None:
+            bar["note"] = "not measured by this run (scale, weights or HTTP not run)"
+        out.append(bar)
+    return out
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -318,6 +378,9 @@ def run_scale(n_items: int, model: ContextualTwoTower, config: ModelConfig, work
     search = bench_search(index, held_out[: args.search_queries])
     resolver = Resolver(bundle, index, store)
     reqs = request_stream(sc, args.requests, seed=2)
+    head_only = bench_head(resolver, reqs)
+    print(f"head stage p50: numpy {head_only['numpy_ms']['p50']:.4f} ms, torch "
+          f"{head_only['torch_ms']['p50']:.4f} ms", flush=True)
     in_proc = bench_in_process(resolver, reqs, exact=False)
     in_proc_exact = bench_in_process(resolver, reqs[: max(400, args.requests // 5)], exact=True)
     del resolver, store
@@ -328,7 +391,7 @@ def run_scale(n_items: int, model: ContextualTwoTower, config: ModelConfig, work
         "model_version": bundle.model_version,
         "index": {"build_seconds": m.build_seconds, "scann_params": m.scann,
                   "recall_at_100_manifest": round(m.recall_at_k, 4), "query_source": m.query_source},
-        "search_only": search,
+        "search_only": search, "head_only": head_only,
         "in_process_scann": in_proc, "in_process_brute_force": in_proc_exact, "http": http,
     }
     result["targets_met"] = {
@@ -351,6 +414,9 @@ def print_table(results: List[Dict[str, Any]]) -> None:
                      r["in_process_scann"]["feast_ms"]["p50"], r["in_process_scann"]["head_ms"]["p50"],
                      r["in_process_scann"]["search_ms"]["p50"])),
                 ("in-process (brute f.)", r["in_process_brute_force"]["total_ms"], "baseline"),
+                ("head stage: numpy", r["head_only"]["numpy_ms"], "served head"),
+                ("head stage: torch", r["head_only"]["torch_ms"],
+                 f"numpy speed-up x{r['head_only']['speedup_p50']:.1f} (p50)"),
                 ("search: ScaNN", r["search_only"]["scann_ms"],
                  f"recall@100 {r['search_only']['recall_at_100']:.4f}"),
                 ("search: brute force", r["search_only"]["brute_force_ms"],
@@ -406,7 +472,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                                      for k, v in vars(args).items()},
         "results": results,
     }
+    report["bars"] = bars(report)
     print_table(results)
+    for b in report["bars"]:
+        print(f"bar {b['name']}: {b['value']} (target {b['target']}) {'met' if b['met'] else 'NOT met'}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")

@@ -24,7 +24,7 @@ from serving.app import DEFAULT_MAX_BODY_BYTES
 from serving.index import (BACKENDS, DEFAULT_K, DEFAULT_N_QUERIES, DEFAULT_TARGET_RECALL,
                            build_index)
 from serving.errors import ServingError
-from serving.resolver import SKEW_POLICIES, SKEW_REFUSE, Resolver
+from serving.resolver import HEAD_BACKENDS, HEAD_NUMPY, SKEW_POLICIES, SKEW_REFUSE, Resolver
 
 LOG = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"  # loopback unless the operator asks otherwise
@@ -117,8 +117,11 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="Feast repo folder (feature_store.yaml; `feast apply` done)")
     p.add_argument("--skew-policy", choices=SKEW_POLICIES, default=SKEW_REFUSE,
                    help="cached state of another model version: refuse (409) or serve as cold start")
+    p.add_argument("--head", choices=HEAD_BACKENDS, default=HEAD_NUMPY,
+                   help="numpy: the head's weights copied to numpy at load (default, fastest); "
+                        "torch: the model's own query_from_state (same function)")
     p.add_argument("--torch-threads", type=int, default=1,
-                   help="intra-op threads of the head; 1 is fastest for one-row requests")
+                   help="intra-op threads of the torch head; 1 is fastest for one-row requests")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help="request bodies above this many bytes are answered 413 before parsing "
                         f"(default {DEFAULT_MAX_BODY_BYTES})")
@@ -129,11 +132,11 @@ def serve_parser() -> argparse.ArgumentParser:
 def make_resolver(args: argparse.Namespace) -> Resolver:
     if args.bundle is not None:
         return Resolver.from_paths(args.bundle, args.index, args.feature_repo,
-                                   skew_policy=args.skew_policy)
+                                   skew_policy=args.skew_policy, head=args.head)
     return Resolver.from_mlflow(run_id=args.mlflow_run_id, model_name=args.mlflow_model,
                                 version=args.mlflow_version, index_dir=args.index,
                                 feature_repo_dir=args.feature_repo, tracking_uri=args.tracking_uri,
-                                skew_policy=args.skew_policy)
+                                skew_policy=args.skew_policy, head=args.head)
 
 
 def serve_main(argv: Optional[List[str]] = None) -> int:
