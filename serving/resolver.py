@@ -27,7 +27,7 @@ import math
 import sqlite3
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -139,7 +139,12 @@ class Response:
     timings: Dict[str, float] = field(default_factory=dict)  # ms: feast, head, search, total
 
     def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+        """A plain dict (fields are flat: a shallow copy; dataclasses.asdict's deep walk over the
+        item pairs costs ~0.25 ms per answer)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["items"] = list(self.items)
+        out["timings"] = dict(self.timings)
+        return out
 
 
 @dataclass
@@ -216,12 +221,27 @@ class Resolver:
         return cls(bundle, _index_for(bundle, index_dir), _feature_store(feature_repo_dir),
                    skew_policy=skew_policy, head=head)
 
+    def after_fork(self) -> None:
+        """Called in each worker process forked from the one that loaded this resolver: the
+        bundle, head and index are shared read-only (copy-on-write pages), the online-store
+        connection is the worker's own."""
+        self._online.after_fork()
+
     # ------------------------------------------------------------------ request path
     def recommend(self, user_id: int, subject_item_id: Optional[int] = None,
                   categories: Optional[Sequence[Tuple[int, float]]] = None,
                   demographics: Optional[Mapping[str, Any]] = None, k: int = 100,
                   exact: bool = False) -> Response:
         """Top-k items for a user in a context. Raises ServingError subclasses on visible failures."""
+        return self.recommend_with_query(user_id, subject_item_id, categories, demographics, k,
+                                         exact)[0]
+
+    def recommend_with_query(self, user_id: int, subject_item_id: Optional[int] = None,
+                             categories: Optional[Sequence[Tuple[int, float]]] = None,
+                             demographics: Optional[Mapping[str, Any]] = None, k: int = 100,
+                             exact: bool = False) -> Tuple[Response, np.ndarray]:
+        """`recommend` and the query vector (D,) it searched with (replay scores other items
+        with it)."""
         t_start = time.perf_counter()
         user_id = _check_id(user_id, C.USER_ID)
         k = _check_k(k)
@@ -246,13 +266,13 @@ class Resolver:
         if state is not None and look.state_ts is not None:
             age_s = max(0.0, time.time() - look.state_ts)
         return Response(
-            items=[(int(i), float(s)) for i, s in zip(ids, scores)],
+            items=list(zip(ids.tolist(), scores.tolist())),  # python ints and floats
             model_version=self.model_version, state_model_version=look.state_version,
             state_age_seconds=age_s, cold_start=state is None, cold_start_reason=cold_reason,
             context_source=context_source,
             index_backend="brute_force" if exact else self.index.backend,
             timings={"feast": _ms(t0, t1), "head": _ms(t1, t2), "search": _ms(t2, t3),
-                     "total": _ms(t_start, t3)})
+                     "total": _ms(t_start, t3)}), query
 
     def head_stage(self, look: _Lookup, subject_item_id: Optional[int],
                    categories: Optional[Sequence[Tuple[int, float]]],
