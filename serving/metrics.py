@@ -54,16 +54,35 @@ def values_in_files() -> bool:
 
 
 def prepare_multiprocess_dir(path: Path) -> int:
-    """Delete the metric files a previous server run left in the folder (they would otherwise be
-    merged into this run's totals); returns how many. This process's own files stay: libraries
-    (Feast) create metrics at import, and their open memory maps must keep their files."""
+    """Delete the metric files that processes no longer alive left in the folder (an earlier
+    server run: they would otherwise be merged into this run's totals); returns how many. Files
+    of live processes stay: this process's own (libraries such as Feast create metrics at import
+    and their memory maps must keep their files) and those of any other live process sharing the
+    folder."""
     if not path.is_dir():
         raise ValueError(f"{MULTIPROC_ENV}={path} is not an existing folder")
-    own = f"_{os.getpid()}.db"
-    stale = [f for f in path.glob("*.db") if not f.name.endswith(own)]
+    stale = [f for f in path.glob("*.db") if not _pid_alive(_file_pid(f))]
     for f in stale:
-        f.unlink()
+        f.unlink(missing_ok=True)
     return len(stale)
+
+
+def _file_pid(path: Path) -> Optional[int]:
+    """prometheus-client names its files <kind>_<pid>.db."""
+    tail = path.stem.rsplit("_", 1)[-1]
+    return int(tail) if tail.isdigit() else None
+
+
+def _pid_alive(pid: Optional[int]) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 def mark_worker_dead(pid: int) -> None:

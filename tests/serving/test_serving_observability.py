@@ -102,6 +102,7 @@ class Server:
     metrics_dir: Path
     log_dir: Path
     proc: subprocess.Popen
+    dead_pid: int  # a finished process whose metrics file the server must remove at start-up
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,9 @@ def server(serving_env, tmp_path_factory) -> Iterator[Server]:
     repo = copy_repo(serving_env, root / "store")
     metrics_dir = root / "prom"
     metrics_dir.mkdir()
-    (metrics_dir / "counter_999999.db").write_bytes(b"left over by an earlier run")
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    (metrics_dir / f"counter_{finished.pid}.db").write_bytes(b"left over by an earlier run")
     port = free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
     proc = subprocess.Popen(
@@ -122,7 +125,8 @@ def server(serving_env, tmp_path_factory) -> Iterator[Server]:
     base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(base, proc)
-        yield Server(base, repo, root / "store" / "online.db", metrics_dir, root / "log", proc)
+        yield Server(base, repo, root / "store" / "online.db", metrics_dir, root / "log", proc,
+                     finished.pid)
     finally:
         stop(proc)
 
@@ -190,7 +194,7 @@ def test_metrics_add_up_every_worker(server, traffic, serving_env):
                                         "head": "numpy"}]
     # The earlier run's file was removed at start-up, and both workers wrote their own files.
     names = {p.name for p in server.metrics_dir.iterdir()}
-    assert "counter_999999.db" not in names
+    assert f"counter_{server.dead_pid}.db" not in names
     assert len({n.rsplit("_", 1)[1] for n in names if n.startswith("counter_")}) >= 2
 
 
