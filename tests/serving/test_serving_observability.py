@@ -359,3 +359,53 @@ def test_replay_counts_version_skew_instead_of_dropping(server, traffic, candida
     summary, _ = replay(resolver, read_records([server.log_dir]))
     assert summary["requests"] == 11
     assert summary["errors"] == {"version_skew": 10} and summary["replayed"] == 1
+
+
+# ---------------------------------------------------------------------- wrk against 2 workers
+def _load_test_module():
+    """benchmarks/load_test.py, imported as the benchmark runs it (its folder on sys.path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ctt_load_test", REPO_ROOT / "benchmarks" / "load_test.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_wrk_load_on_two_workers_has_no_errors_and_the_server_counts_it(serving_env, tmp_path,
+                                                                        require_service):
+    """The load test's wrk driver (Lua pool, parsed summary) against `--workers 2`: every answer
+    a 200, and the server's /metrics counted what wrk received (plus at most the requests in
+    flight when wrk stopped)."""
+    require_service("wrk", "the serving load test")
+    load_test = _load_test_module()
+    items = serving_env.catalog[C.ITEM_ID].to_numpy()
+    pool = [{C.USER_ID: u, C.SUBJECT_ITEM_ID: int(items[u * 7]), "k": 20} for u in range(1, 30)]
+    pool += [{C.USER_ID: NO_STATE_USER, "k": 20}]
+    script = load_test.wrk_script(pool, tmp_path / "pool.lua")
+    repo = copy_repo(serving_env, tmp_path / "store")
+    metrics_dir = tmp_path / "prom"
+    metrics_dir.mkdir()
+    port = free_port()
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "jobs" / "serve.py"), "--port", str(port),
+         "--bundle", str(serving_env.bundle_dir), "--index", str(serving_env.index_dir),
+         "--feature-repo", str(repo), "--workers", "2", "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, proc)
+        before = load_test.server_counts(base)
+        got = load_test.run_wrk(base, script, threads=2, connections=8, seconds=3)
+        after = load_test.server_counts(base)
+        assert len(load_test.server_pids(proc.pid)) == 3  # master + 2 workers
+    finally:
+        stop(proc)
+    assert got["requests"] > 50 and got["error_count"] == 0
+    assert got["statuses"] == {"200": got["requests"]}
+    assert got["latency_ms"]["p50"] <= got["latency_ms"]["p99"] <= got["latency_ms"]["max"]
+    served = after.get("200:ok", 0) - before.get("200:ok", 0)
+    assert got["requests"] <= served <= got["requests"] + 8
+    assert set(after) == {"200:ok"}
