@@ -60,11 +60,13 @@ RESULTS = REPO_ROOT / "benchmarks" / "results" / "serving.json"
 TARGETS = {"in_process_p99_ms": 2.0, "http_p99_ms": 5.0, "scann_speedup_min": 20.0,
            "recall_at_100_min": 0.95}
 # Issue-16 bars: {"name", "value", "target", "met"}; "max" = the value must not exceed the target.
+# The HTTP bars (http_p99_ms_1m, http_rps_32conn) are benchmarks/load_test.py's: measured with
+# wrk there, not with this script's Python client, whose own tail would dominate.
 BAR_SCALE = 1_000_000
 HEAD_BAR_DIM = 64
 BARS = (("inprocess_p99_ms_1m_random", 1.0, "max"), ("inprocess_p99_ms_1m_trained", 1.0, "max"),
-        ("http_p99_ms_1m", 3.0, "max"), ("scann_speedup_1m", 50.0, "min"),
-        ("scann_recall100_1m", 0.95, "min"), ("head_p50_ms_dim64", 0.1, "max"))
+        ("scann_speedup_1m", 50.0, "min"), ("scann_recall100_1m", 0.95, "min"),
+        ("head_p50_ms_dim64", 0.1, "max"))
 N_CATEGORIES = 2000
 PERCENTILES = (50, 90, 99, 99.9)
 
@@ -284,12 +286,11 @@ def bars(report: Dict[str, Any]) -> List[Dict[str, Any]]:
     head_run = next((r for r in report["results"] if r["dim"] == HEAD_BAR_DIM), None)
     values: Dict[str, Optional[float]] = {
         "inprocess_p99_ms_1m_trained": None, "inprocess_p99_ms_1m_random": None,
-        "http_p99_ms_1m": None, "scann_speedup_1m": None, "scann_recall100_1m": None,
+        "scann_speedup_1m": None, "scann_recall100_1m": None,
         "head_p50_ms_dim64": head_run["head_only"][f"{HEAD_NUMPY}_ms"]["p50"] if head_run else None}
     if at_scale is not None:
         kind = "trained" if trained else "random"
         values[f"inprocess_p99_ms_1m_{kind}"] = at_scale["in_process_scann"]["total_ms"]["p99"]
-        values["http_p99_ms_1m"] = at_scale["http"]["client_ms"]["p99"] if at_scale["http"] else None
         values["scann_speedup_1m"] = at_scale["search_only"]["speedup_p50"]
         values["scann_recall100_1m"] = at_scale["search_only"]["recall_at_100"]
     out = []
@@ -298,7 +299,7 @@ def bars(report: Dict[str, Any]) -> List[Dict[str, Any]]:
         met = v is not None and (v <= target if sense == "max" else v >= target)
         bar = {"name": name, "value": v, "target": target, "met": met}
         if v is None:
-            bar["note"] = "not measured by this run (scale, weights or HTTP not run)"
+            bar["note"] = "not measured by this run (1M scale or these weights not run)"
         out.append(bar)
     return out
 
