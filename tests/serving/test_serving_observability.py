@@ -409,3 +409,30 @@ def test_wrk_load_on_two_workers_has_no_errors_and_the_server_counts_it(serving_
     served = after.get("200:ok", 0) - before.get("200:ok", 0)
     assert got["requests"] <= served <= got["requests"] + 8
     assert set(after) == {"200:ok"}
+
+
+def test_one_process_server_without_a_metrics_folder_counts_its_answers(serving_env):
+    """The default deployment: `jobs/serve.py` (uvicorn, one process), PROMETHEUS_MULTIPROC_DIR
+    unset in its environment; /metrics still counts every answer."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PROMETHEUS_MULTIPROC_DIR", "PROMETHEUS_MULTIPROCESS_DIR",
+                        "prometheus_multiproc_dir")}
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "jobs" / "serve.py"), "--port", str(port),
+         "--bundle", str(serving_env.bundle_dir), "--index", str(serving_env.index_dir),
+         "--feature-repo", str(serving_env.repo_dir), "--log-level", "warning"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(base, proc)
+        with httpx.Client(base_url=base, timeout=10) as client:
+            for user in (1, 2, STALE_USER):
+                client.post("/recommend", json={C.USER_ID: user, "k": 3})
+            got = samples(client.get("/metrics").text)
+    finally:
+        stop(proc)
+    assert value(got, "ctt_requests_total", endpoint="/recommend", status="200", outcome="ok") == 2
+    assert value(got, "ctt_requests_total", endpoint="/recommend", status="409",
+                 outcome="version_skew") == 1
+    assert value(got, "ctt_stage_duration_seconds_count", stage="search") == 2
