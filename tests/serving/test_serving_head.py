@@ -1,4 +1,5 @@
-"""NumpyHead: the same function as the model's torch ``query_from_state``, on exported bundles.
+"""NumpyHead: the same function as the model's torch ``query_from_state``, on exported bundles
+and on a bundle trained by the project's trainer.
 
 Every configuration the head supports is exported with models.export and loaded back with
 load_bundle (safetensors round trip), then compared with the torch head within 1e-5 on batches
@@ -9,6 +10,7 @@ skip scales of exactly 1, zero query bias of the cross-attention).
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -120,3 +122,34 @@ def test_resolver_numpy_head_matches_its_torch_head(serving_env, resolver):
         want = torch_resolver.query_embedding(user, **kw)
         np.testing.assert_allclose(got, want, atol=TOL, rtol=0)
 
+
+
+@pytest.fixture(scope="module")
+def trained_bundle(tmp_path_factory):
+    """A bundle trained by the project's trainer (configs/test_tiny.yaml: 2 short epochs on the
+    pandas-built synthetic lake), with the subject item and the tower skip paths switched on."""
+    from models.cli import train_main
+    from models.synthetic_fixture import FixtureSpec, write_lake
+
+    root = tmp_path_factory.mktemp("trained_head")
+    write_lake(root / "lake", FixtureSpec())
+    config = Path(__file__).resolve().parents[2] / "configs" / "test_tiny.yaml"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        summary = train_main(["--config", str(config), "--data.lake_root", str(root / "lake"),
+                              "--out_dir", str(root / "run"), "--run_name", "head",
+                              "--model.model_config.use_subject_item", "true",
+                              "--model.model_config.tower_skip", "true"])
+    return load_bundle(summary["bundle"])
+
+
+def test_numpy_head_matches_a_trained_bundle(trained_bundle):
+    bundle = trained_bundle
+    assert bundle.config.use_subject_item and bundle.config.tower_skip
+    assert float(bundle.model.user_skip) != 1.0  # trained away from its initial value
+    head = NumpyHead(bundle.model)
+    state, ids, w, age, country, gender, subject = _inputs(bundle, 128, seed=5)
+    for st in (state, None):
+        want = _torch(bundle, st, ids, w, age, country, gender, subject)
+        np.testing.assert_allclose(head.query(st, ids, w, age, country, gender, subject), want,
+                                   atol=TOL, rtol=0)
