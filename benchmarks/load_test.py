@@ -164,7 +164,8 @@ def build_deployment(work: Path, n_items: int, n_users: int, n_subject: int,
              "bundle_export_seconds": round(t_bundle, 1),
              "index_build_seconds": index.manifest.build_seconds,
              "index_recall_at_100": round(index.manifest.recall_at_k, 4),
-             "index_scann_params": index.manifest.scann}
+             "index_scann_params": index.manifest.scann,
+             "index_search_ms_at_build": index.manifest.search_ms}
     return Deployment(bundle_dir, index_dir, repo, requests, facts)
 
 

@@ -391,7 +391,8 @@ def run_scale(n_items: int, model: ContextualTwoTower, config: ModelConfig, work
         "n_items": n_items, "dim": config.dim, "state_dim": config.state_dim,
         "model_version": bundle.model_version,
         "index": {"build_seconds": m.build_seconds, "scann_params": m.scann,
-                  "recall_at_100_manifest": round(m.recall_at_k, 4), "query_source": m.query_source},
+                  "recall_at_100_manifest": round(m.recall_at_k, 4), "query_source": m.query_source,
+                  "search_ms_at_build": m.search_ms, "tuning_candidates": m.tuning_candidates},
         "search_only": search, "head_only": head_only,
         "in_process_scann": in_proc, "in_process_brute_force": in_proc_exact, "http": http,
     }
