@@ -11,8 +11,10 @@ What it measures, per catalog size (default 100k and 1M items):
 - HTTP: client-side latency of POST /recommend against a real `jobs/serve.py` (uvicorn) process
   on 127.0.0.1, keep-alive connection, one request at a time.
 
-Set-up (all real code paths): a model (untrained, seeded, default ModelConfig - or `--bundle` to
-take a trained model's weights) is exported with `models.export.export_bundle` over a synthetic
+Set-up (all real code paths): a model (untrained, seeded, default ModelConfig; `--train` to
+train one here with the project's trainer on the repo's synthetic lake - configs/contextual.yaml
+on models.synthetic_fixture, reproducible from the seeds - or `--bundle` to take a trained
+model's weights) is exported with `models.export.export_bundle` over a synthetic
 catalog of N items, so the item embeddings are the model's item tower over synthetic ids and
 categories. Users' states come from `encode_user_state` over random histories and are written to
 a Feast repo with a SQLite online store (the production definitions from feature_repo/ when that
@@ -20,6 +22,7 @@ folder has them, else stand-ins with the same contract names), together with pro
 categories of the subject items used by the requests.
 
 Usage: python benchmarks/serving_latency.py [--scales 100000 1000000] [--requests 5000] [--quick]
+       python benchmarks/serving_latency.py --train --scales 1000000 --out benchmarks/results/serving_trained.json
 Writes benchmarks/results/serving.json and prints a table. Figures depend on the machine and its
 load (recorded in the json); they are measurements, nothing here is hard-coded.
 """
@@ -221,6 +224,22 @@ def request_stream(sc: Scenario, n: int, seed: int) -> List[Dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------- measurements
+def train_bundle(work: Path, users: int, items: int, epochs: int) -> Path:
+    """A contextual bundle trained here (configs/contextual.yaml, dim 64) on the synthetic lake of
+    models.synthetic_fixture: the trained-weights figures come from the repo alone."""
+    from models.cli import train_main
+    from models.synthetic_fixture import FixtureSpec, write_lake
+
+    lake = work / "train_lake"
+    write_lake(lake, FixtureSpec(n_users=users, n_items=items, n_categories=max(10, items // 20)))
+    summary = train_main(["--config", str(REPO_ROOT / "configs" / "contextual.yaml"),
+                          "--data.lake_root", str(lake), "--out_dir", str(work / "train"),
+                          "--run_name", "serving-bench", "--trainer.max_epochs", str(epochs),
+                          "--trainer.enable_progress_bar", "false",
+                          "--tracking_uri", f"sqlite:///{work / 'mlflow.db'}"])
+    return Path(summary["bundle"])
+
+
 def bench_search(index: ItemIndex, queries: np.ndarray, k: int = 100) -> Dict[str, Any]:
     scann_ms, bf_ms = [], []
     for q in queries:
@@ -440,7 +459,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--search-queries", type=int, default=500)
     p.add_argument("--users", type=int, default=5000)
     p.add_argument("--subject-items", type=int, default=20000)
-    p.add_argument("--bundle", type=Path, default=None, help="take model weights from this bundle")
+    src_group = p.add_mutually_exclusive_group()
+    src_group.add_argument("--bundle", type=Path, default=None,
+                           help="take model weights from this bundle")
+    src_group.add_argument("--train", action="store_true",
+                           help="train the weights here (configs/contextual.yaml on the synthetic lake)")
+    p.add_argument("--train-users", type=int, default=5000)
+    p.add_argument("--train-items", type=int, default=5000)
+    p.add_argument("--train-epochs", type=int, default=5)
     p.add_argument("--no-http", action="store_true")
     p.add_argument("--quick", action="store_true", help="20k items, few requests (smoke run)")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -451,15 +477,23 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.subject_items, args.search_queries = 2000, 200
     torch.set_num_threads(1)  # as ctt-serve does: one-row heads are fastest single-threaded
     torch.manual_seed(0)
-    if args.bundle is not None:
-        src = load_bundle(args.bundle)
-        model, config, weights = src.model, src.config, f"bundle {src.model_version}"
-    else:
-        config = ModelConfig()
-        model, weights = ContextualTwoTower(config).eval(), "untrained (seed 0)"
     load_before = os.getloadavg()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="ctt-bench-serving-"))
     try:
+        if args.train:
+            t0 = time.perf_counter()
+            args.bundle = train_bundle(work, args.train_users, args.train_items, args.train_epochs)
+            print(f"trained {args.bundle} in {time.perf_counter() - t0:.0f}s", flush=True)
+            torch.set_num_threads(1)  # the trainer may have changed it
+        if args.bundle is not None:
+            src = load_bundle(args.bundle)
+            how = (f"trained here: configs/contextual.yaml, synthetic lake {args.train_users} users "
+                   f"x {args.train_items} items, {args.train_epochs} epochs" if args.train
+                   else f"from {args.bundle}")
+            model, config, weights = src.model, src.config, f"bundle {src.model_version} ({how})"
+        else:
+            config = ModelConfig()
+            model, weights = ContextualTwoTower(config).eval(), "untrained (seed 0)"
         results = [run_scale(n, model, config, work, args) for n in args.scales]
     finally:
         if args.work_dir is None:
