@@ -1,4 +1,4 @@
-"""HTTP front of the resolver: POST /recommend, GET /health, GET /version (FastAPI).
+"""HTTP front of the resolver: POST /recommend, GET /health, GET /version, GET /metrics (FastAPI).
 
 Why so thin: all behaviour lives in `Resolver`; the app only validates the request shape
 (pydantic -> 422 with the offending field), maps each `ServingError` to its status code and never
@@ -15,16 +15,22 @@ Starlette's server-error layer and the routes:
 - `InternalErrors` turns an unexpected exception into a complete 500 answer and does NOT re-raise
   it. Starlette's own handler for `Exception` re-raises after answering, and uvicorn then closes
   the keep-alive connection, so the client's next request on it fails.
+Outside both, `Observe` counts every answer by status and outcome (the error code of the body)
+and times it for /metrics (serving.metrics). Recommendations are answered with orjson (~80x
+faster than the standard encoder on 100 (id, score) pairs) and, when a request log is
+configured, a sampled share is written to it (serving.request_log).
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
+import time
 from typing import Annotated, Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, create_model, model_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -32,6 +38,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from pipelines import contracts as C
 from serving.errors import (HTTP_ERROR_CODES, INTERNAL_ERROR, INVALID_REQUEST, REQUEST_TOO_LARGE,
                             ServingError, error_body)
+from serving.metrics import OUTCOME_OK, ServingMetrics, build_labels
+from serving.request_log import RequestLog, make_record
 from serving.resolver import MAX_CATEGORY_ID, MAX_K, Resolver
 
 LOG = logging.getLogger(__name__)
@@ -198,12 +206,78 @@ class InternalErrors:
             await _error(500, INTERNAL_ERROR, f"{type(exc).__name__}: {exc}")(scope, receive, send)
 
 
-def create_app(resolver: Resolver, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """An app bound to one loaded resolver (one model version per process)."""
+class FastJSONResponse(JSONResponse):
+    """JSON rendered by orjson (numbers exactly as the standard encoder writes them)."""
+
+    def render(self, content: Any) -> bytes:
+        import orjson
+
+        return orjson.dumps(content)
+
+
+class Observe:
+    """Outermost layer: every answer counted by endpoint, status and outcome, and timed.
+
+    The outcome of an error is read from its body (every error of the app has the one shape of
+    `serving.errors.error_body`), so the counters use the same codes the clients see. An
+    exception that escapes (a half-sent answer) counts as `internal_error` and is re-raised.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: ServingMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = 500
+        error_chunks: List[bytes] = []
+
+        async def observing_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and status >= 400:
+                error_chunks.append(message.get("body", b""))
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observing_send)
+        except Exception:
+            self.metrics.observe_request(scope["path"], 500, INTERNAL_ERROR, time.perf_counter() - t0)
+            raise
+        outcome = OUTCOME_OK if status < 400 else _error_code(b"".join(error_chunks), status)
+        self.metrics.observe_request(scope["path"], status, outcome, time.perf_counter() - t0)
+
+
+def _error_code(body: bytes, status: int) -> str:
+    try:
+        code = json.loads(body).get("error")
+    except (ValueError, AttributeError):
+        code = None
+    return code if isinstance(code, str) else f"http_{status}"
+
+
+def create_app(resolver: Resolver, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               metrics: Optional[ServingMetrics] = None,
+               request_log: Optional[RequestLog] = None) -> FastAPI:
+    """An app bound to one loaded resolver (one model version per process).
+
+    `metrics` None: a fresh `ServingMetrics` (multi-process when PROMETHEUS_MULTIPROC_DIR is
+    set). `request_log` None or with sample rate 0: no request log.
+    """
     app = FastAPI(title="contextual two-tower retrieval", version=resolver.model_version)
-    # add_middleware puts the last one added outermost: InternalErrors wraps BodyLimit.
+    metrics = metrics if metrics is not None else ServingMetrics()
+    metrics.set_build_info(build_labels(resolver.model_version, resolver.index.manifest,
+                                        resolver.head_backend))
+    app.state.metrics = metrics
+    app.state.request_log = request_log
+    # add_middleware puts the last one added outermost: Observe wraps InternalErrors wraps BodyLimit.
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(InternalErrors)
+    app.add_middleware(Observe, metrics=metrics)
 
     @app.exception_handler(ServingError)
     async def _serving_error(_: Request, exc: ServingError) -> JSONResponse:
@@ -226,18 +300,26 @@ def create_app(resolver: Resolver, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES)
         return _error(exc.status_code, HTTP_ERROR_CODES.get(exc.status_code, "http_error"),
                       str(exc.detail))
 
+    # `async def`: the resolver runs on the worker's event loop, one request at a time in arrival
+    # order. As a plain `def` it ran in a thread pool where up to 40 requests interleave under
+    # the GIL, which multiplied the tail under concurrent load; a request costs ~1 ms of CPU, so
+    # the loop is never blocked for long. Concurrency comes from worker processes (--workers).
     @app.post("/recommend")
-    def recommend(req: RecommendRequest) -> JSONResponse:  # type: ignore[valid-type]
+    async def recommend(req: RecommendRequest) -> JSONResponse:  # type: ignore[valid-type]
         body = req.model_dump()  # type: ignore[attr-defined]
         demo = body["demographics"]
+        body["demographics"] = {key: v for key, v in demo.items() if v is not None} if demo else None
         resp = resolver.recommend(
             body[C.USER_ID], subject_item_id=body[C.SUBJECT_ITEM_ID],
-            categories=body["categories"],
-            demographics={key: v for key, v in demo.items() if v is not None} if demo else None,
+            categories=body["categories"], demographics=body["demographics"],
             k=body["k"], exact=body["exact"])
-        # JSONResponse directly: FastAPI's generic encoder walks the 100 (id, score) pairs one by
-        # one and costs more than the whole ScaNN search.
-        return JSONResponse(content=resp.to_dict())
+        metrics.observe_recommendation(resp.timings, resp.cold_start_reason, resp.state_age_seconds)
+        out = resp.to_dict()
+        if request_log is not None and request_log.sampled():
+            request_log.write(make_record(body, out, resolver.index.manifest))
+        # A response class directly: FastAPI's generic encoder walks the 100 (id, score) pairs
+        # one by one and costs more than the whole ScaNN search.
+        return FastJSONResponse(content=out)
 
     @app.get("/health")
     def health() -> JSONResponse:
@@ -247,5 +329,10 @@ def create_app(resolver: Resolver, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES)
     @app.get("/version")
     def version() -> Dict[str, Any]:
         return resolver.version()
+
+    @app.get("/metrics")
+    def prometheus_metrics() -> Response:
+        body, content_type = metrics.exposition()
+        return Response(content=body, media_type=content_type)
 
     return app

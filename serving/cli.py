@@ -24,7 +24,10 @@ from serving.app import DEFAULT_MAX_BODY_BYTES
 from serving.index import (BACKENDS, DEFAULT_K, DEFAULT_N_QUERIES, DEFAULT_TARGET_RECALL,
                            build_index)
 from serving.errors import ServingError
-from serving.resolver import SKEW_POLICIES, SKEW_REFUSE, Resolver
+from serving.metrics import (MULTIPROC_ENV, ServingMetrics, mark_worker_dead, multiprocess_dir,
+                             prepare_multiprocess_dir, values_in_files)
+from serving.request_log import RequestLog
+from serving.resolver import HEAD_BACKENDS, HEAD_NUMPY, SKEW_POLICIES, SKEW_REFUSE, Resolver
 
 LOG = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"  # loopback unless the operator asks otherwise
@@ -117,11 +120,22 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="Feast repo folder (feature_store.yaml; `feast apply` done)")
     p.add_argument("--skew-policy", choices=SKEW_POLICIES, default=SKEW_REFUSE,
                    help="cached state of another model version: refuse (409) or serve as cold start")
+    p.add_argument("--head", choices=HEAD_BACKENDS, default=HEAD_NUMPY,
+                   help="numpy: the head's weights copied to numpy at load (default, fastest); "
+                        "torch: the model's own query_from_state (same function)")
     p.add_argument("--torch-threads", type=int, default=1,
-                   help="intra-op threads of the head; 1 is fastest for one-row requests")
+                   help="intra-op threads of the torch head; 1 is fastest for one-row requests")
     p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help="request bodies above this many bytes are answered 413 before parsing "
                         f"(default {DEFAULT_MAX_BODY_BYTES})")
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes (gunicorn + uvicorn workers forked after the bundle and "
+                        "index are loaded, so they share them read-only); > 1 needs "
+                        f"{MULTIPROC_ENV} (an existing folder) for /metrics to add up all workers")
+    p.add_argument("--request-log", type=Path, default=None,
+                   help="folder of the structured request log (requests-<pid>.jsonl per worker)")
+    p.add_argument("--request-log-sample-rate", type=float, default=0.0,
+                   help="share of answered recommendations written to --request-log (0 = off)")
     p.add_argument("--log-level", default="info")
     return p
 
@@ -129,11 +143,11 @@ def serve_parser() -> argparse.ArgumentParser:
 def make_resolver(args: argparse.Namespace) -> Resolver:
     if args.bundle is not None:
         return Resolver.from_paths(args.bundle, args.index, args.feature_repo,
-                                   skew_policy=args.skew_policy)
+                                   skew_policy=args.skew_policy, head=args.head)
     return Resolver.from_mlflow(run_id=args.mlflow_run_id, model_name=args.mlflow_model,
                                 version=args.mlflow_version, index_dir=args.index,
                                 feature_repo_dir=args.feature_repo, tracking_uri=args.tracking_uri,
-                                skew_policy=args.skew_policy)
+                                skew_policy=args.skew_policy, head=args.head)
 
 
 def serve_main(argv: Optional[List[str]] = None) -> int:
@@ -142,6 +156,15 @@ def serve_main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     if args.max_body_bytes < 0:
         parser.error(f"--max-body-bytes must be >= 0, got {args.max_body_bytes}")
+    if args.workers < 1:
+        parser.error(f"--workers must be >= 1, got {args.workers}")
+    if not 0.0 <= args.request_log_sample_rate <= 1.0:
+        parser.error(f"--request-log-sample-rate must be in [0, 1], got {args.request_log_sample_rate}")
+    if args.request_log_sample_rate > 0 and args.request_log is None:
+        parser.error("--request-log-sample-rate needs --request-log FOLDER")
+    if args.workers > 1 and not (values_in_files() and multiprocess_dir()):
+        parser.error(f"--workers {args.workers} needs {MULTIPROC_ENV} set to an existing folder in "
+                     f"the server's environment (each worker writes its metrics there)")
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
@@ -151,13 +174,56 @@ def serve_main(argv: Optional[List[str]] = None) -> int:
 
     torch.set_num_threads(args.torch_threads)
     try:
+        if multiprocess_dir() is not None:
+            removed = prepare_multiprocess_dir(Path(multiprocess_dir()))
+            LOG.info("metrics folder %s: %d files of an earlier run removed", multiprocess_dir(),
+                     removed)
         resolver = make_resolver(args)
+        metrics = ServingMetrics()
+        request_log = (RequestLog(args.request_log, args.request_log_sample_rate)
+                       if args.request_log is not None else None)
     except startup_errors(with_mlflow=args.bundle is None) as exc:
         return report_startup_error(parser.prog, exc)
     LOG.info("resolver ready: %s", json.dumps(resolver.version()))
-    uvicorn.run(create_app(resolver, max_body_bytes=args.max_body_bytes), host=args.host,
-                port=args.port, log_level=args.log_level, workers=1)
+    app = create_app(resolver, max_body_bytes=args.max_body_bytes, metrics=metrics,
+                     request_log=request_log)
+    if args.workers == 1:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, workers=1)
+    else:
+        run_workers(app, resolver, args)
     return 0
+
+
+def run_workers(app: object, resolver: Resolver, args: argparse.Namespace) -> None:
+    """gunicorn master + `args.workers` uvicorn workers forked from this process.
+
+    The app (bundle, numpy head, ScaNN index) is built once here and inherited by every worker
+    through fork: the read-only arrays stay shared copy-on-write pages instead of one copy per
+    worker. Each worker then opens its own online-store connection (`Resolver.after_fork`), and
+    a worker that exits has its live metrics files marked dead.
+    """
+    from gunicorn.app.base import BaseApplication
+
+    settings = {
+        "bind": f"{args.host}:{args.port}",
+        "workers": args.workers,
+        "worker_class": "uvicorn_worker.UvicornWorker",
+        "preload_app": True,
+        "keepalive": 5,  # uvicorn's own default keep-alive (s)
+        "loglevel": args.log_level,
+        "post_fork": lambda _server, _worker: resolver.after_fork(),
+        "child_exit": lambda _server, worker: mark_worker_dead(worker.pid),
+    }
+
+    class _Server(BaseApplication):
+        def load_config(self) -> None:
+            for key, value in settings.items():
+                self.cfg.set(key, value)
+
+        def load(self) -> object:
+            return app
+
+    _Server().run()
 
 
 if __name__ == "__main__":  # pragma: no cover - use the console scripts or jobs/

@@ -9,6 +9,10 @@ Why this module looks the way it does:
 - Recall is a *measured* property, not a hope: the build tunes ScaNN's search-time knobs
   (leaves to search, pre-reorder candidates) on one half of a query sample until recall@k against
   brute force reaches the target, then reports recall on the *other* half in the manifest.
+  Among the settings that reach it (the fewest leaves with the fewest candidates, and a few
+  settings with more leaves but fewer candidates), the one with the lowest median one-query
+  latency is kept - the way the resolver searches - and the manifest records every candidate
+  with its recall and latency, and the chosen one's search p50/p99.
 - Brute force (numpy matmul + argpartition) is both the oracle (``exact=True``) and the backend for
   catalogs so small that a tree cannot beat one matmul.
 - Positions, not ids, live inside ScaNN. Its optional docid mapping is a pickle
@@ -63,8 +67,15 @@ SCANN_ASSETS = "scann_assets.pbtxt"  # ScaNN's list of its asset files (text pro
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".pt", ".pth", ".ckpt")
 
 # Search-time grid, cheapest first. Fractions of the leaves to visit x multiples of k to reorder.
-_LEAF_FRACTIONS: Tuple[float, ...] = (0.02, 0.04, 0.07, 0.1, 0.15, 0.2, 0.3, 0.45, 0.7, 1.0)
-_REORDER_MULTIPLES: Tuple[int, ...] = (5, 10, 20)
+# Fine steps where near-random catalogs land (a fifth to a third of the leaves: one step of the
+# grid is a step of the search latency).
+_LEAF_FRACTIONS: Tuple[float, ...] = (0.01, 0.02, 0.03, 0.04, 0.05, 0.07, 0.1, 0.12, 0.15, 0.18,
+                                      0.21, 0.25, 0.3, 0.37, 0.45, 0.55, 0.7, 1.0)
+_REORDER_MULTIPLES: Tuple[int, ...] = (2, 5, 10, 20, 40)
+# After the first leaf fraction that reaches the target, this many larger fractions are tried too
+# (each with its own smallest sufficient reorder): more leaves can need far fewer candidates.
+_EXTRA_FRACTIONS = 2
+_LATENCY_QUERIES = 200  # one-query searches timed per candidate setting
 
 
 # --------------------------------------------------------------------------------------
@@ -200,6 +211,10 @@ class IndexManifest:
     scann_version: str
     files_sha256: Dict[str, str] = field(default_factory=dict)  # path relative to the folder
     manifest_version: int = MANIFEST_VERSION
+    # ScaNN only: one-query search latency of the chosen setting at build (ms: p50, p99, mean)
+    # and every setting that reached the tuning target ({leaves, reorder, recall, p50/p99/mean}).
+    search_ms: Optional[Dict[str, float]] = None
+    tuning_candidates: Optional[List[Dict[str, float]]] = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -306,33 +321,84 @@ def _build_scann(embeddings: np.ndarray, params: ScannParams) -> object:
     return builder.build()
 
 
-def tune_search(index: ItemIndex, queries: np.ndarray, exact_pos: np.ndarray, k: int,
-                target: float) -> Tuple[ScannParams, float]:
-    """Cheapest (leaves_to_search, pre_reorder) on the grid reaching `target` recall on `queries`.
+def _time_searches(index: ItemIndex, queries: np.ndarray, k: int,
+                   settings: List[Tuple[int, int]]) -> List[Dict[str, float]]:
+    """One query at a time, as the resolver searches, the settings interleaved query by query
+    (a burst of load on a shared machine hits them all alike): per setting {p50, p99, mean} ms."""
+    samples: List[List[float]] = [[] for _ in settings]
+    for q in queries[:_LATENCY_QUERIES]:
+        for i, (leaves, reorder) in enumerate(settings):
+            t0 = time.perf_counter()
+            index.searcher.search(q, final_num_neighbors=k, pre_reorder_num_neighbors=max(k, reorder),
+                                  leaves_to_search=leaves)
+            samples[i].append((time.perf_counter() - t0) * 1e3)
+    out = []
+    for s in samples:
+        a = np.asarray(s)
+        out.append({"p50": round(float(np.percentile(a, 50)), 4),
+                    "p99": round(float(np.percentile(a, 99)), 4), "mean": round(float(a.mean()), 4)})
+    return out
 
-    The grid ends at all leaves x 20k candidates, which is near-exact; if even that misses the
-    target the build fails loudly rather than shipping a worse index.
+
+def _smallest_reorder(index: ItemIndex, queries: np.ndarray, exact_pos: np.ndarray, k: int,
+                      leaves: int, target: float) -> Tuple[Optional[int], float]:
+    """The fewest pre-reorder candidates on the grid reaching `target` with `leaves` leaves:
+    (reorder or None, the recall of the last setting tried)."""
+    rec = 0.0
+    for mult in _REORDER_MULTIPLES:
+        reorder = int(min(index.size, mult * k))
+        pos = index.search_batch_positions(queries, k, leaves_to_search=leaves, pre_reorder=reorder)
+        rec = recall_at_k(pos, exact_pos)
+        LOG.info("tune leaves=%d reorder=%d recall@%d=%.4f", leaves, reorder, k, rec)
+        if rec >= target:
+            return reorder, rec
+    return None, rec
+
+
+def tune_search(index: ItemIndex, queries: np.ndarray, exact_pos: np.ndarray, k: int,
+                target: float) -> Tuple[ScannParams, float, List[Dict[str, float]]]:
+    """The fastest (leaves_to_search, pre_reorder) reaching `target` recall on `queries`.
+
+    Candidates: the smallest leaf fraction of the grid that reaches the target (with its
+    smallest sufficient reorder), and the next `_EXTRA_FRACTIONS` fractions (with theirs). Each
+    is timed one query at a time; the lowest median latency wins. Returns (params, its recall, all
+    candidates with recall and latency). The grid ends at all leaves x 40 k candidates, which is
+    near-exact; if even that misses the target the build fails loudly rather than shipping a
+    worse index.
     """
     p = index.params
-    n = index.size
-    best: Optional[Tuple[float, int, int]] = None
+    best_miss: Tuple[float, int] = (-1.0, 0)
+    candidates: List[Dict[str, float]] = []
+    extra_left: Optional[int] = None
+    seen_leaves = set()
     for frac in _LEAF_FRACTIONS:
         leaves = max(1, int(round(frac * p.num_leaves)))
-        for mult in _REORDER_MULTIPLES:
-            reorder = int(min(n, mult * k))
-            pos = index.search_batch_positions(queries, k, leaves_to_search=leaves,
-                                               pre_reorder=reorder)
-            rec = recall_at_k(pos, exact_pos)
-            LOG.info("tune leaves=%d reorder=%d recall@%d=%.4f", leaves, reorder, k, rec)
-            if best is None or rec > best[0]:
-                best = (rec, leaves, reorder)
-            if rec >= target:
-                tuned = ScannParams(**{**p.to_dict(), "leaves_to_search": leaves,
-                                       "pre_reorder_num_neighbors": reorder})
-                return tuned, rec
-    assert best is not None
-    raise RuntimeError(f"ScaNN could not reach recall@{k} >= {target} (best {best[0]:.4f} at "
-                       f"leaves={best[1]}, reorder={best[2]}); use --backend brute_force")
+        if leaves in seen_leaves:
+            continue
+        seen_leaves.add(leaves)
+        reorder, rec = _smallest_reorder(index, queries, exact_pos, k, leaves, target)
+        if reorder is None:
+            best_miss = max(best_miss, (rec, leaves))
+        else:
+            candidates.append({"leaves_to_search": leaves, "pre_reorder_num_neighbors": reorder,
+                               "recall": round(rec, 4)})
+            extra_left = _EXTRA_FRACTIONS if extra_left is None else extra_left - 1
+        if extra_left == 0:
+            break
+    if not candidates:
+        raise RuntimeError(f"ScaNN could not reach recall@{k} >= {target} (best {best_miss[0]:.4f} "
+                           f"at leaves={best_miss[1]} with the most reorder candidates); use "
+                           f"--backend brute_force")
+    timed = _time_searches(index, queries, k, [(int(c["leaves_to_search"]),
+                                                int(c["pre_reorder_num_neighbors"])) for c in candidates])
+    for c, t in zip(candidates, timed):
+        c.update(t)
+    # The median: robust to the stalls a shared machine adds; ties go to fewer leaves.
+    chosen = min(candidates, key=lambda c: (c["p50"], c["leaves_to_search"]))
+    LOG.info("tuned: %s (of %d settings reaching recall %.3f)", chosen, len(candidates), target)
+    tuned = ScannParams(**{**p.to_dict(), "leaves_to_search": int(chosen["leaves_to_search"]),
+                           "pre_reorder_num_neighbors": int(chosen["pre_reorder_num_neighbors"])})
+    return tuned, float(chosen["recall"]), candidates
 
 
 def _scann_version() -> str:
@@ -382,10 +448,14 @@ def build_index(item_ids: np.ndarray, embeddings: np.ndarray, model_version: str
         searcher = _build_scann(embeddings, p)
         manifest.scann = p.to_dict()
         untuned = ItemIndex(item_ids, embeddings, manifest, searcher)
-        tuned, manifest.recall_tune_at_k = tune_search(
+        tuned, manifest.recall_tune_at_k, manifest.tuning_candidates = tune_search(
             untuned, tune_q, brute_force_topk(embeddings, tune_q, k_eff)[0], k_eff,
             min(1.0, target_recall + TUNE_MARGIN))
         manifest.scann = tuned.to_dict()
+        chosen = next(c for c in manifest.tuning_candidates
+                      if c["leaves_to_search"] == tuned.leaves_to_search
+                      and c["pre_reorder_num_neighbors"] == tuned.pre_reorder_num_neighbors)
+        manifest.search_ms = {key: chosen[key] for key in ("p50", "p99", "mean")}
     manifest.build_seconds = round(time.perf_counter() - t0, 3)
     index = ItemIndex(item_ids, embeddings, manifest, searcher)
     manifest.recall_at_k = recall_at_k(index.search_batch_positions(eval_q, k_eff),

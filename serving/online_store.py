@@ -93,6 +93,17 @@ class OnlineStoreHandle:
                 f"materialized); answering 503 until it is back")
         return self._store
 
+    def after_fork(self) -> None:
+        """In a freshly forked worker: a new store object, so no connection (SQLite handle, Redis
+        socket) opened by the parent is ever shared between processes."""
+        from feast import FeatureStore
+
+        old = self._store
+        if getattr(old, "config", None) is None:  # not a Feast store: nothing of ours to reopen
+            return
+        self._lock = threading.Lock()
+        self._store = FeatureStore(repo_path=str(old.repo_path), config=old.config)
+
     def _reopen(self, identity: Optional[FileIdentity]) -> None:
         from feast import FeatureStore
 

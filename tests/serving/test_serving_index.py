@@ -85,6 +85,29 @@ def test_scann_manifest_and_recall(scann_dir, catalog):
     assert recall_at_k(approx, exact) >= 0.95
 
 
+def test_tuning_keeps_the_fastest_setting_that_reaches_the_target(scann_dir, catalog):
+    """The manifest lists every setting that reached the tuning target with its recall and
+    one-query latency; the searcher uses the one with the lowest median latency, and that setting
+    really has the recorded recall on the tuning queries."""
+    ids, emb = catalog
+    manifest = json.loads((scann_dir / C.INDEX_MANIFEST).read_text())
+    cands = manifest["tuning_candidates"]
+    assert 1 <= len(cands) <= 1 + 2
+    assert all(c["recall"] >= 0.95 + 0.01 for c in cands)
+    assert all(0 < c["p50"] <= c["p99"] for c in cands)
+    assert len({c["leaves_to_search"] for c in cands}) == len(cands)
+    chosen = min(cands, key=lambda c: (c["p50"], c["leaves_to_search"]))
+    assert manifest["scann"]["leaves_to_search"] == chosen["leaves_to_search"]
+    assert manifest["scann"]["pre_reorder_num_neighbors"] == chosen["pre_reorder_num_neighbors"]
+    assert manifest["search_ms"] == {k: chosen[k] for k in ("p50", "p99", "mean")}
+    assert manifest["recall_tune_at_k"] == chosen["recall"]
+    # The tuning half of build_index's default queries (n_queries=400, seed 0).
+    index = load_index(scann_dir, "run-a-0123abcd", ids, emb)
+    tune_q = sample_queries(emb, 400, seed=0)[:200]
+    got = recall_at_k(index.search_batch_positions(tune_q, 100), brute_force_topk(emb, tune_q, 100)[0])
+    assert got == pytest.approx(chosen["recall"], abs=1e-4)
+
+
 def test_search_returns_ids_and_true_scores(scann_dir, catalog):
     ids, emb = catalog
     index = load_index(scann_dir, "run-a-0123abcd", ids, emb)
