@@ -104,16 +104,38 @@ def train_and_evaluate(lake: Path, runs: Path, seed: int, with_sequence_only: bo
             "seconds": seconds, "best_checkpoints": epochs}
 
 
+def finished_with_lake(root: Path) -> Optional[Dict[str, Any]]:
+    """A finished world's result, refused when its lake is gone (nothing to evaluate or train on)."""
+    done = reuse(root)
+    if done is not None and not (root / "lake").is_dir():
+        raise SystemExit(f"{root} has a result but not its lake any more: remove "
+                         f"{root / 'result.json'} and rerun without --reevaluate/--retrain")
+    return done
+
+
+def retrain(root: Path, seed: int, with_sequence_only: bool, env: Dict[str, str],
+            max_time: str) -> Optional[Dict[str, Any]]:
+    """A finished world's models trained again on its lake (same data; for a change of the model
+    or its configs) and evaluated; the data jobs' seconds are kept. None when not finished."""
+    done = finished_with_lake(root)
+    if done is None:
+        return None
+    shutil.rmtree(root / "runs", ignore_errors=True)
+    out = train_and_evaluate(root / "lake", root / "runs", seed, with_sequence_only, env,
+                             root / "jobs.log", max_time)
+    data_seconds = {k: v for k, v in done["seconds"].items() if k in ("generate", "ingest", "build")}
+    done.update(out, seconds={**data_seconds, **out["seconds"]})
+    print(f"{root.name} (trained again): {summary_line(done)}", flush=True)
+    return keep(root, done)
+
+
 def reevaluate(root: Path, env: Dict[str, str]) -> Optional[Dict[str, Any]]:
     """A finished world evaluated again with the current evaluation code (same lake, same bundles,
     no training): for a change of the report only. None when the world is not finished."""
-    done = reuse(root)
+    done = finished_with_lake(root)
     if done is None:
         return None
     runs = root / "runs"
-    if not (root / "lake").is_dir() or not (runs / "contextual" / "bundle").is_dir():
-        raise SystemExit(f"{root} has a result but not its lake and bundles any more: remove "
-                         f"{root / 'result.json'} and rerun without --reevaluate to rebuild it")
     with_sequence_only = (runs / "sequence_only" / "bundle").exists()
     seconds = evaluate(root / "lake", runs, with_sequence_only, env, root / "jobs.log")
     report = json.loads((runs / "report" / "evaluation.json").read_text())
@@ -288,7 +310,10 @@ def render_readme(report: Dict[str, Any]) -> str:
         f"evaluated by the product's own jobs; ranks count ties at their expected position; ratios carry "
         f"paired bootstrap 95% intervals over the test examples."
         + (" The worlds' bundles were trained by an earlier run and evaluated again (`--reevaluate`) "
-           "with the current evaluation code." if res.get("reevaluated") else ""),
+           "with the current evaluation code." if res.get("reevaluated") else "")
+        + (" The worlds' lakes were generated and built by an earlier run; both models were trained "
+           "again on them (`--retrain`) with the current code and configs." if res.get("retrained")
+           else ""),
         "", "| bar | value | target | met |", "|---|---|---|---|"]
     for b in report["bars"]:
         lines.append(f"| `{b['name']}` | {_f(b['value'], 3)} | {b['target']} | {'yes' if b['met'] else '**no**'} |")
@@ -421,6 +446,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--reevaluate", action="store_true",
                    help="evaluate the worlds an earlier run with the same --work finished again with "
                         "the current evaluation code (no generating, building or training)")
+    p.add_argument("--retrain", action="store_true",
+                   help="train and evaluate again the worlds an earlier run with the same --work "
+                        "finished, on their lakes (no generating or building): for a model change")
     p.add_argument("--reuse-only", action="store_true",
                    help="report only the worlds an earlier run with the same --work finished (wall "
                         "minutes = the sum of their job times)")
@@ -439,14 +467,19 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     started = time.perf_counter()
 
     def run_all() -> Dict[str, Any]:
-        if args.reuse_only or args.reevaluate:  # what an earlier run with this --work finished
-            again = (lambda root: reevaluate(root, env)) if args.reevaluate else reuse
+        if args.reuse_only or args.reevaluate or args.retrain:  # worlds a run with this --work finished
+            def again(root: Path, seed: int, with_sequence_only: bool) -> Optional[Dict[str, Any]]:
+                if args.retrain:
+                    return retrain(root, seed, with_sequence_only, env, args.max_time)
+                return reevaluate(root, env) if args.reevaluate else reuse(root)
+
             worlds = [w for a in args.alignments for s in seeds_for(a, args)
-                      if (w := again(work / f"realistic_a{a:g}_s{s}")) is not None]
-            rees = None if args.skip_rees46 else again(work / "rees46")
+                      if (w := again(work / f"realistic_a{a:g}_s{s}", s,
+                                     a in args.sequence_only_alignments)) is not None]
+            rees = None if args.skip_rees46 else again(work / "rees46", 0, True)
             return {"worlds": worlds, "rees46": rees, "users": args.users, "max_time": args.max_time,
                     "wall_minutes": sum(sum(w["seconds"].values()) for w in worlds + [rees] if w) / 60.0,
-                    "reevaluated": bool(args.reevaluate)}
+                    "reevaluated": bool(args.reevaluate), "retrained": bool(args.retrain)}
         rees = None if args.skip_rees46 else rees46(work, env, args.max_time, args.derive_subject)
         worlds = [synthetic_world(work, a, s, args.users, env, args.max_time,
                                   a in args.sequence_only_alignments)

@@ -29,6 +29,7 @@ from models.components.encoder import CausalSequenceEncoder
 from models.components.heads import ConcatFusion, CrossAttentionFusion, ItemTower
 
 FUSIONS = ("concat", "cross_attention")
+CATEGORY_POOLS = ("weighted", "mean")
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,10 @@ class ModelConfig:
     tower_skip: bool = False  # raw category (+ subject, id) embeddings added to both towers' outputs
     use_item_categories: bool = True  # False: the item tower reads the item id only
     use_time_gaps: bool = True  # False: the encoder reads item ids and positions only
+    # How the item tower pools an item's categories: "weighted" by the catalog's weights (a
+    # taxonomy's leaf dominates), "mean" = each listed category counts the same, so an item
+    # sharing only the parent with the context keeps a score well above an unrelated one.
+    item_category_pool: str = "weighted"
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
@@ -72,6 +77,9 @@ class ModelConfig:
             raise ValueError(f"state_len must be in [1, max_len={self.max_len}], got {self.state_len}")
         if self.n_time_buckets < 3:
             raise ValueError("n_time_buckets must be >= 3 (padding, first event, >= 1 gap bucket)")
+        if self.item_category_pool not in CATEGORY_POOLS:
+            raise ValueError(f"item_category_pool must be one of {CATEGORY_POOLS}, "
+                             f"got {self.item_category_pool!r}")
         if self.use_subject_item and not self.use_context:
             raise ValueError("use_subject_item needs use_context (the subject is part of the context)")
 
@@ -275,7 +283,7 @@ class ContextualTwoTower(nn.Module):
         """
         ids = self.item_emb(item_ids)  # (N, D)
         if self.config.use_item_categories:
-            cat = weighted_pool(self.category_emb(cat_ids), cat_weights)  # (N, D)
+            cat = weighted_pool(self.category_emb(cat_ids), self._pool_weights(cat_ids, cat_weights))  # (N, D)
         else:  # a zero category vector: the tower's MLP sees the id alone
             cat = torch.zeros_like(ids)  # (N, D)
         if id_gate is not None:
@@ -284,6 +292,13 @@ class ContextualTwoTower(nn.Module):
         if self.item_skip is None:
             return item
         return F.normalize(item + self.item_skip * (cat + ids), dim=-1)  # (N, D)
+
+    def _pool_weights(self, cat_ids: torch.Tensor, cat_weights: torch.Tensor) -> torch.Tensor:
+        """(N, C) weights of an item's categories under ``item_category_pool``."""
+        if self.config.item_category_pool == "weighted":
+            return cat_weights
+        present = (cat_ids >= 0).to(cat_weights.dtype)  # (N, C)
+        return present / present.sum(dim=1, keepdim=True).clamp(min=1.0)  # (N, C)
 
     @staticmethod
     def _batch_size(state: Optional[torch.Tensor], ctx_ids: Optional[torch.Tensor],

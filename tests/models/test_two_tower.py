@@ -114,3 +114,17 @@ def test_tower_skip_matches_the_subject_category_before_any_training(tiny_config
                                       torch.zeros(1, dtype=torch.long), torch.zeros(1, dtype=torch.long))
     top4 = (user @ items.T).topk(4).indices[0]
     assert sorted((top4 % 50).tolist()) == [7, 7, 7, 7]
+
+
+def test_mean_category_pool_weighs_every_listed_category_alike():
+    """A taxonomy's weights (leaf 4/7, parent 2/7, top 1/7) make an item sharing only the parent
+    with the context score far below one sharing the leaf; the mean pool counts each level once."""
+    cat_ids = torch.tensor([[5, 9, 12], [7, -1, -1], [-1, -1, -1]])
+    cat_weights = torch.tensor([[4 / 7, 2 / 7, 1 / 7], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    weighted = ContextualTwoTower(ModelConfig(dim=8, n_heads=2))
+    mean = ContextualTwoTower(ModelConfig(dim=8, n_heads=2, item_category_pool="mean"))
+    assert torch.equal(weighted._pool_weights(cat_ids, cat_weights), cat_weights)
+    expected = torch.tensor([[1 / 3, 1 / 3, 1 / 3], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    assert torch.allclose(mean._pool_weights(cat_ids, cat_weights), expected)
+    with pytest.raises(ValueError, match="item_category_pool"):
+        ModelConfig(item_category_pool="max")
