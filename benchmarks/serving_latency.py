@@ -251,7 +251,8 @@ def bench_search(index: ItemIndex, queries: np.ndarray, k: int = 100) -> Dict[st
         scann_ms.append((t1 - t0) * 1e3)
         bf_ms.append((t2 - t1) * 1e3)
     approx = np.stack([index.search_positions(q, k)[0] for q in queries])
-    rec = recall_at_k(approx, brute_force_topk(index.embeddings, queries, k)[0])
+    rec = recall_at_k(approx, brute_force_topk(index.embeddings, queries, k)[0], queries,
+                      index.embeddings)
     s, b = pct(scann_ms), pct(bf_ms)
     return {"scann_ms": s, "brute_force_ms": b, "recall_at_100": round(rec, 4),
             "speedup_p50": round(b["p50"] / s["p50"], 2), "speedup_mean": round(b["mean"] / s["mean"], 2)}

@@ -101,13 +101,26 @@ def brute_force_topk(embeddings: np.ndarray, queries: np.ndarray,
     return pos, np.take_along_axis(part_scores, order, axis=1).astype(np.float32)
 
 
-def recall_at_k(approx: np.ndarray, exact: np.ndarray) -> float:
-    """Mean fraction of each exact top-k row found in the approximate row (both (B, k))."""
+def recall_at_k(approx: np.ndarray, exact: np.ndarray, queries: Optional[np.ndarray] = None,
+                embeddings: Optional[np.ndarray] = None, tol: float = 1e-5) -> float:
+    """Mean fraction of each exact top-k row found in the approximate row (both (B, k)).
+
+    With ``queries`` (B, D) and ``embeddings`` (N, D), ties count: a returned item is a hit when
+    its exact score reaches the row's k-th exact score (within ``tol``). Items represented by
+    their categories alone (never converted in training) share one vector per category set, so
+    dozens can tie at the k-th score; which of them the exact top-k lists is arbitrary, and an
+    index returning another of them has lost nothing.
+    """
     if approx.shape[0] != exact.shape[0]:
         raise ValueError(f"row count differs: {approx.shape[0]} vs {exact.shape[0]}")
     k = exact.shape[1]
-    hits = [len(np.intersect1d(a[a >= 0], e, assume_unique=False)) for a, e in zip(approx, exact)]
-    return float(np.mean(hits) / k)
+    if queries is None or embeddings is None:
+        hits = [len(np.intersect1d(a[a >= 0], e, assume_unique=False)) for a, e in zip(approx, exact)]
+        return float(np.mean(hits) / k)
+    kth = np.einsum("bd,bd->b", queries, embeddings[exact[:, -1]])  # (B,) k-th exact score
+    found = np.einsum("bd,bkd->bk", queries, embeddings[np.clip(approx, 0, None)])  # (B, k')
+    hit = (approx >= 0) & (found >= kth[:, None] - tol)  # (B, k')
+    return float(np.mean(np.minimum(hit.sum(axis=1), k)) / k)
 
 
 def sample_queries(embeddings: np.ndarray, n: int, seed: int = 0,
@@ -348,7 +361,7 @@ def _smallest_reorder(index: ItemIndex, queries: np.ndarray, exact_pos: np.ndarr
     for mult in _REORDER_MULTIPLES:
         reorder = int(min(index.size, mult * k))
         pos = index.search_batch_positions(queries, k, leaves_to_search=leaves, pre_reorder=reorder)
-        rec = recall_at_k(pos, exact_pos)
+        rec = recall_at_k(pos, exact_pos, queries, index.embeddings)
         LOG.info("tune leaves=%d reorder=%d recall@%d=%.4f", leaves, reorder, k, rec)
         if rec >= target:
             return reorder, rec
@@ -459,7 +472,8 @@ def build_index(item_ids: np.ndarray, embeddings: np.ndarray, model_version: str
     manifest.build_seconds = round(time.perf_counter() - t0, 3)
     index = ItemIndex(item_ids, embeddings, manifest, searcher)
     manifest.recall_at_k = recall_at_k(index.search_batch_positions(eval_q, k_eff),
-                                       brute_force_topk(embeddings, eval_q, k_eff)[0])
+                                       brute_force_topk(embeddings, eval_q, k_eff)[0], eval_q,
+                                       embeddings)
     LOG.info("index %s: %d items, held-out recall@%d=%.4f, %.1fs", backend, n, k_eff,
              manifest.recall_at_k, manifest.build_seconds)
     if manifest.recall_at_k < target_recall:

@@ -58,6 +58,18 @@ def test_recall_at_k_counts_overlap():
     assert recall_at_k(exact, exact) == 1.0
 
 
+def test_recall_counts_items_tied_with_the_kth_exact_score():
+    """Items 1-3 share one vector (category-only items): an exact top-2 lists [0, 1]; an index
+    returning [0, 3] has lost nothing, one returning [0, 4] has lost one."""
+    emb = np.array([[1.0, 0.0], [0.6, 0.8], [0.6, 0.8], [0.6, 0.8], [0.0, 1.0]], dtype=np.float32)
+    q = np.array([[1.0, 0.0]], dtype=np.float32)
+    exact = np.array([[0, 1]])
+    assert recall_at_k(np.array([[0, 3]]), exact) == 0.5  # ids only: the tie looks like a miss
+    assert recall_at_k(np.array([[0, 3]]), exact, q, emb) == 1.0
+    assert recall_at_k(np.array([[0, 4]]), exact, q, emb) == 0.5
+    assert recall_at_k(np.array([[0, -1]]), exact, q, emb) == 0.5  # padding is never a hit
+
+
 def test_params_scale_with_catalog_size():
     small, large = choose_scann_params(10_000, 64), choose_scann_params(1_000_000, 64)
     assert small.num_leaves < large.num_leaves
