@@ -36,6 +36,7 @@ class ServingEnv:
     catalog: pd.DataFrame
     users: pd.DataFrame
     histories: Dict[int, Tuple[np.ndarray, np.ndarray]]  # user -> (item_ids, event_ts)
+    state_ts: datetime  # when the stored user states say they were computed (now - STATE_AGE)
 
 
 def tiny_config():
@@ -165,7 +166,7 @@ def serving_env(tmp_path_factory) -> ServingEnv:
     assert UNKNOWN_ITEM not in set(catalog[C.ITEM_ID])
     return ServingEnv(bundle_dir=bundle_dir, index_dir=index_dir, repo_dir=repo,
                       model_version=bundle.model_version, catalog=catalog, users=users,
-                      histories=histories)
+                      histories=histories, state_ts=now - STATE_AGE)
 
 
 @pytest.fixture(scope="session")
