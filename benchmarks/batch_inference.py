@@ -38,7 +38,7 @@ import benchlib  # sibling module: benchmarks/ is first on sys.path when run as 
 
 from models.export import export_bundle, load_bundle
 from models.two_tower import ContextualTwoTower, ModelConfig
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines.inference import DEFAULT_BATCH_SIZE, encode_histories, run_batch_inference
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

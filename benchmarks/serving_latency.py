@@ -48,7 +48,7 @@ import torch  # noqa: E402
 from models import features  # noqa: E402
 from models.export import Bundle, export_bundle, load_bundle  # noqa: E402
 from models.two_tower import ContextualTwoTower, ModelConfig  # noqa: E402
-from pipelines import contracts as C  # noqa: E402
+import ctt_contracts as C  # noqa: E402
 from serving.index import (BACKEND_SCANN, ItemIndex, brute_force_topk, build_index,  # noqa: E402
                            recall_at_k)
 from serving.resolver import CONTEXT_TOP_K, Resolver  # noqa: E402

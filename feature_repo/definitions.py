@@ -2,7 +2,7 @@
 
 Plain declarations only (imported by ``feast apply``); the one thing read at import is the lake
 root (``CTT_LAKE``, default ``<repo>/demo_run/lake``) that locates the offline sources. Every
-name comes from pipelines/contracts.py (snapshot names from pipelines/feast_ops.py).
+name comes from ctt_contracts (snapshot names from pipelines/feast_ops.py).
 
 Views (all keyed by the contract's ids):
 - ``user_sequence_state`` (user): the encoder's cached last hidden state(s) written by batch
@@ -42,16 +42,16 @@ from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueT
 from feast.data_format import ParquetFormat
 from feast.types import Array, Float32, Int64, String
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines import feast_ops as ops
 
 LAKE = os.environ.get(ops.ENV_LAKE, str(ops.DEFAULT_LAKE))
 NO_TTL = timedelta(0)
 
 user = Entity(name=C.FEAST_USER_ENTITY, join_keys=[C.USER_ID], value_type=ValueType.INT64,
-              description="a user of the log (contracts.USER_ID)")
+              description="a user of the log (ctt_contracts.USER_ID)")
 item = Entity(name=C.FEAST_ITEM_ENTITY, join_keys=[C.ITEM_ID], value_type=ValueType.INT64,
-              description="a catalog item / subject item (contracts.ITEM_ID)")
+              description="a catalog item / subject item (ctt_contracts.ITEM_ID)")
 
 user_states_source = FileSource(
     name=f"{C.T_USER_STATES}_snapshot", path=ops.export_path(LAKE, C.T_USER_STATES),

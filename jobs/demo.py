@@ -123,7 +123,7 @@ def pick_demo_user(lake: Path) -> tuple[int, list[int]]:
     """A user with a cached state and two subject items of different primary categories."""
     from deltalake import DeltaTable
 
-    from pipelines import contracts as C
+    import ctt_contracts as C
 
     states = DeltaTable(str(lake / C.T_USER_STATES)).to_pandas(columns=[C.USER_ID])
     items = DeltaTable(str(lake / C.T_ITEMS)).to_pandas(columns=[C.ITEM_ID, C.CATEGORY_IDS])
@@ -138,7 +138,7 @@ def show_answers(url: str, lake: Path, k: int) -> None:
     """Top items for one user without context and under two different subject items."""
     from deltalake import DeltaTable
 
-    from pipelines import contracts as C
+    import ctt_contracts as C
 
     user, subjects = pick_demo_user(lake)
     items = DeltaTable(str(lake / C.T_ITEMS)).to_pandas(columns=[C.ITEM_ID, C.CATEGORY_IDS])

@@ -54,7 +54,7 @@ from models import tracking
 from models.data import ContextualSequenceDataModule
 from models.export import export_bundle, load_bundle
 from models.system import ContextualRetrievalSystem
-from pipelines import contracts as C
+import ctt_contracts as C
 
 log = logging.getLogger(__name__)
 

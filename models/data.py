@@ -33,7 +33,7 @@ from deltalake import DeltaTable
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from models import features
-from pipelines import contracts as C
+import ctt_contracts as C
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +120,7 @@ def _context_for(sequences: pd.DataFrame, context_rows: pd.DataFrame, source: st
                  required: bool) -> pd.DataFrame:
     """Context columns of ``source`` aligned to ``sequences`` rows (NaN where absent).
 
-    Joined on ``contracts.SEQUENCES_KEY``: (user_id, as_of_ts) alone is ambiguous when a user
+    Joined on ``ctt_contracts.SEQUENCES_KEY``: (user_id, as_of_ts) alone is ambiguous when a user
     converts on two items in the same second.
     """
     key = C.SEQUENCES_KEY

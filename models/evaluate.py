@@ -55,7 +55,7 @@ from models.metrics import (DEFAULT_KS, NDCG_K, Scorer, TiedRanks, embedding_sco
                             metric_names, per_query_metrics)
 from models.system import context_inputs, rows_or_zero
 from models.two_tower import ContextualTwoTower, ModelConfig
-from pipelines import contracts as C
+import ctt_contracts as C
 
 GROUP_ALL, GROUP_REAL = "all", "real"
 CONTEXTUAL, NO_CONTEXT, SEQUENCE_ONLY = "contextual", "contextual_no_context", "sequence_only"

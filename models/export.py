@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 
 from models.data import build_catalog
 from models.two_tower import ContextualTwoTower, ModelConfig
-from pipelines import contracts as C
+import ctt_contracts as C
 
 FORMAT_VERSION = 1
 BUNDLE_ARTIFACT_PATH = "bundle"  # folder name of the bundle among a run's MLflow artifacts

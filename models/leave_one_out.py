@@ -59,7 +59,7 @@ from models.cli import LINKED_DATA_FIELDS
 from models.data import (EXCLUDE_ROWS, HAS_REAL_CONTEXT, LABEL_ROW, REAL_CONTEXT_IDS, REAL_CONTEXT_WEIGHTS,
                          Catalog, _demographics, batch_loader, build_catalog, process_seed, take)
 from models.system import ContextualRetrievalSystem, next_item_targets
-from pipelines import contracts as C
+import ctt_contracts as C
 
 log = logging.getLogger(__name__)
 

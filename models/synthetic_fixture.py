@@ -14,7 +14,7 @@ reads Delta with ``deltalake``), so they build tiny Delta tables directly with
 
 So the history reveals the style and (weakly) the interests, the context reveals the intent
 category, and only a model using both ranks the label high. The output tables follow
-pipelines/contracts.py exactly (sequences, context_rows with pseudo + real rows, items, users).
+ctt_contracts exactly (sequences, context_rows with pseudo + real rows, items, users).
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ import pandas as pd
 import pyarrow as pa
 from deltalake import write_deltalake
 
-from pipelines import contracts as C
+import ctt_contracts as C
 
 SEQUENCE_CAP = 100
 CONTEXT_TOP_K = 3

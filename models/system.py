@@ -50,7 +50,7 @@ from models.data import (EXCLUDE_ROWS, HAS_REAL_CONTEXT, LABEL_ROW, REAL_CONTEXT
 from models.metrics import COVERAGE_K, DEFAULT_KS, TiedRanks, metric_key, rank_targets, retrieval_metrics
 from models.two_tower import ContextualTwoTower, ModelConfig, trim_left_padding
 from models.warm_start import cooccurrence_vectors, user_item_matrix
-from pipelines import contracts as C
+import ctt_contracts as C
 
 MONITOR = "val/recall_at_100"  # metric_key("val/recall@100")
 ITEM_INITS = ("random", "cooccurrence")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines import lease
 from pipelines.context import DEFAULT_TOP_K, build_context_rows
 from pipelines.delta_io import (WriteResult, ensure_properties, print_results, raw_schema,

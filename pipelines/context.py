@@ -1,6 +1,6 @@
 """Context rows: the request-time context a training/evaluation example is scored with.
 
-Two sources (``contracts.CONTEXT_PSEUDO`` / ``CONTEXT_REAL``):
+Two sources (``ctt_contracts.CONTEXT_PSEUDO`` / ``CONTEXT_REAL``):
 
 * pseudo -- the *label* item's top-k categories by confidence weight, weights renormalised to sum
   to 1. Training never sees real context (seed 000): it learns from this label-derived stand-in,
@@ -14,8 +14,8 @@ Top-k is taken after sorting by (weight desc, category id asc), so ties are dete
 an upstream table was not sorted; weights are renormalised in double precision then stored as
 float (sum is 1 within float rounding).
 
-Rows are keyed by ``contracts.CONTEXT_ROWS_KEY`` (user_id, as_of_ts, label_item_id,
-context_source); the join to ``sequences`` is on ``contracts.SEQUENCES_KEY``.
+Rows are keyed by ``ctt_contracts.CONTEXT_ROWS_KEY`` (user_id, as_of_ts, label_item_id,
+context_source); the join to ``sequences`` is on ``ctt_contracts.SEQUENCES_KEY``.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines import contracts as C
+import ctt_contracts as C
 
 DEFAULT_TOP_K = 3
 

@@ -37,10 +37,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import contracts as C
+import ctt_contracts as C
 
 # --------------------------------------------------------------------------------------
-# Names local to the Feast snapshot. TODO(lead): move into pipelines/contracts.py.
+# Names local to the Feast snapshot. TODO(lead): move into ctt_contracts.
 # --------------------------------------------------------------------------------------
 ENV_LAKE = "CTT_LAKE"  # lake root (same variable as jobs/demo.py)
 ENV_FEAST_DATA = "CTT_FEAST_DATA"  # folder of the Feast registry + SQLite online store

@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 import numpy as np
 import pyarrow as pa
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines import lease
 
 DEFAULT_BATCH_SIZE = 1024

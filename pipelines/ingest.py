@@ -15,7 +15,7 @@ surface null, subject null) -- absent is not malformed.
 
 CSV is read as RFC 4180: fields in double quotes may hold the separator, newlines and ``""``
 (an escaped quote). A record with too few or too many fields is not repaired (its values would
-land in the wrong columns): it is kept verbatim under ``contracts.SOURCE_RECORD`` in the row's
+land in the wrong columns): it is kept verbatim under ``ctt_contracts.SOURCE_RECORD`` in the row's
 JSON and validation quarantines it as ``wrong_number_of_fields``. Quoted newlines mean a record
 boundary is only known by reading a file from its start, so each CSV file is read by one task
 (Spark's multiLine mode): give a folder of files to read a large log in parallel. A line-split
@@ -57,7 +57,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines.delta_io import (RAW_ROW_JSON, WriteResult, raw_schema, read_table, table_exists,
                                 table_version, write_raw)
 

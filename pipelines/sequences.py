@@ -33,7 +33,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
-from pipelines import contracts as C
+import ctt_contracts as C
 
 DEFAULT_MAX_LEN = 100
 
@@ -45,7 +45,7 @@ _RN = "__rn"
 _CNT = "__cnt"
 
 # Where the split cutoffs are kept (a one-row Delta table, so it works on any lake URI).
-# Not in contracts.ALL_TABLES because it is metadata, not data; reported to the lead.
+# Not in ctt_contracts.ALL_TABLES because it is metadata, not data; reported to the lead.
 META_DIR = "_meta"
 SPLIT_CUTOFFS_TABLE = "split_cutoffs"
 VAL_START = "val_start"

@@ -1,7 +1,7 @@
 """Row checks: raw DataFrame -> (clean rows, quarantine rows with a reason).
 
 Why: nothing is silently dropped. Every raw row ends up either in the clean table or in the
-quarantine table with exactly one reason from ``contracts.QUARANTINE_REASONS``, and the counts
+quarantine table with exactly one reason from ``ctt_contracts.QUARANTINE_REASONS``, and the counts
 reconcile: ``input rows == clean rows + quarantined rows`` (an exact duplicate keeps one copy in
 clean and sends every other copy to quarantine).
 
@@ -50,7 +50,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines.delta_io import RAW_ROW_JSON, ts_literal
 
 _REASON = "__reason"  # internal: the first failing reason of a row, null when clean

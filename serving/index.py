@@ -38,7 +38,7 @@ from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from serving.errors import IndexMismatchError
 
 LOG = logging.getLogger(__name__)

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from models import features
-from pipelines import contracts as C
+import ctt_contracts as C
 from serving.errors import (BadRequestError, OnlineStoreError, StoredFeatureError,
                             UnknownSubjectItemError, VersionSkewError)
 from serving.index import ItemIndex, build_index, load_index
@@ -53,13 +53,13 @@ COLD_START_NO_STATE = "no_state"
 COLD_START_VERSION_SKEW = "version_skew"
 
 MAX_K = 1000  # larger answers belong to a batch job, not to a per-request retrieval call
-# Category ids are int32 in the lake and in the online store (contracts.spark_schema, the Feast
+# Category ids are int32 in the lake and in the online store (ctt_contracts.spark_schema, the Feast
 # item_categories view): an explicit context id outside that range names no category that exists.
 MAX_CATEGORY_ID = 2**31 - 1
 # Training contexts (pseudo and real context_rows) keep the item's top-3 categories by weight
 # (ties: smaller category id first), renormalised (pipelines/context.py DEFAULT_TOP_K). Serving
 # must project a subject item the same way or the head sees a context shape it never saw in
-# training. TODO(lead): move this number into pipelines/contracts.py (and the bundle manifest) so
+# training. TODO(lead): move this number into ctt_contracts (and the bundle manifest) so
 # both sides import it; serving cannot import pipelines/context.py (Spark).
 CONTEXT_TOP_K = 3
 DEMOGRAPHIC_KEYS = (C.AGE_BUCKET, C.COUNTRY, C.GENDER)

@@ -12,7 +12,7 @@ from models import evaluate as ev
 from models.cli import SUMMARY_FILE, evaluate_main, train_main
 from models.data import INPUT_TABLES
 from models.export import load_bundle, load_bundle_from_mlflow
-from pipelines import contracts as C
+import ctt_contracts as C
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "test_tiny.yaml"
 

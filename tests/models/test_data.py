@@ -13,7 +13,7 @@ from models import features
 from models.data import (HAS_REAL_CONTEXT, INPUT_TABLES, LABEL_ROW, NO_SUBJECT, REAL_CONTEXT_IDS,
                          REAL_CONTEXT_WEIGHTS, SUBJECT_ITEM_ID, SUBJECT_ROW,
                          ContextualSequenceDataModule)
-from pipelines import contracts as C
+import ctt_contracts as C
 
 
 def _dm(lake, **kw):

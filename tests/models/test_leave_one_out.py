@@ -16,7 +16,7 @@ from models import leave_one_out as loo
 from models.data import EXCLUDE_ROWS, LABEL_ROW
 from models.system import ContextualRetrievalSystem, next_item_targets, uniform_negatives_loss
 from models.two_tower import ModelConfig
-from pipelines import contracts as C
+import ctt_contracts as C
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "movielens.yaml"

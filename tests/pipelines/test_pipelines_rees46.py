@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 import pytest
 from pyspark.sql import functions as F
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines import feast_ops
 from pipelines import ingest as I
 from pipelines.cli import (BuildConfig, build_parser, ingest_main, ingest_parser,

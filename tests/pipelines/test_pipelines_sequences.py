@@ -5,7 +5,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines.sequences import (SplitCutoffs, assign_split, build_examples, build_sequences,
                                  build_user_sequences, conversions, derive_cutoffs)
 

@@ -31,7 +31,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines import feast_ops
 
 pytestmark = pytest.mark.integration

@@ -25,7 +25,7 @@ import refresh_lake as RL
 from deltalake import DeltaTable
 from test_reliability_jobs import assert_same_lake, lake_frames
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines import feast_ops
 from pipelines.cli import BuildConfig, ingest_main, run_build_sequences, run_generate
 from pipelines.lease import EXIT_CONTENDED

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipelines import contracts as C
+import ctt_contracts as C
 
 N_ITEMS = 2500
 N_USERS = 40  # users 1..N_USERS have a state; see the special ids below
@@ -63,7 +63,7 @@ def feast_definitions(source_dir: Path):
     """Stand-in Feast objects with the contract names (entities, 3 views, the FeatureService).
 
     The project's feature_repo/ declares the production versions (offline sources on Delta);
-    the resolver only depends on the names, which both take from pipelines/contracts.py, and it
+    the resolver only depends on the names, which both take from ctt_contracts, and it
     checks at start-up that the applied FeatureService serves every feature it reads.
     """
     from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType

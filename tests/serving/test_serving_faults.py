@@ -25,7 +25,7 @@ import uvicorn
 from conftest import STALE_VERSION, UNKNOWN_ITEM
 from fastapi.testclient import TestClient
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from serving.app import DEFAULT_MAX_BODY_BYTES, create_app
 from serving.errors import BadRequestError
 from serving.resolver import MAX_CATEGORY_ID, Resolver

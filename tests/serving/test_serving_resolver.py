@@ -10,7 +10,7 @@ from conftest import NO_STATE_USER, STALE_USER, STALE_VERSION, STATE_AGE, UNKNOW
 
 from models import features
 from models.export import load_bundle
-from pipelines import contracts as C
+import ctt_contracts as C
 from serving.errors import (BadRequestError, IndexMismatchError, UnknownSubjectItemError,
                             VersionSkewError)
 from serving.index import build_index, load_index

@@ -12,7 +12,7 @@ import pytest
 from deltalake import DeltaTable, write_deltalake
 from offline_lake import write_users_items
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines import feast_ops
 
 NOW = datetime(2030, 1, 1, tzinfo=timezone.utc)  # any aware time; the snapshots store it

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 from offline_lake import histories, reference_states
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines import inference
 
 

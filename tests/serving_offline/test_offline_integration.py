@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from offline_lake import histories, read_states, reference_states, write_user_sequences, write_users_items
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines import feast_ops
 
 REPO = Path(__file__).resolve().parents[2]
