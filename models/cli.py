@@ -261,7 +261,8 @@ def finish_training(system: ContextualRetrievalSystem, dm: ContextualSequenceDat
                                extra_manifest={"input_versions": dm.input_versions, "mlflow_run_id": run_id,
                                                "best_checkpoint": best,
                                                "id_gate_k": system.hparams.id_gate_k},
-                               id_gate=None if system.id_gate is None else system.id_gate.numpy())
+                               id_gate=None if system.id_gate is None else system.id_gate.numpy(),
+                               context_top_k=dm.context_top_k)
     bundle = load_bundle(bundle_dir)
     data = ev.EvalExamples.from_datamodule(dm, C.SPLIT_TEST)
     result = ev.evaluate_bundles(bundle, None, data)

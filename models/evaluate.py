@@ -163,7 +163,7 @@ def user_embeddings(model: ContextualTwoTower, tensors: Dict[str, torch.Tensor],
     n = tensors[LABEL_ROW].shape[0]
     for start in range(0, n, batch_size):
         batch = take(tensors, slice(start, start + batch_size))
-        state = model.encode_user_state(batch[C.ITEM_IDS], batch[C.EVENT_TS_SECONDS])
+        state = model.encode_user_state(batch[C.ITEM_IDS], batch[C.EVENT_TS])
         ctx_ids, ctx_w = context_inputs(batch, context)
         out.append(model.query_from_state(state, ctx_ids, ctx_w, batch[C.AGE_BUCKET],
                                           batch[C.COUNTRY], batch[C.GENDER],

@@ -58,6 +58,9 @@ class Bundle:
     item_embeddings: np.ndarray  # (N, D) float32, row i <-> item_ids[i]
     model_version: str
     path: Path
+    # categories per context the model was trained with (ctt_contracts.project_context's k):
+    # the resolver projects a subject item with it
+    context_top_k: int = C.DEFAULT_CONTEXT_TOP_K
 
 
 def sha256_file(path: Path) -> str:
@@ -114,13 +117,16 @@ def catalog_embeddings(model: ContextualTwoTower, catalog: pd.DataFrame, id_gate
 def export_bundle(model: ContextualTwoTower, config: ModelConfig, catalog: pd.DataFrame,
                   out_dir: Path | str, model_version: Optional[str],
                   extra_manifest: Optional[Dict[str, Any]] = None,
-                  id_gate: Optional[np.ndarray] = None) -> Path:
+                  id_gate: Optional[np.ndarray] = None,
+                  context_top_k: int = C.DEFAULT_CONTEXT_TOP_K) -> Path:
     """Write the bundle into ``out_dir`` (replaced atomically if it exists) and return it.
 
     ``model_version`` is the run name / timestamp prefix (None = now); the stored version gets the
     weights' sha8 appended (see module docstring). ``catalog`` is the items table (item_id,
     category_ids, category_weights). ``extra_manifest`` is merged into the manifest (e.g.
-    ``input_versions``: Delta versions of the training inputs).
+    ``input_versions``: Delta versions of the training inputs). ``context_top_k`` = the k the
+    training contexts were projected with (the lake's build configuration), recorded in the
+    manifest for the resolver.
     """
     if config != model.config:
         raise ValueError("config differs from the model's own config; export the config it was built with")
@@ -151,6 +157,7 @@ def export_bundle(model: ContextualTwoTower, config: ModelConfig, catalog: pd.Da
             "dim": config.dim,
             "state_dim": config.state_dim,
             "n_items": int(item_ids.shape[0]),
+            C.CONTEXT_TOP_K: _check_top_k(context_top_k, "context_top_k"),
             "files": {name: sha256_file(tmp / name) for name in _HASHED_FILES},
         })
         manifest.setdefault("input_versions", {})
@@ -201,8 +208,19 @@ def _verify_checksums(path: Path, manifest: Dict[str, Any]) -> None:
                               f"{expected[:12]}... (truncated, corrupted or swapped file)")
 
 
+def _check_top_k(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BundleError(f"{where}: {C.CONTEXT_TOP_K} must be an integer >= 1, got {value!r}")
+    return value
+
+
 def load_bundle(path: Path | str) -> Bundle:
-    """Load and verify a bundle: checksums, config, weights (safetensors only) and shapes."""
+    """Load and verify a bundle: checksums, config, weights (safetensors only) and shapes.
+
+    A manifest without ``context_top_k`` (a bundle exported before it was recorded) loads with
+    the old fixed default, ``ctt_contracts.DEFAULT_CONTEXT_TOP_K`` (3), which every lake was
+    built with until the value became a stored build flag.
+    """
     path = Path(path)
     manifest = _read_manifest(path)
     _refuse_unlisted(path)
@@ -250,8 +268,11 @@ def load_bundle(path: Path | str) -> Bundle:
         rows = np.flatnonzero(~finite_rows)
         raise BundleError(f"{path / C.BUNDLE_ITEM_EMBEDDINGS}: non-finite (NaN/inf) embeddings in "
                           f"{len(rows)} rows, e.g. item_ids {item_ids[rows[:5]].tolist()}")
+    top_k = _check_top_k(manifest.get(C.CONTEXT_TOP_K, C.DEFAULT_CONTEXT_TOP_K),
+                         str(path / C.BUNDLE_MANIFEST))
     return Bundle(model=model, config=config, manifest=manifest, item_ids=item_ids,
-                  item_embeddings=item_emb, model_version=version, path=path)
+                  item_embeddings=item_emb, model_version=version, path=path,
+                  context_top_k=top_k)
 
 
 def load_bundle_from_mlflow(run_id: Optional[str] = None, model_name: Optional[str] = None,

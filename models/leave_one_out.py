@@ -245,7 +245,7 @@ def _example_tensors(users: np.ndarray, hist: List[np.ndarray], hist_ts: List[np
     labels = np.asarray(labels, dtype=np.int64)
     return {
         C.USER_ID: torch.as_tensor(np.asarray(users, dtype=np.int64)),
-        C.ITEM_IDS: items, C.EVENT_TS_SECONDS: ts,
+        C.ITEM_IDS: items, C.EVENT_TS: ts,
         C.CONTEXT_CATEGORY_IDS: no_ctx, C.CONTEXT_WEIGHTS: torch.zeros((n, max_ctx)),
         C.AGE_BUCKET: torch.as_tensor(demo[:, 0]), C.COUNTRY: torch.as_tensor(demo[:, 1]),
         C.GENDER: torch.as_tensor(demo[:, 2]),

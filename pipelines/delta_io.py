@@ -81,8 +81,9 @@ class WriteResult:
 # Delta rebuilds a table's state from its log in `snapshotPartitions` tasks (default 50) after
 # every commit. On a laptop with small tables those 50 tiny tasks (each generating projection
 # code for the wide log schema) dominate the run time of a job that makes a few dozen commits.
-# Local runs use a few partitions instead; clusters keep Delta's default. Reported to the lead
-# as a candidate for pipelines.spark.session_conf.
+# Local runs use a few partitions instead; clusters keep Delta's default. A runtime conf the
+# jobs set on their own session (not pipelines.spark.session_conf), so that a session shared by
+# tests keeps Delta's default unless a test asks for the jobs' setting.
 LOCAL_SNAPSHOT_PARTITIONS = "2"
 SNAPSHOT_PARTITIONS_CONF = "spark.databricks.delta.snapshotPartitions"
 

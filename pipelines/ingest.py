@@ -82,8 +82,6 @@ FALSE_FLAGS = ("0", "false", "f", "no", "n")
 CSV_RECORD_COL = "__ctt_source_record"
 
 # The category vocabulary of an imported lake (a Delta table: works on any lake URI).
-META_DIR = "_meta"
-VOCABULARY_TABLE = "category_vocabulary"
 CATEGORY_NAME = "category_name"
 CATEGORY_ID = "category_id"
 _INT32_NAME = re.compile(r"0|[1-9][0-9]{0,8}")  # canonical, fits int32: "007" is not one
@@ -500,7 +498,7 @@ def new_items_only(spark: SparkSession, lake: str, items: DataFrame) -> DataFram
 # The stored vocabulary
 # --------------------------------------------------------------------------------------
 def vocabulary_path(lake: str) -> str:
-    return f"{lake.rstrip('/')}/{META_DIR}/{VOCABULARY_TABLE}"
+    return C.LakePaths(lake).meta(C.META_CATEGORY_VOCABULARY)
 
 
 def load_vocabulary(spark: SparkSession, lake: str) -> Optional[Dict[str, int]]:

@@ -178,15 +178,14 @@ def malformed_categories(ids: Column, weights: Column) -> Column:
 
 
 def sort_categories(df: DataFrame) -> DataFrame:
-    """Sort each item's (category, weight) pairs by weight desc, then category id asc."""
-    pairs = F.arrays_zip(F.col(C.CATEGORY_IDS).alias("c"), F.col(C.CATEGORY_WEIGHTS).alias("w"))
-    ordered = F.array_sort(pairs, lambda a, b: F.when(a["w"] > b["w"], -1)
-                           .when(a["w"] < b["w"], 1)
-                           .when(a["c"] < b["c"], -1)
-                           .when(a["c"] > b["c"], 1).otherwise(0))
-    return (df.withColumn("__pairs", ordered)
-            .withColumn(C.CATEGORY_IDS, F.transform("__pairs", lambda p: p["c"]))
-            .withColumn(C.CATEGORY_WEIGHTS, F.transform("__pairs", lambda p: p["w"]))
+    """Sort each item's (category, weight) pairs in the contract order (weight desc, then
+    category id asc: ``ctt_contracts.category_order``)."""
+    from pipelines.context import ordered_categories
+
+    return (df.withColumn("__pairs", ordered_categories(F.col(C.CATEGORY_IDS),
+                                                        F.col(C.CATEGORY_WEIGHTS)))
+            .withColumn(C.CATEGORY_IDS, F.col("__pairs.ids"))
+            .withColumn(C.CATEGORY_WEIGHTS, F.col("__pairs.weights"))
             .drop("__pairs"))
 
 

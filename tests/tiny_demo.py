@@ -64,7 +64,7 @@ def latest_histories(sequences: pd.DataFrame) -> Dict[int, Tuple[np.ndarray, np.
         r = row._asdict()
         ts = int(pd.Timestamp(r[C.AS_OF_TS]).timestamp())
         out[int(r[C.USER_ID])] = (np.append(np.asarray(r[C.ITEM_IDS], np.int64), r[C.LABEL_ITEM_ID]),
-                                  np.append(np.asarray(r[C.EVENT_TS_SECONDS], np.int64), ts))
+                                  np.append(np.asarray(r[C.EVENT_TS], np.int64), ts))
     return out
 
 
@@ -107,7 +107,7 @@ def demo_environment(demo: TinyDemo) -> Dict[str, Optional[str]]:
     """Lake and Feast data folders as jobs/demo.py exports them. MLflow's URI is passed as
     ``--tracking_uri``; MLFLOW_TRACKING_URI is unset so a store configured in the calling shell
     is never touched by the tests."""
-    return {feast_ops.ENV_LAKE: str(demo.lake), feast_ops.ENV_FEAST_DATA: str(demo.feast_data),
+    return {C.ENV_LAKE: str(demo.lake), C.ENV_FEAST_DATA: str(demo.feast_data),
             "MLFLOW_TRACKING_URI": None}
 
 

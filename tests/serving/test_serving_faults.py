@@ -320,7 +320,7 @@ def test_a_500_keeps_the_keep_alive_connection(resolver, private_store):
         C.FV_USER_PROFILE, pd.DataFrame({
             C.USER_ID: np.asarray([BAD_PROFILE_USER], dtype=np.int64),
             C.AGE_BUCKET: np.asarray([1], dtype=np.int32), C.COUNTRY: ["US"],
-            C.GENDER: ["robot"], C.UPDATED_AT: [datetime.now(timezone.utc)]}))
+            C.GENDER: ["robot"], C.FEATURE_TS: [datetime.now(timezone.utc)]}))
     app = create_app(_resolver_on(resolver, private_store))
 
     def explode() -> None:
