@@ -4,7 +4,7 @@ Configuration is LightningCLI/jsonargparse only (one way): YAML files under conf
 ``--key value`` overrides, e.g.::
 
     ctt-train --config configs/contextual.yaml --data.lake_root lake --out_dir runs/contextual
-    ctt-train --config configs/sequence_only.yaml --data.lake_root lake --out_dir runs/sequence_only
+    ctt-train --config configs/contextual.yaml --config configs/sequence_only.yaml --data.lake_root lake --out_dir runs/sequence_only
     ctt-evaluate --lake_root lake --contextual_bundle runs/contextual/bundle \\
         --sequence_only_bundle runs/sequence_only/bundle --out_dir runs/report
 

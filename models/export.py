@@ -19,10 +19,8 @@ the version) can be checked against the head that reads them.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -36,17 +34,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from models.data import build_catalog
+from models.manifest import HASHED_FILES, BundleError, sha256_file, verified_manifest
 from models.two_tower import ContextualTwoTower, ModelConfig
 import ctt_contracts as C
 
 FORMAT_VERSION = 1
 BUNDLE_ARTIFACT_PATH = "bundle"  # folder name of the bundle among a run's MLflow artifacts
-_HASHED_FILES = (C.BUNDLE_WEIGHTS, C.BUNDLE_CONFIG, C.BUNDLE_ITEM_IDS, C.BUNDLE_ITEM_EMBEDDINGS)
-_VERSION_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
-
-
-class BundleError(RuntimeError):
-    """A bundle is incomplete, corrupted or inconsistent; the message says which file and why."""
 
 
 @dataclass
@@ -61,14 +54,6 @@ class Bundle:
     # categories per context the model was trained with (ctt_contracts.project_context's k):
     # the resolver projects a subject item with it
     context_top_k: int = C.DEFAULT_CONTEXT_TOP_K
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def non_finite_tensors(tensors: Dict[str, torch.Tensor]) -> list[str]:
@@ -158,7 +143,7 @@ def export_bundle(model: ContextualTwoTower, config: ModelConfig, catalog: pd.Da
             "state_dim": config.state_dim,
             "n_items": int(item_ids.shape[0]),
             C.CONTEXT_TOP_K: _check_top_k(context_top_k, "context_top_k"),
-            "files": {name: sha256_file(tmp / name) for name in _HASHED_FILES},
+            "files": {name: sha256_file(tmp / name) for name in HASHED_FILES},
         })
         manifest.setdefault("input_versions", {})
         (tmp / C.BUNDLE_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -169,43 +154,6 @@ def export_bundle(model: ContextualTwoTower, config: ModelConfig, catalog: pd.Da
         if tmp.exists():
             shutil.rmtree(tmp)
     return out_dir
-
-
-def _read_manifest(path: Path) -> Dict[str, Any]:
-    file = path / C.BUNDLE_MANIFEST
-    if not file.is_file():
-        raise BundleError(f"{path}: no {C.BUNDLE_MANIFEST}; not a bundle")
-    try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise BundleError(f"{file}: not valid JSON ({err})") from err
-    for key in (C.MODEL_VERSION, "files", "dim", "state_dim", "n_items"):
-        if key not in manifest:
-            raise BundleError(f"{file}: missing key {key!r}")
-    return manifest
-
-
-def _refuse_unlisted(path: Path) -> None:
-    """A bundle holds exactly the manifest and the files it hashes; anything else (a dropped-in
-    pickle above all) is refused before any file is read, so nothing foreign is ever loaded."""
-    extra = sorted(p.name for p in path.iterdir() if p.name not in _HASHED_FILES + (C.BUNDLE_MANIFEST,))
-    if extra:
-        raise BundleError(f"{path}: files not listed in the manifest: {extra[:10]}; refused (a "
-                          f"bundle holds only {C.BUNDLE_MANIFEST} and {list(_HASHED_FILES)}, and "
-                          f"nothing in it is ever unpickled)")
-
-
-def _verify_checksums(path: Path, manifest: Dict[str, Any]) -> None:
-    for name in _HASHED_FILES:
-        expected = manifest["files"].get(name)
-        if expected is None:
-            raise BundleError(f"{path}: manifest has no checksum for {name}")
-        if not (path / name).is_file():
-            raise BundleError(f"{path}: missing {name}")
-        actual = sha256_file(path / name)
-        if actual != expected:
-            raise BundleError(f"{path / name}: sha256 {actual[:12]}... does not match the manifest's "
-                              f"{expected[:12]}... (truncated, corrupted or swapped file)")
 
 
 def _check_top_k(value: Any, where: str) -> int:
@@ -222,12 +170,8 @@ def load_bundle(path: Path | str) -> Bundle:
     built with until the value became a stored build flag.
     """
     path = Path(path)
-    manifest = _read_manifest(path)
-    _refuse_unlisted(path)
-    _verify_checksums(path, manifest)
+    manifest = verified_manifest(path)
     version = manifest[C.MODEL_VERSION]
-    if not _VERSION_SUFFIX.search(version) or not manifest["files"][C.BUNDLE_WEIGHTS].startswith(version[-8:]):
-        raise BundleError(f"{path}: model_version {version!r} does not end with the weights' sha8")
     try:
         config = ModelConfig.from_dict(json.loads((path / C.BUNDLE_CONFIG).read_text()))
     except (json.JSONDecodeError, TypeError, ValueError) as err:

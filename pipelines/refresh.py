@@ -305,9 +305,10 @@ def run_refresh(spark: Any, lake: str, bundle: str | Path, feast_data: str | Pat
     (default: wall clock). The materialize window ends after batch inference finished, so every
     state written by this run is inside it.
     """
-    from models.export import load_bundle
+    from models.manifest import verified_manifest
 
-    model_version = load_bundle(bundle).model_version  # checksums verified before any work
+    # the manifest names the version; its checksums are verified before any work (no torch)
+    model_version = verified_manifest(bundle)[C.MODEL_VERSION]
     check_versions(model_version, lake_state_versions(lake), store_version(feast_data),
                    store_is_fresh(feast_data), new_model)
     if now is not None and now >= datetime.now(timezone.utc):

@@ -33,7 +33,7 @@ from pipelines.feast_ops import scoped_environ as environment  # noqa: F401 (use
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "test_tiny.yaml"
-# configs/sequence_only.yaml's difference from the contextual model, on the tiny config
+# configs/sequence_only.yaml's model switches (an overlay of the contextual config), on the tiny config
 SEQUENCE_ONLY_OVERRIDES = ["--model.model_config.use_context", "false",
                            "--model.model_config.use_demographics", "false"]
 LATENCY_REQUESTS, LATENCY_WARMUP = 30, 5
