@@ -114,7 +114,7 @@ def demo_environment(demo: TinyDemo) -> Dict[str, Optional[str]]:
 def build_tiny_demo(out: Path, evaluate: bool = True, extra_evaluate_args: Optional[Sequence[str]] = None
                     ) -> TinyDemo:
     """Every demo output under ``out`` (see the module docstring); ~20 s on an idle 2-core box."""
-    from models.cli import evaluate_main, train_main
+    from models.cli import train_main
     from models.export import load_bundle
     from models.synthetic_fixture import FixtureSpec, write_lake
     from serving.index import BACKEND_SCANN, build_index
@@ -142,5 +142,7 @@ def build_tiny_demo(out: Path, evaluate: bool = True, extra_evaluate_args: Optio
         build_index(bundle.item_ids, bundle.item_embeddings, bundle.model_version, demo.index,
                     backend=BACKEND_SCANN, n_queries=200)
         if evaluate:
+            from serving.latency import evaluate_main
+
             evaluate_main(evaluate_argv(demo, demo.report) + list(extra_evaluate_args or []))
     return demo
