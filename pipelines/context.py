@@ -14,7 +14,9 @@ The projection itself (top-k after sorting by weight desc, category id asc; weig
 renormalised in double precision, stored as float) is ``ctt_contracts.project_context``, run
 here as a Python UDF over the items table (one call per item, before the join to the examples):
 the resolver applies the same function to a subject item at request time, so the two cannot
-drift. Its k is ``BuildConfig.context_top_k``, stored in the lake with the rest of the build
+drift. (A plain pickled UDF, not the Arrow-optimised one: with Spark 4.2 the Arrow UDF hung
+the context_rows MERGE of the build, each side waiting for the other on the worker socket.)
+Its k is ``BuildConfig.context_top_k``, stored in the lake with the rest of the build
 configuration; the trainer copies it into the bundle manifest for the resolver.
 
 Rows are keyed by ``ctt_contracts.CONTEXT_ROWS_KEY`` (user_id, as_of_ts, label_item_id,
@@ -43,7 +45,7 @@ def top_k_categories(ids: Column, weights: Column, k: int) -> Column:
     def project(c, w):
         return C.project_context(c, w, k)
 
-    return F.udf(project, _PROJECTED, useArrow=True)(ids, weights)
+    return F.udf(project, _PROJECTED, useArrow=False)(ids, weights)
 
 
 def ordered_categories(ids: Column, weights: Column) -> Column:
@@ -53,7 +55,7 @@ def ordered_categories(ids: Column, weights: Column) -> Column:
         positions = C.category_order(list(c), list(w))
         return [int(c[i]) for i in positions], [float(w[i]) for i in positions]
 
-    return F.udf(order, _PROJECTED, useArrow=True)(ids, weights)
+    return F.udf(order, _PROJECTED, useArrow=False)(ids, weights)
 
 
 def _context_for(examples: DataFrame, items: DataFrame, item_col: str, source: str,
