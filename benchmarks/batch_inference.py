@@ -38,7 +38,7 @@ import benchlib  # sibling module: benchmarks/ is first on sys.path when run as 
 
 from models.export import export_bundle, load_bundle
 from models.two_tower import ContextualTwoTower, ModelConfig
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines.inference import DEFAULT_BATCH_SIZE, encode_histories, run_batch_inference
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +72,7 @@ def write_user_sequences(spark, lake: str, n_users: int, n_items: int, rng: np.r
         C.USER_ID: np.arange(n_users, dtype=np.int64),
         C.AS_OF_TS: pd.to_datetime([t[-1] for t in ts], unit="s", utc=True),
         C.ITEM_IDS: [rng.integers(0, n_items, n).astype(np.int64) for n in lengths],
-        C.EVENT_TS_SECONDS: ts, C.SEQUENCE_HASH: ""})
+        C.EVENT_TS: ts, C.SEQUENCE_HASH: ""})
     df = spark.createDataFrame(frame, C.spark_schema(C.T_USER_SEQUENCES)).withColumn(
         C.SEQUENCE_HASH, sequence_hash())
     df.write.format("delta").mode("overwrite").save(C.LakePaths(lake).table(C.T_USER_SEQUENCES))
@@ -85,10 +85,10 @@ def baseline(lake: str, bundle_dir: Path, batch_size: int) -> tuple[Dict[str, fl
 
     t0 = time.perf_counter()
     seq = DeltaTable(C.LakePaths(lake).table(C.T_USER_SEQUENCES)).to_pandas(
-        columns=[C.USER_ID, C.ITEM_IDS, C.EVENT_TS_SECONDS])
+        columns=[C.USER_ID, C.ITEM_IDS, C.EVENT_TS])
     t1 = time.perf_counter()
     model = load_bundle(bundle_dir).model
-    states = encode_histories(model, list(zip(seq[C.ITEM_IDS], seq[C.EVENT_TS_SECONDS])), batch_size)
+    states = encode_histories(model, list(zip(seq[C.ITEM_IDS], seq[C.EVENT_TS])), batch_size)
     t2 = time.perf_counter()
     out = pd.DataFrame({C.USER_ID: seq[C.USER_ID].to_numpy(), "state": list(states)})
     return {"read_s": t1 - t0, "encode_s": t2 - t1, "total_s": t2 - t0}, out

@@ -31,13 +31,13 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from pipelines import contracts as C
+import ctt_contracts as C
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "benchmarks" / "work" / "build_sequences"
 RESULTS = REPO / "benchmarks" / "results" / "build_sequences.json"
 CAP = 100
-TOP_K = 3
+TOP_K = C.DEFAULT_CONTEXT_TOP_K
 
 
 # --------------------------------------------------------------------------------------
@@ -119,15 +119,6 @@ def _dt(us: int) -> datetime:
 # --------------------------------------------------------------------------------------
 # Phase 3: pandas / numpy baseline of the same transform
 # --------------------------------------------------------------------------------------
-def _top_k(ids: np.ndarray, weights: np.ndarray, k: int):
-    order = sorted(range(len(ids)), key=lambda j: (-float(weights[j]), int(ids[j])))[:k]
-    top_w = np.asarray([weights[j] for j in order], dtype=np.float32).astype(np.float64)
-    total = 0.0
-    for w in top_w:  # same summation order as Spark's aggregate()
-        total += w
-    return ([int(ids[j]) for j in order], (top_w / total).astype(np.float32).tolist())
-
-
 def pandas_build(events, items, val_us: int, test_us: int, cap: int = CAP, k: int = TOP_K):
     """The reference implementation (one process): returns (sequences, context, user_sequences)."""
     import pandas as pd
@@ -155,12 +146,12 @@ def pandas_build(events, items, val_us: int, test_us: int, cap: int = CAP, k: in
     seq = pd.DataFrame({
         C.USER_ID: user[rows], "__us": us[rows],
         C.ITEM_IDS: [item_l[hist_lo[r]:tie_start[r]] for r in rows],
-        C.EVENT_TS_SECONDS: [secs_l[hist_lo[r]:tie_start[r]] for r in rows],
+        C.EVENT_TS: [secs_l[hist_lo[r]:tie_start[r]] for r in rows],
         C.LABEL_ITEM_ID: item[rows],
     })
     seq[C.SPLIT] = np.where(seq["__us"] < val_us, C.SPLIT_TRAIN,
                             np.where(seq["__us"] < test_us, C.SPLIT_VAL, C.SPLIT_TEST))
-    ctx_of = {int(i): _top_k(np.asarray(c), np.asarray(w), k) for i, c, w in zip(
+    ctx_of = {int(i): C.project_context(c, w, k) for i, c, w in zip(
         items[C.ITEM_ID], items[C.CATEGORY_IDS], items[C.CATEGORY_WEIGHTS])}
     subj_rows = subject[rows]
     ctx = []
@@ -181,7 +172,7 @@ def pandas_build(events, items, val_us: int, test_us: int, cap: int = CAP, k: in
     ids_l = [item_l[a:b + 1] for a, b in zip(lo, last)]
     ts_l = [secs_l[a:b + 1] for a, b in zip(lo, last)]
     user_seq = pd.DataFrame({
-        C.USER_ID: user[last], "__us": us[last], C.ITEM_IDS: ids_l, C.EVENT_TS_SECONDS: ts_l,
+        C.USER_ID: user[last], "__us": us[last], C.ITEM_IDS: ids_l, C.EVENT_TS: ts_l,
         C.SEQUENCE_HASH: [hashlib.sha256(json.dumps({"i": a, "t": b}, separators=(",", ":"))
                                          .encode()).hexdigest() for a, b in zip(ids_l, ts_l)]})
     return seq, context, user_seq
@@ -217,7 +208,7 @@ def _canonical(df, table: str):
         df = df.drop(columns=[C.AS_OF_TS])
     cols = sorted(df.columns)
     conv = [(lambda v: tuple(float(x) for x in v)) if c == C.CONTEXT_WEIGHTS
-            else (lambda v: tuple(int(x) for x in v)) if c in (C.ITEM_IDS, C.EVENT_TS_SECONDS,
+            else (lambda v: tuple(int(x) for x in v)) if c in (C.ITEM_IDS, C.EVENT_TS,
                                                                C.CONTEXT_CATEGORY_IDS)
             else (lambda v: None if pd.isna(v) else int(v)) if c == C.SUBJECT_ITEM_ID
             else (lambda v: v) for c in cols]

@@ -46,7 +46,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchlib import machine  # noqa: E402
-from pipelines import contracts as C  # noqa: E402
+import ctt_contracts as C  # noqa: E402
 from pipelines.synthetic import (SESSION_SLOT_SECONDS, SyntheticConfig, build_catalog,  # noqa: E402
                                  simulate_users)
 

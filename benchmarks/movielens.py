@@ -66,7 +66,7 @@ import torch
 
 from models import leave_one_out as loo
 from models.leave_one_out import HR, NDCG, TS_MS, Split
-from pipelines import contracts as C
+import ctt_contracts as C
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA_ROOT = ROOT.parent / "shared" / "data"

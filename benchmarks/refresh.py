@@ -37,7 +37,7 @@ import torch
 
 import benchlib  # sibling module: benchmarks/ is first on sys.path when run as a script
 
-from pipelines import contracts as C
+import ctt_contracts as C
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "refresh.json"

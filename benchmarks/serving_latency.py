@@ -53,10 +53,10 @@ import torch  # noqa: E402
 from models import features  # noqa: E402
 from models.export import Bundle, export_bundle, load_bundle  # noqa: E402
 from models.two_tower import ContextualTwoTower, ModelConfig  # noqa: E402
-from pipelines import contracts as C  # noqa: E402
+import ctt_contracts as C  # noqa: E402
 from serving.index import (BACKEND_SCANN, ItemIndex, brute_force_topk, build_index,  # noqa: E402
                            recall_at_k)
-from serving.resolver import CONTEXT_TOP_K, HEAD_NUMPY, HEAD_TORCH, Resolver  # noqa: E402
+from serving.resolver import HEAD_NUMPY, HEAD_TORCH, Resolver  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "serving.json"
@@ -120,33 +120,13 @@ def synthetic_catalog(n: int, seed: int) -> pd.DataFrame:
                          C.ADVERTISER_ID: rng.integers(0, 1000, n).astype(np.int64)})
 
 
-def feast_objects(source_dir: Path) -> List[Any]:
-    """Feast declarations: the project's feature_repo/ when it defines them, else stand-ins."""
-    from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
-    from feast.types import Array, Float32, Int32, String
+def feast_objects(lake: Path) -> List[Any]:
+    """The project's Feast declarations (feature_repo/definitions.py), their offline sources on
+    ``lake`` (never read here: the benchmark writes the online store directly)."""
+    from pipelines import feast_ops
 
-    user = Entity(name=C.FEAST_USER_ENTITY, join_keys=[C.USER_ID], value_type=ValueType.INT64)
-    item = Entity(name=C.FEAST_ITEM_ENTITY, join_keys=[C.ITEM_ID], value_type=ValueType.INT64)
-
-    def src(name: str, ts: str) -> FileSource:
-        return FileSource(name=f"{name}_src", path=str(source_dir / f"{name}.parquet"),
-                          timestamp_field=ts)
-
-    state = FeatureView(name=C.FV_USER_SEQUENCE_STATE, entities=[user], ttl=timedelta(days=30),
-                        schema=[Field(name=C.HIDDEN_STATE, dtype=Array(Float32)),
-                                Field(name=C.MODEL_VERSION, dtype=String)],
-                        source=src(C.T_USER_STATES, C.STATE_TS))
-    profile = FeatureView(name=C.FV_USER_PROFILE, entities=[user], ttl=timedelta(0),
-                          schema=[Field(name=C.AGE_BUCKET, dtype=Int32),
-                                  Field(name=C.COUNTRY, dtype=String),
-                                  Field(name=C.GENDER, dtype=String)],
-                          source=src(C.T_USERS, C.UPDATED_AT))
-    items = FeatureView(name=C.FV_ITEM_CATEGORIES, entities=[item], ttl=timedelta(0),
-                        schema=[Field(name=C.CATEGORY_IDS, dtype=Array(Int32)),
-                                Field(name=C.CATEGORY_WEIGHTS, dtype=Array(Float32))],
-                        source=src(C.T_ITEMS, C.UPDATED_AT))
-    return [user, item, state, profile, items,
-            FeatureService(name=C.FEATURE_SERVICE, features=[state, profile, items])]
+    with feast_ops.scoped_environ({C.ENV_LAKE: str(lake)}):
+        return feast_ops.repo_objects()
 
 
 @dataclass
@@ -168,7 +148,7 @@ def populate_feast(repo: Path, bundle: Bundle, catalog: pd.DataFrame, n_users: i
         f"online_store:\n  type: sqlite\n  path: {repo / 'online.db'}\n"
         f"entity_key_serialization_version: 3\n")
     store = FeatureStore(repo_path=str(repo))
-    store.apply(feast_objects(repo))
+    store.apply(feast_objects(repo / "lake"))
     cfg, model = bundle.config, bundle.model
     item_pool = catalog[C.ITEM_ID].to_numpy()
     users = np.arange(1, n_users + 1, dtype=np.int64)
@@ -187,19 +167,21 @@ def populate_feast(repo: Path, bundle: Bundle, catalog: pd.DataFrame, n_users: i
     now = datetime.now(timezone.utc)
     store.write_to_online_store(C.FV_USER_SEQUENCE_STATE, pd.DataFrame({
         C.USER_ID: users, C.HIDDEN_STATE: list(map(list, state_arr)),
-        C.MODEL_VERSION: bundle.model_version, C.STATE_TS: now - timedelta(hours=6)}))
+        C.MODEL_VERSION: bundle.model_version, C.SEQUENCE_HASH: [f"h{u}" for u in users],
+        C.STATE_TS: now - timedelta(hours=6)}))
     store.write_to_online_store(C.FV_USER_PROFILE, pd.DataFrame({
         C.USER_ID: users, C.AGE_BUCKET: rng.integers(0, C.AGE_BUCKETS, n_users).astype(np.int32),
         C.COUNTRY: rng.choice(["US", "FR", "DE", "BR", "JP", C.UNKNOWN_COUNTRY], n_users),
-        C.GENDER: rng.choice(list(C.GENDERS), n_users), C.UPDATED_AT: now}))
+        C.GENDER: rng.choice(list(C.GENDERS), n_users), C.FEATURE_TS: now}))
     subject = catalog.sample(n=min(n_subject, len(catalog)), random_state=seed)
     online_items = subject[[C.ITEM_ID, C.CATEGORY_IDS, C.CATEGORY_WEIGHTS]].copy()
-    online_items[C.UPDATED_AT] = now
+    online_items[C.FEATURE_TS] = now
     store.write_to_online_store(C.FV_ITEM_CATEGORIES, online_items)
 
     # Query vectors exactly as the resolver builds them: state + top-k subject context + demo.
     n_q = min(2000, n_users)
-    ctx = [features.pad_context(c[:CONTEXT_TOP_K], w[:CONTEXT_TOP_K], cfg.max_ctx)
+    top_k = min(bundle.context_top_k, cfg.max_ctx)
+    ctx = [features.pad_context(*C.project_context(c, w, top_k), cfg.max_ctx)
            for c, w in zip(subject[C.CATEGORY_IDS].iloc[:n_q], subject[C.CATEGORY_WEIGHTS].iloc[:n_q])]
     ctx += [features.pad_context([], [], cfg.max_ctx)] * (n_q - len(ctx))
     with torch.inference_mode():

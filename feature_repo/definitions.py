@@ -1,8 +1,10 @@
 """Feast definitions of the contextual two-tower: entities, sources, views, the service.
 
-Plain declarations only (imported by ``feast apply``); the one thing read at import is the lake
-root (``CTT_LAKE``, default ``<repo>/demo_run/lake``) that locates the offline sources. Every
-name comes from pipelines/contracts.py (snapshot names from pipelines/feast_ops.py).
+Plain declarations only (imported by ``feast apply``): it imports the contracts and Feast and
+nothing else of the project, touches no file, and reads one thing, the lake root whose Parquet
+snapshots the offline sources point at (``CTT_LAKE``). Without it the import fails and says
+what to export: a source silently pointed at some default folder would apply, then materialize
+nothing (or another lake's rows). Every name comes from ctt_contracts.
 
 Views (all keyed by the contract's ids):
 - ``user_sequence_state`` (user): the encoder's cached last hidden state(s) written by batch
@@ -42,28 +44,42 @@ from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueT
 from feast.data_format import ParquetFormat
 from feast.types import Array, Float32, Int64, String
 
-from pipelines import contracts as C
-from pipelines import feast_ops as ops
+import ctt_contracts as C
 
-LAKE = os.environ.get(ops.ENV_LAKE, str(ops.DEFAULT_LAKE))
+
+def _lake_root() -> str:
+    lake = os.environ.get(C.ENV_LAKE, "").strip()
+    if not lake:
+        raise RuntimeError(
+            f"feature_repo/definitions.py: {C.ENV_LAKE} is not set. Export the lake root whose "
+            f"Feast snapshots ({C.FEAST_EXPORT_DIR}/, written by ctt-export-feature-tables) the "
+            f"sources read, and {C.ENV_FEAST_DATA} (registry + online store folder), e.g.\n"
+            f"  export {C.ENV_LAKE}=$PWD/demo_run/lake {C.ENV_FEAST_DATA}=$PWD/demo_run/feast\n"
+            f"then run `feast apply` in feature_repo/ (pipelines/feast_ops.py sets both itself)")
+    return lake
+
+
+LAKE = _lake_root()
 NO_TTL = timedelta(0)
 
 user = Entity(name=C.FEAST_USER_ENTITY, join_keys=[C.USER_ID], value_type=ValueType.INT64,
-              description="a user of the log (contracts.USER_ID)")
+              description="a user of the log (ctt_contracts.USER_ID)")
 item = Entity(name=C.FEAST_ITEM_ENTITY, join_keys=[C.ITEM_ID], value_type=ValueType.INT64,
-              description="a catalog item / subject item (contracts.ITEM_ID)")
+              description="a catalog item / subject item (ctt_contracts.ITEM_ID)")
 
 user_states_source = FileSource(
-    name=f"{C.T_USER_STATES}_snapshot", path=ops.export_path(LAKE, C.T_USER_STATES),
+    name=f"{C.T_USER_STATES}_snapshot", path=C.feast_snapshot_path(LAKE, C.T_USER_STATES),
     file_format=ParquetFormat(), timestamp_field=C.STATE_TS,
     description="Parquet snapshot of the user_states Delta table (batch inference output)")
 user_profile_source = FileSource(
-    name=f"{ops.T_USER_PROFILE_FEATURES}_snapshot", path=ops.export_path(LAKE, ops.T_USER_PROFILE_FEATURES),
-    file_format=ParquetFormat(), timestamp_field=ops.FEATURE_TS,
+    name=f"{C.T_USER_PROFILE_FEATURES}_snapshot",
+    path=C.feast_snapshot_path(LAKE, C.T_USER_PROFILE_FEATURES),
+    file_format=ParquetFormat(), timestamp_field=C.FEATURE_TS,
     description="Parquet snapshot of the users Delta table with feature_ts")
 item_categories_source = FileSource(
-    name=f"{ops.T_ITEM_CATEGORY_FEATURES}_snapshot", path=ops.export_path(LAKE, ops.T_ITEM_CATEGORY_FEATURES),
-    file_format=ParquetFormat(), timestamp_field=ops.FEATURE_TS,
+    name=f"{C.T_ITEM_CATEGORY_FEATURES}_snapshot",
+    path=C.feast_snapshot_path(LAKE, C.T_ITEM_CATEGORY_FEATURES),
+    file_format=ParquetFormat(), timestamp_field=C.FEATURE_TS,
     description="Parquet snapshot of the items Delta table with feature_ts")
 
 user_sequence_state = FeatureView(

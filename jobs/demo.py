@@ -65,7 +65,8 @@ def steps(out: Path, users: int, items: Optional[int], master: str) -> List[Step
              [py, "jobs/train.py", "--config", "configs/contextual.yaml", "--data.lake_root", str(lake),
               "--out_dir", str(runs / "contextual")]),
         Step("train the sequence-only baseline with the same budget",
-             [py, "jobs/train.py", "--config", "configs/sequence_only.yaml", "--data.lake_root", str(lake),
+             [py, "jobs/train.py", "--config", "configs/contextual.yaml", "--config",
+              "configs/sequence_only.yaml", "--data.lake_root", str(lake),
               "--out_dir", str(runs / "sequence_only")]),
         Step("batch inference: encoder last hidden state per user -> user_states (spark-submit)",
              [_bin("spark-submit"), "--master", master, "jobs/batch_inference.py", "--lake", str(lake),
@@ -123,7 +124,7 @@ def pick_demo_user(lake: Path) -> tuple[int, list[int]]:
     """A user with a cached state and two subject items of different primary categories."""
     from deltalake import DeltaTable
 
-    from pipelines import contracts as C
+    import ctt_contracts as C
 
     states = DeltaTable(str(lake / C.T_USER_STATES)).to_pandas(columns=[C.USER_ID])
     items = DeltaTable(str(lake / C.T_ITEMS)).to_pandas(columns=[C.ITEM_ID, C.CATEGORY_IDS])
@@ -138,7 +139,7 @@ def show_answers(url: str, lake: Path, k: int) -> None:
     """Top items for one user without context and under two different subject items."""
     from deltalake import DeltaTable
 
-    from pipelines import contracts as C
+    import ctt_contracts as C
 
     user, subjects = pick_demo_user(lake)
     items = DeltaTable(str(lake / C.T_ITEMS)).to_pandas(columns=[C.ITEM_ID, C.CATEGORY_IDS])

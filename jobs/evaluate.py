@@ -10,9 +10,10 @@ serving path -> report folder (evaluation.md + PNG plots + evaluation.json) + ML
 
 With ``--index`` and ``--feature_repo`` (after batch inference, feast apply/materialize and
 jobs/build_index.py; CTT_LAKE and CTT_FEAST_DATA exported) the report times real in-process
-resolver requests; without them it says latency was not measured. See models/cli.py.
+resolver requests; without them it says latency was not measured. See models/cli.py and
+serving/latency.py.
 """
-from models.cli import evaluate_main as main
+from serving.latency import evaluate_main as main
 
 if __name__ == "__main__":
     main()

@@ -34,6 +34,7 @@ from typing import Tuple
 import numpy as np
 import torch
 
+import ctt_contracts as C
 from models.metrics import Scorer
 
 _FALLBACK = 1e-6  # weight of plain popularity for items sharing no category with the context
@@ -100,12 +101,15 @@ def category_members(cat_ids: torch.Tensor, cat_weights: torch.Tensor) -> Sparse
 
 
 def _by_weight(ctx_ids: torch.Tensor, ctx_weights: torch.Tensor) -> np.ndarray:
-    """Context category ids (B, C) reordered by weight desc, then id asc (the pipeline's order);
-    padding (-1, weight 0) last."""
-    ids, w = ctx_ids.numpy(), ctx_weights.numpy().astype(np.float64)
-    key_w = np.where(ids >= 0, -w, np.inf)
-    order = np.lexsort((ids, key_w))  # last key is primary: weight desc, then id asc
-    return np.take_along_axis(ids, order, axis=1)
+    """Context category ids (B, C) in the contract order (``ctt_contracts.category_order``:
+    weight desc, then id asc); padding (-1) last."""
+    ids, w = ctx_ids.numpy(), ctx_weights.numpy()
+    out = np.full_like(ids, -1)  # (B, C)
+    for row, (r_ids, r_w) in enumerate(zip(ids, w)):
+        present = r_ids >= 0
+        cats, weights = r_ids[present].tolist(), r_w[present].tolist()
+        out[row, :len(cats)] = [cats[i] for i in C.category_order(cats, weights)]
+    return out
 
 
 def category_tiers(members: SparseRows, ordered_ctx: np.ndarray, n_items: int) -> torch.Tensor:

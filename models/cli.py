@@ -4,7 +4,7 @@ Configuration is LightningCLI/jsonargparse only (one way): YAML files under conf
 ``--key value`` overrides, e.g.::
 
     ctt-train --config configs/contextual.yaml --data.lake_root lake --out_dir runs/contextual
-    ctt-train --config configs/sequence_only.yaml --data.lake_root lake --out_dir runs/sequence_only
+    ctt-train --config configs/contextual.yaml --config configs/sequence_only.yaml --data.lake_root lake --out_dir runs/sequence_only
     ctt-evaluate --lake_root lake --contextual_bundle runs/contextual/bundle \\
         --sequence_only_bundle runs/sequence_only/bundle --out_dir runs/report
 
@@ -36,7 +36,7 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -54,7 +54,7 @@ from models import tracking
 from models.data import ContextualSequenceDataModule
 from models.export import export_bundle, load_bundle
 from models.system import ContextualRetrievalSystem
-from pipelines import contracts as C
+import ctt_contracts as C
 
 log = logging.getLogger(__name__)
 
@@ -261,7 +261,8 @@ def finish_training(system: ContextualRetrievalSystem, dm: ContextualSequenceDat
                                extra_manifest={"input_versions": dm.input_versions, "mlflow_run_id": run_id,
                                                "best_checkpoint": best,
                                                "id_gate_k": system.hparams.id_gate_k},
-                               id_gate=None if system.id_gate is None else system.id_gate.numpy())
+                               id_gate=None if system.id_gate is None else system.id_gate.numpy(),
+                               context_top_k=dm.context_top_k)
     bundle = load_bundle(bundle_dir)
     data = ev.EvalExamples.from_datamodule(dm, C.SPLIT_TEST)
     result = ev.evaluate_bundles(bundle, None, data)
@@ -342,42 +343,30 @@ def evaluate_parser() -> ArgumentParser:
     return parser
 
 
-def measure_serving_latency(args: Any, split_users: List[int]) -> ev.LatencyReport:
-    """Time ``args.latency_requests`` requests per kind through the real in-process resolver.
+def evaluate_main(argv: Optional[List[str]] = None,
+                  measure_latency: Optional[Callable[[Any], ev.LatencyReport]] = None
+                  ) -> ev.EvaluationResult:
+    """The evaluation table from saved bundles -> report folder + MLflow run.
 
-    The CLI is an entry point (like jobs/), so it may import serving; models/evaluate.py itself
-    only sees the ``recommend`` callable. The resolver serves the evaluated contextual bundle.
+    ``measure_latency(args)`` times the serving path for the report's latency section when
+    ``--index`` / ``--feature_repo`` are given; it lives with serving (serving/latency.py, whose
+    ``evaluate_main`` is ``ctt-evaluate``), since models/ knows nothing of serving.
     """
-    from serving.resolver import Resolver
-
-    resolver = Resolver.from_paths(args.contextual_bundle, args.index, args.feature_repo)
-    requests = ev.latency_requests(split_users, resolver.bundle.item_ids, args.latency_requests)
-    # Time the head as the server runs it: on a busy 2-core machine two intra-op threads made a
-    # one-row head ~40x slower (11 ms vs 0.25 ms p50) than one.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(args.latency_torch_threads)
-    try:
-        machine = ev.machine_facts()
-        samples = ev.time_requests(resolver.recommend, requests, args.latency_k, args.latency_warmup)
-    finally:
-        torch.set_num_threads(previous)
-    return ev.summarize_latency(samples, args.latency_k, args.latency_warmup, machine)
-
-
-def evaluate_main(argv: Optional[List[str]] = None) -> ev.EvaluationResult:
-    """``ctt-evaluate``: the evaluation table from saved bundles -> report folder + MLflow run."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = evaluate_parser().parse_args(argv)
     if (args.index is None) != (args.feature_repo is None):
         raise SystemExit("ctt-evaluate: give both --index and --feature_repo to measure serving "
                          "latency, or neither")
+    if args.index is not None and measure_latency is None:
+        raise SystemExit("measuring serving latency needs the serving harness: run ctt-evaluate "
+                         "or jobs/evaluate.py (serving/latency.py)")
     contextual = load_bundle(args.contextual_bundle)
     sequence_only = load_bundle(args.sequence_only_bundle) if args.sequence_only_bundle else None
     result = ev.evaluate_from_lake(contextual, sequence_only, args.lake_root, args.split,
                                    args.exclude_history)
     latency = None
     if args.index is not None:
-        latency = measure_serving_latency(args, ev.split_users(args.lake_root, args.split).tolist())
+        latency = measure_latency(args)
     report_files = ev.write_report(result, args.out_dir, latency)
     client, run_id = tracking.start_run(args.out_dir, args.run_name, args.experiment_name,
                                         args.tracking_uri)

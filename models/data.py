@@ -16,10 +16,13 @@ trainer cannot drift from the pipeline) and, where the conversion has a subject 
 context with the subject's id and catalog row. The training split needs them too: the
 subject-item baselines (models/baselines.py) learn their co-occurrence counts from it, and a
 model may learn from real context. The Delta version of every table read is recorded in
-``input_versions`` (logged to MLflow and written into the bundle manifest).
+``input_versions`` (logged to MLflow and written into the bundle manifest), and the context
+top-k the rows were projected with in ``context_top_k`` (also written into the manifest, so the
+resolver projects a subject item the same way).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -33,7 +36,7 @@ from deltalake import DeltaTable
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from models import features
-from pipelines import contracts as C
+import ctt_contracts as C
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +92,26 @@ def read_delta(lake_root: str, table: str) -> tuple[pd.DataFrame, int]:
     return dt.to_pyarrow_table().to_pandas(integer_object_nulls=True), int(dt.version())
 
 
+def lake_context_top_k(lake_root: str, context_rows: pd.DataFrame) -> int:
+    """The k the lake's context rows were projected with: the one its build stored
+    (``<lake>/_meta/build_config``). A lake built before the configuration was stored was built
+    with the fixed default, unless its rows are longer (then at least their length)."""
+    from deltalake.exceptions import TableNotFoundError
+
+    try:
+        table = DeltaTable(C.LakePaths(lake_root).meta(C.META_BUILD_CONFIG))
+    except TableNotFoundError:
+        lengths = context_rows[C.CONTEXT_CATEGORY_IDS].map(len)
+        longest = int(lengths.max()) if len(lengths) else 0
+        log.warning("the lake stores no build config; context_top_k taken as %d",
+                    max(longest, C.DEFAULT_CONTEXT_TOP_K))
+        return max(longest, C.DEFAULT_CONTEXT_TOP_K)
+    rows = table.to_pyarrow_table(columns=[C.BUILD_CONFIG_JSON]).column(0).to_pylist()
+    if len(rows) != 1:
+        raise ValueError(f"{C.META_BUILD_CONFIG} of {lake_root} has {len(rows)} rows, expected 1")
+    return int(json.loads(rows[0]).get(C.CONTEXT_TOP_K, C.DEFAULT_CONTEXT_TOP_K))
+
+
 def build_catalog(items: pd.DataFrame, max_item_categories: int) -> Catalog:
     """items table -> Catalog (sorted by item_id; duplicate ids are an error, not a silent pick)."""
     if items[C.ITEM_ID].duplicated().any():
@@ -120,7 +143,7 @@ def _context_for(sequences: pd.DataFrame, context_rows: pd.DataFrame, source: st
                  required: bool) -> pd.DataFrame:
     """Context columns of ``source`` aligned to ``sequences`` rows (NaN where absent).
 
-    Joined on ``contracts.SEQUENCES_KEY``: (user_id, as_of_ts) alone is ambiguous when a user
+    Joined on ``ctt_contracts.SEQUENCES_KEY``: (user_id, as_of_ts) alone is ambiguous when a user
     converts on two items in the same second.
     """
     key = C.SEQUENCES_KEY
@@ -181,7 +204,7 @@ def build_examples(sequences: pd.DataFrame, context_rows: pd.DataFrame, users: p
                    country_buckets: int) -> Dict[str, torch.Tensor]:
     """sequences rows of one split -> dict of tensors, one row per example.
 
-    Keys: ITEM_IDS (B, L), EVENT_TS_SECONDS (B, L), CONTEXT_CATEGORY_IDS/WEIGHTS (B, Cx) pseudo
+    Keys: ITEM_IDS (B, L), EVENT_TS (B, L), CONTEXT_CATEGORY_IDS/WEIGHTS (B, Cx) pseudo
     context, AGE_BUCKET/COUNTRY/GENDER (B,), LABEL_ITEM_ID (B,), LABEL_ROW (B,), USER_ID (B,),
     the real context REAL_CONTEXT_IDS/WEIGHTS (B, Cx) (all padding without a subject item),
     HAS_REAL_CONTEXT (B,) bool, SUBJECT_ITEM_ID (B,) raw ids and SUBJECT_ROW (B,) catalog rows
@@ -192,7 +215,7 @@ def build_examples(sequences: pd.DataFrame, context_rows: pd.DataFrame, users: p
     n = len(sequences)
     hist = np.full((n, max_len), features.PAD_ITEM, dtype=np.int64)
     ts = np.zeros((n, max_len), dtype=np.int64)
-    for i, (items, times) in enumerate(zip(sequences[C.ITEM_IDS], sequences[C.EVENT_TS_SECONDS])):
+    for i, (items, times) in enumerate(zip(sequences[C.ITEM_IDS], sequences[C.EVENT_TS])):
         hist[i], ts[i] = features.pad_history(items, times, max_len)
     pseudo_ids, pseudo_w = _pad_contexts(_context_for(sequences, context_rows, C.CONTEXT_PSEUDO, True),
                                          max_ctx)
@@ -200,7 +223,7 @@ def build_examples(sequences: pd.DataFrame, context_rows: pd.DataFrame, users: p
     labels = sequences[C.LABEL_ITEM_ID].to_numpy(np.int64)
     out = {
         C.USER_ID: torch.as_tensor(sequences[C.USER_ID].to_numpy(np.int64)),
-        C.ITEM_IDS: torch.as_tensor(hist), C.EVENT_TS_SECONDS: torch.as_tensor(ts),
+        C.ITEM_IDS: torch.as_tensor(hist), C.EVENT_TS: torch.as_tensor(ts),
         C.CONTEXT_CATEGORY_IDS: torch.as_tensor(pseudo_ids),
         C.CONTEXT_WEIGHTS: torch.as_tensor(pseudo_w),
         C.AGE_BUCKET: torch.as_tensor(demo[:, 0]), C.COUNTRY: torch.as_tensor(demo[:, 1]),
@@ -321,6 +344,7 @@ class ContextualSequenceDataModule(pl.LightningDataModule):
         self.splits: Dict[str, Dict[str, torch.Tensor]] = {}
         self.item_counts: Optional[torch.Tensor] = None
         self.items_frame: Optional[pd.DataFrame] = None  # the items table, for the bundle export
+        self.context_top_k: int = C.DEFAULT_CONTEXT_TOP_K  # set by setup() from the lake
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.catalog is not None:  # fit then test in one process: read the snapshot once
@@ -336,6 +360,7 @@ class ContextualSequenceDataModule(pl.LightningDataModule):
         if unknown_split.any():
             raise ValueError(f"{int(unknown_split.sum())} sequences rows have a split outside {C.SPLITS}")
         check_context_rows(frames[C.T_CONTEXT_ROWS])
+        self.context_top_k = lake_context_top_k(self.lake_root, frames[C.T_CONTEXT_ROWS])
         for split in C.SPLITS:
             rows = seqs[seqs[C.SPLIT] == split]
             if split == C.SPLIT_VAL and hp.max_val_examples and len(rows) > hp.max_val_examples:

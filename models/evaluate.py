@@ -29,11 +29,10 @@ vectorised). A check with fewer than ``MIN_CHECK_EXAMPLES`` examples or a zero d
 
 The report (``write_report``) is one self-contained Markdown file with PNG plots beside it: the
 table, the quality checks with their intervals, Recall@K curves, catalog coverage and the
-latency of the serving path. Latency is MEASURED, never estimated: ``time_requests`` calls a
-real resolver's ``recommend`` in-process and keeps the stage timings each answer carries (Feast
-read, head, index search) plus the caller's own clock. This module only sees a ``recommend``
-callable (models never imports serving); the CLI builds the resolver. Without serving artifacts
-the report says latency was not measured and how to measure it.
+latency of the serving path. Latency is MEASURED, never estimated, by serving/latency.py (the
+harness calls a real resolver's ``recommend`` in-process and keeps the stage timings each answer
+carries); this module only receives its ``LatencyReport`` (models never imports serving).
+Without serving artifacts the report says latency was not measured and how to measure it.
 """
 from __future__ import annotations
 
@@ -55,7 +54,7 @@ from models.metrics import (DEFAULT_KS, NDCG_K, Scorer, TiedRanks, embedding_sco
                             metric_names, per_query_metrics)
 from models.system import context_inputs, rows_or_zero
 from models.two_tower import ContextualTwoTower, ModelConfig
-from pipelines import contracts as C
+import ctt_contracts as C
 
 GROUP_ALL, GROUP_REAL = "all", "real"
 CONTEXTUAL, NO_CONTEXT, SEQUENCE_ONLY = "contextual", "contextual_no_context", "sequence_only"
@@ -171,7 +170,7 @@ def user_embeddings(model: ContextualTwoTower, tensors: Dict[str, torch.Tensor],
     n = tensors[LABEL_ROW].shape[0]
     for start in range(0, n, batch_size):
         batch = take(tensors, slice(start, start + batch_size))
-        state = model.encode_user_state(batch[C.ITEM_IDS], batch[C.EVENT_TS_SECONDS])
+        state = model.encode_user_state(batch[C.ITEM_IDS], batch[C.EVENT_TS])
         ctx_ids, ctx_w = context_inputs(batch, context)
         out.append(model.query_from_state(state, ctx_ids, ctx_w, batch[C.AGE_BUCKET],
                                           batch[C.COUNTRY], batch[C.GENDER],
@@ -395,35 +394,9 @@ def quality_checks(result: EvaluationResult, specs: Sequence[CheckSpec] = QUALIT
 
 
 # ---------------------------------------------------------------------- serving latency
-REQ_NO_CONTEXT, REQ_SUBJECT_ITEM = "no_context", "subject_item"
 LATENCY_STAGES = ("total", "feast", "head", "search")  # keys of the resolver's Response.timings (ms)
 CALLER_WALL = "caller_wall"  # the caller's clock around recommend(): the resolver total + call overhead
 DEFAULT_LATENCY_REQUESTS, DEFAULT_LATENCY_WARMUP, DEFAULT_LATENCY_K = 200, 20, 100
-
-
-@dataclass(frozen=True)
-class LatencyRequest:
-    """One timed request: a user, with or without a subject item (the real-time context)."""
-
-    user_id: int
-    subject_item_id: Optional[int] = None
-
-    @property
-    def kind(self) -> str:
-        return REQ_NO_CONTEXT if self.subject_item_id is None else REQ_SUBJECT_ITEM
-
-
-@dataclass
-class LatencySample:
-    """What one real answer reported about itself, plus the caller's own clock."""
-
-    kind: str
-    timings: Dict[str, float]  # ms, as the resolver measured them (LATENCY_STAGES)
-    wall_ms: float
-    cold_start: bool
-    n_items: int
-    index_backend: str
-    model_version: str
 
 
 @dataclass
@@ -439,110 +412,6 @@ class LatencyReport:
     stats: Dict[str, Dict[str, Dict[str, float]]]  # kind -> stage -> {p50, p99, mean, max} in ms
     totals_ms: Dict[str, List[float]]  # kind -> every request's resolver total, in request order
     machine: Dict[str, Any] = field(default_factory=dict)
-
-
-def split_users(lake_root: str, split: str = C.SPLIT_TEST) -> np.ndarray:
-    """Distinct user ids (sorted) of one split of the sequences table: the users to time."""
-    from deltalake import DeltaTable
-
-    frame = DeltaTable(C.LakePaths(lake_root).table(C.T_SEQUENCES)).to_pandas(columns=[C.USER_ID, C.SPLIT])
-    users = np.unique(frame.loc[frame[C.SPLIT] == split, C.USER_ID].to_numpy(np.int64))
-    if users.size == 0:
-        raise ValueError(f"the {split} split of {lake_root} has no users to time requests for")
-    return users
-
-
-def latency_requests(user_ids: Sequence[int], item_ids: Sequence[int], n_per_kind: int,
-                     seed: int = 0) -> List[LatencyRequest]:
-    """``n_per_kind`` requests without context and as many with a subject item, interleaved.
-
-    Interleaved, not one block per kind, so a load change on a shared machine hits both kinds
-    alike. Users cycle through a seeded permutation (each user once before any repeats);
-    subject items are drawn from ``item_ids`` (the served catalog).
-    """
-    if n_per_kind < 1:
-        raise ValueError(f"n_per_kind must be >= 1, got {n_per_kind}")
-    users, items = np.unique(np.asarray(user_ids, np.int64)), np.unique(np.asarray(item_ids, np.int64))
-    if users.size == 0 or items.size == 0:
-        raise ValueError(f"need users and subject items to time requests ({users.size} users, "
-                         f"{items.size} items)")
-    rng = np.random.default_rng(seed)
-    users, subjects = rng.permutation(users), rng.choice(items, size=n_per_kind)
-    out: List[LatencyRequest] = []
-    for i in range(n_per_kind):
-        user = int(users[i % users.size])
-        out += [LatencyRequest(user), LatencyRequest(user, int(subjects[i]))]
-    return out
-
-
-def time_requests(recommend: Callable[..., Any], requests: Sequence[LatencyRequest],
-                  k: int = DEFAULT_LATENCY_K, warmup: int = DEFAULT_LATENCY_WARMUP) -> List[LatencySample]:
-    """Call ``recommend(user_id=, subject_item_id=, k=)`` once per request, in this process.
-
-    ``recommend`` is a resolver's method (serving.resolver.Resolver.recommend); each answer must
-    carry ``timings`` (ms per stage), ``cold_start``, ``items``, ``index_backend`` and
-    ``model_version``. The first ``warmup`` calls (cycling through ``requests``) are made and
-    dropped: first calls pay one-off costs (SQLite connection, lazy imports, torch kernel
-    selection) that are not the steady state. Errors propagate: a failing serving path must fail
-    the report, not be timed.
-    """
-    if not requests:
-        raise ValueError("no requests to time")
-    if warmup < 0:
-        raise ValueError(f"warmup must be >= 0, got {warmup}")
-    for i in range(warmup):
-        req = requests[i % len(requests)]
-        recommend(user_id=req.user_id, subject_item_id=req.subject_item_id, k=k)
-    samples: List[LatencySample] = []
-    for req in requests:
-        start = time.perf_counter()
-        answer = recommend(user_id=req.user_id, subject_item_id=req.subject_item_id, k=k)
-        wall_ms = (time.perf_counter() - start) * 1000.0
-        missing = [s for s in LATENCY_STAGES if s not in answer.timings]
-        if missing:
-            raise ValueError(f"the resolver's answer has no timings for {missing} (got "
-                             f"{sorted(answer.timings)})")
-        samples.append(LatencySample(req.kind, {s: float(answer.timings[s]) for s in LATENCY_STAGES},
-                                     wall_ms, bool(answer.cold_start), len(answer.items),
-                                     str(answer.index_backend), str(answer.model_version)))
-    return samples
-
-
-def machine_facts() -> Dict[str, Any]:
-    """CPU count, 1-minute load average and torch threads: latency on a shared machine means
-    little without them."""
-    load = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
-    return {"cpu_count": os.cpu_count(), "load_avg_1m": load, "torch_threads": torch.get_num_threads()}
-
-
-def _describe(values_ms: np.ndarray) -> Dict[str, float]:
-    return {"p50": float(np.percentile(values_ms, 50)), "p99": float(np.percentile(values_ms, 99)),
-            "mean": float(values_ms.mean()), "max": float(values_ms.max())}
-
-
-def summarize_latency(samples: Sequence[LatencySample], k: int, warmup: int,
-                      machine: Optional[Dict[str, Any]] = None) -> LatencyReport:
-    """Per kind and stage: p50/p99/mean/max (linear-interpolated percentiles of the samples)."""
-    if not samples:
-        raise ValueError("no latency samples")
-    for what in ("index_backend", "model_version"):
-        seen = sorted({getattr(s, what) for s in samples})
-        if len(seen) != 1:
-            raise ValueError(f"answers came from several {what}s {seen}: one report, one serving set-up")
-    kinds = [kd for kd in (REQ_NO_CONTEXT, REQ_SUBJECT_ITEM) if any(s.kind == kd for s in samples)]
-    stats: Dict[str, Dict[str, Dict[str, float]]] = {}
-    for kind in kinds:
-        group = [s for s in samples if s.kind == kind]
-        columns = {stage: np.array([s.timings[stage] for s in group]) for stage in LATENCY_STAGES}
-        columns[CALLER_WALL] = np.array([s.wall_ms for s in group])
-        stats[kind] = {stage: _describe(v) for stage, v in columns.items()}
-    return LatencyReport(
-        k=int(k), warmup=int(warmup), index_backend=samples[0].index_backend,
-        model_version=samples[0].model_version,
-        n_requests={kd: sum(s.kind == kd for s in samples) for kd in kinds},
-        cold_starts={kd: sum(s.kind == kd and s.cold_start for s in samples) for kd in kinds},
-        stats=stats, totals_ms={kd: [s.timings["total"] for s in samples if s.kind == kd] for kd in kinds},
-        machine=dict(machine or {}))
 
 
 def latency_table(report: LatencyReport) -> Dict[str, Dict[str, float]]:

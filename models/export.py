@@ -19,10 +19,8 @@ the version) can be checked against the head that reads them.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -36,17 +34,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from models.data import build_catalog
+from models.manifest import HASHED_FILES, BundleError, sha256_file, verified_manifest
 from models.two_tower import ContextualTwoTower, ModelConfig
-from pipelines import contracts as C
+import ctt_contracts as C
 
 FORMAT_VERSION = 1
 BUNDLE_ARTIFACT_PATH = "bundle"  # folder name of the bundle among a run's MLflow artifacts
-_HASHED_FILES = (C.BUNDLE_WEIGHTS, C.BUNDLE_CONFIG, C.BUNDLE_ITEM_IDS, C.BUNDLE_ITEM_EMBEDDINGS)
-_VERSION_SUFFIX = re.compile(r"-[0-9a-f]{8}$")
-
-
-class BundleError(RuntimeError):
-    """A bundle is incomplete, corrupted or inconsistent; the message says which file and why."""
 
 
 @dataclass
@@ -58,14 +51,9 @@ class Bundle:
     item_embeddings: np.ndarray  # (N, D) float32, row i <-> item_ids[i]
     model_version: str
     path: Path
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    # categories per context the model was trained with (ctt_contracts.project_context's k):
+    # the resolver projects a subject item with it
+    context_top_k: int = C.DEFAULT_CONTEXT_TOP_K
 
 
 def non_finite_tensors(tensors: Dict[str, torch.Tensor]) -> list[str]:
@@ -114,13 +102,16 @@ def catalog_embeddings(model: ContextualTwoTower, catalog: pd.DataFrame, id_gate
 def export_bundle(model: ContextualTwoTower, config: ModelConfig, catalog: pd.DataFrame,
                   out_dir: Path | str, model_version: Optional[str],
                   extra_manifest: Optional[Dict[str, Any]] = None,
-                  id_gate: Optional[np.ndarray] = None) -> Path:
+                  id_gate: Optional[np.ndarray] = None,
+                  context_top_k: int = C.DEFAULT_CONTEXT_TOP_K) -> Path:
     """Write the bundle into ``out_dir`` (replaced atomically if it exists) and return it.
 
     ``model_version`` is the run name / timestamp prefix (None = now); the stored version gets the
     weights' sha8 appended (see module docstring). ``catalog`` is the items table (item_id,
     category_ids, category_weights). ``extra_manifest`` is merged into the manifest (e.g.
-    ``input_versions``: Delta versions of the training inputs).
+    ``input_versions``: Delta versions of the training inputs). ``context_top_k`` = the k the
+    training contexts were projected with (the lake's build configuration), recorded in the
+    manifest for the resolver.
     """
     if config != model.config:
         raise ValueError("config differs from the model's own config; export the config it was built with")
@@ -151,7 +142,8 @@ def export_bundle(model: ContextualTwoTower, config: ModelConfig, catalog: pd.Da
             "dim": config.dim,
             "state_dim": config.state_dim,
             "n_items": int(item_ids.shape[0]),
-            "files": {name: sha256_file(tmp / name) for name in _HASHED_FILES},
+            C.CONTEXT_TOP_K: _check_top_k(context_top_k, "context_top_k"),
+            "files": {name: sha256_file(tmp / name) for name in HASHED_FILES},
         })
         manifest.setdefault("input_versions", {})
         (tmp / C.BUNDLE_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -164,52 +156,22 @@ def export_bundle(model: ContextualTwoTower, config: ModelConfig, catalog: pd.Da
     return out_dir
 
 
-def _read_manifest(path: Path) -> Dict[str, Any]:
-    file = path / C.BUNDLE_MANIFEST
-    if not file.is_file():
-        raise BundleError(f"{path}: no {C.BUNDLE_MANIFEST}; not a bundle")
-    try:
-        manifest = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise BundleError(f"{file}: not valid JSON ({err})") from err
-    for key in (C.MODEL_VERSION, "files", "dim", "state_dim", "n_items"):
-        if key not in manifest:
-            raise BundleError(f"{file}: missing key {key!r}")
-    return manifest
-
-
-def _refuse_unlisted(path: Path) -> None:
-    """A bundle holds exactly the manifest and the files it hashes; anything else (a dropped-in
-    pickle above all) is refused before any file is read, so nothing foreign is ever loaded."""
-    extra = sorted(p.name for p in path.iterdir() if p.name not in _HASHED_FILES + (C.BUNDLE_MANIFEST,))
-    if extra:
-        raise BundleError(f"{path}: files not listed in the manifest: {extra[:10]}; refused (a "
-                          f"bundle holds only {C.BUNDLE_MANIFEST} and {list(_HASHED_FILES)}, and "
-                          f"nothing in it is ever unpickled)")
-
-
-def _verify_checksums(path: Path, manifest: Dict[str, Any]) -> None:
-    for name in _HASHED_FILES:
-        expected = manifest["files"].get(name)
-        if expected is None:
-            raise BundleError(f"{path}: manifest has no checksum for {name}")
-        if not (path / name).is_file():
-            raise BundleError(f"{path}: missing {name}")
-        actual = sha256_file(path / name)
-        if actual != expected:
-            raise BundleError(f"{path / name}: sha256 {actual[:12]}... does not match the manifest's "
-                              f"{expected[:12]}... (truncated, corrupted or swapped file)")
+def _check_top_k(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BundleError(f"{where}: {C.CONTEXT_TOP_K} must be an integer >= 1, got {value!r}")
+    return value
 
 
 def load_bundle(path: Path | str) -> Bundle:
-    """Load and verify a bundle: checksums, config, weights (safetensors only) and shapes."""
+    """Load and verify a bundle: checksums, config, weights (safetensors only) and shapes.
+
+    A manifest without ``context_top_k`` (a bundle exported before it was recorded) loads with
+    the old fixed default, ``ctt_contracts.DEFAULT_CONTEXT_TOP_K`` (3), which every lake was
+    built with until the value became a stored build flag.
+    """
     path = Path(path)
-    manifest = _read_manifest(path)
-    _refuse_unlisted(path)
-    _verify_checksums(path, manifest)
+    manifest = verified_manifest(path)
     version = manifest[C.MODEL_VERSION]
-    if not _VERSION_SUFFIX.search(version) or not manifest["files"][C.BUNDLE_WEIGHTS].startswith(version[-8:]):
-        raise BundleError(f"{path}: model_version {version!r} does not end with the weights' sha8")
     try:
         config = ModelConfig.from_dict(json.loads((path / C.BUNDLE_CONFIG).read_text()))
     except (json.JSONDecodeError, TypeError, ValueError) as err:
@@ -250,8 +212,11 @@ def load_bundle(path: Path | str) -> Bundle:
         rows = np.flatnonzero(~finite_rows)
         raise BundleError(f"{path / C.BUNDLE_ITEM_EMBEDDINGS}: non-finite (NaN/inf) embeddings in "
                           f"{len(rows)} rows, e.g. item_ids {item_ids[rows[:5]].tolist()}")
+    top_k = _check_top_k(manifest.get(C.CONTEXT_TOP_K, C.DEFAULT_CONTEXT_TOP_K),
+                         str(path / C.BUNDLE_MANIFEST))
     return Bundle(model=model, config=config, manifest=manifest, item_ids=item_ids,
-                  item_embeddings=item_emb, model_version=version, path=path)
+                  item_embeddings=item_emb, model_version=version, path=path,
+                  context_top_k=top_k)
 
 
 def load_bundle_from_mlflow(run_id: Optional[str] = None, model_name: Optional[str] = None,

@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from pipelines import contracts as C
+import ctt_contracts as C
 
 PAD_ITEM = -1
 PAD_CATEGORY = -1

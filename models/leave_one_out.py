@@ -59,7 +59,7 @@ from models.cli import LINKED_DATA_FIELDS
 from models.data import (EXCLUDE_ROWS, HAS_REAL_CONTEXT, LABEL_ROW, REAL_CONTEXT_IDS, REAL_CONTEXT_WEIGHTS,
                          Catalog, _demographics, batch_loader, build_catalog, process_seed, take)
 from models.system import ContextualRetrievalSystem, next_item_targets
-from pipelines import contracts as C
+import ctt_contracts as C
 
 log = logging.getLogger(__name__)
 
@@ -245,7 +245,7 @@ def _example_tensors(users: np.ndarray, hist: List[np.ndarray], hist_ts: List[np
     labels = np.asarray(labels, dtype=np.int64)
     return {
         C.USER_ID: torch.as_tensor(np.asarray(users, dtype=np.int64)),
-        C.ITEM_IDS: items, C.EVENT_TS_SECONDS: ts,
+        C.ITEM_IDS: items, C.EVENT_TS: ts,
         C.CONTEXT_CATEGORY_IDS: no_ctx, C.CONTEXT_WEIGHTS: torch.zeros((n, max_ctx)),
         C.AGE_BUCKET: torch.as_tensor(demo[:, 0]), C.COUNTRY: torch.as_tensor(demo[:, 1]),
         C.GENDER: torch.as_tensor(demo[:, 2]),

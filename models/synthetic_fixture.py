@@ -14,10 +14,11 @@ reads Delta with ``deltalake``), so they build tiny Delta tables directly with
 
 So the history reveals the style and (weakly) the interests, the context reveals the intent
 category, and only a model using both ranks the label high. The output tables follow
-pipelines/contracts.py exactly (sequences, context_rows with pseudo + real rows, items, users).
+ctt_contracts exactly (sequences, context_rows with pseudo + real rows, items, users).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict
@@ -27,10 +28,9 @@ import pandas as pd
 import pyarrow as pa
 from deltalake import write_deltalake
 
-from pipelines import contracts as C
+import ctt_contracts as C
 
 SEQUENCE_CAP = 100
-CONTEXT_TOP_K = 3
 _START_TS = 1_700_000_000  # 2023-11-14, epoch seconds
 
 
@@ -47,6 +47,7 @@ class FixtureSpec:
     p_convert: float = 0.7  # a session converts with this probability
     val_fraction: float = 0.1
     test_fraction: float = 0.1
+    context_top_k: int = C.DEFAULT_CONTEXT_TOP_K
     seed: int = 0
 
 
@@ -121,17 +122,12 @@ def _conversions(spec: FixtureSpec, items: pd.DataFrame, users: pd.DataFrame,
     return conv.sort_values([C.USER_ID, "_ts"], kind="stable").reset_index(drop=True)
 
 
-def _top_k(items: pd.DataFrame, item_ids: np.ndarray) -> tuple[list, list]:
-    """Top-CONTEXT_TOP_K categories of each item by weight, weights renormalised to sum 1."""
+def _top_k(items: pd.DataFrame, item_ids: np.ndarray, k: int) -> tuple[list, list]:
+    """The context of each item as the build writes it (``ctt_contracts.project_context``)."""
     lookup = items.set_index(C.ITEM_ID)
-    cats, weights = [], []
-    for item_id in item_ids:
-        c = np.asarray(lookup.at[item_id, C.CATEGORY_IDS])
-        w = np.asarray(lookup.at[item_id, C.CATEGORY_WEIGHTS], dtype=np.float64)
-        order = np.argsort(-w, kind="stable")[:CONTEXT_TOP_K]
-        cats.append(c[order].astype(np.int32).tolist())
-        weights.append((w[order] / w[order].sum()).astype(np.float32).tolist())
-    return cats, weights
+    projected = [C.project_context(lookup.at[i, C.CATEGORY_IDS], lookup.at[i, C.CATEGORY_WEIGHTS], k)
+                 for i in item_ids]
+    return [p[0] for p in projected], [p[1] for p in projected]
 
 
 def build_tables(spec: FixtureSpec) -> Dict[str, pd.DataFrame]:
@@ -145,7 +141,7 @@ def build_tables(spec: FixtureSpec) -> Dict[str, pd.DataFrame]:
         for k in range(1, len(ids)):
             seq_rows.append((user_id, ts[k], ids[max(0, k - SEQUENCE_CAP):k].tolist(),
                              ts[max(0, k - SEQUENCE_CAP):k].tolist(), ids[k], subj[k]))
-    seqs = pd.DataFrame(seq_rows, columns=[C.USER_ID, "_ts", C.ITEM_IDS, C.EVENT_TS_SECONDS,
+    seqs = pd.DataFrame(seq_rows, columns=[C.USER_ID, "_ts", C.ITEM_IDS, C.EVENT_TS,
                                            C.LABEL_ITEM_ID, "_subject"])
     t_val, t_test = np.quantile(seqs["_ts"], [1 - spec.val_fraction - spec.test_fraction,
                                               1 - spec.test_fraction])
@@ -154,7 +150,7 @@ def build_tables(spec: FixtureSpec) -> Dict[str, pd.DataFrame]:
     seqs[C.AS_OF_TS] = pd.to_datetime(seqs["_ts"], unit="s", utc=True)
     ctx = []
     for source, id_col in ((C.CONTEXT_PSEUDO, C.LABEL_ITEM_ID), (C.CONTEXT_REAL, "_subject")):
-        cats, weights = _top_k(items, seqs[id_col].to_numpy())
+        cats, weights = _top_k(items, seqs[id_col].to_numpy(), spec.context_top_k)
         subject = seqs["_subject"] if source == C.CONTEXT_REAL else None  # pseudo rows: null
         ctx.append(pd.DataFrame({C.USER_ID: seqs[C.USER_ID], C.AS_OF_TS: seqs[C.AS_OF_TS],
                                  C.LABEL_ITEM_ID: seqs[C.LABEL_ITEM_ID],
@@ -172,7 +168,7 @@ _ARROW = {
     C.T_USERS: pa.schema([(C.USER_ID, pa.int64()), (C.AGE_BUCKET, pa.int32()),
                           (C.COUNTRY, pa.string()), (C.GENDER, pa.string())]),
     C.T_SEQUENCES: pa.schema([(C.USER_ID, pa.int64()), (C.AS_OF_TS, pa.timestamp("us", tz="UTC")),
-                              (C.ITEM_IDS, pa.list_(pa.int64())), (C.EVENT_TS_SECONDS, pa.list_(pa.int64())),
+                              (C.ITEM_IDS, pa.list_(pa.int64())), (C.EVENT_TS, pa.list_(pa.int64())),
                               (C.LABEL_ITEM_ID, pa.int64()), (C.SPLIT, pa.string())]),
     C.T_CONTEXT_ROWS: pa.schema([(C.USER_ID, pa.int64()), (C.AS_OF_TS, pa.timestamp("us", tz="UTC")),
                                  (C.LABEL_ITEM_ID, pa.int64()),
@@ -183,11 +179,18 @@ _ARROW = {
 
 
 def write_lake(root: Path | str, spec: FixtureSpec = FixtureSpec()) -> Dict[str, pd.DataFrame]:
-    """Write the four tables as Delta under ``root`` (overwrite) and return the frames."""
+    """Write the four tables as Delta under ``root`` (overwrite), and the build configuration
+    the build would store (its context top-k), and return the frames."""
     tables = build_tables(spec)
     paths = C.LakePaths(str(root))
     for name, schema in _ARROW.items():
         frame = tables[name][schema.names]
         write_deltalake(paths.table(name), pa.Table.from_pandas(frame, schema=schema, preserve_index=False),
                         mode="overwrite")
+    config = {"max_len": SEQUENCE_CAP, "context_top_k": spec.context_top_k}
+    write_deltalake(paths.meta(C.META_BUILD_CONFIG),
+                    pa.table({C.BUILD_CONFIG_JSON: [json.dumps(config, sort_keys=True)],
+                              C.UPDATED_AT: pa.array([pd.Timestamp.now(tz="UTC")],
+                                                     pa.timestamp("us", tz="UTC"))}),
+                    mode="overwrite")
     return tables

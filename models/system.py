@@ -50,7 +50,7 @@ from models.data import (EXCLUDE_ROWS, HAS_REAL_CONTEXT, LABEL_ROW, REAL_CONTEXT
 from models.metrics import COVERAGE_K, DEFAULT_KS, TiedRanks, metric_key, rank_targets, retrieval_metrics
 from models.two_tower import ContextualTwoTower, ModelConfig, trim_left_padding
 from models.warm_start import cooccurrence_vectors, user_item_matrix
-from pipelines import contracts as C
+import ctt_contracts as C
 
 MONITOR = "val/recall_at_100"  # metric_key("val/recall@100")
 ITEM_INITS = ("random", "cooccurrence")
@@ -227,7 +227,7 @@ class ContextualRetrievalSystem(pl.LightningModule):
         the subject item's from (computed for the subject rows if None)."""
         ctx_ids, ctx_w, subject_rows = self.context_for(batch, context)
         if state is None:
-            state = self.model.encode_user_state(batch[C.ITEM_IDS], batch[C.EVENT_TS_SECONDS])
+            state = self.model.encode_user_state(batch[C.ITEM_IDS], batch[C.EVENT_TS])
         subject = self.subject_embeddings(subject_rows, item_emb)
         return self.model.query_from_state(state, ctx_ids, ctx_w, batch[C.AGE_BUCKET],
                                            batch[C.COUNTRY], batch[C.GENDER], subject)
@@ -267,7 +267,7 @@ class ContextualRetrievalSystem(pl.LightningModule):
         if hp.objective == "all_positions":
             return self.all_positions_loss(batch)
         b = batch[LABEL_ROW].shape[0]
-        state = self.model.encode_user_state(batch[C.ITEM_IDS], batch[C.EVENT_TS_SECONDS])  # (B, S)
+        state = self.model.encode_user_state(batch[C.ITEM_IDS], batch[C.EVENT_TS])  # (B, S)
         if hp.history_drop_prob > 0:
             drop = torch.rand(b, 1, device=state.device) < hp.history_drop_prob  # (B, 1)
             state = torch.where(drop, self.model.cold_start_state(b), state)
@@ -299,7 +299,7 @@ class ContextualRetrievalSystem(pl.LightningModule):
         the cold-start state; demographics are the row's. Mean over the P positions.
         """
         hp = self.hparams
-        items, ts = trim_left_padding(batch[C.ITEM_IDS], batch[C.EVENT_TS_SECONDS])  # (B, L')
+        items, ts = trim_left_padding(batch[C.ITEM_IDS], batch[C.EVENT_TS])  # (B, L')
         hidden, _ = self.model.encode_positions(items, ts)  # (B, L', D)
         rows = torch.as_tensor(self.catalog.find_rows(items.cpu().numpy()),
                                device=items.device)  # (B, L') catalog rows, -1 pad
@@ -353,7 +353,7 @@ class ContextualRetrievalSystem(pl.LightningModule):
         self._catalog_emb = self.catalog_embeddings()  # (N, D), once per validation pass
 
     def validation_step(self, batch: Dict[str, torch.Tensor], batch_idx: int) -> None:
-        state = self.model.encode_user_state(batch[C.ITEM_IDS], batch[C.EVENT_TS_SECONDS])
+        state = self.model.encode_user_state(batch[C.ITEM_IDS], batch[C.EVENT_TS])
         exclude = batch.get(EXCLUDE_ROWS)  # (B, H) the user's history rows (-1 pad), or None
         outside = batch[LABEL_ROW] < 0  # (B,) target without a catalog row: a miss
         target = batch[LABEL_ROW].clamp(min=0)  # (B,) any column for those; their rank is replaced

@@ -13,36 +13,27 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines import lease
-from pipelines.context import DEFAULT_TOP_K, build_context_rows
+from pipelines.build_config import (BuildConfig, add_build_flags, flag_values,
+                                    store_build_config, timestamp_arg)
+from pipelines.context import build_context_rows
 from pipelines.delta_io import (WriteResult, ensure_properties, print_results, raw_schema,
                                 read_table, sync_quarantine, sync_table, table_exists,
                                 table_version)
-from pipelines.sequences import (DEFAULT_MAX_LEN, SplitCutoffs, build_sequences, conversions,
+from pipelines.sequences import (SplitCutoffs, build_sequences, conversions,
                                  examples_from_ranked, ranked_histories, resolve_cutoffs,
                                  user_sequences_from_ranked)
-from pipelines.subjects import (DEFAULT_WINDOW_MINUTES, DERIVE_MODES, DERIVE_NONE,
-                                SubjectCoverage, derive_subjects, store_coverage,
+from pipelines.subjects import (SubjectCoverage, derive_subjects, store_coverage,
                                 subject_coverage)
-from pipelines.validate import (DEFAULT_MAX_QUARANTINE_FRAC, ValidationReport, event_reasons,
+from pipelines.validate import (ValidationReport, event_reasons,
                                 format_reports, item_reasons, report_from_reasons,
                                 sort_categories, split_reasoned, user_reasons)
 
 CDF_PROPERTIES = {"delta.enableChangeDataFeed": "true"}
 
 
-def _timestamp_arg(text: str) -> datetime:
-    """ISO-8601 date/time or epoch seconds; naive values are UTC."""
-    try:
-        ts = (datetime.fromtimestamp(float(text), tz=timezone.utc)
-              if text.replace(".", "", 1).isdigit() else datetime.fromisoformat(text))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"not an ISO timestamp or epoch seconds: {text!r}") from err
-    return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
-
-
-def _spark_args(parser: argparse.ArgumentParser) -> None:
+def add_spark_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lake", default="./lake",
                         help="root folder/URI of the Delta tables (default: ./lake)")
     parser.add_argument("--master", default=None,
@@ -51,7 +42,7 @@ def _spark_args(parser: argparse.ArgumentParser) -> None:
                         help="spark.sql.shuffle.partitions (default: Spark's)")
 
 
-def _session(args: argparse.Namespace, app: str):
+def job_session(args: argparse.Namespace, app: str):
     from pipelines.delta_io import tune_local_delta
     from pipelines.spark import get_spark
 
@@ -84,7 +75,7 @@ def generate_parser() -> argparse.ArgumentParser:
         description="Write seeded synthetic raw_events / raw_items / raw_users Delta tables "
                     "(see pipelines/synthetic.py: a realistic world calibrated to real logs, or "
                     "the planted world of the first quality bars). Overwrites them.")
-    _spark_args(p)
+    add_spark_args(p)
     p.add_argument("--preset", choices=PRESETS, default=REALISTIC,
                    help=f"which world (default {REALISTIC}); every knob below overrides the "
                         f"preset's default, and a knob of the other preset is refused")
@@ -145,7 +136,7 @@ def run_generate(spark, lake: str, cfg, partitions: Optional[int] = None) -> Lis
 def generate_data_main(argv: Optional[Sequence[str]] = None) -> Dict[str, int]:
     args = generate_parser().parse_args(argv)
     cfg = config_from_args(args)
-    spark = _session(args, "ctt-generate-data")
+    spark = job_session(args, "ctt-generate-data")
     print("synthetic config:", json.dumps(cfg.to_dict(), sort_keys=True))
     try:
         results = run_generate(spark, args.lake, cfg, args.partitions)
@@ -186,7 +177,7 @@ def ingest_parser() -> argparse.ArgumentParser:
                     "(wrong_number_of_fields); each CSV file is read by one task, so a folder of "
                     "files imports in parallel. Prints row counts; stops before writing when "
                     "more than --max-quarantine-frac of a source cannot be imported cleanly.")
-    _spark_args(p)
+    add_spark_args(p)
     p.add_argument("--mode", choices=("overwrite", "append"), default="overwrite",
                    help="overwrite the raw tables, or append a new increment of the log "
                         "(reports the rows each append wrote)")
@@ -382,7 +373,7 @@ def ingest_main(argv: Optional[Sequence[str]] = None) -> Dict[str, int]:
     if not 0 <= args.max_quarantine_frac <= 1:
         parser.error("--max-quarantine-frac must be within [0, 1]")
     mappings_from_args(args)  # fail on a bad mapping before starting Spark
-    spark = _session(args, "ctt-ingest")
+    spark = job_session(args, "ctt-ingest")
     try:
         result = run_ingest(spark, args)
     except QuarantineThresholdExceeded as err:
@@ -398,38 +389,6 @@ def ingest_main(argv: Optional[Sequence[str]] = None) -> Dict[str, int]:
 # --------------------------------------------------------------------------------------
 # build_sequences
 # --------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class BuildConfig:
-    max_len: int = DEFAULT_MAX_LEN
-    min_history: int = 1
-    val_start: Optional[datetime] = None
-    test_start: Optional[datetime] = None
-    val_frac: float = 0.1
-    test_frac: float = 0.1
-    context_top_k: int = DEFAULT_TOP_K
-    derive_subject: str = DERIVE_NONE
-    subject_window_minutes: int = DEFAULT_WINDOW_MINUTES
-    max_quarantine_frac: float = DEFAULT_MAX_QUARANTINE_FRAC
-
-    def __post_init__(self) -> None:
-        if self.derive_subject not in DERIVE_MODES:
-            raise ValueError(f"derive_subject must be one of {DERIVE_MODES}, "
-                             f"got {self.derive_subject!r}")
-        if self.subject_window_minutes <= 0:
-            raise ValueError(f"subject window must be > 0 minutes, "
-                             f"got {self.subject_window_minutes}")
-        if not 0 <= self.max_quarantine_frac <= 1:
-            raise ValueError(f"max_quarantine_frac must be within [0, 1], "
-                             f"got {self.max_quarantine_frac}")
-
-    def explicit_cutoffs(self) -> Optional[SplitCutoffs]:
-        if (self.val_start is None) != (self.test_start is None):
-            raise ValueError("give both --val-start and --test-start, or neither")
-        if self.val_start is None:
-            return None
-        return SplitCutoffs(self.val_start, self.test_start, origin="explicit")
-
-
 @dataclass
 class BuildResult:
     versions: Dict[str, int]  # output table -> Delta version after the run
@@ -604,6 +563,7 @@ def _build_outputs(spark, lake: str, cfg: BuildConfig, now: datetime, earlier: L
         print(coverage.line())
         how.fence()
         store_coverage(spark, lake, coverage)
+        store_build_config(spark, lake, cfg, now)
         cutoffs = resolve_cutoffs(spark, lake, conv, cfg.explicit_cutoffs(), cfg.val_frac,
                                   cfg.test_frac, now)
         ranked = ranked_histories(conv, cfg.max_len).persist(StorageLevel.MEMORY_AND_DISK)
@@ -636,38 +596,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "sequences, context_rows and user_sequences as Delta tables. Idempotent: a "
                     "rerun on the same input commits nothing; appended events change only the "
                     "affected users' rows. Prints and returns the Delta version of each output.")
-    _spark_args(p)
-    p.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN,
-                   help=f"history cap: newest N conversions kept (default {DEFAULT_MAX_LEN})")
-    p.add_argument("--min-history", type=int, default=1,
-                   help="minimum earlier conversions for a training example (default 1; 0 also keeps "
-                        "first conversions, served from the cold-start state and the context)")
-    p.add_argument("--val-start", type=_timestamp_arg, default=None,
-                   help="first label time of the validation split (ISO or epoch s, UTC); with "
-                        "--test-start. Default: stored cutoffs, else derived once from quantiles")
-    p.add_argument("--test-start", type=_timestamp_arg, default=None,
-                   help="first label time of the test split")
-    p.add_argument("--val-frac", type=float, default=0.1,
-                   help="fraction of conversions (by time) for validation when deriving cutoffs")
-    p.add_argument("--test-frac", type=float, default=0.1,
-                   help="fraction of conversions (by time) for test when deriving cutoffs")
-    p.add_argument("--context-top-k", type=int, default=DEFAULT_TOP_K,
-                   help=f"categories per context row (default {DEFAULT_TOP_K})")
-    p.add_argument("--now", type=_timestamp_arg, default=None,
+    add_spark_args(p)
+    add_build_flags(p)
+    p.add_argument("--now", type=timestamp_arg, default=None,
                    help="reference time for 'timestamp in the future' (default: wall clock, UTC)")
-    p.add_argument("--derive-subject", choices=DERIVE_MODES, default=DERIVE_NONE,
-                   help="subject item of conversions that logged none, from the user's browsing "
-                        "(views/clicks at or before the conversion, in its session, else within "
-                        "--subject-window-minutes): last_view = the last viewed item (often the "
-                        "converted item itself), last_other_view = the last viewed item other "
-                        "than the converted one; a logged subject always wins (default none)")
-    p.add_argument("--subject-window-minutes", type=int, default=DEFAULT_WINDOW_MINUTES,
-                   help="how far back a view may be for conversions without a session id "
-                        f"(default {DEFAULT_WINDOW_MINUTES})")
-    p.add_argument("--max-quarantine-frac", type=float, default=DEFAULT_MAX_QUARANTINE_FRAC,
-                   help="stop before writing when more than this share of a raw table would be "
-                        f"quarantined, with the top reasons; 1 = never stop "
-                        f"(default {DEFAULT_MAX_QUARANTINE_FRAC})")
     p.add_argument("--repair-duplicates", action="store_true",
                    help="if an output table holds a key twice (left by overlapping runs of an older "
                         "version), delete those keys' rows and recompute them in this run "
@@ -684,16 +616,11 @@ def build_sequences_main(argv: Optional[Sequence[str]] = None) -> Dict[str, obje
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        cfg = BuildConfig(max_len=args.max_len, min_history=args.min_history,
-                          val_start=args.val_start, test_start=args.test_start,
-                          val_frac=args.val_frac, test_frac=args.test_frac,
-                          context_top_k=args.context_top_k, derive_subject=args.derive_subject,
-                          subject_window_minutes=args.subject_window_minutes,
-                          max_quarantine_frac=args.max_quarantine_frac)
+        cfg = BuildConfig(**flag_values(args))
         cfg.explicit_cutoffs()  # fail on a half-given pair before starting Spark
     except ValueError as err:
         parser.error(str(err))
-    spark = _session(args, "ctt-build-sequences")
+    spark = job_session(args, "ctt-build-sequences")
     try:
         result = run_build_sequences(spark, args.lake, cfg, args.now, args.repair_duplicates)
     except QuarantineThresholdExceeded as err:

@@ -1,6 +1,6 @@
 """Context rows: the request-time context a training/evaluation example is scored with.
 
-Two sources (``contracts.CONTEXT_PSEUDO`` / ``CONTEXT_REAL``):
+Two sources (``ctt_contracts.CONTEXT_PSEUDO`` / ``CONTEXT_REAL``):
 
 * pseudo -- the *label* item's top-k categories by confidence weight, weights renormalised to sum
   to 1. Training never sees real context (seed 000): it learns from this label-derived stand-in,
@@ -10,12 +10,17 @@ Two sources (``contracts.CONTEXT_PSEUDO`` / ``CONTEXT_REAL``):
   conversion has a subject item. The trainer carries it on every split: the subject-item
   baselines (category lookup, co-occurrence) learn from the training split's real rows.
 
-Top-k is taken after sorting by (weight desc, category id asc), so ties are deterministic even if
-an upstream table was not sorted; weights are renormalised in double precision then stored as
-float (sum is 1 within float rounding).
+The projection itself (top-k after sorting by weight desc, category id asc; weights
+renormalised in double precision, stored as float) is ``ctt_contracts.project_context``, run
+here as a Python UDF over the items table (one call per item, before the join to the examples):
+the resolver applies the same function to a subject item at request time, so the two cannot
+drift. (A plain pickled UDF, not the Arrow-optimised one: with Spark 4.2 the Arrow UDF hung
+the context_rows MERGE of the build, each side waiting for the other on the worker socket.)
+Its k is ``BuildConfig.context_top_k``, stored in the lake with the rest of the build
+configuration; the trainer copies it into the bundle manifest for the resolver.
 
-Rows are keyed by ``contracts.CONTEXT_ROWS_KEY`` (user_id, as_of_ts, label_item_id,
-context_source); the join to ``sequences`` is on ``contracts.SEQUENCES_KEY``.
+Rows are keyed by ``ctt_contracts.CONTEXT_ROWS_KEY`` (user_id, as_of_ts, label_item_id,
+context_source); the join to ``sequences`` is on ``ctt_contracts.SEQUENCES_KEY``.
 """
 from __future__ import annotations
 
@@ -23,26 +28,34 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines import contracts as C
+import ctt_contracts as C
 
-DEFAULT_TOP_K = 3
+_PROJECTED = T.StructType([
+    T.StructField("ids", T.ArrayType(T.IntegerType(), False)),
+    T.StructField("weights", T.ArrayType(T.FloatType(), False)),
+])
 
 
 def top_k_categories(ids: Column, weights: Column, k: int) -> Column:
-    """struct(ids array<int>, weights array<float>): top-k by weight, weights summing to 1."""
+    """struct(ids array<int>, weights array<float>): ``ctt_contracts.project_context`` of the
+    two arrays (top-k in the contract order, weights summing to 1)."""
     if k < 1:
         raise ValueError(f"context top-k must be >= 1, got {k}")
-    pairs = F.arrays_zip(ids.alias("c"), weights.alias("w"))
-    ordered = F.array_sort(pairs, lambda a, b: F.when(a["w"] > b["w"], -1)
-                           .when(a["w"] < b["w"], 1)
-                           .when(a["c"] < b["c"], -1)
-                           .when(a["c"] > b["c"], 1).otherwise(0))
-    top = F.slice(ordered, 1, k)
-    total = F.aggregate(top, F.lit(0.0).cast("double"), lambda acc, p: acc + p["w"].cast("double"))
-    return F.struct(
-        F.transform(top, lambda p: p["c"]).alias("ids"),
-        F.transform(top, lambda p: (p["w"].cast("double") / total).cast("float")).alias("weights"),
-    )
+
+    def project(c, w):
+        return C.project_context(c, w, k)
+
+    return F.udf(project, _PROJECTED, useArrow=False)(ids, weights)
+
+
+def ordered_categories(ids: Column, weights: Column) -> Column:
+    """struct(ids, weights): the item's pairs in the contract order (``ctt_contracts
+    .category_order``), weights unchanged; how validation canonicalises the items table."""
+    def order(c, w):
+        positions = C.category_order(list(c), list(w))
+        return [int(c[i]) for i in positions], [float(w[i]) for i in positions]
+
+    return F.udf(order, _PROJECTED, useArrow=False)(ids, weights)
 
 
 def _context_for(examples: DataFrame, items: DataFrame, item_col: str, source: str,
@@ -63,19 +76,19 @@ def _context_for(examples: DataFrame, items: DataFrame, item_col: str, source: s
     )
 
 
-def pseudo_context(examples: DataFrame, items: DataFrame, k: int = DEFAULT_TOP_K) -> DataFrame:
+def pseudo_context(examples: DataFrame, items: DataFrame, k: int = C.DEFAULT_CONTEXT_TOP_K) -> DataFrame:
     """One pseudo row per example (the label item is a clean item, so the inner join keeps all)."""
     return _context_for(examples, items, C.LABEL_ITEM_ID, C.CONTEXT_PSEUDO, k)
 
 
-def real_context(examples: DataFrame, items: DataFrame, k: int = DEFAULT_TOP_K) -> DataFrame:
+def real_context(examples: DataFrame, items: DataFrame, k: int = C.DEFAULT_CONTEXT_TOP_K) -> DataFrame:
     """One real row per example whose label conversion logged a subject item."""
     with_subject = examples.where(F.col(C.SUBJECT_ITEM_ID).isNotNull())
     return _context_for(with_subject, items, C.SUBJECT_ITEM_ID, C.CONTEXT_REAL, k)
 
 
 def build_context_rows(examples: DataFrame, items: DataFrame,
-                       k: int = DEFAULT_TOP_K) -> DataFrame:
+                       k: int = C.DEFAULT_CONTEXT_TOP_K) -> DataFrame:
     """examples (build_examples output) + clean items -> context_rows."""
     return (pseudo_context(examples, items, k).unionByName(real_context(examples, items, k))
             .select(*C.CONTEXT_ROWS_COLUMNS))

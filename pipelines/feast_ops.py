@@ -37,51 +37,30 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines import contracts as C
+import ctt_contracts as C
 
-# --------------------------------------------------------------------------------------
-# Names local to the Feast snapshot. TODO(lead): move into pipelines/contracts.py.
-# --------------------------------------------------------------------------------------
-ENV_LAKE = "CTT_LAKE"  # lake root (same variable as jobs/demo.py)
-ENV_FEAST_DATA = "CTT_FEAST_DATA"  # folder of the Feast registry + SQLite online store
-FEATURE_TS = "feature_ts"  # event timestamp added to the users/items snapshots
-T_USER_PROFILE_FEATURES = "user_profile_features"
-T_ITEM_CATEGORY_FEATURES = "item_category_features"
-EXPORT_DIR = "feast_export"  # under the lake root
+# Snapshot names, paths and the environment variables are in ctt_contracts (feature_repo/
+# reads them too); what follows is local to writing the snapshots.
 SOURCE_VERSION_KEY = b"ctt.delta_version"  # Parquet schema metadata: Delta version exported
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FEATURE_REPO = REPO_ROOT / "feature_repo"
-DEFAULT_LAKE = REPO_ROOT / "demo_run" / "lake"  # the lake of `make demo`
-
-# snapshot name -> Delta table it is exported from
-SNAPSHOT_SOURCES: Dict[str, str] = {
-    C.T_USER_STATES: C.T_USER_STATES,
-    T_USER_PROFILE_FEATURES: C.T_USERS,
-    T_ITEM_CATEGORY_FEATURES: C.T_ITEMS,
-}
+DEFAULT_LAKE = REPO_ROOT / "demo_run" / "lake"  # the lake of `make demo` (CLI default only)
 
 _UTC_TS = pa.timestamp("us", tz="UTC")
 SNAPSHOT_SCHEMAS: Dict[str, pa.Schema] = {
     C.T_USER_STATES: pa.schema([
         (C.USER_ID, pa.int64()), (C.HIDDEN_STATE, pa.list_(pa.float32())),
         (C.MODEL_VERSION, pa.string()), (C.SEQUENCE_HASH, pa.string()), (C.STATE_TS, _UTC_TS)]),
-    T_USER_PROFILE_FEATURES: pa.schema([
+    C.T_USER_PROFILE_FEATURES: pa.schema([
         (C.USER_ID, pa.int64()), (C.AGE_BUCKET, pa.int64()), (C.COUNTRY, pa.string()),
-        (C.GENDER, pa.string()), (FEATURE_TS, _UTC_TS)]),
-    T_ITEM_CATEGORY_FEATURES: pa.schema([
+        (C.GENDER, pa.string()), (C.FEATURE_TS, _UTC_TS)]),
+    C.T_ITEM_CATEGORY_FEATURES: pa.schema([
         (C.ITEM_ID, pa.int64()), (C.CATEGORY_IDS, pa.list_(pa.int64())),
-        (C.CATEGORY_WEIGHTS, pa.list_(pa.float32())), (FEATURE_TS, _UTC_TS)]),
+        (C.CATEGORY_WEIGHTS, pa.list_(pa.float32())), (C.FEATURE_TS, _UTC_TS)]),
 }
-_KEYS = {C.T_USER_STATES: C.USER_ID, T_USER_PROFILE_FEATURES: C.USER_ID,
-         T_ITEM_CATEGORY_FEATURES: C.ITEM_ID}
-
-
-def export_path(lake_root: str | Path, snapshot: str) -> str:
-    """Path of one Parquet snapshot: ``<lake>/feast_export/<snapshot>.parquet``."""
-    if snapshot not in SNAPSHOT_SOURCES:
-        raise ValueError(f"unknown snapshot {snapshot!r}; known: {', '.join(SNAPSHOT_SOURCES)}")
-    return f"{str(lake_root).rstrip('/')}/{EXPORT_DIR}/{snapshot}.parquet"
+_KEYS = {C.T_USER_STATES: C.USER_ID, C.T_USER_PROFILE_FEATURES: C.USER_ID,
+         C.T_ITEM_CATEGORY_FEATURES: C.ITEM_ID}
 
 
 def _local_dir(lake_root: str | Path) -> Path:
@@ -145,7 +124,7 @@ def stable_feature_ts(new: pd.DataFrame, previous: Optional[pd.DataFrame], key: 
         raise ValueError(f"now must be timezone-aware, got {now!r}")
     stamp = pd.Timestamp(now).tz_convert("UTC")
     out = new.copy()
-    out[FEATURE_TS] = stamp
+    out[C.FEATURE_TS] = stamp
     if previous is None or previous.empty:
         return out
     values = [c for c in new.columns if c != key]
@@ -159,7 +138,7 @@ def stable_feature_ts(new: pd.DataFrame, previous: Optional[pd.DataFrame], key: 
             b = old.loc[idx, col].map(_hashable).to_numpy(dtype=object)
             same &= np.array([x == y for x, y in zip(a, b)], dtype=bool)
         keep = out.index[common][same]
-        out.loc[keep, FEATURE_TS] = old.loc[out.loc[keep, key], FEATURE_TS].to_numpy()
+        out.loc[keep, C.FEATURE_TS] = old.loc[out.loc[keep, key], C.FEATURE_TS].to_numpy()
     return out
 
 
@@ -192,10 +171,10 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
 def export_snapshot(lake_root: str | Path, snapshot: str, now: Optional[datetime] = None) -> ExportResult:
     """Export one Delta table to its Parquet snapshot (no rewrite if already at this version)."""
     now = now or datetime.now(timezone.utc)
-    source = C.LakePaths(str(lake_root)).table(SNAPSHOT_SOURCES[snapshot])
-    target = _local_dir(lake_root) / EXPORT_DIR / f"{snapshot}.parquet"
+    source = C.LakePaths(str(lake_root)).table(C.FEAST_SNAPSHOT_SOURCES[snapshot])
+    target = _local_dir(lake_root) / C.FEAST_EXPORT_DIR / f"{snapshot}.parquet"
     schema, key = SNAPSHOT_SCHEMAS[snapshot], _KEYS[snapshot]
-    value_cols = [n for n in schema.names if n != FEATURE_TS]
+    value_cols = [n for n in schema.names if n != C.FEATURE_TS]
     from deltalake import DeltaTable
 
     delta = DeltaTable(source)  # one version for the check and the read
@@ -217,12 +196,13 @@ def export_snapshot(lake_root: str | Path, snapshot: str, now: Optional[datetime
     else:
         previous = pq.read_table(target).to_pandas() if target.is_file() else None
         out = stable_feature_ts(table.to_pandas(), previous, key, now)
-        changed = int((out[FEATURE_TS] == pd.Timestamp(now).tz_convert("UTC")).sum())
+        changed = int((out[C.FEATURE_TS] == pd.Timestamp(now).tz_convert("UTC")).sum())
     _write_atomic(_conform(out, schema, version), target)
     return ExportResult(snapshot, str(target), version, len(out), changed, True)
 
 
-def export_feature_tables(lake_root: str | Path, snapshots: Sequence[str] = tuple(SNAPSHOT_SOURCES),
+def export_feature_tables(lake_root: str | Path,
+                          snapshots: Sequence[str] = tuple(C.FEAST_SNAPSHOT_SOURCES),
                           now: Optional[datetime] = None) -> List[ExportResult]:
     """Refresh the Parquet snapshots Feast reads (user_states, user profiles, item categories).
 
@@ -262,7 +242,7 @@ def feast_env(lake_root: str | Path, feast_data: str | Path) -> contextlib.Abstr
     Feast resolves ``${CTT_FEAST_DATA}`` when it loads the YAML and definitions.py reads
     CTT_LAKE at import; the previous values are restored afterwards.
     """
-    return scoped_environ({ENV_LAKE: str(lake_root), ENV_FEAST_DATA: str(Path(feast_data).resolve())})
+    return scoped_environ({C.ENV_LAKE: str(lake_root), C.ENV_FEAST_DATA: str(Path(feast_data).resolve())})
 
 
 def feature_store(lake_root: str | Path, feast_data: str | Path, repo_dir: Path = FEATURE_REPO,
@@ -320,9 +300,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         prog="ctt-export-feature-tables",
         description="Refresh the Parquet snapshots Feast materializes from (user_states, user "
                     "profiles, item categories), each from one Delta version; unchanged -> no rewrite.")
-    p.add_argument("--lake", default=os.environ.get(ENV_LAKE, str(DEFAULT_LAKE)),
-                   help=f"lake root (default ${ENV_LAKE} or {DEFAULT_LAKE})")
-    p.add_argument("--only", nargs="+", choices=list(SNAPSHOT_SOURCES), default=list(SNAPSHOT_SOURCES),
+    p.add_argument("--lake", default=os.environ.get(C.ENV_LAKE, str(DEFAULT_LAKE)),
+                   help=f"lake root (default ${C.ENV_LAKE} or {DEFAULT_LAKE})")
+    p.add_argument("--only", nargs="+", choices=list(C.FEAST_SNAPSHOT_SOURCES),
+                   default=list(C.FEAST_SNAPSHOT_SOURCES),
                    help="snapshots to refresh (default all)")
     return p.parse_args(argv)
 

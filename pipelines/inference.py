@@ -36,11 +36,11 @@ from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
 import numpy as np
 import pyarrow as pa
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines import lease
 
 DEFAULT_BATCH_SIZE = 1024
-# Columns local to this module's staging (not stored anywhere). TODO(lead) if others need them.
+# Columns local to this module's staging (never stored: not contract names).
 _REASON = "__reason"  # why a user is (re-)encoded
 _TAG = "__tag"  # MERGE staging: upsert or delete
 _TAG_UPSERT, _TAG_DELETE = "U", "D"
@@ -104,7 +104,7 @@ def _list_rows(column: pa.Array) -> list[np.ndarray]:
 def encode_batch(batch: pa.RecordBatch, model: Any, batch_size: int) -> pa.RecordBatch:
     """One Arrow batch of user_sequences rows -> (user_id, hidden_state, sequence_hash)."""
     items = _list_rows(batch.column(C.ITEM_IDS))
-    ts = _list_rows(batch.column(C.EVENT_TS_SECONDS))
+    ts = _list_rows(batch.column(C.EVENT_TS))
     states = encode_histories(model, list(zip(items, ts)), batch_size)  # (N, S)
     n, dim = states.shape
     offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
@@ -143,7 +143,7 @@ def latest_sequences(user_sequences):  # DataFrame -> DataFrame
 
     w = Window.partitionBy(C.USER_ID).orderBy(F.col(C.AS_OF_TS).desc(), F.col(C.SEQUENCE_HASH).desc())
     return (user_sequences.withColumn("__rn", F.row_number().over(w)).where(F.col("__rn") == 1)
-            .select(C.USER_ID, C.ITEM_IDS, C.EVENT_TS_SECONDS, C.SEQUENCE_HASH))
+            .select(C.USER_ID, C.ITEM_IDS, C.EVENT_TS, C.SEQUENCE_HASH))
 
 
 def classify_users(sequences, states, model_version: str):  # (DataFrame, DataFrame|None) -> DataFrame
@@ -177,7 +177,7 @@ def encode_states(todo, bundle_path: str, model_version: str, state_ts: datetime
         T.StructField(C.USER_ID, T.LongType(), False),
         T.StructField(C.HIDDEN_STATE, T.ArrayType(T.FloatType(), False), False),
         T.StructField(C.SEQUENCE_HASH, T.StringType(), False)])
-    encoded = todo.select(C.USER_ID, C.ITEM_IDS, C.EVENT_TS_SECONDS, C.SEQUENCE_HASH).mapInArrow(
+    encoded = todo.select(C.USER_ID, C.ITEM_IDS, C.EVENT_TS, C.SEQUENCE_HASH).mapInArrow(
         make_encoder(str(bundle_path), model_version, batch_size), out_schema)
     return encoded.select(C.USER_ID, C.HIDDEN_STATE, F.lit(model_version).alias(C.MODEL_VERSION),
                           ts_literal(state_ts).alias(C.STATE_TS), C.SEQUENCE_HASH)

@@ -15,7 +15,7 @@ surface null, subject null) -- absent is not malformed.
 
 CSV is read as RFC 4180: fields in double quotes may hold the separator, newlines and ``""``
 (an escaped quote). A record with too few or too many fields is not repaired (its values would
-land in the wrong columns): it is kept verbatim under ``contracts.SOURCE_RECORD`` in the row's
+land in the wrong columns): it is kept verbatim under ``ctt_contracts.SOURCE_RECORD`` in the row's
 JSON and validation quarantines it as ``wrong_number_of_fields``. Quoted newlines mean a record
 boundary is only known by reading a file from its start, so each CSV file is read by one task
 (Spark's multiLine mode): give a folder of files to read a large log in parallel. A line-split
@@ -57,7 +57,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines.delta_io import (RAW_ROW_JSON, WriteResult, raw_schema, read_table, table_exists,
                                 table_version, write_raw)
 
@@ -82,8 +82,6 @@ FALSE_FLAGS = ("0", "false", "f", "no", "n")
 CSV_RECORD_COL = "__ctt_source_record"
 
 # The category vocabulary of an imported lake (a Delta table: works on any lake URI).
-META_DIR = "_meta"
-VOCABULARY_TABLE = "category_vocabulary"
 CATEGORY_NAME = "category_name"
 CATEGORY_ID = "category_id"
 _INT32_NAME = re.compile(r"0|[1-9][0-9]{0,8}")  # canonical, fits int32: "007" is not one
@@ -500,7 +498,7 @@ def new_items_only(spark: SparkSession, lake: str, items: DataFrame) -> DataFram
 # The stored vocabulary
 # --------------------------------------------------------------------------------------
 def vocabulary_path(lake: str) -> str:
-    return f"{lake.rstrip('/')}/{META_DIR}/{VOCABULARY_TABLE}"
+    return C.LakePaths(lake).meta(C.META_CATEGORY_VOCABULARY)
 
 
 def load_vocabulary(spark: SparkSession, lake: str) -> Optional[Dict[str, int]]:

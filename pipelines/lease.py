@@ -43,12 +43,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
 
-from pipelines import contracts as C
+import ctt_contracts as C
 
 log = logging.getLogger(__name__)
 
-LEASE_DIR = "_meta"  # the lake's metadata folder (also holds the stored split cutoffs)
-LEASE_TABLE = "lease"
 ENV_TTL = "CTT_LEASE_TTL_S"
 DEFAULT_TTL_S = 300.0
 ACQUIRE_ATTEMPTS = 4
@@ -71,7 +69,7 @@ class LeaseLostError(RuntimeError):
 
 
 def lease_path(lake: str) -> str:
-    return f"{lake.rstrip('/')}/{LEASE_DIR}/{LEASE_TABLE}"
+    return C.LakePaths(lake).meta(C.META_LEASE)
 
 
 def default_ttl_s() -> float:

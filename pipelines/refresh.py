@@ -3,7 +3,9 @@
 A thin orchestration of the existing steps, in the order the data flows:
 
 1. ``run_build_sequences``   validates the appended raw events and MERGEs only the affected
-                             users into ``user_sequences`` (pipelines/cli.py);
+                             users into ``user_sequences`` (pipelines/cli.py), with the build
+                             configuration the lake stores (pipelines/build_config.py) unless
+                             flags override it;
 2. ``run_batch_inference``   re-encodes only users whose history hash or model version changed
                              and MERGEs ``user_states`` (pipelines/inference.py);
 3. ``export_feature_tables`` rewrites the Parquet snapshots Feast reads (pipelines/feast_ops.py);
@@ -43,11 +45,13 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Set
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines import feast_ops
-from pipelines.cli import BuildConfig, BuildResult, run_build_sequences
+from pipelines.build_config import (BuildConfig, add_build_flags, flag_values,
+                                    load_build_config, timestamp_arg, with_overrides)
+from pipelines.cli import BuildResult, run_build_sequences
 from pipelines.delta_io import WriteResult
 from pipelines.inference import DEFAULT_BATCH_SIZE, InferenceResult, run_batch_inference
 
@@ -234,7 +238,7 @@ def _states_in_window(lake: str, start: datetime, end: datetime) -> int:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    path = feast_ops.export_path(lake, C.T_USER_STATES)
+    path = C.feast_snapshot_path(lake, C.T_USER_STATES)
     if not Path(path).is_file():
         return 0
     ts = pq.read_table(path, columns=[C.STATE_TS]).column(C.STATE_TS)
@@ -286,19 +290,25 @@ def materialize_step(lake: str, feast_data: str | Path, end: datetime,
 # The refresh
 # --------------------------------------------------------------------------------------
 def run_refresh(spark: Any, lake: str, bundle: str | Path, feast_data: str | Path,
-                cfg: BuildConfig = BuildConfig(), new_model: bool = False, apply: bool = False,
+                cfg: Optional[BuildConfig] = None, new_model: bool = False, apply: bool = False,
                 batch_size: int = DEFAULT_BATCH_SIZE, partitions: Optional[int] = None,
                 repo_dir: Path = feast_ops.FEATURE_REPO, fs_yaml_file: Optional[Path] = None,
-                now: Optional[datetime] = None) -> RefreshResult:
+                now: Optional[datetime] = None,
+                build_overrides: Mapping[str, Any] = {}) -> RefreshResult:
     """build_sequences -> batch_inference -> snapshot export -> materialize, guarded by version.
+
+    ``cfg`` None: the build configuration stored in the lake by its last build (defaults for a
+    lake built before it was stored), with ``build_overrides`` (BuildConfig fields) replaced;
+    where it came from is printed. A given ``cfg`` is used as is.
 
     ``now`` is the reference time of validation and the ``state_ts`` of re-encoded users
     (default: wall clock). The materialize window ends after batch inference finished, so every
     state written by this run is inside it.
     """
-    from models.export import load_bundle
+    from models.manifest import verified_manifest
 
-    model_version = load_bundle(bundle).model_version  # checksums verified before any work
+    # the manifest names the version; its checksums are verified before any work (no torch)
+    model_version = verified_manifest(bundle)[C.MODEL_VERSION]
     check_versions(model_version, lake_state_versions(lake), store_version(feast_data),
                    store_is_fresh(feast_data), new_model)
     if now is not None and now >= datetime.now(timezone.utc):
@@ -311,6 +321,9 @@ def run_refresh(spark: Any, lake: str, bundle: str | Path, feast_data: str | Pat
     # one db the second stops here
     claim_redis_store(feast_ops.feature_store(lake, feast_data, repo_dir, fs_yaml_file),
                       model_version, feast_data)
+    if cfg is None:
+        cfg, origin = with_overrides(load_build_config(spark, lake), build_overrides)
+        print(origin, flush=True)
     seconds: Dict[str, float] = {}
 
     t0 = time.perf_counter()
@@ -339,7 +352,7 @@ def run_refresh(spark: Any, lake: str, bundle: str | Path, feast_data: str | Pat
 # CLI: jobs/refresh.py (python or spark-submit)
 # --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from pipelines.cli import _spark_args, _timestamp_arg
+    from pipelines.cli import add_spark_args
 
     p = argparse.ArgumentParser(
         prog="refresh",
@@ -348,11 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "materialize-incremental into the online store of --feast-data. Prints what "
                     "each step touched. With --new-model: roll a new bundle out into a fresh "
                     "Feast data folder (docs/operations.md).")
-    _spark_args(p)
+    add_spark_args(p)
     p.add_argument("--bundle", required=True, help="model bundle folder being served")
     p.add_argument("--feast-data", default=None,
                    help=f"Feast data folder of the online store (registry + SQLite file); "
-                        f"default ${feast_ops.ENV_FEAST_DATA}. One folder per model version")
+                        f"default ${C.ENV_FEAST_DATA}. One folder per model version")
     p.add_argument("--feature-repo", type=Path, default=feast_ops.FEATURE_REPO,
                    help="Feast repo folder (default: the project's feature_repo/)")
     p.add_argument("--fs-yaml", type=Path, default=None,
@@ -363,33 +376,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-model", action="store_true",
                    help="the bundle differs from the states in the lake: re-encode everyone "
                         "into a fresh --feast-data folder (rollout)")
-    p.add_argument("--max-len", type=int, default=BuildConfig.max_len,
-                   help=f"history cap of build_sequences (default {BuildConfig.max_len})")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                    help="rows per forward pass of batch inference")
     p.add_argument("--partitions", type=int, default=None,
                    help="tasks of the encoding stage (default: Spark's default parallelism)")
-    p.add_argument("--now", type=_timestamp_arg, default=None,
+    p.add_argument("--now", type=timestamp_arg, default=None,
                    help="reference time for validation and state_ts (default: wall clock, UTC)")
+    build = p.add_argument_group(
+        "build_sequences (default: the configuration the lake's last build stored; a flag given "
+        "here replaces that one value, and the refresh prints what it used)")
+    add_build_flags(build, overrides=True)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> RefreshResult:
     import os
 
-    from pipelines.cli import _session
+    from pipelines.cli import job_session
 
-    args = build_parser().parse_args(argv)
-    feast_data = args.feast_data or os.environ.get(feast_ops.ENV_FEAST_DATA)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    feast_data = args.feast_data or os.environ.get(C.ENV_FEAST_DATA)
     if not feast_data:
-        raise SystemExit(f"give --feast-data or export {feast_ops.ENV_FEAST_DATA}")
-    spark = _session(args, "ctt-refresh")
+        raise SystemExit(f"give --feast-data or export {C.ENV_FEAST_DATA}")
+    overrides = flag_values(args)
     try:
-        result = run_refresh(spark, args.lake, args.bundle, feast_data,
-                             BuildConfig(max_len=args.max_len), new_model=args.new_model,
+        BuildConfig(**overrides).explicit_cutoffs()  # a bad flag fails before Spark starts
+    except ValueError as err:
+        parser.error(str(err))
+    spark = job_session(args, "ctt-refresh")
+    try:
+        result = run_refresh(spark, args.lake, args.bundle, feast_data, new_model=args.new_model,
                              apply=args.apply, batch_size=args.batch_size,
                              partitions=args.partitions, repo_dir=args.feature_repo,
-                             fs_yaml_file=args.fs_yaml, now=args.now)
+                             fs_yaml_file=args.fs_yaml, now=args.now, build_overrides=overrides)
     finally:
         spark.stop()
     for line in result.lines():

@@ -33,7 +33,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
-from pipelines import contracts as C
+import ctt_contracts as C
 
 DEFAULT_MAX_LEN = 100
 
@@ -44,10 +44,7 @@ _HIST = "__hist"
 _RN = "__rn"
 _CNT = "__cnt"
 
-# Where the split cutoffs are kept (a one-row Delta table, so it works on any lake URI).
-# Not in contracts.ALL_TABLES because it is metadata, not data; reported to the lead.
-META_DIR = "_meta"
-SPLIT_CUTOFFS_TABLE = "split_cutoffs"
+# Columns of the stored split cutoffs (ctt_contracts.META_SPLIT_CUTOFFS, a one-row Delta table).
 VAL_START = "val_start"
 TEST_START = "test_start"
 CUTOFF_ORIGIN = "origin"  # "explicit" (from flags) or "quantiles" (derived from the data)
@@ -55,7 +52,7 @@ CREATED_AT = "created_at"
 
 
 def split_cutoffs_path(lake: str) -> str:
-    return f"{lake.rstrip('/')}/{META_DIR}/{SPLIT_CUTOFFS_TABLE}"
+    return C.LakePaths(lake).meta(C.META_SPLIT_CUTOFFS)
 
 
 # --------------------------------------------------------------------------------------
@@ -119,7 +116,7 @@ def _arrays_from(hist) -> dict:
     ordered = F.sort_array(hist)
     return {
         C.ITEM_IDS: F.transform(ordered, lambda x: x["i"]),
-        C.EVENT_TS_SECONDS: F.transform(ordered, lambda x: x["s"]),
+        C.EVENT_TS: F.transform(ordered, lambda x: x["s"]),
     }
 
 
@@ -136,7 +133,7 @@ def examples_from_ranked(ranked: DataFrame, min_history: int = 1) -> DataFrame:
     return (ranked.where(F.size(_HIST) >= min_history)
             .select(C.USER_ID, F.col(C.EVENT_TS).alias(C.AS_OF_TS),
                     arrays[C.ITEM_IDS].alias(C.ITEM_IDS),
-                    arrays[C.EVENT_TS_SECONDS].alias(C.EVENT_TS_SECONDS),
+                    arrays[C.EVENT_TS].alias(C.EVENT_TS),
                     F.col(C.ITEM_ID).alias(C.LABEL_ITEM_ID), C.SUBJECT_ITEM_ID))
 
 
@@ -240,7 +237,7 @@ def build_sequences(examples: DataFrame, cutoffs: SplitCutoffs) -> DataFrame:
 # --------------------------------------------------------------------------------------
 # Latest history per user
 # --------------------------------------------------------------------------------------
-def sequence_hash(item_ids: str = C.ITEM_IDS, event_ts: str = C.EVENT_TS_SECONDS):
+def sequence_hash(item_ids: str = C.ITEM_IDS, event_ts: str = C.EVENT_TS):
     """SHA-256 of the (item_ids, event_ts) arrays as JSON: equal iff both arrays are equal."""
     return F.sha2(F.to_json(F.struct(F.col(item_ids).alias("i"), F.col(event_ts).alias("t"))), 256)
 
@@ -254,7 +251,7 @@ def user_sequences_from_ranked(ranked: DataFrame, cap: int = DEFAULT_MAX_LEN) ->
     )
     arrays = _arrays_from(F.col(_HIST))
     out = per_user.select(C.USER_ID, C.AS_OF_TS, arrays[C.ITEM_IDS].alias(C.ITEM_IDS),
-                          arrays[C.EVENT_TS_SECONDS].alias(C.EVENT_TS_SECONDS))
+                          arrays[C.EVENT_TS].alias(C.EVENT_TS))
     return out.withColumn(C.SEQUENCE_HASH, sequence_hash()).select(*C.USER_SEQUENCES_COLUMNS)
 
 

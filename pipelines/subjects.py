@@ -45,7 +45,7 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
-from pipelines import contracts as C
+import ctt_contracts as C
 
 DERIVE_NONE = "none"
 DERIVE_LAST_VIEW = "last_view"
@@ -69,8 +69,6 @@ _PREV_ITEM, _PREV_TS = "__subj_prev_item", "__subj_prev_ts"
 _RUN_START = "__subj_run_start"
 _A_ITEM, _A_TS, _B_ITEM, _B_TS = "__subj_a_item", "__subj_a_ts", "__subj_b_item", "__subj_b_ts"
 
-# The share of conversions with a subject, stored like the split cutoffs (one-row Delta table).
-COVERAGE_TABLE = "subject_coverage"
 
 
 def _check(mode: str, window_minutes: int) -> None:
@@ -199,9 +197,8 @@ def subject_coverage(conv: DataFrame, mode: str, window_minutes: int) -> Subject
 
 
 def coverage_path(lake: str) -> str:
-    from pipelines.sequences import META_DIR
-
-    return f"{lake.rstrip('/')}/{META_DIR}/{COVERAGE_TABLE}"
+    """The share of conversions with a subject, stored like the split cutoffs (one-row table)."""
+    return C.LakePaths(lake).meta(C.META_SUBJECT_COVERAGE)
 
 
 def load_coverage(spark: SparkSession, lake: str) -> Optional[SubjectCoverage]:

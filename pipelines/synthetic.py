@@ -186,7 +186,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 import numpy as np
 import pandas as pd
 
-from pipelines import contracts as C
+import ctt_contracts as C
 
 COUNTRIES: Tuple[str, ...] = ("US", "GB", "DE", "FR", "BR", "IN", "JP", "MX", "CA", "AU")
 SURFACES: Tuple[str, ...] = ("related_items", "search", "home_feed")

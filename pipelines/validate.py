@@ -1,7 +1,7 @@
 """Row checks: raw DataFrame -> (clean rows, quarantine rows with a reason).
 
 Why: nothing is silently dropped. Every raw row ends up either in the clean table or in the
-quarantine table with exactly one reason from ``contracts.QUARANTINE_REASONS``, and the counts
+quarantine table with exactly one reason from ``ctt_contracts.QUARANTINE_REASONS``, and the counts
 reconcile: ``input rows == clean rows + quarantined rows`` (an exact duplicate keeps one copy in
 clean and sends every other copy to quarantine).
 
@@ -50,7 +50,7 @@ from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines.delta_io import RAW_ROW_JSON, ts_literal
 
 _REASON = "__reason"  # internal: the first failing reason of a row, null when clean
@@ -178,15 +178,14 @@ def malformed_categories(ids: Column, weights: Column) -> Column:
 
 
 def sort_categories(df: DataFrame) -> DataFrame:
-    """Sort each item's (category, weight) pairs by weight desc, then category id asc."""
-    pairs = F.arrays_zip(F.col(C.CATEGORY_IDS).alias("c"), F.col(C.CATEGORY_WEIGHTS).alias("w"))
-    ordered = F.array_sort(pairs, lambda a, b: F.when(a["w"] > b["w"], -1)
-                           .when(a["w"] < b["w"], 1)
-                           .when(a["c"] < b["c"], -1)
-                           .when(a["c"] > b["c"], 1).otherwise(0))
-    return (df.withColumn("__pairs", ordered)
-            .withColumn(C.CATEGORY_IDS, F.transform("__pairs", lambda p: p["c"]))
-            .withColumn(C.CATEGORY_WEIGHTS, F.transform("__pairs", lambda p: p["w"]))
+    """Sort each item's (category, weight) pairs in the contract order (weight desc, then
+    category id asc: ``ctt_contracts.category_order``)."""
+    from pipelines.context import ordered_categories
+
+    return (df.withColumn("__pairs", ordered_categories(F.col(C.CATEGORY_IDS),
+                                                        F.col(C.CATEGORY_WEIGHTS)))
+            .withColumn(C.CATEGORY_IDS, F.col("__pairs.ids"))
+            .withColumn(C.CATEGORY_WEIGHTS, F.col("__pairs.weights"))
             .drop("__pairs"))
 
 

@@ -2,7 +2,7 @@
 
 Why so thin: all behaviour lives in `Resolver`; the app only validates the request shape
 (pydantic -> 422 with the offending field), maps each `ServingError` to its status code and never
-leaks a stack trace. Request field names come from `pipelines.contracts` (built with
+leaks a stack trace. Request field names come from `ctt_contracts` (built with
 `create_model`) so the HTTP API cannot drift from the table/feature names.
 
 Every error answer has ONE JSON shape (`serving.errors.error_body`: error code, detail, fields),
@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, create
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from serving.errors import (HTTP_ERROR_CODES, INTERNAL_ERROR, INVALID_REQUEST, REQUEST_TOO_LARGE,
                             ServingError, error_body)
 from serving.metrics import OUTCOME_OK, ServingMetrics, build_labels

@@ -42,7 +42,8 @@ from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
 
-from pipelines import contracts as C
+import ctt_contracts as C
+from models.manifest import sha256_file
 from serving.errors import IndexMismatchError
 
 LOG = logging.getLogger(__name__)
@@ -145,14 +146,6 @@ def sha256_array(arr: np.ndarray) -> str:
     a = np.ascontiguousarray(arr)
     h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
     h.update(a.tobytes())
-    return h.hexdigest()
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
     return h.hexdigest()
 
 
@@ -505,7 +498,7 @@ def save_index(index: ItemIndex, out_dir: Path) -> None:
         pickles = _pickle_names(files)
         if pickles:  # ScaNN pickles its doc ids only when given some, which we never do
             raise RuntimeError(f"the index build wrote pickle files {pickles}; refusing to save")
-        index.manifest.files_sha256 = {name: _sha256_file(tmp / name) for name in sorted(files)}
+        index.manifest.files_sha256 = {name: sha256_file(tmp / name) for name in sorted(files)}
         (tmp / C.INDEX_MANIFEST).write_text(index.manifest.to_json())
         _swap_in(tmp, out_dir)
     finally:
@@ -636,7 +629,7 @@ def _is_plain_relative(name: str) -> bool:
 
 def _verify_hashes(folder: Path, expected: Dict[str, str]) -> None:
     for name, digest in sorted(expected.items()):
-        if _sha256_file(folder / name) != digest:
+        if sha256_file(folder / name) != digest:
             raise IndexMismatchError(f"index file {folder / name} is corrupt (sha256 differs from "
                                      f"the manifest); rebuild the index")
 

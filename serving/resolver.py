@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from models import features
-from pipelines import contracts as C
+import ctt_contracts as C
 from serving.errors import (BadRequestError, OnlineStoreError, StoredFeatureError,
                             UnknownSubjectItemError, VersionSkewError)
 from serving.head import NumpyHead
@@ -60,15 +60,9 @@ COLD_START_NO_STATE = "no_state"
 COLD_START_VERSION_SKEW = "version_skew"
 
 MAX_K = 1000  # larger answers belong to a batch job, not to a per-request retrieval call
-# Category ids are int32 in the lake and in the online store (contracts.spark_schema, the Feast
+# Category ids are int32 in the lake and in the online store (ctt_contracts.spark_schema, the Feast
 # item_categories view): an explicit context id outside that range names no category that exists.
 MAX_CATEGORY_ID = 2**31 - 1
-# Training contexts (pseudo and real context_rows) keep the item's top-3 categories by weight
-# (ties: smaller category id first), renormalised (pipelines/context.py DEFAULT_TOP_K). Serving
-# must project a subject item the same way or the head sees a context shape it never saw in
-# training. TODO(lead): move this number into pipelines/contracts.py (and the bundle manifest) so
-# both sides import it; serving cannot import pipelines/context.py (Spark).
-CONTEXT_TOP_K = 3
 DEMOGRAPHIC_KEYS = (C.AGE_BUCKET, C.COUNTRY, C.GENDER)
 HEALTH_PROBE_USER_ID = 0  # any id works: the probe measures reachability, not presence
 
@@ -179,6 +173,8 @@ class Resolver:
         self.model = bundle.model.eval()
         self.config = bundle.config
         self.model_version: str = bundle.model_version
+        # the k the training contexts were projected with (the bundle's manifest records it)
+        self.context_top_k: int = bundle.context_top_k
         self.index = index
         self.head_backend = head
         self._numpy_head = NumpyHead(self.model) if head == HEAD_NUMPY else None
@@ -383,21 +379,16 @@ class Resolver:
             source = CONTEXT_EXPLICIT if ids else CONTEXT_NONE
         else:
             ids, w, source = [], [], CONTEXT_NONE
-        # pipelines/context.py orders by (weight desc, category id asc) before taking the top k;
-        # pad_context's sort is stable, so pre-sorting by id reproduces its tie-breaking.
-        by_id = sorted(range(len(ids)), key=lambda i: ids[i])
-        ids, w = [ids[i] for i in by_id], [w[i] for i in by_id]
+        # the training contexts' projection (context_rows), then the trainer's padding
         try:
-            top_ids, top_w = features.pad_context(ids, w, min(CONTEXT_TOP_K, max_ctx))  # (k,), (k,)
+            top_ids, top_w = features.pad_context(
+                *C.project_context(ids, w, min(self.context_top_k, max_ctx)), max_ctx)  # (C,), (C,)
         except ValueError as exc:
             if source == CONTEXT_SUBJECT_ITEM:
                 raise StoredFeatureError(f"stored categories of item {subject_item_id} are invalid: "
                                          f"{exc}") from exc
             raise BadRequestError(f"bad context categories: {exc}") from exc
-        ctx_ids = np.full(max_ctx, features.PAD_CATEGORY, dtype=np.int64)  # (C,)
-        ctx_w = np.zeros(max_ctx, dtype=np.float32)  # (C,)
-        ctx_ids[:top_ids.shape[0]], ctx_w[:top_w.shape[0]] = top_ids, top_w
-        return ctx_ids, ctx_w, source
+        return top_ids, top_w, source
 
     def _demographics(self, look: _Lookup, overrides: Dict[str, Any]) -> Tuple[int, int, int]:
         age = overrides.get(C.AGE_BUCKET, look.age)

@@ -27,13 +27,13 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines import feast_ops
 from pipelines.feast_ops import scoped_environ as environment  # noqa: F401 (used by the tests)
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "configs" / "test_tiny.yaml"
-# configs/sequence_only.yaml's difference from the contextual model, on the tiny config
+# configs/sequence_only.yaml's model switches (an overlay of the contextual config), on the tiny config
 SEQUENCE_ONLY_OVERRIDES = ["--model.model_config.use_context", "false",
                            "--model.model_config.use_demographics", "false"]
 LATENCY_REQUESTS, LATENCY_WARMUP = 30, 5
@@ -64,7 +64,7 @@ def latest_histories(sequences: pd.DataFrame) -> Dict[int, Tuple[np.ndarray, np.
         r = row._asdict()
         ts = int(pd.Timestamp(r[C.AS_OF_TS]).timestamp())
         out[int(r[C.USER_ID])] = (np.append(np.asarray(r[C.ITEM_IDS], np.int64), r[C.LABEL_ITEM_ID]),
-                                  np.append(np.asarray(r[C.EVENT_TS_SECONDS], np.int64), ts))
+                                  np.append(np.asarray(r[C.EVENT_TS], np.int64), ts))
     return out
 
 
@@ -107,14 +107,14 @@ def demo_environment(demo: TinyDemo) -> Dict[str, Optional[str]]:
     """Lake and Feast data folders as jobs/demo.py exports them. MLflow's URI is passed as
     ``--tracking_uri``; MLFLOW_TRACKING_URI is unset so a store configured in the calling shell
     is never touched by the tests."""
-    return {feast_ops.ENV_LAKE: str(demo.lake), feast_ops.ENV_FEAST_DATA: str(demo.feast_data),
+    return {C.ENV_LAKE: str(demo.lake), C.ENV_FEAST_DATA: str(demo.feast_data),
             "MLFLOW_TRACKING_URI": None}
 
 
 def build_tiny_demo(out: Path, evaluate: bool = True, extra_evaluate_args: Optional[Sequence[str]] = None
                     ) -> TinyDemo:
     """Every demo output under ``out`` (see the module docstring); ~20 s on an idle 2-core box."""
-    from models.cli import evaluate_main, train_main
+    from models.cli import train_main
     from models.export import load_bundle
     from models.synthetic_fixture import FixtureSpec, write_lake
     from serving.index import BACKEND_SCANN, build_index
@@ -142,5 +142,7 @@ def build_tiny_demo(out: Path, evaluate: bool = True, extra_evaluate_args: Optio
         build_index(bundle.item_ids, bundle.item_embeddings, bundle.model_version, demo.index,
                     backend=BACKEND_SCANN, n_queries=200)
         if evaluate:
+            from serving.latency import evaluate_main
+
             evaluate_main(evaluate_argv(demo, demo.report) + list(extra_evaluate_args or []))
     return demo

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pipelines import contracts as C
+import ctt_contracts as C
 
 
 def drop_context_slots(weights: torch.Tensor, p: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch
 import movielens as bench
 import movielens_rectools as rt
 from models import leave_one_out as loo
-from pipelines import contracts as C
+import ctt_contracts as C
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from models import evaluate as ev
 from models.cli import SUMMARY_FILE, evaluate_main, train_main
 from models.data import INPUT_TABLES
 from models.export import load_bundle, load_bundle_from_mlflow
-from pipelines import contracts as C
+import ctt_contracts as C
 
 CONFIG = Path(__file__).resolve().parents[2] / "configs" / "test_tiny.yaml"
 
@@ -34,6 +34,7 @@ def test_fit_exports_bundle_and_tracks_the_run(trained):
     bundle = load_bundle(summary["bundle"])
     assert bundle.model_version == summary["model_version"] and bundle.model_version.startswith("tiny-")
     assert bundle.manifest["input_versions"] == {t: 0 for t in INPUT_TABLES}
+    assert bundle.manifest[C.CONTEXT_TOP_K] == bundle.context_top_k == C.DEFAULT_CONTEXT_TOP_K  # the lake's
     assert Path(summary["best_checkpoint"]).is_file()
     assert summary["tracking_uri"] == f"sqlite:///{out.resolve() / 'mlflow.db'}"
 

@@ -13,7 +13,7 @@ from models import features
 from models.data import (HAS_REAL_CONTEXT, INPUT_TABLES, LABEL_ROW, NO_SUBJECT, REAL_CONTEXT_IDS,
                          REAL_CONTEXT_WEIGHTS, SUBJECT_ITEM_ID, SUBJECT_ROW,
                          ContextualSequenceDataModule)
-from pipelines import contracts as C
+import ctt_contracts as C
 
 
 def _dm(lake, **kw):
@@ -160,3 +160,22 @@ def test_a_real_row_without_its_subject_is_an_error(tiny_lake, tmp_path):
                     mode="overwrite")
     with pytest.raises(ValueError, match="1 real context rows have no subject_item_id"):
         _dm(lake)
+
+
+def test_context_top_k_comes_from_the_lakes_build_config(tmp_path):
+    """The k the context rows were built with reaches the datamodule (and from there the bundle
+    manifest); a lake built before the build config was stored falls back to the default."""
+    from models.synthetic_fixture import FixtureSpec, write_lake
+
+    spec = FixtureSpec(n_users=40, n_items=60, n_categories=6, context_top_k=2)
+    write_lake(tmp_path / "k2", spec)
+    dm = ContextualSequenceDataModule(str(tmp_path / "k2"), max_len=8, max_ctx=3)
+    dm.setup()
+    assert dm.context_top_k == 2
+    ctx = DeltaTable(C.LakePaths(str(tmp_path / "k2")).table(C.T_CONTEXT_ROWS)).to_pandas()
+    assert ctx[C.CONTEXT_CATEGORY_IDS].map(len).max() == 2
+
+    shutil.rmtree(tmp_path / "k2" / C.META_DIR)  # as built before the config was stored
+    old = ContextualSequenceDataModule(str(tmp_path / "k2"), max_len=8, max_ctx=3)
+    old.setup()
+    assert old.context_top_k == C.DEFAULT_CONTEXT_TOP_K

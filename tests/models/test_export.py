@@ -11,7 +11,7 @@ import torch
 
 from models.export import BundleError, export_bundle, load_bundle, make_model_version, sha256_file
 from models.two_tower import ContextualTwoTower
-from pipelines import contracts as C
+import ctt_contracts as C
 
 
 def catalog_frame(n=30):

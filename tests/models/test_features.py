@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from models import features as F
-from pipelines import contracts as C
+import ctt_contracts as C
 
 
 def test_pad_history_left_pads_and_keeps_newest():

@@ -16,7 +16,7 @@ from models import leave_one_out as loo
 from models.data import EXCLUDE_ROWS, LABEL_ROW
 from models.system import ContextualRetrievalSystem, next_item_targets, uniform_negatives_loss
 from models.two_tower import ModelConfig
-from pipelines import contracts as C
+import ctt_contracts as C
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "movielens.yaml"
@@ -224,7 +224,7 @@ def test_all_positions_loss_matches_a_per_position_hand_computation(inputs):
         hist = batch[C.ITEM_IDS][b][batch[C.ITEM_IDS][b] >= 0].tolist()
         seq = hist + [int(batch[C.LABEL_ITEM_ID][b])]
         hidden, _ = system.model.encode_positions(batch[C.ITEM_IDS][b:b + 1],
-                                                  batch[C.EVENT_TS_SECONDS][b:b + 1])
+                                                  batch[C.EVENT_TS][b:b + 1])
         hidden = hidden[0, -len(hist):] if hist else hidden[0, :0]  # the real positions, oldest first
         for t in range(len(hist)):
             demo = [batch[key][b:b + 1] for key in (C.AGE_BUCKET, C.COUNTRY, C.GENDER)]  # the row's
@@ -244,7 +244,7 @@ def test_all_positions_sampled_variant_uses_the_shared_uniform_negatives(inputs)
     got = system.all_positions_loss(batch)
     torch.manual_seed(5)
     neg_rows = torch.randint(0, len(dm.catalog), (7,))
-    hidden, _ = system.model.encode_positions(batch[C.ITEM_IDS], batch[C.EVENT_TS_SECONDS])
+    hidden, _ = system.model.encode_positions(batch[C.ITEM_IDS], batch[C.EVENT_TS])
     rows = torch.as_tensor(dm.catalog.find_rows(batch[C.ITEM_IDS].numpy()))
     target = next_item_targets(rows, batch[LABEL_ROW])
     where = target >= 0
@@ -261,13 +261,13 @@ def test_last_position_is_the_served_state_and_positions_are_causal(inputs):
     dm = datamodule(inputs)
     batch = loo.take(dm.splits[C.SPLIT_TRAIN], slice(0, 6))
     model = tiny_system(dm, full_softmax=True).model
-    hidden, valid = model.encode_positions(batch[C.ITEM_IDS], batch[C.EVENT_TS_SECONDS])
-    state = model.encode_user_state(batch[C.ITEM_IDS], batch[C.EVENT_TS_SECONDS])
+    hidden, valid = model.encode_positions(batch[C.ITEM_IDS], batch[C.EVENT_TS])
+    state = model.encode_user_state(batch[C.ITEM_IDS], batch[C.EVENT_TS])
     has = valid[:, -1]
     assert torch.allclose(hidden[has, -1], state[has], atol=1e-6)
     changed = batch[C.ITEM_IDS].clone()
     changed[:, -1] = torch.where(changed[:, -1] >= 0, changed[:, -1] + 1, changed[:, -1])
-    hidden2, _ = model.encode_positions(changed, batch[C.EVENT_TS_SECONDS])
+    hidden2, _ = model.encode_positions(changed, batch[C.EVENT_TS])
     assert torch.allclose(hidden[:, :-1], hidden2[:, :-1], atol=1e-6)  # the newest event is unseen before
 
 

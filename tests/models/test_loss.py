@@ -61,7 +61,7 @@ def test_id_gate_is_count_over_count_plus_k():
 def test_mixed_context_takes_real_context_and_subject_where_the_example_has_one():
     from models.data import HAS_REAL_CONTEXT, REAL_CONTEXT_IDS, REAL_CONTEXT_WEIGHTS, SUBJECT_ROW
     from models.system import mixed_context
-    from pipelines import contracts as C
+    import ctt_contracts as C
 
     batch = {
         C.CONTEXT_CATEGORY_IDS: torch.tensor([[1, 2], [3, -1]]),

@@ -13,13 +13,14 @@ from mlflow import MlflowClient
 from tiny_demo import LATENCY_REQUESTS, demo_environment, environment, evaluate_argv
 
 from models import evaluate as ev
-from models.cli import evaluate_main
+from serving import latency as lat
+from serving.latency import evaluate_main
 from models.export import load_bundle
 
 ALL_VARIANTS = (ev.CONTEXTUAL, ev.NO_CONTEXT, ev.SEQUENCE_ONLY, ev.POPULARITY,
                 ev.TOP_CATEGORY_POPULARITY, ev.CATEGORY_POPULARITY)
 VARIANTS = {ev.GROUP_ALL: ALL_VARIANTS, ev.GROUP_REAL: ALL_VARIANTS + (ev.COOCCURRENCE,)}
-KINDS = (ev.REQ_NO_CONTEXT, ev.REQ_SUBJECT_ITEM)
+KINDS = (lat.REQ_NO_CONTEXT, lat.REQ_SUBJECT_ITEM)
 
 
 @pytest.fixture
@@ -131,37 +132,37 @@ def test_time_requests_keeps_each_answers_own_stage_timings(demo):
 
     with environment(demo_environment(demo)):
         resolver = Resolver.from_paths(demo.contextual_bundle, demo.index, demo.feature_repo)
-    users = ev.split_users(str(demo.lake))
-    requests = ev.latency_requests(users, resolver.bundle.item_ids, 6, seed=3)
-    samples = ev.time_requests(resolver.recommend, requests, k=7, warmup=2)
+    users = lat.split_users(str(demo.lake))
+    requests = lat.latency_requests(users, resolver.bundle.item_ids, 6, seed=3)
+    samples = lat.time_requests(resolver.recommend, requests, k=7, warmup=2)
     assert [s.kind for s in samples] == [r.kind for r in requests]
     for s in samples:
         parts = s.timings["feast"] + s.timings["head"] + s.timings["search"]
         assert 0 < parts <= s.timings["total"] + 1e-3 <= s.wall_ms + 2e-3
         assert s.n_items == 7 and not s.cold_start
-    report = ev.summarize_latency(samples, k=7, warmup=2)
-    assert report.n_requests == {ev.REQ_NO_CONTEXT: 6, ev.REQ_SUBJECT_ITEM: 6}
+    report = lat.summarize_latency(samples, k=7, warmup=2)
+    assert report.n_requests == {lat.REQ_NO_CONTEXT: 6, lat.REQ_SUBJECT_ITEM: 6}
 
 
 def test_latency_requests_interleave_kinds_and_cycle_users():
-    reqs = ev.latency_requests([5, 3, 9], [100, 200], n_per_kind=4, seed=0)
-    assert [r.kind for r in reqs] == [ev.REQ_NO_CONTEXT, ev.REQ_SUBJECT_ITEM] * 4
+    reqs = lat.latency_requests([5, 3, 9], [100, 200], n_per_kind=4, seed=0)
+    assert [r.kind for r in reqs] == [lat.REQ_NO_CONTEXT, lat.REQ_SUBJECT_ITEM] * 4
     users = [r.user_id for r in reqs[::2]]
     assert sorted(users[:3]) == [3, 5, 9] and users[3] == users[0]  # every user once before repeats
     assert all(r.subject_item_id in (100, 200) for r in reqs[1::2])
     assert all(a.user_id == b.user_id for a, b in zip(reqs[::2], reqs[1::2]))
     with pytest.raises(ValueError, match="need users"):
-        ev.latency_requests([], [1], 3)
+        lat.latency_requests([], [1], 3)
     with pytest.raises(ValueError, match="n_per_kind"):
-        ev.latency_requests([1], [1], 0)
+        lat.latency_requests([1], [1], 0)
 
 
 def test_summarize_refuses_answers_from_mixed_serving_setups():
-    def sample(version: str) -> ev.LatencySample:
-        return ev.LatencySample(ev.REQ_NO_CONTEXT, {s: 1.0 for s in ev.LATENCY_STAGES}, 1.5, False,
+    def sample(version: str) -> lat.LatencySample:
+        return lat.LatencySample(lat.REQ_NO_CONTEXT, {s: 1.0 for s in ev.LATENCY_STAGES}, 1.5, False,
                                 10, "scann", version)
 
     with pytest.raises(ValueError, match="model_versions"):
-        ev.summarize_latency([sample("a"), sample("b")], k=10, warmup=0)
+        lat.summarize_latency([sample("a"), sample("b")], k=10, warmup=0)
     with pytest.raises(ValueError, match="no latency samples"):
-        ev.summarize_latency([], k=10, warmup=0)
+        lat.summarize_latency([], k=10, warmup=0)

@@ -7,7 +7,7 @@ from datetime import datetime, timezone
 import pytest
 from pyspark.sql import functions as F
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines.context import build_context_rows, top_k_categories
 
 pytestmark = pytest.mark.spark

@@ -11,7 +11,7 @@ import pytest
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines import ingest as I
 from pipelines.cli import BuildConfig, ingest_main, run_build_sequences
 from pipelines.delta_io import RAW_ROW_JSON, create_table, raw_schema, read_table, table_exists

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines import ingest as I
 from pipelines.delta_io import RAW_ROW_JSON
 from pipelines.validate import validate_events, validate_items, validate_users

@@ -15,7 +15,7 @@ import pytest
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines.cli import BuildConfig, ingest_main, run_build_sequences, run_generate
 from pipelines.delta_io import (conform, create_table, read_table, sync_quarantine, sync_table, table_exists, table_version,
                                 write_raw)

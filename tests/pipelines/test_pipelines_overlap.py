@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 import pytest
 from delta.tables import DeltaTable
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines import lease
 from pipelines.cli import BuildConfig, build_sequences_main, run_build_sequences, run_generate
 from pipelines.delta_io import (SYNC_ATTEMPTS, ConcurrentWriteError, DuplicateKeyError,

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 import pytest
 from pyspark.sql import functions as F
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines import feast_ops
 from pipelines import ingest as I
 from pipelines.cli import (BuildConfig, build_parser, ingest_main, ingest_parser,
@@ -137,15 +137,15 @@ def test_rees46_layout_imports_and_builds_without_users(spark, rees46_csv, tmp_p
     assert load_coverage(spark, lake) == last.subject_coverage
 
     # Feast's user profile snapshot of an empty users table: zero rows, the snapshot's schema
-    profile = feast_ops.export_snapshot(lake, feast_ops.T_USER_PROFILE_FEATURES, now=NOW)
+    profile = feast_ops.export_snapshot(lake, C.T_USER_PROFILE_FEATURES, now=NOW)
     assert profile.written and profile.rows == 0
     import pyarrow.parquet as pq
 
     table = pq.read_table(profile.path)
     assert table.num_rows == 0
     assert table.schema.names == feast_ops.SNAPSHOT_SCHEMAS[
-        feast_ops.T_USER_PROFILE_FEATURES].names
-    item_snap = feast_ops.export_snapshot(lake, feast_ops.T_ITEM_CATEGORY_FEATURES, now=NOW)
+        C.T_USER_PROFILE_FEATURES].names
+    item_snap = feast_ops.export_snapshot(lake, C.T_ITEM_CATEGORY_FEATURES, now=NOW)
     assert item_snap.rows == 4
 
 
@@ -213,7 +213,7 @@ def test_feast_serves_unknown_demographics_without_users(tmp_path):
         C.MODEL_VERSION: pa.array(["v1"]), C.STATE_TS: pa.array([state_ts], pa.timestamp("us", tz="UTC")),
         C.SEQUENCE_HASH: pa.array(["h"])}))
     results = {r.snapshot: r for r in feast_ops.export_feature_tables(lake)}
-    assert results[feast_ops.T_USER_PROFILE_FEATURES].rows == 0
+    assert results[C.T_USER_PROFILE_FEATURES].rows == 0
     feast_data = tmp_path / "feast"
     store = feast_ops.apply(lake, feast_data)
     feast_ops.materialize(store, state_ts - timedelta(days=1), datetime.now(timezone.utc))

@@ -5,7 +5,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines.sequences import (SplitCutoffs, assign_split, build_examples, build_sequences,
                                  build_user_sequences, conversions, derive_cutoffs)
 
@@ -31,7 +31,7 @@ def conv(u, i, s, subj=None):
 
 def examples_of(df):
     return sorted((r[C.USER_ID], int(r[C.AS_OF_TS].timestamp()) - S0, r[C.LABEL_ITEM_ID],
-                   list(r[C.ITEM_IDS]), [t - S0 for t in r[C.EVENT_TS_SECONDS]])
+                   list(r[C.ITEM_IDS]), [t - S0 for t in r[C.EVENT_TS]])
                   for r in df.collect())
 
 
@@ -113,7 +113,7 @@ def test_user_sequences_latest_capped_with_hash(spark):
     us = build_user_sequences(conversions(ev), cap=3)
     assert us.columns == C.USER_SEQUENCES_COLUMNS
     got = {r[C.USER_ID]: (int(r[C.AS_OF_TS].timestamp()) - S0, list(r[C.ITEM_IDS]),
-                          [t - S0 for t in r[C.EVENT_TS_SECONDS]], r[C.SEQUENCE_HASH])
+                          [t - S0 for t in r[C.EVENT_TS]], r[C.SEQUENCE_HASH])
            for r in us.collect()}
     assert set(got) == {1, 2}  # user 3 has no conversion
     assert got[1][:3] == (9, [11, 12, 13], [5, 5, 9])

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines.sequences import conversions
 from pipelines.subjects import (DERIVE_LAST_OTHER_VIEW, DERIVE_LAST_VIEW, DERIVE_NONE,
                                 ORIGIN_LOGGED, ORIGIN_SESSION, ORIGIN_WINDOW, SUBJECT_ORIGIN,

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines.synthetic import (BOGUS_EVENT_TYPE, FUTURE_TS_SECONDS, PLANTED, REALISTIC,
                                  SyntheticConfig, build_catalog, generate, preferred_age,
                                  preferred_country, profiles_frame, simulate_users,

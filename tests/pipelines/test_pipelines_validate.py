@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines.delta_io import raw_schema
 from pipelines.validate import (event_reasons, format_reports, report_from_reasons, validate_events,
                                 validate_items, validate_users)

@@ -19,7 +19,7 @@ from deltalake import DeltaTable
 from models import evaluate as ev
 from models.export import export_bundle, load_bundle
 from models.two_tower import ContextualTwoTower
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines.cli import BuildConfig, run_build_sequences, run_generate
 from pipelines.synthetic import SyntheticConfig
 

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipelines import contracts as C
+import ctt_contracts as C
 # The same tiny model and catalogue as the batch-inference tests (tests/ is on sys.path).
 from serving_offline.offline_lake import tiny_config
 from serving_offline.offline_lake import tiny_catalog as catalog

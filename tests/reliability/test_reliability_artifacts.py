@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from models.export import BundleError, export_bundle, load_bundle, sha256_file
 from models.two_tower import ContextualTwoTower, ModelConfig
-from pipelines import contracts as C
+import ctt_contracts as C
 
 
 

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Set, Tuple
 import numpy as np
 import pytest
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines import ingest as I
 from pipelines.cli import BuildConfig, run_build_sequences
 from pipelines.delta_io import SNAPSHOT_PARTITIONS_CONF, read_table, tune_local_delta

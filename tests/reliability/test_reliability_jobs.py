@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 from deltalake import DeltaTable
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines.cli import run_generate
 from pipelines.sequences import split_cutoffs_path
 from pipelines.synthetic import PLANTED, SyntheticConfig

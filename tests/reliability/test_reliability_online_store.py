@@ -31,7 +31,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines import feast_ops
 
 pytestmark = pytest.mark.integration
@@ -128,9 +128,9 @@ def model(tmp_path_factory) -> Model:
         C.MODEL_VERSION: bundle.model_version, C.SEQUENCE_HASH: "h",
         C.STATE_TS: now - timedelta(hours=1)})
     profiles = pd.DataFrame({C.USER_ID: users, C.AGE_BUCKET: (users % C.AGE_BUCKETS),
-                             C.COUNTRY: "DE", C.GENDER: "f", feast_ops.FEATURE_TS: now})
+                             C.COUNTRY: "DE", C.GENDER: "f", C.FEATURE_TS: now})
     items = catalog[[C.ITEM_ID, C.CATEGORY_IDS, C.CATEGORY_WEIGHTS]].assign(
-        **{feast_ops.FEATURE_TS: now})
+        **{C.FEATURE_TS: now})
     return Model(bundle, index, catalog, states, profiles, items)
 
 

@@ -25,7 +25,7 @@ import refresh_lake as RL
 from deltalake import DeltaTable
 from test_reliability_jobs import assert_same_lake, lake_frames
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines import feast_ops
 from pipelines.cli import BuildConfig, ingest_main, run_build_sequences, run_generate
 from pipelines.lease import EXIT_CONTENDED
@@ -150,5 +150,5 @@ def test_two_first_batch_inferences_started_together_equal_one(spark, appended_l
     np.testing.assert_allclose(np.stack(got[C.HIDDEN_STATE]), np.stack(want[C.HIDDEN_STATE]),
                                atol=1e-6, rtol=0)
     assert versions(both, [C.T_USER_STATES]) == versions(single, [C.T_USER_STATES])
-    snapshot = pd.read_parquet(feast_ops.export_path(both, C.T_USER_STATES))
+    snapshot = pd.read_parquet(C.feast_snapshot_path(both, C.T_USER_STATES))
     assert len(snapshot) == n_users and snapshot[C.USER_ID].is_unique  # the Feast export accepts it

@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 import refresh_lake as RL
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines import feast_ops
 from pipelines.refresh import run_refresh
 

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import refresh_lake as RL
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines import feast_ops
 from pipelines.refresh import (RolloutError, check_versions, mark_store, run_refresh,
                                store_is_fresh, store_version)

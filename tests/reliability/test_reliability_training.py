@@ -26,7 +26,7 @@ from models.data import LABEL_ROW, ShardedBatches
 from models.export import load_bundle
 from models.synthetic_fixture import FixtureSpec, write_lake
 from models.tracking import TAG_ENDED_BY, TAG_OUT_DIR, TAG_PID
-from pipelines import contracts as C
+import ctt_contracts as C
 
 REPO = Path(__file__).resolve().parents[2]
 TRAIN = REPO / "jobs" / "train.py"

@@ -1,5 +1,7 @@
 """Serving fixtures: a real tiny bundle (models.export), a real ScaNN index and a real Feast repo
-with a SQLite online store in a temp folder, filled with write_to_online_store.
+with a SQLite online store in a temp folder: the production declarations of
+feature_repo/definitions.py, their sources pointed (through ``CTT_LAKE``) at Parquet snapshots
+written in the temp folder, filled by ``materialize`` as in production.
 
 The model is untrained (seeded random init): serving parity is a property of the code path, not
 of the weights. The catalog is just above BRUTE_FORCE_MAX_ITEMS so the index is a real ScaNN tree.
@@ -16,7 +18,7 @@ import pandas as pd
 import pytest
 import torch
 
-from pipelines import contracts as C
+import ctt_contracts as C
 
 N_ITEMS = 2500
 N_USERS = 40  # users 1..N_USERS have a state; see the special ids below
@@ -60,40 +62,26 @@ def tiny_catalog(n_items: int, seed: int = 0) -> pd.DataFrame:
                          C.ADVERTISER_ID: rng.integers(0, 20, n_items).astype(np.int64)})
 
 
-def feast_definitions(source_dir: Path):
-    """Stand-in Feast objects with the contract names (entities, 3 views, the FeatureService).
+def feast_definitions(lake: Path):
+    """The production Feast objects (feature_repo/definitions.py), their sources on the Parquet
+    snapshots under ``lake`` (the folder its ``CTT_LAKE`` names)."""
+    from pipelines import feast_ops
 
-    The project's feature_repo/ declares the production versions (offline sources on Delta);
-    the resolver only depends on the names, which both take from pipelines/contracts.py, and it
-    checks at start-up that the applied FeatureService serves every feature it reads.
-    """
-    from feast import Entity, FeatureService, FeatureView, Field, FileSource, ValueType
-    from feast.types import Array, Float32, Int32, String
+    with feast_ops.scoped_environ({C.ENV_LAKE: str(lake)}):
+        return feast_ops.repo_objects()
 
-    user = Entity(name=C.FEAST_USER_ENTITY, join_keys=[C.USER_ID], value_type=ValueType.INT64)
-    item = Entity(name=C.FEAST_ITEM_ENTITY, join_keys=[C.ITEM_ID], value_type=ValueType.INT64)
 
-    def source(name: str, ts: str) -> FileSource:
-        return FileSource(name=f"{name}_src", path=str(source_dir / f"{name}.parquet"),
-                          timestamp_field=ts)
+def write_snapshot(lake: Path, snapshot: str, frame: pd.DataFrame) -> None:
+    """One Parquet snapshot where the production sources read it (the export's schema)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
-    state = FeatureView(
-        name=C.FV_USER_SEQUENCE_STATE, entities=[user], ttl=timedelta(days=30),
-        schema=[Field(name=C.HIDDEN_STATE, dtype=Array(Float32)),
-                Field(name=C.MODEL_VERSION, dtype=String), Field(name=C.SEQUENCE_HASH, dtype=String)],
-        source=source(C.T_USER_STATES, C.STATE_TS))
-    profile = FeatureView(
-        name=C.FV_USER_PROFILE, entities=[user], ttl=timedelta(0),
-        schema=[Field(name=C.AGE_BUCKET, dtype=Int32), Field(name=C.COUNTRY, dtype=String),
-                Field(name=C.GENDER, dtype=String)],
-        source=source(C.T_USERS, C.UPDATED_AT))
-    items = FeatureView(
-        name=C.FV_ITEM_CATEGORIES, entities=[item], ttl=timedelta(0),
-        schema=[Field(name=C.CATEGORY_IDS, dtype=Array(Int32)),
-                Field(name=C.CATEGORY_WEIGHTS, dtype=Array(Float32))],
-        source=source(C.T_ITEMS, C.UPDATED_AT))
-    service = FeatureService(name=C.FEATURE_SERVICE, features=[state, profile, items])
-    return [user, item, state, profile, items, service]
+    from pipelines.feast_ops import SNAPSHOT_SCHEMAS
+
+    schema = SNAPSHOT_SCHEMAS[snapshot]
+    path = Path(C.feast_snapshot_path(str(lake), snapshot))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pandas(frame[schema.names], preserve_index=False).cast(schema), path)
 
 
 def write_repo_yaml(repo: Path, registry: Path, online_store: str) -> None:
@@ -141,28 +129,29 @@ def serving_env(tmp_path_factory) -> ServingEnv:
     with torch.no_grad():
         states = model.encode_user_state(torch.as_tensor(np.stack([p[0] for p in padded])),
                                          torch.as_tensor(np.stack([p[1] for p in padded])))
-    repo = root / "repo"
+    repo, lake = root / "repo", root / "lake"
     write_repo_yaml(repo, root / "registry.db", sqlite_store_yaml(root / "online.db"))
     store = FeatureStore(repo_path=str(repo))
-    store.apply(feast_definitions(root))
+    store.apply(feast_definitions(lake))
     state_rows = pd.DataFrame({
         C.USER_ID: np.asarray(users_with_state, dtype=np.int64),
         C.HIDDEN_STATE: [s.tolist() for s in states.numpy().astype(np.float32)],
         C.MODEL_VERSION: [bundle.model_version] * N_USERS + [STALE_VERSION],
         C.SEQUENCE_HASH: [f"h{u}" for u in users_with_state],
         C.STATE_TS: [now - STATE_AGE] * len(users_with_state)})
-    store.write_to_online_store(C.FV_USER_SEQUENCE_STATE, state_rows)
+    write_snapshot(lake, C.T_USER_STATES, state_rows)
     profile_users = np.asarray(users_with_state + [NO_STATE_USER], dtype=np.int64)
     users = pd.DataFrame({
         C.USER_ID: profile_users,
         C.AGE_BUCKET: rng.integers(0, C.AGE_BUCKETS, len(profile_users)).astype(np.int32),
         C.COUNTRY: rng.choice(["US", "FR", "BR", C.UNKNOWN_COUNTRY], len(profile_users)),
         C.GENDER: rng.choice(list(C.GENDERS), len(profile_users)),
-        C.UPDATED_AT: [now] * len(profile_users)})
-    store.write_to_online_store(C.FV_USER_PROFILE, users)
+        C.FEATURE_TS: [now] * len(profile_users)})
+    write_snapshot(lake, C.T_USER_PROFILE_FEATURES, users)
     online_items = catalog[[C.ITEM_ID, C.CATEGORY_IDS, C.CATEGORY_WEIGHTS]].copy()
-    online_items[C.UPDATED_AT] = now
-    store.write_to_online_store(C.FV_ITEM_CATEGORIES, online_items)
+    online_items[C.FEATURE_TS] = now
+    write_snapshot(lake, C.T_ITEM_CATEGORY_FEATURES, online_items)
+    store.materialize(start_date=now - timedelta(days=1), end_date=now + timedelta(seconds=1))
     assert UNKNOWN_ITEM not in set(catalog[C.ITEM_ID])
     return ServingEnv(bundle_dir=bundle_dir, index_dir=index_dir, repo_dir=repo,
                       model_version=bundle.model_version, catalog=catalog, users=users,

@@ -16,7 +16,7 @@ import pytest
 from conftest import NO_STATE_USER, STALE_USER, UNKNOWN_ITEM, write_repo_yaml
 from fastapi.testclient import TestClient
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from serving.app import create_app
 from serving.cli import build_index_main
 from serving.resolver import Resolver

@@ -25,7 +25,7 @@ import uvicorn
 from conftest import STALE_VERSION, UNKNOWN_ITEM
 from fastapi.testclient import TestClient
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from serving.app import DEFAULT_MAX_BODY_BYTES, create_app
 from serving.errors import BadRequestError
 from serving.resolver import MAX_CATEGORY_ID, Resolver
@@ -320,7 +320,7 @@ def test_a_500_keeps_the_keep_alive_connection(resolver, private_store):
         C.FV_USER_PROFILE, pd.DataFrame({
             C.USER_ID: np.asarray([BAD_PROFILE_USER], dtype=np.int64),
             C.AGE_BUCKET: np.asarray([1], dtype=np.int32), C.COUNTRY: ["US"],
-            C.GENDER: ["robot"], C.UPDATED_AT: [datetime.now(timezone.utc)]}))
+            C.GENDER: ["robot"], C.FEATURE_TS: [datetime.now(timezone.utc)]}))
     app = create_app(_resolver_on(resolver, private_store))
 
     def explode() -> None:

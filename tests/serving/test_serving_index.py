@@ -7,7 +7,7 @@ import shutil
 import numpy as np
 import pytest
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from serving.errors import IndexMismatchError
 from serving.index import (BACKEND_BRUTE_FORCE, BACKEND_SCANN, BRUTE_FORCE_MAX_ITEMS,
                            INDEX_ITEM_IDS, brute_force_topk, build_index, choose_scann_params,

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from models.export import BundleError, load_bundle, sha256_file
-from pipelines import contracts as C
+import ctt_contracts as C
 from serving.errors import IndexMismatchError
 from serving.index import INDEX_ITEM_IDS, SCANN_ASSETS, _load_scann, load_index
 from serving.resolver import Resolver

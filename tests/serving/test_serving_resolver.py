@@ -11,14 +11,11 @@ from conftest import NO_STATE_USER, STALE_USER, STALE_VERSION, STATE_AGE, UNKNOW
 
 from models import features
 from models.export import load_bundle
-from pipelines import contracts as C
+import ctt_contracts as C
 from serving.errors import (BadRequestError, IndexMismatchError, UnknownSubjectItemError,
                             VersionSkewError)
 from serving.index import build_index, load_index
-from serving.resolver import (CONTEXT_TOP_K, SKEW_COLD_START, Resolver, USER_ITEM_REFS,
-                              USER_REFS)
-
-PIPELINE_TOP_K = 3  # pipelines/context.py DEFAULT_TOP_K (that module needs pyspark to import)
+from serving.resolver import SKEW_COLD_START, Resolver, USER_ITEM_REFS, USER_REFS
 
 PARITY_USERS = [1, 2, 3, 5, 8, 13, 21, 34]
 
@@ -28,14 +25,11 @@ def bundle(serving_env):
     return load_bundle(serving_env.bundle_dir)
 
 
-def _training_context(cat_ids: List[int], weights: List[float],
-                      max_ctx: int) -> Tuple[np.ndarray, np.ndarray]:
-    """What the training path feeds for an item's context: the pipelines' top-k by (weight desc,
-    id asc), renormalised (context_rows), then the trainer's pad_context to max_ctx."""
-    order = sorted(range(len(cat_ids)), key=lambda i: (-weights[i], cat_ids[i]))[:PIPELINE_TOP_K]
-    top_ids = [cat_ids[i] for i in order]
-    top_w = np.asarray(weights, dtype=np.float64)[order]
-    return features.pad_context(top_ids, (top_w / top_w.sum()).tolist(), max_ctx)
+def _training_context(cat_ids: List[int], weights: List[float], max_ctx: int,
+                      k: int) -> Tuple[np.ndarray, np.ndarray]:
+    """What the training path feeds for an item's context: the build's projection
+    (context_rows, float32 weights), then the trainer's pad_context to max_ctx."""
+    return features.pad_context(*C.project_context(cat_ids, weights, k), max_ctx)
 
 
 def _expected_query(bundle, env, user: int, item: Optional[int],
@@ -47,7 +41,7 @@ def _expected_query(bundle, env, user: int, item: Optional[int],
     else:
         row = env.catalog.set_index(C.ITEM_ID).loc[item]
         ctx_ids, ctx_w = _training_context(list(row[C.CATEGORY_IDS]), list(row[C.CATEGORY_WEIGHTS]),
-                                           cfg.max_ctx)
+                                           cfg.max_ctx, bundle.context_top_k)
     prof = env.users.set_index(C.USER_ID)
     raw = {k: prof.loc[user, k] if user in prof.index else None
            for k in (C.AGE_BUCKET, C.COUNTRY, C.GENDER)}
@@ -115,17 +109,43 @@ def test_subject_item_context_is_its_top_k_categories(resolver, serving_env):
     many = cats[cats[C.CATEGORY_IDS].map(len) == 5].index[0]
     ids, w = list(cats.loc[many, C.CATEGORY_IDS]), list(cats.loc[many, C.CATEGORY_WEIGHTS])
     q_item = resolver.query_embedding(4, subject_item_id=int(many))
-    q_top = resolver.query_embedding(4, categories=list(zip(ids[:PIPELINE_TOP_K], w[:PIPELINE_TOP_K])))
+    k = resolver.context_top_k
+    assert k == C.DEFAULT_CONTEXT_TOP_K  # the fixture's bundle records the default
+    q_top = resolver.query_embedding(4, categories=list(zip(ids[:k], w[:k])))
     q_none = resolver.query_embedding(4)
     np.testing.assert_allclose(q_item, q_top, atol=1e-6)
     assert not np.allclose(q_item, q_none, atol=1e-3)  # the context does change the query
 
 
-def test_context_top_k_matches_the_pipelines():
-    pytest.importorskip("pyspark")
-    from pipelines.context import DEFAULT_TOP_K
+def test_subject_item_is_projected_with_the_bundles_context_top_k(resolver, serving_env, tmp_path):
+    """A model trained on a lake built with --context-top-k 2 records 2 in its manifest, and the
+    resolver then keeps 2 categories of a subject item (not the default 3)."""
+    from models.export import export_bundle
 
-    assert CONTEXT_TOP_K == DEFAULT_TOP_K == PIPELINE_TOP_K
+    trained = load_bundle(serving_env.bundle_dir)
+    two = load_bundle(export_bundle(trained.model, trained.config, serving_env.catalog,
+                                    tmp_path / "bundle_k2", "serving-test", context_top_k=2))
+    assert two.model_version == trained.model_version and two.manifest[C.CONTEXT_TOP_K] == 2
+    served = Resolver(two, resolver.index, resolver.store)
+    cats = serving_env.catalog.set_index(C.ITEM_ID)
+    many = cats[cats[C.CATEGORY_IDS].map(len) == 5].index[0]
+    ids, w = list(cats.loc[many, C.CATEGORY_IDS]), list(cats.loc[many, C.CATEGORY_WEIGHTS])
+    q_item = served.query_embedding(4, subject_item_id=int(many))
+    np.testing.assert_allclose(q_item, served.query_embedding(4, categories=list(zip(ids[:2], w[:2]))),
+                               atol=1e-6)
+    assert not np.allclose(q_item, resolver.query_embedding(4, subject_item_id=int(many)), atol=1e-4)
+
+
+def test_a_bundle_without_context_top_k_loads_with_the_old_default(serving_env, tmp_path):
+    import json
+    import shutil
+
+    old = tmp_path / "old_bundle"
+    shutil.copytree(serving_env.bundle_dir, old)
+    manifest = json.loads((old / C.BUNDLE_MANIFEST).read_text())
+    del manifest[C.CONTEXT_TOP_K]
+    (old / C.BUNDLE_MANIFEST).write_text(json.dumps(manifest))
+    assert load_bundle(old).context_top_k == C.DEFAULT_CONTEXT_TOP_K == 3
 
 
 def test_context_ties_break_by_smaller_category_id(resolver):

@@ -20,7 +20,7 @@ from typing import Callable, Dict, Iterator, List, Tuple
 import pytest
 from conftest import ServingEnv, sqlite_store_yaml, write_repo_yaml
 
-from pipelines import contracts as C
+import ctt_contracts as C
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXIT_STARTUP_ERROR = 2

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipelines import contracts as C
+import ctt_contracts as C
 
 N_USERS = 60
 N_ITEMS = 300

@@ -18,7 +18,7 @@ import pytest
 from offline_lake import (delta_version, histories, read_states, reference_states,
                           write_user_sequences, write_users_items)
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines import feast_ops
 from pipelines.inference import run_batch_inference
 

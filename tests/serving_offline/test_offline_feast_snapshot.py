@@ -12,7 +12,7 @@ import pytest
 from deltalake import DeltaTable, write_deltalake
 from offline_lake import write_users_items
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines import feast_ops
 
 NOW = datetime(2030, 1, 1, tzinfo=timezone.utc)  # any aware time; the snapshots store it
@@ -37,12 +37,12 @@ def _write_states(lake: str, users, dim: int = 8, version: str = "run-0badc0de",
 def test_stable_feature_ts_keeps_unchanged_rows_and_stamps_changed_and_new():
     old_ts = pd.Timestamp("2029-01-01", tz="UTC")
     previous = pd.DataFrame({C.ITEM_ID: [1, 2, 3], C.CATEGORY_IDS: [[1, 2], [3], [4]],
-                             feast_ops.FEATURE_TS: [old_ts] * 3})
+                             C.FEATURE_TS: [old_ts] * 3})
     new = pd.DataFrame({C.ITEM_ID: [1, 2, 4], C.CATEGORY_IDS: [[1, 2], [3, 5], [6]]})
     out = feast_ops.stable_feature_ts(new, previous, C.ITEM_ID, NOW).set_index(C.ITEM_ID)
-    assert out.loc[1, feast_ops.FEATURE_TS] == old_ts  # same content
-    assert out.loc[2, feast_ops.FEATURE_TS] == pd.Timestamp(NOW)  # changed list
-    assert out.loc[4, feast_ops.FEATURE_TS] == pd.Timestamp(NOW)  # new row
+    assert out.loc[1, C.FEATURE_TS] == old_ts  # same content
+    assert out.loc[2, C.FEATURE_TS] == pd.Timestamp(NOW)  # changed list
+    assert out.loc[4, C.FEATURE_TS] == pd.Timestamp(NOW)  # new row
     assert 3 not in out.index  # vanished rows are not carried over
 
 
@@ -70,11 +70,11 @@ def test_export_is_delta_aware_versioned_and_idempotent(tmp_path):
     assert 3 not in states.column(C.USER_ID).to_pylist() and states.num_rows == 19
     assert feast_ops.snapshot_source_version(second[C.T_USER_STATES].path) == 1
     # users/items did not change: not rewritten, feature_ts untouched
-    assert not second[feast_ops.T_USER_PROFILE_FEATURES].written
-    assert not second[feast_ops.T_ITEM_CATEGORY_FEATURES].written
-    profile = pq.read_table(first[feast_ops.T_USER_PROFILE_FEATURES].path)
+    assert not second[C.T_USER_PROFILE_FEATURES].written
+    assert not second[C.T_ITEM_CATEGORY_FEATURES].written
+    profile = pq.read_table(first[C.T_USER_PROFILE_FEATURES].path)
     assert profile.schema.field(C.AGE_BUCKET).type == pa.int64()
-    assert pq.read_table(first[feast_ops.T_ITEM_CATEGORY_FEATURES].path).schema.field(
+    assert pq.read_table(first[C.T_ITEM_CATEGORY_FEATURES].path).schema.field(
         C.CATEGORY_IDS).type == pa.list_(pa.int64())
 
     # one user's gender changes: only that row gets a new feature_ts
@@ -82,18 +82,18 @@ def test_export_is_delta_aware_versioned_and_idempotent(tmp_path):
     DeltaTable(path).update(predicate=f"{C.USER_ID} = 5", updates={C.GENDER: "'x'"})
     later = NOW + timedelta(hours=2)
     third = {r.snapshot: r for r in feast_ops.export_feature_tables(
-        lake, [feast_ops.T_USER_PROFILE_FEATURES], now=later)}
-    res = third[feast_ops.T_USER_PROFILE_FEATURES]
+        lake, [C.T_USER_PROFILE_FEATURES], now=later)}
+    res = third[C.T_USER_PROFILE_FEATURES]
     assert res.written and res.changed_rows == 1
     snap = pq.read_table(res.path).to_pandas().set_index(C.USER_ID)
-    assert snap.loc[5, feast_ops.FEATURE_TS] == pd.Timestamp(later)
-    assert (snap.drop(index=5)[feast_ops.FEATURE_TS] == pd.Timestamp(NOW)).all()
+    assert snap.loc[5, C.FEATURE_TS] == pd.Timestamp(later)
+    assert (snap.drop(index=5)[C.FEATURE_TS] == pd.Timestamp(NOW)).all()
 
 
 def test_export_refuses_a_foreign_parquet_file(tmp_path):
     lake = str(tmp_path / "lake")
     _write_states(lake, [1, 2])
-    target = Path(feast_ops.export_path(lake, C.T_USER_STATES))
+    target = Path(C.feast_snapshot_path(lake, C.T_USER_STATES))
     target.parent.mkdir(parents=True)
     pq.write_table(pa.table({"x": [1]}), target)
     with pytest.raises(ValueError, match="not a snapshot"):

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 from offline_lake import histories, reference_states
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines import inference
 
 
@@ -30,7 +30,7 @@ def test_encode_batch_reads_sliced_arrow_lists(bundles):
     users = sorted(hist)
     table = pa.table({C.USER_ID: pa.array(users, pa.int64()),
                       C.ITEM_IDS: pa.array([hist[u][0] for u in users], pa.list_(pa.int64())),
-                      C.EVENT_TS_SECONDS: pa.array([hist[u][1] for u in users], pa.list_(pa.int64())),
+                      C.EVENT_TS: pa.array([hist[u][1] for u in users], pa.list_(pa.int64())),
                       C.SEQUENCE_HASH: pa.array([f"h{u}" for u in users])})
     batch = table.to_batches()[0].slice(3, 5)
     model = inference.cached_model(str(bundles.first), _version(bundles.first))

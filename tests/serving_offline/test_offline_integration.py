@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from offline_lake import histories, read_states, reference_states, write_user_sequences, write_users_items
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from pipelines import feast_ops
 
 REPO = Path(__file__).resolve().parents[2]
@@ -42,8 +42,8 @@ def test_spark_submit_local_cluster_then_feast_cli(spark, tmp_path, bundles):
     write_user_sequences(spark, str(lake), hist)
     write_users_items(str(lake), sorted(hist))
     env = {**os.environ, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
-           "SPARK_LOCAL_IP": "127.0.0.1", feast_ops.ENV_LAKE: str(lake),
-           feast_ops.ENV_FEAST_DATA: str(data)}
+           "SPARK_LOCAL_IP": "127.0.0.1", C.ENV_LAKE: str(lake),
+           C.ENV_FEAST_DATA: str(data)}
     started = datetime.now(timezone.utc)
 
     out = _run([BIN / "spark-submit", "--master", "local-cluster[2,1,2048]", "jobs/batch_inference.py",

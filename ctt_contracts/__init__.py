@@ -3,15 +3,20 @@
 Why one module: the Spark jobs, the trainer (which reads Delta without Spark), the Feast
 definitions and the online resolver all meet on these names. Retyping a column name as a
 string anywhere else is how training/serving skew starts, so every other module imports the
-constants below instead.
+constants below instead. The same holds for the one rule they must all apply alike: the
+context projection (:func:`project_context`), which the Spark build, the model fixtures and
+the resolver call instead of re-implementing it.
 
-This module imports pyspark types only inside :func:`spark_schema` so that `models/` and
-`serving/` can import names without pulling in Spark.
+A leaf: it imports nothing of the project (``pipelines/``, ``models/``, ``serving/`` and
+``feature_repo/`` import it), only the standard library, and pyspark types only inside
+:func:`spark_schema` so that torch code and the resolver can import names without Spark.
 """
 from __future__ import annotations
 
+import math
+from array import array
 from dataclasses import dataclass
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 # --------------------------------------------------------------------------------------
 # Event vocabulary
@@ -66,7 +71,8 @@ RAW_ROW_JSON = ROW_JSON
 
 AS_OF_TS = "as_of_ts"  # timestamp of the label conversion (history is strictly before it)
 ITEM_IDS = "item_ids"  # history, oldest..newest
-EVENT_TS_SECONDS = "event_ts"  # in sequences: array<long> epoch seconds aligned with item_ids
+# EVENT_TS in sequences / user_sequences is array<long>: epoch seconds aligned with item_ids
+# (the same name as the events' timestamp column: it holds those events' times).
 LABEL_ITEM_ID = "label_item_id"
 SPLIT = "split"
 
@@ -119,7 +125,7 @@ RAW_EVENTS_COLUMNS: List[str] = [USER_ID, ITEM_ID, EVENT_TYPE, EVENT_TS, SURFACE
 ITEMS_COLUMNS: List[str] = [ITEM_ID, CATEGORY_IDS, CATEGORY_WEIGHTS, ADVERTISER_ID]
 USERS_COLUMNS: List[str] = [USER_ID, AGE_BUCKET, COUNTRY, GENDER]
 QUARANTINE_COLUMNS: List[str] = [ROW_JSON, SOURCE_TABLE, REASON, INGESTED_AT]
-SEQUENCES_COLUMNS: List[str] = [USER_ID, AS_OF_TS, ITEM_IDS, EVENT_TS_SECONDS, LABEL_ITEM_ID, SPLIT]
+SEQUENCES_COLUMNS: List[str] = [USER_ID, AS_OF_TS, ITEM_IDS, EVENT_TS, LABEL_ITEM_ID, SPLIT]
 # context_rows: label_item_id is part of the key because (user_id, as_of_ts) alone does not
 # identify an example when a user converts on two items in the same second (common in real logs,
 # e.g. MovieLens batch ratings). subject_item_id is the item a REAL row was derived from (null on
@@ -128,7 +134,7 @@ CONTEXT_ROWS_COLUMNS: List[str] = [
     USER_ID, AS_OF_TS, LABEL_ITEM_ID, CONTEXT_CATEGORY_IDS, CONTEXT_WEIGHTS, CONTEXT_SOURCE,
     SUBJECT_ITEM_ID,
 ]
-USER_SEQUENCES_COLUMNS: List[str] = [USER_ID, AS_OF_TS, ITEM_IDS, EVENT_TS_SECONDS, SEQUENCE_HASH]
+USER_SEQUENCES_COLUMNS: List[str] = [USER_ID, AS_OF_TS, ITEM_IDS, EVENT_TS, SEQUENCE_HASH]
 USER_STATES_COLUMNS: List[str] = [USER_ID, HIDDEN_STATE, MODEL_VERSION, STATE_TS, SEQUENCE_HASH]
 
 # Unique row keys of the derived tables (the MERGE keys of the build job).
@@ -194,6 +200,25 @@ INDEX_DIR = "scann"
 INDEX_MANIFEST = "index_manifest.json"
 
 
+# --------------------------------------------------------------------------------------
+# Lake metadata: one-row (or small) Delta tables under <lake>/_meta, so they work on any lake
+# URI. Not in ALL_TABLES: they describe how the data was built, they are not data.
+# --------------------------------------------------------------------------------------
+META_DIR = "_meta"
+META_SPLIT_CUTOFFS = "split_cutoffs"  # pipelines/sequences.py
+META_SUBJECT_COVERAGE = "subject_coverage"  # pipelines/subjects.py
+META_BUILD_CONFIG = "build_config"  # pipelines/build_config.py: the flags of the last build
+META_CATEGORY_VOCABULARY = "category_vocabulary"  # pipelines/ingest.py
+META_LEASE = "lease"  # pipelines/lease.py
+META_TABLES: Tuple[str, ...] = (META_SPLIT_CUTOFFS, META_SUBJECT_COVERAGE, META_BUILD_CONFIG,
+                                META_CATEGORY_VOCABULARY, META_LEASE)
+
+# build_config: one row, the build's configuration as JSON (keys = BuildConfig field names) so
+# that a field added later needs no schema change; readable with Spark and with deltalake.
+BUILD_CONFIG_JSON = "config_json"
+CONTEXT_TOP_K = "context_top_k"  # key in build_config and in the bundle manifest
+
+
 @dataclass(frozen=True)
 class LakePaths:
     """Where each Delta table lives under one root (a local folder or any Hadoop URI)."""
@@ -204,6 +229,78 @@ class LakePaths:
         if name not in ALL_TABLES:
             raise ValueError(f"unknown table {name!r}; known: {', '.join(ALL_TABLES)}")
         return f"{self.root.rstrip('/')}/{name}"
+
+    def meta(self, name: str) -> str:
+        if name not in META_TABLES:
+            raise ValueError(f"unknown metadata table {name!r}; known: {', '.join(META_TABLES)}")
+        return f"{self.root.rstrip('/')}/{META_DIR}/{name}"
+
+
+# --------------------------------------------------------------------------------------
+# Context projection: what a context row (and a served subject item) holds
+# --------------------------------------------------------------------------------------
+# A context is an item's top-k categories in the contract order (weight desc, then category id
+# asc: ties are deterministic whatever order a source listed them in), weights renormalised in
+# double precision to sum to 1 and stored as float32. The build writes it (pseudo and real
+# context_rows), the trainer reads it from there, and the resolver applies it to a subject item
+# at request time with the k the bundle's manifest records; a different k or order at serving
+# would feed the head a context shape it never saw in training.
+DEFAULT_CONTEXT_TOP_K = 3
+
+
+def category_order(category_ids: Sequence[int], weights: Sequence[float]) -> List[int]:
+    """Positions of an item's (category, weight) pairs in the contract order."""
+    if len(category_ids) != len(weights):
+        raise ValueError(f"category ids and weights differ in length: {len(category_ids)} vs "
+                         f"{len(weights)}")
+    return sorted(range(len(category_ids)), key=lambda i: (-weights[i], category_ids[i]))
+
+
+def project_context(category_ids: Optional[Sequence[int]], weights: Optional[Sequence[float]],
+                    k: int) -> Tuple[List[int], List[float]]:
+    """(ids, weights) -> the top-k ids in the contract order and their renormalised float32
+    weights. Empty input is "no context" (two empty lists); a negative id, a non-finite or
+    negative weight, or weights summing to 0 raise ValueError."""
+    if k < 1:
+        raise ValueError(f"context top-k must be >= 1, got {k}")
+    ids = [int(c) for c in (category_ids if category_ids is not None else [])]
+    w = [float(x) for x in (weights if weights is not None else [])]
+    if any(c < 0 for c in ids):
+        raise ValueError("category ids must be non-negative (-1 is reserved for padding)")
+    if not all(math.isfinite(x) and x >= 0 for x in w):
+        raise ValueError(f"category weights must be finite and >= 0, got {w[:8]}")
+    top = category_order(ids, w)[:k]
+    total = 0.0
+    for i in top:  # in order, in double precision (what the stored rows were built with)
+        total += w[i]
+    if top and total <= 0:
+        raise ValueError("category weights sum to 0: cannot pool a context with no confidence")
+    return [ids[i] for i in top], array("f", [w[i] / total for i in top]).tolist()
+
+
+# --------------------------------------------------------------------------------------
+# Feast offline snapshots (pipelines/feast_ops.py writes them, feature_repo/ reads them)
+# --------------------------------------------------------------------------------------
+ENV_LAKE = "CTT_LAKE"  # lake root whose snapshots the Feast sources read
+ENV_FEAST_DATA = "CTT_FEAST_DATA"  # folder of the Feast registry + SQLite online store
+FEATURE_TS = "feature_ts"  # event timestamp added to the users/items snapshots
+T_USER_PROFILE_FEATURES = "user_profile_features"
+T_ITEM_CATEGORY_FEATURES = "item_category_features"
+FEAST_EXPORT_DIR = "feast_export"  # under the lake root
+# snapshot name -> Delta table it is exported from
+FEAST_SNAPSHOT_SOURCES: Dict[str, str] = {
+    T_USER_STATES: T_USER_STATES,
+    T_USER_PROFILE_FEATURES: T_USERS,
+    T_ITEM_CATEGORY_FEATURES: T_ITEMS,
+}
+
+
+def feast_snapshot_path(lake_root: str, snapshot: str) -> str:
+    """Path of one Parquet snapshot: ``<lake>/feast_export/<snapshot>.parquet``."""
+    if snapshot not in FEAST_SNAPSHOT_SOURCES:
+        raise ValueError(f"unknown snapshot {snapshot!r}; known: "
+                         f"{', '.join(FEAST_SNAPSHOT_SOURCES)}")
+    return f"{str(lake_root).rstrip('/')}/{FEAST_EXPORT_DIR}/{snapshot}.parquet"
 
 
 def spark_schema(table: str):  # -> pyspark.sql.types.StructType
@@ -235,7 +332,7 @@ def spark_schema(table: str):  # -> pyspark.sql.types.StructType
         ],
         T_SEQUENCES: [
             (USER_ID, long_, False), (AS_OF_TS, ts, False), (ITEM_IDS, arr_long, False),
-            (EVENT_TS_SECONDS, arr_long, False), (LABEL_ITEM_ID, long_, False),
+            (EVENT_TS, arr_long, False), (LABEL_ITEM_ID, long_, False),
             (SPLIT, str_, False),
         ],
         T_CONTEXT_ROWS: [
@@ -245,7 +342,7 @@ def spark_schema(table: str):  # -> pyspark.sql.types.StructType
         ],
         T_USER_SEQUENCES: [
             (USER_ID, long_, False), (AS_OF_TS, ts, False), (ITEM_IDS, arr_long, False),
-            (EVENT_TS_SECONDS, arr_long, False), (SEQUENCE_HASH, str_, False),
+            (EVENT_TS, arr_long, False), (SEQUENCE_HASH, str_, False),
         ],
         T_USER_STATES: [
             (USER_ID, long_, False), (HIDDEN_STATE, arr_float, False),
