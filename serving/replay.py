@@ -31,7 +31,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from serving.errors import ServingError
 from serving.request_log import read_records
 from serving.resolver import SKEW_POLICIES, SKEW_REFUSE, Resolver

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import IO, Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
-from pipelines import contracts as C
+import ctt_contracts as C
 
 LOG_GLOB = "requests-*.jsonl"
 RECORD_VERSION = 1

@@ -19,7 +19,7 @@ import torch
 from conftest import NO_STATE_USER, tiny_catalog, tiny_config
 
 from models.export import export_bundle, load_bundle
-from pipelines import contracts as C
+import ctt_contracts as C
 from serving.head import NumpyHead
 from serving.resolver import HEAD_TORCH, Resolver
 

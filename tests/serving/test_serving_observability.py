@@ -29,7 +29,7 @@ from conftest import (NO_STATE_USER, STALE_USER, STATE_AGE, UNKNOWN_ITEM, sqlite
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipelines import contracts as C
+import ctt_contracts as C
 from serving.app import create_app
 from serving.cli import serve_main
 from serving.metrics import ServingMetrics
