@@ -11,7 +11,7 @@ import argparse
 import json
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, TypeVar
 
 import ctt_contracts as C
 from pipelines import lease
@@ -363,24 +363,34 @@ def run_ingest(spark, args: argparse.Namespace, now: Optional[datetime] = None) 
     return IngestResult(writes, reports, vocab)
 
 
+T = TypeVar("T")
+
+
+def run_or_exit(parser: argparse.ArgumentParser, job: str, run: Callable[[], T]) -> T:
+    """``run()``, with the expected refusals as one line and an exit code instead of a traceback:
+    too much of a source quarantined -> 2; the lake's lease held or lost, a contested table -> 75;
+    duplicate keys -> 65 (``lease.exit_on_refusal``)."""
+    from pipelines.validate import QuarantineThresholdExceeded
+
+    try:
+        return run()
+    except QuarantineThresholdExceeded as err:
+        parser.exit(2, f"error: {err}\n")
+    except RuntimeError as err:
+        lease.exit_on_refusal(job, err)
+        raise
+
+
 def ingest_main(argv: Optional[Sequence[str]] = None) -> Dict[str, int]:
     """Run the import; returns {raw table: Delta version}. Rows written are printed (+N).
     Exit 2: too much of a source would be quarantined; 75: another writer holds the raw lease."""
-    from pipelines.validate import QuarantineThresholdExceeded
-
     parser = ingest_parser()
     args = parser.parse_args(argv)
     if not 0 <= args.max_quarantine_frac <= 1:
         parser.error("--max-quarantine-frac must be within [0, 1]")
     mappings_from_args(args)  # fail on a bad mapping before starting Spark
     spark = job_session(args, "ctt-ingest")
-    try:
-        result = run_ingest(spark, args)
-    except QuarantineThresholdExceeded as err:
-        parser.exit(2, f"error: {err}\n")
-    except RuntimeError as err:
-        lease.exit_on_refusal("ingest", err)
-        raise
+    result = run_or_exit(parser, "ingest", lambda: run_ingest(spark, args))
     print_results(result.writes)
     print("rows written:", json.dumps(result.rows_written(), sort_keys=True))
     return {r.table: r.version for r in result.writes}
@@ -611,8 +621,6 @@ def build_sequences_main(argv: Optional[Sequence[str]] = None) -> Dict[str, obje
     """Run the build; returns the summary: {"versions": {table: version}, "validation": [...],
     "changed": {...}, "input_versions": {...}, "split_cutoffs": {...},
     "subject_coverage": {...}} (also printed)."""
-    from pipelines.validate import QuarantineThresholdExceeded
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -621,13 +629,8 @@ def build_sequences_main(argv: Optional[Sequence[str]] = None) -> Dict[str, obje
     except ValueError as err:
         parser.error(str(err))
     spark = job_session(args, "ctt-build-sequences")
-    try:
-        result = run_build_sequences(spark, args.lake, cfg, args.now, args.repair_duplicates)
-    except QuarantineThresholdExceeded as err:
-        parser.exit(2, f"error: {err}\n")
-    except RuntimeError as err:
-        lease.exit_on_refusal("build_sequences", err)
-        raise
+    result = run_or_exit(parser, "build_sequences", lambda: run_build_sequences(
+        spark, args.lake, cfg, args.now, args.repair_duplicates))
     print_results(result.writes)
     summary = result.summary()
     print("summary:", json.dumps(summary, sort_keys=True))
