@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
+import subprocess
 import sys
 from datetime import datetime, timezone
 from importlib import metadata
@@ -82,6 +84,18 @@ def write_json(path: Path, report: Dict[str, Any],
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(report, indent=2, default=default))
     tmp.replace(path)
+
+
+def stop_process(proc: subprocess.Popen, log: Any = None, timeout: float = 60) -> None:
+    """SIGTERM (a server's graceful shutdown), then SIGKILL after ``timeout`` s; close its log."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if log is not None:
+        log.close()
 
 
 def run_and_report(name: str, run: Callable[[], Dict[str, Any]], machine_info: Callable[[], Dict[str, Any]],

@@ -36,7 +36,6 @@ import os
 import sys
 import json
 import shutil
-import signal
 import subprocess
 import tempfile
 import threading
@@ -238,15 +237,6 @@ def wait_healthy(base: str, proc: subprocess.Popen, log: Any, workers: int,
         time.sleep(0.5)
 
 
-def stop_server(proc: subprocess.Popen, log: Any) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
-
 
 # ---------------------------------------------------------------------- wrk
 def wrk_script(requests: List[Dict[str, Any]], path: Path, offset: int = 0) -> Path:
@@ -407,7 +397,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                       "pss_end_mb": {str(pid): pss_mb(pid) for pid in pids}}
             alive = proc.poll() is None
         finally:
-            stop_server(proc, log)
+            benchlib.stop_process(proc, log)
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)

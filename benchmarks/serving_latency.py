@@ -33,7 +33,6 @@ import os
 import sys
 import json
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -315,12 +314,7 @@ def bench_http(bundle_dir: Path, index_dir: Path, repo: Path, reqs: List[Dict[st
                 resp.raise_for_status()
                 server_total.append(resp.json()["timings"]["total"])
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        benchlib.stop_process(proc, log, timeout=30)
     return {"client_ms": benchlib.percentiles(wall), "server_resolver_ms": benchlib.percentiles(server_total),
             "server_startup_s": round(startup_s, 1)}
 
