@@ -28,7 +28,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import pandas as pd
@@ -167,6 +167,14 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def bars(r: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The Spark job's time over the plain loop's, first run and full re-encode."""
+    return [benchlib.bar("batch_inference_first_run_vs_plain_loop",
+                         r["ratio_spark_first_over_baseline"], TARGET_RATIO, at_most=True),
+            benchlib.bar("batch_inference_new_model_vs_plain_loop",
+                         r["ratio_spark_new_version_over_baseline"], TARGET_RATIO, at_most=True)]
+
+
 def print_table(r: Dict[str, Any]) -> None:
     b = r["baseline"]
     print(f"\nbatch inference, {r['users']} users, batch {r['batch_size']}, Spark {r['master']}")
@@ -201,7 +209,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    benchlib.run_and_report("batch_inference", lambda: run(args), machine, print_table, args.out)
+    benchlib.run_and_report("batch_inference", lambda: run(args), machine, print_table, args.out,
+                            bars)
 
 
 if __name__ == "__main__":

@@ -8,10 +8,28 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
+import subprocess
+import sys
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def synthetic_lake_writer():
+    """``write_lake, FixtureSpec`` of the test suite's pandas lake writer (tests/synthetic_lake.py):
+    a seeded lake with the planted structure in seconds, without Spark. It lives with the tests
+    (it is not part of the product); the benchmarks that train a small model reuse it."""
+    tests = str(REPO / "tests")
+    if tests not in sys.path:
+        sys.path.append(tests)
+    from synthetic_lake import FixtureSpec, write_lake
+
+    return write_lake, FixtureSpec
 
 
 def package_version(pkg: str) -> str:
@@ -33,6 +51,53 @@ def machine(packages: Sequence[str]) -> Dict[str, Any]:
             "packages": {p: package_version(p) for p in packages}}
 
 
+def load_avg() -> List[float]:
+    """The 1, 5 and 15-minute load averages, rounded: recorded before and after every run."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def percentiles(samples_ms: Sequence[float]) -> Dict[str, float]:
+    """p50 / p90 / p99 / p99.9 / mean / n of latency samples (ms), the one summary every
+    latency benchmark writes."""
+    import numpy as np
+
+    a = np.asarray(samples_ms, dtype=float)
+    out = {f"p{p:g}".replace(".", ""): round(float(np.percentile(a, p)), 4) for p in (50, 90, 99, 99.9)}
+    return {**out, "mean": round(float(a.mean()), 4), "n": int(a.size)}
+
+
+def bar(name: str, value: Optional[float], target: float, at_most: bool = False,
+        note: Optional[str] = None) -> Dict[str, Any]:
+    """One entry of a results JSON's ``bars`` list; ``met`` is None while ``value`` is."""
+    met = None if value is None else (value <= target if at_most else value >= target)
+    out: Dict[str, Any] = {"name": name, "value": value, "target": target, "met": met}
+    if note:
+        out["note"] = note
+    return out
+
+
+def write_json(path: Path, report: Dict[str, Any],
+               default: Optional[Callable[[Any], Any]] = None) -> None:
+    """Write via a temporary file and an atomic rename: a killed benchmark never leaves half a
+    results file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, default=default))
+    tmp.replace(path)
+
+
+def stop_process(proc: subprocess.Popen, log: Any = None, timeout: float = 60) -> None:
+    """SIGTERM (a server's graceful shutdown), then SIGKILL after ``timeout`` s; close its log."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if log is not None:
+        log.close()
+
+
 def run_and_report(name: str, run: Callable[[], Dict[str, Any]], machine_info: Callable[[], Dict[str, Any]],
                    print_table: Callable[[Dict[str, Any]], None], out: Path,
                    bars: Optional[Callable[[Dict[str, Any]], List[Dict[str, Any]]]] = None) -> None:
@@ -41,14 +106,12 @@ def run_and_report(name: str, run: Callable[[], Dict[str, Any]], machine_info: C
     "bars", "result"}: the load says how far the figures can be trusted on a shared machine, and
     ``bars`` (computed from the result) lists {"name", "value", "target", "met"} per target.
     ``machine_info`` is called after the run, so it can record settings the run made."""
-    load_before = os.getloadavg()
+    load_before = load_avg()
     started = datetime.now(timezone.utc)
     result = run()
     report = {"benchmark": name, "date": started.isoformat(timespec="seconds"),
-              "machine": machine_info(), "load_avg_before": [round(x, 2) for x in load_before],
-              "load_avg_after": [round(x, 2) for x in os.getloadavg()],
+              "machine": machine_info(), "load_avg_before": load_before, "load_avg_after": load_avg(),
               "bars": bars(result) if bars else [], "result": result}
     print_table(result)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    write_json(out, report)
     print(f"\nwrote {out}")

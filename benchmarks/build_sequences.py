@@ -20,7 +20,6 @@ import argparse
 import hashlib
 import json
 import os
-import platform
 import subprocess
 import sys
 import threading
@@ -30,6 +29,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import numpy as np
+
+import benchlib  # sibling module: benchmarks/ is first on sys.path when run as a script
 
 import ctt_contracts as C
 
@@ -276,14 +277,22 @@ def run_measured(args: List[str]) -> Dict:
 
 
 def machine() -> Dict:
-    import pandas as pd
     import psutil
-    import pyspark
 
-    return {"cpu_count": os.cpu_count(), "ram_gb": round(psutil.virtual_memory().total / 2**30, 1),
-            "platform": platform.platform(), "python": platform.python_version(),
-            "pyspark": pyspark.__version__, "pandas": pd.__version__,
-            "load_avg_at_start": os.getloadavg()}
+    return {**benchlib.machine(("pyspark", "pandas", "delta-spark")),
+            "ram_gb": round(psutil.virtual_memory().total / 2**30, 1)}
+
+
+BAR_EVENTS = 10_000_000
+
+
+def bars(results: List[Dict]) -> List[Dict]:
+    """Issue-17 bars at 10M events: Spark throughput >= pandas', Spark peak RSS <= pandas'."""
+    row = next((r for r in results if r["events_requested"] == BAR_EVENTS), None)
+    return [benchlib.bar("build_10m_spark_vs_pandas",
+                         row and round(row["ratio_events_per_s_spark_over_pandas"], 3), 1.0),
+            benchlib.bar("build_10m_peak_rss_spark_vs_pandas",
+                         row and round(row["ratio_peak_rss_spark_over_pandas"], 3), 1.0, at_most=True)]
 
 
 def bench_one(n_events: int, master: str, driver_memory: str, partitions: int,
@@ -351,7 +360,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             res = phase_pandas(args.lake, out)
         print("RESULT " + json.dumps(res))
         return
-    info = machine()
+    info, load_before = machine(), benchlib.load_avg()
     rows = []
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     by_size = {r["events_requested"]: r for r in previous.get("results", [])}
@@ -359,14 +368,15 @@ def main(argv: Optional[List[str]] = None) -> None:
         rows.append(bench_one(n, args.master, args.driver_memory, args.partitions,
                               reuse=not args.no_reuse))
         by_size[n] = rows[-1]
+        results = [by_size[k] for k in sorted(by_size)]
         doc = {"benchmark": "build_sequences", "date": datetime.now(timezone.utc).isoformat(),
-               "machine": info, "config": {"cap": CAP, "context_top_k": TOP_K,
+               "machine": info, "load_avg_before": load_before, "load_avg_after": benchlib.load_avg(),
+               "bars": bars(results), "config": {"cap": CAP, "context_top_k": TOP_K,
                                            "master": args.master,
                                            "driver_memory": args.driver_memory,
                                            "shuffle_partitions": args.partitions},
-               "results": [by_size[k] for k in sorted(by_size)]}
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+               "results": results}
+        benchlib.write_json(Path(args.out), doc)
     print_table(rows)
     print(f"wrote {args.out}")
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from datetime import datetime, timezone
@@ -45,6 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+import benchlib  # noqa: E402
 from benchlib import machine  # noqa: E402
 import ctt_contracts as C  # noqa: E402
 from pipelines.synthetic import (SESSION_SLOT_SECONDS, SyntheticConfig, build_catalog,  # noqa: E402
@@ -441,16 +441,14 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
-    load_before = os.getloadavg()
+    load_before = benchlib.load_avg()
     started = datetime.now(timezone.utc)
     result = run(args)
     report = {"benchmark": "calibrate_synthetic", "date": started.isoformat(timespec="seconds"),
               "machine": machine(["numpy", "pandas"]),
-              "load_avg_before": [round(x, 2) for x in load_before],
-              "load_avg_after": [round(x, 2) for x in os.getloadavg()], **result}
+              "load_avg_before": load_before, "load_avg_after": benchlib.load_avg(), **result}
     print_table(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=_json_default))
+    benchlib.write_json(args.out, report, default=_json_default)
     print(f"\nwrote {args.out}")
 
 

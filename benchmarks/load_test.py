@@ -31,30 +31,29 @@ Writes benchmarks/results/load_test.json.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+import json
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Dict, List, Optional, Tuple
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from datetime import datetime, timezone  # noqa: E402
-from pathlib import Path  # noqa: E402
-from types import ModuleType  # noqa: E402
-from typing import Any, Dict, List, Optional, Tuple  # noqa: E402
+import httpx
+import numpy as np
+import torch
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from models.export import export_bundle, load_bundle  # noqa: E402
-from models.two_tower import ContextualTwoTower, ModelConfig  # noqa: E402
-from serving.index import BACKEND_SCANN, build_index  # noqa: E402
+import benchlib  # sibling module: benchmarks/ is first on sys.path when run as a script
+from models.export import export_bundle, load_bundle
+from models.two_tower import ContextualTwoTower, ModelConfig
+from serving.index import BACKEND_SCANN, build_index
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "load_test.json"
@@ -238,15 +237,6 @@ def wait_healthy(base: str, proc: subprocess.Popen, log: Any, workers: int,
         time.sleep(0.5)
 
 
-def stop_server(proc: subprocess.Popen, log: Any) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    log.close()
-
 
 # ---------------------------------------------------------------------- wrk
 def wrk_script(requests: List[Dict[str, Any]], path: Path, offset: int = 0) -> Path:
@@ -371,7 +361,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error("wrk is not installed (.ci/services.sh installs it: apt-get install wrk)")
     bench = _serving_bench()
     torch.set_num_threads(1)
-    load_before = os.getloadavg()
+    load_before = benchlib.load_avg()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="ctt-load-test-"))
     try:
         t0 = time.perf_counter()
@@ -407,7 +397,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                       "pss_end_mb": {str(pid): pss_mb(pid) for pid in pids}}
             alive = proc.poll() is None
         finally:
-            stop_server(proc, log)
+            benchlib.stop_process(proc, log)
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -420,14 +410,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         "server_alive_after": alive,
     }
     report = {"benchmark": "load_test", "date": datetime.now(timezone.utc).isoformat(),
-              "machine": bench.machine(), "load_average_before": load_before,
-              "load_average_after": os.getloadavg(),
+              "machine": bench.machine(), "load_avg_before": load_before,
+              "load_avg_after": benchlib.load_avg(),
               "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
               "bars": bars(result), "results": result}
     for b in report["bars"]:
         print(f"bar {b['name']}: {b['value']} (target {b['target']}) {'met' if b['met'] else 'NOT met'}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=1))
+    benchlib.write_json(args.out, report)
     print(f"wrote {args.out}")
     errors = sum(ph["error_count"] for ph in phases.values())
     return 0 if (errors == 0 and alive) else 1

@@ -39,7 +39,7 @@ always a fresh report, written to a temporary file, never to benchmarks/results/
 
 Usage: python benchmarks/movielens.py [--stage grid|seeds|all] [--datasets ml-100k ml-1m-u2999]
            [--models ours_ids sasrec ...] [--quick] [--out PATH]
-``readme_table(report)`` renders the README's table from the JSON.
+The README's table is rendered from the JSON by ``benchmarks/readme.py``.
 Not part of the test suite (tests/benchmarks/test_movielens_protocol.py tests the protocol code).
 Data: GroupLens MovieLens (Harper and Konstan, ACM TiiS 2015), read in place, never copied.
 """
@@ -51,7 +51,6 @@ import hashlib
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -63,6 +62,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 import torch
+
+import benchlib  # sibling modules: benchmarks/ is first on sys.path when run as a script
+import readme
 
 from models import leave_one_out as loo
 from models.leave_one_out import HR, NDCG, TS_MS, Split
@@ -346,10 +348,6 @@ def split_info(split: Split) -> Dict[str, Any]:
 # ======================================================================================
 # One run of each side
 # ======================================================================================
-def load_avg() -> List[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
 def ours_args(inputs: Inputs, spec: ModelSpec, lr: float, seed: int, max_epochs: int) -> List[str]:
     """The command line of ``models.leave_one_out`` for one run (configs + overrides)."""
     args = [a for path in spec.configs for a in ("--config", str(path))]
@@ -430,7 +428,7 @@ def sasrec_record(split: Split, request: Dict[str, Any], result: Dict[str, Any])
 def run_one(inputs: Inputs, spec: ModelSpec, lr: float, seed: int, max_epochs: int,
             python: Optional[Path]) -> Dict[str, Any]:
     """One training run of one model, with the load average around it."""
-    before, started = load_avg(), time.perf_counter()
+    before, started = benchlib.load_avg(), time.perf_counter()
     if spec.library == OURS:
         record = run_ours(inputs, spec, lr, seed, max_epochs)
     else:
@@ -438,7 +436,7 @@ def run_one(inputs: Inputs, spec: ModelSpec, lr: float, seed: int, max_epochs: i
             raise RuntimeError("the RecTools venv was not built")
         record = run_sasrec(inputs, spec, lr, seed, max_epochs, python)
     return {"lr": lr, "seed": seed, **record, "process_wall_s": time.perf_counter() - started,
-            "load_before": before, "load_after": load_avg()}
+            "load_before": before, "load_after": benchlib.load_avg()}
 
 
 # ======================================================================================
@@ -500,10 +498,7 @@ def load_report(path: Path) -> Dict[str, Any]:
 
 def save_report(report: Dict[str, Any], path: Path) -> None:
     report["bars"] = bars(report)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=1))
-    tmp.replace(path)
+    benchlib.write_json(path, report)
 
 
 def model_entry(report: Dict[str, Any], inputs: Inputs, spec: ModelSpec) -> Dict[str, Any]:
@@ -554,42 +549,8 @@ def print_run(dataset: str, model: str, r: Dict[str, Any]) -> None:
 # ======================================================================================
 # Report rendering
 # ======================================================================================
-def _mean_std(summary: Dict[str, Any], key: str, digits: int = 3) -> str:
-    mean, std = summary[key + "_mean"], summary[key + "_std"]
-    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
-
-
-def readme_table(report: Dict[str, Any]) -> str:
-    """The README's MovieLens table (Markdown) from the benchmark JSON: one row per data set and
-    model with a seed summary, then the bars."""
-    lines = ["| data set | model | lr | HR@10 | NDCG@10 | wall s to best | CPU s to best | "
-             "epochs run (best) | seeds |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for dataset, ds in report.get("datasets", {}).items():
-        for name in [m for m in MODELS if m in ds["models"]] + [m for m in ds["models"] if m not in MODELS]:
-            entry = ds["models"][name]
-            s = entry.get("summary")
-            if not s:
-                continue
-            lines.append(
-                f"| {dataset} | {entry.get('label', name)} | {s['lr']:g} | {_mean_std(s, HR)} | "
-                f"{_mean_std(s, NDCG)} | {s['wall_to_best_s_mean']:.0f} | {s['cpu_to_best_s_mean']:.0f} | "
-                f"{s['epochs_run_mean']:.1f} ({s['best_epoch_mean']:.1f}) | {s['n_seeds']} |")
-    lines.append("")
-    lines.append("| bar | value | target | met |")
-    lines.append("|---|---|---|---|")
-    for bar in report.get("bars") or bars(report):
-        op = "<=" if "time_to_best" in bar["name"] else ">="
-        value = "not measured" if bar["value"] is None else f"{bar['value']:.3f}"
-        met = "" if bar["met"] is None else ("yes" if bar["met"] else "no")
-        lines.append(f"| {bar['name']} | {value} | {op} {bar['target']:g} | {met} |")
-    return "\n".join(lines)
-
-
 def machine_info() -> Dict[str, Any]:
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu_count": os.cpu_count(), "ram_gib": round(ram, 1), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__, "torch_threads": THREADS}
+    return {**benchlib.machine(("torch", "pytorch-lightning", "numpy")), "torch_threads": THREADS}
 
 
 PROTOCOL = {
@@ -628,7 +589,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     max_epochs = QUICK["max_epochs"] if args.quick else MAX_EPOCHS
     torch.set_num_threads(THREADS)
 
-    started, load_before = time.perf_counter(), load_avg()
+    started, load_before = time.perf_counter(), benchlib.load_avg()
     needs_rectools = any(MODELS[m].library == RECTOOLS for m in args.models)
     venv = venv_dir()
     venv_proc = start_venv_build(venv) if needs_rectools else None
@@ -638,7 +599,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     report = {"datasets": {}, "stages_run": []} if args.quick else load_report(out)
     report.update({"benchmark": "movielens", "machine": machine_info(), "protocol": PROTOCOL,
                    "quick": bool(args.quick), "head_to_head": [OURS_H2H, SASREC_H2H],
-                   "note": "one run at a time; load averages per run show how busy the machine was"})
+                   "note": "one run at a time; load averages per run show how busy the machine was",
+                   "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
     save = lambda: save_report(report, out)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="ctt-movielens-inputs-") as tmp:
         for name in datasets:
@@ -649,11 +611,11 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     report["stages_run"].append({
         "stage": args.stage, "datasets": datasets, "models": args.models, "quick": bool(args.quick),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "wall_s": time.perf_counter() - started, "load_before": load_before, "load_after": load_avg(),
+        "wall_s": time.perf_counter() - started, "load_before": load_before, "load_after": benchlib.load_avg(),
         "command": " ".join(["movielens.py", *(argv if argv is not None else sys.argv[1:])])})
     save()
-    print(readme_table(report))
-    print(f"wrote {out}")
+    print("\n".join(readme.render_movielens({out.name: report})))
+    print(f"wrote {out} (python benchmarks/readme.py puts its table in the README)")
     return report
 
 

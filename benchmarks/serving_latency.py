@@ -13,7 +13,7 @@ What it measures, per catalog size (default 100k and 1M items):
 
 Set-up (all real code paths): a model (untrained, seeded, default ModelConfig; `--train` to
 train one here with the project's trainer on the repo's synthetic lake - configs/contextual.yaml
-on models.synthetic_fixture, reproducible from the seeds - or `--bundle` to take a trained
+on tests/synthetic_lake.py, reproducible from the seeds - or `--bundle` to take a trained
 model's weights) is exported with `models.export.export_bundle` over a synthetic
 catalog of N items, so the item embeddings are the model's item tower over synthetic ids and
 categories. Users' states come from `encode_user_state` over random histories and are written to
@@ -28,35 +28,32 @@ load (recorded in the json); they are measurements, nothing here is hard-coded.
 """
 from __future__ import annotations
 
+import argparse
 import os
 import sys
+import json
+import shutil
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import shutil  # noqa: E402
-import signal  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
-from datetime import datetime, timedelta, timezone  # noqa: E402
-from importlib import metadata  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Dict, List, Optional, Sequence, Tuple  # noqa: E402
+import numpy as np
+import pandas as pd
+import torch
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-
-from models import features  # noqa: E402
-from models.export import Bundle, export_bundle, load_bundle  # noqa: E402
-from models.two_tower import ContextualTwoTower, ModelConfig  # noqa: E402
-import ctt_contracts as C  # noqa: E402
-from serving.index import (BACKEND_SCANN, ItemIndex, brute_force_topk, build_index,  # noqa: E402
+import benchlib  # sibling module: benchmarks/ is first on sys.path when run as a script
+from models import features
+from models.export import Bundle, export_bundle, load_bundle
+from models.two_tower import ContextualTwoTower, ModelConfig
+import ctt_contracts as C
+from serving.index import (BACKEND_SCANN, ItemIndex, brute_force_topk, build_index,
                            recall_at_k)
-from serving.resolver import HEAD_NUMPY, HEAD_TORCH, Resolver  # noqa: E402
+from serving.resolver import HEAD_NUMPY, HEAD_TORCH, Resolver
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "serving.json"
@@ -71,37 +68,11 @@ BARS = (("inprocess_p99_ms_1m_random", 1.0, "max"), ("inprocess_p99_ms_1m_traine
         ("scann_speedup_1m", 50.0, "min"), ("scann_recall100_1m", 0.95, "min"),
         ("head_p50_ms_dim64", 0.1, "max"))
 N_CATEGORIES = 2000
-PERCENTILES = (50, 90, 99, 99.9)
 
 
 # ---------------------------------------------------------------------- helpers
-def pct(samples_ms: Sequence[float]) -> Dict[str, float]:
-    a = np.asarray(samples_ms, dtype=np.float64)
-    out = {f"p{p:g}".replace(".", ""): round(float(np.percentile(a, p)), 4) for p in PERCENTILES}
-    out.update(mean=round(float(a.mean()), 4), n=int(a.size))
-    return out
-
-
 def machine() -> Dict[str, Any]:
-    cpu = "unknown"
-    if Path("/proc/cpuinfo").exists():
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    mem_gb = None
-    if Path("/proc/meminfo").exists():
-        kb = int(Path("/proc/meminfo").read_text().split()[1])
-        mem_gb = round(kb / 2**20, 1)
-
-    def ver(pkg: str) -> str:
-        try:
-            return metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            return "n/a"
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gb": mem_gb, "platform": platform.platform(),
-            "python": platform.python_version(),
-            "packages": {p: ver(p) for p in ("torch", "scann", "feast", "fastapi", "uvicorn", "numpy")},
+    return {**benchlib.machine(("torch", "scann", "feast", "fastapi", "uvicorn", "numpy")),
             "torch_threads": torch.get_num_threads()}
 
 
@@ -208,9 +179,9 @@ def request_stream(sc: Scenario, n: int, seed: int) -> List[Dict[str, Any]]:
 # ---------------------------------------------------------------------- measurements
 def train_bundle(work: Path, users: int, items: int, epochs: int) -> Path:
     """A contextual bundle trained here (configs/contextual.yaml, dim 64) on the synthetic lake of
-    models.synthetic_fixture: the trained-weights figures come from the repo alone."""
+    tests/synthetic_lake.py: the trained-weights figures come from the repo alone."""
     from models.cli import train_main
-    from models.synthetic_fixture import FixtureSpec, write_lake
+    write_lake, FixtureSpec = benchlib.synthetic_lake_writer()
 
     lake = work / "train_lake"
     write_lake(lake, FixtureSpec(n_users=users, n_items=items, n_categories=max(10, items // 20)))
@@ -235,7 +206,7 @@ def bench_search(index: ItemIndex, queries: np.ndarray, k: int = 100) -> Dict[st
     approx = np.stack([index.search_positions(q, k)[0] for q in queries])
     rec = recall_at_k(approx, brute_force_topk(index.embeddings, queries, k)[0], queries,
                       index.embeddings)
-    s, b = pct(scann_ms), pct(bf_ms)
+    s, b = benchlib.percentiles(scann_ms), benchlib.percentiles(bf_ms)
     return {"scann_ms": s, "brute_force_ms": b, "recall_at_100": round(rec, 4),
             "speedup_p50": round(b["p50"] / s["p50"], 2), "speedup_mean": round(b["mean"] / s["mean"], 2)}
 
@@ -252,7 +223,7 @@ def bench_in_process(resolver: Resolver, reqs: List[Dict[str, Any]], exact: bool
         wall.append((time.perf_counter() - t0) * 1e3)
         for key in parts:
             parts[key].append(resp.timings[key])
-    return {"total_ms": pct(wall), **{f"{k}_ms": pct(v) for k, v in parts.items()}}
+    return {"total_ms": benchlib.percentiles(wall), **{f"{k}_ms": benchlib.percentiles(v) for k, v in parts.items()}}
 
 
 def bench_head(resolver: Resolver, reqs: List[Dict[str, Any]], repeats: int = 5,
@@ -276,7 +247,7 @@ def bench_head(resolver: Resolver, reqs: List[Dict[str, Any]], repeats: int = 5,
                 t0 = time.perf_counter()
                 res.head_stage(look, item, None, {})
                 samples.append((time.perf_counter() - t0) * 1e3)
-        out[f"{name}_ms"] = pct(samples)
+        out[f"{name}_ms"] = benchlib.percentiles(samples)
     out["speedup_p50"] = round(out[f"{HEAD_TORCH}_ms"]["p50"] / out[f"{HEAD_NUMPY}_ms"]["p50"], 2)
     return out
 
@@ -295,15 +266,10 @@ def bars(report: Dict[str, Any]) -> List[Dict[str, Any]]:
         values[f"inprocess_p99_ms_1m_{kind}"] = at_scale["in_process_scann"]["total_ms"]["p99"]
         values["scann_speedup_1m"] = at_scale["search_only"]["speedup_p50"]
         values["scann_recall100_1m"] = at_scale["search_only"]["recall_at_100"]
-    out = []
-    for name, target, sense in BARS:
-        v = values[name]
-        met = v is not None and (v <= target if sense == "max" else v >= target)
-        bar = {"name": name, "value": v, "target": target, "met": met}
-        if v is None:
-            bar["note"] = "not measured by this run (1M scale or these weights not run)"
-        out.append(bar)
-    return out
+    return [benchlib.bar(name, values[name], target, at_most=sense == "max",
+                         note=None if values[name] is not None
+                         else "not measured by this run (1M scale or these weights not run)")
+            for name, target, sense in BARS]
 
 
 def _free_port() -> int:
@@ -348,13 +314,8 @@ def bench_http(bundle_dir: Path, index_dir: Path, repo: Path, reqs: List[Dict[st
                 resp.raise_for_status()
                 server_total.append(resp.json()["timings"]["total"])
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
-    return {"client_ms": pct(wall), "server_resolver_ms": pct(server_total),
+        benchlib.stop_process(proc, log, timeout=30)
+    return {"client_ms": benchlib.percentiles(wall), "server_resolver_ms": benchlib.percentiles(server_total),
             "server_startup_s": round(startup_s, 1)}
 
 
@@ -460,7 +421,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.subject_items, args.search_queries = 2000, 200
     torch.set_num_threads(1)  # as ctt-serve does: one-row heads are fastest single-threaded
     torch.manual_seed(0)
-    load_before = os.getloadavg()
+    load_before = benchlib.load_avg()
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="ctt-bench-serving-"))
     try:
         if args.train:
@@ -483,8 +444,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             shutil.rmtree(work, ignore_errors=True)
     report = {
         "benchmark": "serving", "date": datetime.now(timezone.utc).isoformat(),
-        "machine": machine(), "load_average_before": load_before,
-        "load_average_after": os.getloadavg(), "model_weights": weights,
+        "machine": machine(), "load_avg_before": load_before,
+        "load_avg_after": benchlib.load_avg(), "model_weights": weights,
         "item_embeddings": "model item tower over a synthetic catalog (ids + 1-5 categories)",
         "baseline": "brute force (numpy matmul + argpartition, exact)",
         "targets": TARGETS, "args": {k: (str(v) if isinstance(v, Path) else v)
@@ -495,8 +456,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print_table(results)
     for b in report["bars"]:
         print(f"bar {b['name']}: {b['value']} (target {b['target']}) {'met' if b['met'] else 'NOT met'}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    benchlib.write_json(args.out, report)
     print(f"wrote {args.out}")
     return 0
 

@@ -19,9 +19,6 @@ Writes benchmarks/results/training.json and prints a table.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
 import time
 from datetime import datetime, timezone
@@ -31,8 +28,9 @@ from typing import Any, Dict, List
 import pytorch_lightning as pl
 import torch
 
+import benchlib  # sibling module: benchmarks/ is first on sys.path when run as a script
+
 from models.data import ContextualSequenceDataModule
-from models.synthetic_fixture import FixtureSpec, write_lake
 from models.system import ContextualRetrievalSystem
 from models.two_tower import ModelConfig
 
@@ -44,7 +42,7 @@ SEED = 0
 MAX_RATIO = 1.3
 # The demo's catalogue shape (jobs/demo.py: 10k items, 20 categories, 5 styles); fewer users
 # than the demo because only a few hundred steps are timed.
-DEMO_LIKE = FixtureSpec(n_users=10_000, n_items=10_000, n_categories=20, n_styles=5)
+DEMO_LIKE = dict(n_users=10_000, n_items=10_000, n_categories=20, n_styles=5)
 
 
 class _StepTimer(pl.Callback):
@@ -107,10 +105,7 @@ def run_plain(dm, config: ModelConfig, steps: int, warmup: int) -> Dict[str, flo
 
 
 def machine() -> Dict[str, Any]:
-    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "lightning": pl.__version__, "torch_threads": torch.get_num_threads(),
-            "load_average": os.getloadavg()}
+    return {**benchlib.machine(("torch", "pytorch-lightning")), "torch_threads": torch.get_num_threads()}
 
 
 def main(argv: List[str] | None = None) -> Dict[str, Any]:
@@ -130,13 +125,15 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
     if lake is None:
         lake = str(WORK / "lake")
         if not (WORK / "lake").exists():
-            write_lake(lake, DEMO_LIKE)
+            write_lake, FixtureSpec = benchlib.synthetic_lake_writer()
+            write_lake(lake, FixtureSpec(**DEMO_LIKE))
     config = ModelConfig()  # the contextual defaults: dim 64, 2 layers, max_len 50
     dm = ContextualSequenceDataModule(lake, batch_size=args.batch_size, max_len=config.max_len,
                                       max_ctx=config.max_ctx, country_buckets=config.country_buckets,
                                       max_item_categories=config.max_item_categories,
                                       max_val_examples=100)
     dm.setup("fit")
+    load_before = benchlib.load_avg()
 
     runs: Dict[str, List[Dict[str, float]]] = {"lightning": [], "plain_torch": []}
     for _ in range(args.repeats):  # alternate so both see the same machine load
@@ -147,7 +144,7 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
     report = {
         "benchmark": "training loop throughput (Lightning vs plain torch, same model/batches/optimizer)",
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(),
+        "machine": machine(), "load_avg_before": load_before, "load_avg_after": benchlib.load_avg(),
         "settings": {"lake": lake, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
                      "batch_size": args.batch_size, "model_config": config.to_dict(),
                      "gradient_clip_val": CLIP},
@@ -157,14 +154,14 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
         "ratio_time_lightning_over_plain": ratio,
         "max_ratio": MAX_RATIO,
         "passed": ratio <= MAX_RATIO,
+        "bars": [benchlib.bar("training_time_lightning_vs_plain_torch", ratio, MAX_RATIO, at_most=True)],
     }
     print(f"{'loop':<12} {'median examples/s':>18} {'runs (examples/s)':>40}")
     for name in ("plain_torch", "lightning"):
         per_run = ", ".join(f"{r['examples_per_s']:.0f}" for r in runs[name])
         print(f"{name:<12} {median[name]:>18.0f} {per_run:>40}")
     print(f"time ratio Lightning / plain torch = {ratio:.3f} (bar <= {MAX_RATIO})")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
+    benchlib.write_json(args.out, report)
     return report
 
 

@@ -8,7 +8,7 @@ with measured resolver latency.
 
 The two Spark steps are replaced, because one JVM start costs more than this whole fixture and
 the Spark jobs have their own tests (tests/pipelines, tests/serving_offline):
-- generate + build_sequences -> models.synthetic_fixture.write_lake (the same planted signal and
+- generate + build_sequences -> synthetic_lake.write_lake (tests/) (the same planted signal and
   contract tables, written with deltalake);
 - batch inference -> pipelines.inference.encode_histories (the function the Spark workers run)
   over each user's latest full history, written to ``user_states`` with deltalake.
@@ -116,7 +116,7 @@ def build_tiny_demo(out: Path, evaluate: bool = True, extra_evaluate_args: Optio
     """Every demo output under ``out`` (see the module docstring); ~20 s on an idle 2-core box."""
     from models.cli import train_main
     from models.export import load_bundle
-    from models.synthetic_fixture import FixtureSpec, write_lake
+    from synthetic_lake import FixtureSpec, write_lake
     from serving.index import BACKEND_SCANN, build_index
 
     out = Path(out).resolve()

@@ -12,6 +12,7 @@ import torch
 
 import movielens as bench
 import movielens_rectools as rt
+import readme
 from models import leave_one_out as loo
 import ctt_contracts as C
 
@@ -140,10 +141,12 @@ def test_lr_choice_summary_bars_and_readme_table():
     assert got["ml-1m-u2999_time_to_best_ours_vs_sasrec"]["value"] == pytest.approx(20 / 80)
     assert got["ml-1m-u2999_time_to_best_ours_vs_sasrec"]["met"] is True
     assert got["ml-100k_hr10_ours_vs_sasrec"]["value"] is None  # not run
-    table = bench.readme_table(report)
-    assert "| ml-1m-u2999 | ours | 0.001 | 0.300 ± 0.100 |" in table
-    assert "| ml-100k_hr10_ours_vs_sasrec | not measured | >= 1 |  |" in table
-    assert "| ml-1m-u2999_time_to_best_ours_vs_sasrec | 0.250 | <= 0.5 | yes |" in table
+    report["bars"] = bench.bars(report)
+    table = "\n".join(readme.render_movielens({"movielens.json": report})
+                      + readme.render_bars({"movielens.json": report}))
+    assert "| ml-1m-u2999 | ours | 0.001 | 0.3000 ± 0.1000 |" in table
+    assert "| `ml-100k_hr10_ours_vs_sasrec` | - | 1 | not measured | movielens.json |" in table
+    assert "| `ml-1m-u2999_time_to_best_ours_vs_sasrec` | 0.25 | 0.5 | yes | movielens.json |" in table
 
 
 def test_report_merges_stages_and_quick_never_overwrites_the_results(tmp_path):

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from models.synthetic_fixture import FixtureSpec, write_lake
+from synthetic_lake import FixtureSpec, write_lake
 from models.two_tower import ModelConfig
 
 

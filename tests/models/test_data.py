@@ -165,7 +165,7 @@ def test_a_real_row_without_its_subject_is_an_error(tiny_lake, tmp_path):
 def test_context_top_k_comes_from_the_lakes_build_config(tmp_path):
     """The k the context rows were built with reaches the datamodule (and from there the bundle
     manifest); a lake built before the build config was stored falls back to the default."""
-    from models.synthetic_fixture import FixtureSpec, write_lake
+    from synthetic_lake import FixtureSpec, write_lake
 
     spec = FixtureSpec(n_users=40, n_items=60, n_categories=6, context_top_k=2)
     write_lake(tmp_path / "k2", spec)

@@ -24,7 +24,7 @@ from models.cli import (LAST_CHECKPOINT, SUMMARY_FILE, TAG_RESUME_COUNT, TAG_RES
                         find_resume_checkpoint, resume_checkpoint)
 from models.data import LABEL_ROW, ShardedBatches
 from models.export import load_bundle
-from models.synthetic_fixture import FixtureSpec, write_lake
+from synthetic_lake import FixtureSpec, write_lake
 from models.tracking import TAG_ENDED_BY, TAG_OUT_DIR, TAG_PID
 import ctt_contracts as C
 

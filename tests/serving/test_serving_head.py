@@ -129,7 +129,7 @@ def trained_bundle(tmp_path_factory):
     """A bundle trained by the project's trainer (configs/test_tiny.yaml: 2 short epochs on the
     pandas-built synthetic lake), with the subject item and the tower skip paths switched on."""
     from models.cli import train_main
-    from models.synthetic_fixture import FixtureSpec, write_lake
+    from synthetic_lake import FixtureSpec, write_lake
 
     root = tmp_path_factory.mktemp("trained_head")
     write_lake(root / "lake", FixtureSpec())
