@@ -30,7 +30,7 @@ from models.components.heads import (ConcatFusion, CrossAttentionFusion, Embeddi
                                      IdentityFusion, ItemTower)
 
 FUSIONS = ("concat", "cross_attention", "identity")
-ITEM_TOWERS = ("mlp", "embedding")
+ITEM_TOWERS = ("mlp", "embedding", "embedding_dot")
 CATEGORY_POOLS = ("weighted", "mean")
 
 
@@ -72,7 +72,9 @@ class ModelConfig:
     # sharing only the parent with the context keeps a score well above an unrelated one.
     item_category_pool: str = "weighted"
     # "mlp": the item tower's MLP over (id, categories); "embedding": the item is its normalised
-    # id (+ pooled category) embedding, the very vectors the encoder reads (SASRec's tied output).
+    # id (+ pooled category) embedding, the very vectors the encoder reads (SASRec's tied output);
+    # "embedding_dot": the same vectors unnormalised, so an item's norm can carry its popularity
+    # (the score is a dot product with the unit-norm query).
     item_tower: str = "mlp"
 
     def __post_init__(self) -> None:
@@ -166,7 +168,8 @@ class ContextualTwoTower(nn.Module):
         else:
             self.fusion = IdentityFusion()
         self.item_tower = (ItemTower(d, config.mlp_hidden, config.dropout)
-                           if config.item_tower == "mlp" else EmbeddingItemTower())
+                           if config.item_tower == "mlp"
+                           else EmbeddingItemTower(normalize=config.item_tower == "embedding"))
         # Skip paths (see tower_skip in query_from_state / item_embeddings): learned scales, start at 1.
         self.user_skip = nn.Parameter(torch.ones(())) if config.tower_skip and config.use_context else None
         self.item_skip = nn.Parameter(torch.ones(())) if config.tower_skip else None

@@ -98,10 +98,16 @@ class ItemTower(nn.Module):
 
 
 class EmbeddingItemTower(nn.Module):
-    """id embedding + pooled category embedding, L2-normalised, no MLP: the output item vectors
-    are the encoder's input vectors (tied, as in SASRec), so every gradient on an item as a
-    target also moves it as a history token."""
+    """id embedding + pooled category embedding, no MLP: the output item vectors are the
+    encoder's input vectors (tied, as in SASRec), so every gradient on an item as a target also
+    moves it as a history token. ``normalize=False`` keeps their norms, which the dot product
+    with the unit-norm query then reads (popular items can grow longer)."""
+
+    def __init__(self, normalize: bool = True) -> None:
+        super().__init__()
+        self.normalize = normalize
 
     def forward(self, id_emb: torch.Tensor, cat_emb: torch.Tensor) -> torch.Tensor:
-        """id_emb (N, D), cat_emb (N, D) -> (N, D) unit norm."""
-        return F.normalize(id_emb + cat_emb, dim=-1)  # (N, D)
+        """id_emb (N, D), cat_emb (N, D) -> (N, D) (unit norm when ``normalize``)."""
+        item = id_emb + cat_emb  # (N, D)
+        return F.normalize(item, dim=-1) if self.normalize else item
