@@ -26,9 +26,11 @@ from models.components.context import (ContextLayer, DemographicsEmbedding, drop
                                        swap_context_slots)
 from models.components.embeddings import MultiHashEmbedding, weighted_pool
 from models.components.encoder import CausalSequenceEncoder
-from models.components.heads import ConcatFusion, CrossAttentionFusion, ItemTower
+from models.components.heads import (ConcatFusion, CrossAttentionFusion, EmbeddingItemTower,
+                                     IdentityFusion, ItemTower)
 
-FUSIONS = ("concat", "cross_attention")
+FUSIONS = ("concat", "cross_attention", "identity")
+ITEM_TOWERS = ("mlp", "embedding", "embedding_dot")
 CATEGORY_POOLS = ("weighted", "mean")
 
 
@@ -55,7 +57,9 @@ class ModelConfig:
     context_drop_prob: float = 0.5  # share of training examples whose whole context is zeroed
     context_slot_drop_prob: float = 0.0  # training: chance to drop each non-strongest context category
     context_slot_swap_prob: float = 0.0  # training: chance to swap it for another example's category
-    fusion: str = "concat"  # "concat" | "cross_attention"
+    # "concat" | "cross_attention" | "identity" (the user embedding is the normalised last state:
+    # SASRec's query, for a model without context or demographics)
+    fusion: str = "concat"
     state_len: int = 1  # m: number of last encoder states cached per user (1 = last hidden state)
     use_context: bool = True
     use_demographics: bool = True
@@ -67,6 +71,11 @@ class ModelConfig:
     # taxonomy's leaf dominates), "mean" = each listed category counts the same, so an item
     # sharing only the parent with the context keeps a score well above an unrelated one.
     item_category_pool: str = "weighted"
+    # "mlp": the item tower's MLP over (id, categories); "embedding": the item is its normalised
+    # id (+ pooled category) embedding, the very vectors the encoder reads (SASRec's tied output);
+    # "embedding_dot": the same vectors unnormalised, so an item's norm can carry its popularity
+    # (the score is a dot product with the unit-norm query).
+    item_tower: str = "mlp"
 
     def __post_init__(self) -> None:
         if self.fusion not in FUSIONS:
@@ -80,6 +89,13 @@ class ModelConfig:
         if self.item_category_pool not in CATEGORY_POOLS:
             raise ValueError(f"item_category_pool must be one of {CATEGORY_POOLS}, "
                              f"got {self.item_category_pool!r}")
+        if self.item_tower not in ITEM_TOWERS:
+            raise ValueError(f"item_tower must be one of {ITEM_TOWERS}, got {self.item_tower!r}")
+        if self.fusion == "identity" and (self.use_context or self.use_demographics
+                                          or self.state_len != 1):
+            raise ValueError("fusion 'identity' has no MLP to combine context or demographics "
+                             "with the state: it needs use_context=False, use_demographics=False "
+                             "and state_len=1")
         if self.use_subject_item and not self.use_context:
             raise ValueError("use_subject_item needs use_context (the subject is part of the context)")
 
@@ -145,11 +161,15 @@ class ContextualTwoTower(nn.Module):
             self.fusion: nn.Module = ConcatFusion(d, config.state_len, config.use_context,
                                                   config.use_demographics, config.mlp_hidden,
                                                   config.dropout)
-        else:
+        elif config.fusion == "cross_attention":
             self.fusion = CrossAttentionFusion(d, config.n_heads, config.state_len, config.use_context,
                                                config.use_demographics, config.mlp_hidden,
                                                config.dropout)
-        self.item_tower = ItemTower(d, config.mlp_hidden, config.dropout)
+        else:
+            self.fusion = IdentityFusion()
+        self.item_tower = (ItemTower(d, config.mlp_hidden, config.dropout)
+                           if config.item_tower == "mlp"
+                           else EmbeddingItemTower(normalize=config.item_tower == "embedding"))
         # Skip paths (see tower_skip in query_from_state / item_embeddings): learned scales, start at 1.
         self.user_skip = nn.Parameter(torch.ones(())) if config.tower_skip and config.use_context else None
         self.item_skip = nn.Parameter(torch.ones(())) if config.tower_skip else None

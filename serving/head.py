@@ -148,7 +148,8 @@ class NumpyHead:
         demo = model.demographics
         self.demo_tables = ((_np(demo.age.weight), _np(demo.country.weight), _np(demo.gender.weight))
                             if demo is not None else None)
-        self.mlp = _Mlp.of(model.fusion.mlp)
+        self.identity = cfg.fusion == "identity"
+        self.mlp = None if self.identity else _Mlp.of(model.fusion.mlp)
         self.cross = _CrossAttention.of(model.fusion) if cfg.fusion == "cross_attention" else None
 
     def query(self, state: Optional[np.ndarray], ctx_ids: Optional[np.ndarray],
@@ -164,6 +165,8 @@ class NumpyHead:
         state = np.asarray(state, dtype=np.float32)
         if state.shape != (batch, self.state_dim):
             raise ValueError(f"state must be ({batch}, {self.state_dim}), got {state.shape}")
+        if self.identity:  # no context, no demographics by configuration
+            return _normalize(state)  # (B, D)
         ctx, skip = self._context(batch, ctx_ids, ctx_weights, subject_emb)
         demo = self._demographics(age, country, gender)
         if self.cross is None:

@@ -71,6 +71,16 @@ class CrossAttentionFusion(nn.Module):
         return F.normalize(self.mlp(torch.cat(parts, dim=-1)), dim=-1)  # (B, D)
 
 
+class IdentityFusion(nn.Module):
+    """The last encoder state itself, L2-normalised: SASRec's query. No parameters, so nothing
+    between the encoder and the dot product (a model without context or demographics)."""
+
+    def forward(self, states: torch.Tensor, ctx: Optional[torch.Tensor],
+                demo: Optional[torch.Tensor]) -> torch.Tensor:
+        """states (B, 1, D) -> (B, D) unit norm (ctx and demo are None by configuration)."""
+        return F.normalize(states.flatten(1), dim=-1)  # (B, D)
+
+
 class ItemTower(nn.Module):
     """concat(id embedding, pooled category embedding) -> MLP -> L2-normalised item embedding.
 
@@ -85,3 +95,19 @@ class ItemTower(nn.Module):
     def forward(self, id_emb: torch.Tensor, cat_emb: torch.Tensor) -> torch.Tensor:
         """id_emb (N, D), cat_emb (N, D) -> (N, D) unit norm."""
         return F.normalize(self.mlp(torch.cat([id_emb, cat_emb], dim=-1)), dim=-1)  # (N, D)
+
+
+class EmbeddingItemTower(nn.Module):
+    """id embedding + pooled category embedding, no MLP: the output item vectors are the
+    encoder's input vectors (tied, as in SASRec), so every gradient on an item as a target also
+    moves it as a history token. ``normalize=False`` keeps their norms, which the dot product
+    with the unit-norm query then reads (popular items can grow longer)."""
+
+    def __init__(self, normalize: bool = True) -> None:
+        super().__init__()
+        self.normalize = normalize
+
+    def forward(self, id_emb: torch.Tensor, cat_emb: torch.Tensor) -> torch.Tensor:
+        """id_emb (N, D), cat_emb (N, D) -> (N, D) (unit norm when ``normalize``)."""
+        item = id_emb + cat_emb  # (N, D)
+        return F.normalize(item, dim=-1) if self.normalize else item

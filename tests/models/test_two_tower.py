@@ -14,6 +14,7 @@ from models.two_tower import ContextualTwoTower, ModelConfig
     {"use_context": False, "use_demographics": False},  # sequence-only
     {"tower_skip": True, "use_subject_item": True},
     {"tower_skip": True, "use_context": False, "use_demographics": False},
+    {"use_context": False, "use_demographics": False, "fusion": "identity", "item_tower": "embedding"},
 ])
 def test_query_from_state_of_encoded_state_equals_forward(overrides, tiny_config, random_inputs):
     torch.manual_seed(0)
@@ -62,6 +63,30 @@ def test_config_round_trip_and_validation(tiny_config):
         ModelConfig(fusion="sum")
     with pytest.raises(ValueError, match="divisible"):
         ModelConfig(dim=10, n_heads=3)
+    with pytest.raises(ValueError, match="item_tower"):
+        ModelConfig(item_tower="transformer")
+    with pytest.raises(ValueError, match="identity"):
+        ModelConfig(fusion="identity")  # context and demographics on by default
+
+
+def test_sasrec_like_towers_are_the_state_and_the_tied_embeddings(tiny_config, random_inputs):
+    """fusion identity + item_tower embedding: the query is the normalised last encoder state and
+    an item is its normalised id embedding, the same vectors the encoder reads as tokens."""
+    import torch.nn.functional as F
+
+    cfg = tiny_config(use_context=False, use_demographics=False, fusion="identity",
+                      item_tower="embedding", use_item_categories=False)
+    model = ContextualTwoTower(cfg).eval()
+    x = random_inputs(cfg, batch=5)
+    items = torch.arange(1, 9)
+    no_cats = torch.full((8, cfg.max_item_categories), -1)
+    with torch.no_grad():
+        state = model.encode_user_state(x[0], x[1])
+        assert torch.allclose(model(*x), F.normalize(state, dim=-1), atol=1e-6)
+        got = model.item_embeddings(items, no_cats, torch.zeros(8, cfg.max_item_categories))
+        assert torch.allclose(got, F.normalize(model.item_emb(items), dim=-1), atol=1e-6)
+    assert sum(p.numel() for p in model.fusion.parameters()) == 0
+    assert sum(p.numel() for p in model.item_tower.parameters()) == 0
 
 
 def test_subject_item_embedding_moves_the_query_and_keeps_split_parity(tiny_config, random_inputs):

@@ -32,6 +32,8 @@ VARIANTS = {
                            "tower_skip": True},
     "no_demographics": {"use_demographics": False},
     "sequence_only": {"use_context": False, "use_demographics": False},
+    "sasrec_like": {"use_context": False, "use_demographics": False, "fusion": "identity",
+                    "item_tower": "embedding", "use_item_categories": False},
 }
 
 
