@@ -218,6 +218,14 @@ META_TABLES: Tuple[str, ...] = (META_SPLIT_CUTOFFS, META_SUBJECT_COVERAGE, META_
 BUILD_CONFIG_JSON = "config_json"
 CONTEXT_TOP_K = "context_top_k"  # key in build_config and in the bundle manifest
 
+# inference_progress (pipelines/inference.py): one row, what the last batch inference consumed:
+# the user_sequences version, the model_version, the user_states version it left and its users.
+META_INFERENCE_PROGRESS = "inference_progress"
+META_TABLES = META_TABLES + (META_INFERENCE_PROGRESS,)
+SEQUENCES_VERSION = "sequences_version"
+STATES_VERSION = "states_version"
+USERS_COUNT = "n_users"
+
 
 @dataclass(frozen=True)
 class LakePaths:
