@@ -472,14 +472,90 @@ def _touched_users(spark, seq_path: str, plan: Plan, seq_version: int):
                       f"unavailable: {why}")
 
 
+def _choose_plan(spark, seq_path: str, plan: Plan, seq_version: int):
+    """(plan, persisted touched users or None): an incremental plan stays one only if its
+    range holds no rewrite of user_sequences and its change feed can be read."""
+    if plan.mode != MODE_INCREMENTAL:
+        return plan, None
+    rewritten = rewrite_reason(_commits(spark, seq_path, plan.changes_from, seq_version))
+    if rewritten is not None:
+        return Plan(MODE_FULL, rewritten), None
+    touched, unavailable = _touched_users(spark, seq_path, plan, seq_version)
+    if unavailable is not None:
+        return Plan(MODE_FULL, unavailable), None
+    return plan, touched
+
+
+def _touched_states(spark, states_path: str, states_version: int, touched):  # -> DataFrame
+    """The states of the touched users only (a broadcast semi-join), with only the columns
+    classify_users reads; persisted so the duplicate check and the classification scan
+    user_states once."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    from pipelines.delta_io import read_table
+
+    return (read_table(spark, states_path, states_version)
+            .select(C.USER_ID, C.SEQUENCE_HASH, C.MODEL_VERSION)
+            .join(F.broadcast(touched.select(C.USER_ID)), C.USER_ID, "left_semi")
+            .persist(StorageLevel.MEMORY_AND_DISK))
+
+
+def _stage(spark, classified, n_todo: int, n_del: int, bundle_path: str, model_version: str,
+           now: datetime, batch_size: int, partitions: Optional[int], cached: list):
+    """The MERGE source: encoded states tagged upsert, orphaned users tagged delete."""
+    from pyspark import StorageLevel
+    from pyspark.sql import functions as F
+
+    todo = (classified.where(F.col(_REASON).isin(*TO_ENCODE))
+            .repartition(partitions or spark.sparkContext.defaultParallelism))
+    # Persist the model output: the MERGE may scan its source twice (never run the encoder
+    # twice), and the count proves every row given to the encoder came back.
+    encoded = encode_states(todo, bundle_path, model_version, now, batch_size).persist(
+        StorageLevel.MEMORY_AND_DISK)
+    cached.append(encoded)
+    if encoded.count() != n_todo:
+        raise RuntimeError("the encoder returned a different number of rows than it was given")
+    staged = encoded.withColumn(_TAG, F.lit(_TAG_UPSERT))
+    if n_del:
+        blank = [F.lit(None).cast(f.dataType).alias(f.name)
+                 for f in C.spark_schema(C.T_USER_STATES).fields if f.name != C.USER_ID]
+        orphans = classified.where(F.col(_REASON) == REASON_ORPHAN).select(C.USER_ID, *blank)
+        staged = staged.unionByName(orphans.withColumn(_TAG, F.lit(_TAG_DELETE)))
+    return staged
+
+
+def _commit(spark, states_path: str, staged, has_states: bool, states_version: Optional[int],
+            fence: Callable[[], None]) -> None:
+    """The run's one write: the keyed MERGE, only if user_states is still where it was read."""
+    from pipelines.delta_io import ConcurrentWriteError, delta_conflicts, ensure_table, table_version
+
+    fence()
+    if not has_states:  # first run: create, then the same keyed MERGE into the empty table
+        ensure_table(spark, states_path, C.spark_schema(C.T_USER_STATES))
+        states_version = 0
+    now_at = table_version(spark, states_path)
+    if now_at != states_version:
+        raise ConcurrentWriteError(
+            f"{C.T_USER_STATES} moved from v{states_version} to v{now_at} while this run "
+            f"encoded against v{states_version} (a writer that does not hold the lake's "
+            f"lease); this run wrote nothing. Run it again")
+    try:
+        _merge(spark, states_path, staged)
+    except delta_conflicts() as err:
+        raise ConcurrentWriteError(
+            f"{C.T_USER_STATES}: another writer committed while this run's MERGE ran "
+            f"({type(err).__name__}); Delta refused this run's commit, nothing of it was "
+            f"written. Run it again") from err
+
+
 def _infer(spark, lake: str, bundle_path: str, model_version: str, batch_size: int,
            partitions: Optional[int], now: datetime, repair_duplicates: bool,
            fence: Callable[[], None], full: bool = False) -> InferenceResult:
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
-    from pipelines.delta_io import (ConcurrentWriteError, check_duplicates, delta_conflicts,
-                                    ensure_table, read_table, table_exists, table_version)
+    from pipelines.delta_io import check_duplicates, read_table, table_exists, table_version
 
     paths = C.LakePaths(lake)
     seq_path, states_path = paths.table(C.T_USER_SEQUENCES), paths.table(C.T_USER_STATES)
@@ -493,37 +569,28 @@ def _infer(spark, lake: str, bundle_path: str, model_version: str, batch_size: i
         return InferenceResult(model_version, seq_version, progress.users, 0, 0, 0, 0, 0,
                                states_version, False, plan.mode, plan.reason, plan.changes_from,
                                states_version)
-    touched = None
-    if plan.mode == MODE_INCREMENTAL:
-        rewritten = rewrite_reason(_commits(spark, seq_path, plan.changes_from, seq_version))
-        if rewritten is not None:
-            plan = Plan(MODE_FULL, rewritten)
-        else:
-            touched, unavailable = _touched_users(spark, seq_path, plan, seq_version)
-            if unavailable is not None:
-                plan = Plan(MODE_FULL, unavailable)
+    plan, touched = _choose_plan(spark, seq_path, plan, seq_version)
     print(f"batch inference: {plan.mode} ({plan.reason})", flush=True)
-
-    if touched is None:  # full: every sequence against every state
-        sequences = latest_sequences(read_table(spark, seq_path, seq_version))
-        states = read_table(spark, states_path, states_version) if has_states else None
-        if has_states and check_duplicates(spark, C.T_USER_STATES, states_path, states,
-                                           [C.USER_ID], repair_duplicates,
-                                           repair_command(lake, bundle_path), fence):
-            states_version = table_version(spark, states_path)
-            states = read_table(spark, states_path, states_version)
-    else:  # incremental: the touched users against their own states only
-        sequences = touched.where(~F.col(_DELETED)).select(C.USER_ID, C.ITEM_IDS, C.EVENT_TS,
-                                                           C.SEQUENCE_HASH)
-        states = read_table(spark, states_path, states_version).join(
-            F.broadcast(touched.select(C.USER_ID)), C.USER_ID, "left_semi")
-        check_duplicates(spark, C.T_USER_STATES, states_path, states, [C.USER_ID], False,
-                         repair_command(lake, bundle_path), fence)
-
-    read_version = states_version  # what this run classified against (None: no table)
-    classified = classify_users(sequences, states, model_version).persist(StorageLevel.MEMORY_AND_DISK)
-    encoded = None
+    repair_hint = repair_command(lake, bundle_path)
+    cached = [] if touched is None else [touched]
     try:
+        if touched is None:  # full: every sequence against every state
+            sequences = latest_sequences(read_table(spark, seq_path, seq_version))
+            states = read_table(spark, states_path, states_version) if has_states else None
+            if has_states and check_duplicates(spark, C.T_USER_STATES, states_path, states,
+                                               [C.USER_ID], repair_duplicates, repair_hint, fence):
+                states_version = table_version(spark, states_path)
+                states = read_table(spark, states_path, states_version)
+        else:  # incremental: the touched users against their own states only
+            sequences = touched.where(~F.col(_DELETED)).select(C.USER_ID, C.ITEM_IDS, C.EVENT_TS,
+                                                               C.SEQUENCE_HASH)
+            states = _touched_states(spark, states_path, states_version, touched)
+            cached.append(states)
+            check_duplicates(spark, C.T_USER_STATES, states_path, states, [C.USER_ID], False,
+                             repair_hint, fence)
+        classified = classify_users(sequences, states, model_version).persist(
+            StorageLevel.MEMORY_AND_DISK)
+        cached.append(classified)
         counts = {r[_REASON]: int(r["n"]) for r in
                   classified.groupBy(_REASON).agg(F.count(F.lit(1)).alias("n")).collect()}
         n_todo = sum(counts.get(r, 0) for r in TO_ENCODE)
@@ -532,45 +599,15 @@ def _infer(spark, lake: str, bundle_path: str, model_version: str, batch_size: i
             n_users = sum(n for r, n in counts.items() if r != REASON_ORPHAN)
         else:  # the recorded count, plus the users that got a state, minus the deleted ones
             n_users = progress.users + counts.get(REASON_NEW, 0) - n_del
-        committed = False
-        if n_todo or n_del:
-            todo = (classified.where(F.col(_REASON).isin(*TO_ENCODE))
-                    .repartition(partitions or spark.sparkContext.defaultParallelism))
-            # Persist the model output: the MERGE may scan its source twice (never run the
-            # encoder twice), and the count proves every row given to the encoder came back.
-            encoded = encode_states(todo, bundle_path, model_version, now, batch_size).persist(
-                StorageLevel.MEMORY_AND_DISK)
-            if encoded.count() != n_todo:
-                raise RuntimeError("the encoder returned a different number of rows than it was given")
-            staged = encoded.withColumn(_TAG, F.lit(_TAG_UPSERT))
-            if n_del:
-                blank = [F.lit(None).cast(f.dataType).alias(f.name)
-                         for f in C.spark_schema(C.T_USER_STATES).fields if f.name != C.USER_ID]
-                orphans = classified.where(F.col(_REASON) == REASON_ORPHAN).select(C.USER_ID, *blank)
-                staged = staged.unionByName(orphans.withColumn(_TAG, F.lit(_TAG_DELETE)))
-            fence()
-            if not has_states:  # first run: create, then the same keyed MERGE into the empty table
-                ensure_table(spark, states_path, C.spark_schema(C.T_USER_STATES))
-                states_version = 0
-            now_at = table_version(spark, states_path)
-            if now_at != states_version:
-                raise ConcurrentWriteError(
-                    f"{C.T_USER_STATES} moved from v{states_version} to v{now_at} while this run "
-                    f"encoded against v{states_version} (a writer that does not hold the lake's "
-                    f"lease); this run wrote nothing. Run it again")
-            try:
-                _merge(spark, states_path, staged)
-            except delta_conflicts() as err:
-                raise ConcurrentWriteError(
-                    f"{C.T_USER_STATES}: another writer committed while this run's MERGE ran "
-                    f"({type(err).__name__}); Delta refused this run's commit, nothing of it was "
-                    f"written. Run it again") from err
-            committed = True
+        committed = bool(n_todo or n_del)
+        if committed:
+            staged = _stage(spark, classified, n_todo, n_del, bundle_path, model_version, now,
+                            batch_size, partitions, cached)
+            _commit(spark, states_path, staged, has_states, states_version, fence)
         version = table_version(spark, states_path) if (has_states or committed) else None
     finally:
-        for df in (classified, encoded, touched):
-            if df is not None:
-                df.unpersist()
+        for df in cached:
+            df.unpersist()
     if version is not None:  # recorded only after the MERGE committed (or had nothing to do)
         done = Progress(seq_version, model_version, version, n_users)
         if done != progress:
@@ -579,7 +616,7 @@ def _infer(spark, lake: str, bundle_path: str, model_version: str, batch_size: i
     return InferenceResult(model_version, seq_version, n_users, n_todo, counts.get(REASON_NEW, 0),
                            counts.get(REASON_CHANGED, 0), counts.get(REASON_MODEL, 0), n_del,
                            version, committed, plan.mode, plan.reason, plan.changes_from,
-                           read_version)
+                           states_version)
 
 
 # --------------------------------------------------------------------------------------
