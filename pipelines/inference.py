@@ -30,7 +30,8 @@ against their own states (a semi-join, not a join of all sequences with all stat
 whose last change is a delete lose their state. When user_sequences has not moved the run reads
 two Delta versions and the record, and commits nothing. A full classification (every sequence
 against every state, as on the first run) is done, with its reason printed on one line, when no
-progress is recorded, the model changed, user_states moved since the record, user_sequences was
+progress is recorded, the model changed, user_states moved since the record, either table was
+deleted and created again (its Delta table id is recorded too), user_sequences was
 overwritten/replaced/restored in the range, its change feed is unavailable for the range
 (vacuumed, or enabled after the consumed version), with ``repair_duplicates`` or with ``full``.
 
@@ -239,14 +240,23 @@ def encode_states(todo, bundle_path: str, model_version: str, state_ts: datetime
 # Progress: what the last successful run consumed (<lake>/_meta/inference_progress, delta-rs)
 # --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class TableAt:
+    """A Delta table's version and its id (the id changes when the table is deleted and
+    created again, the version numbering then restarts)."""
+
+    version: int
+    table_id: str
+
+
+@dataclass(frozen=True)
 class Progress:
     """The user_sequences version a run consumed, with which model, the user_states version
     it left (its MERGE's, or the one it found when it had nothing to write) and how many users
     that version holds (one state per user of user_sequences after a successful run)."""
 
-    sequences_version: int
+    sequences: TableAt
     model_version: str
-    states_version: int
+    states: TableAt
     users: int
 
 
@@ -256,8 +266,10 @@ def progress_path(lake: str) -> str:
 
 def _progress_schema():  # -> pyarrow.Schema
     return pa.schema([pa.field(C.SEQUENCES_VERSION, pa.int64(), False),
+                      pa.field(C.SEQUENCES_TABLE_ID, pa.string(), False),
                       pa.field(C.MODEL_VERSION, pa.string(), False),
                       pa.field(C.STATES_VERSION, pa.int64(), False),
+                      pa.field(C.STATES_TABLE_ID, pa.string(), False),
                       pa.field(C.USERS_COUNT, pa.int64(), False),
                       pa.field(C.UPDATED_AT, pa.timestamp("us", tz="UTC"), False)])
 
@@ -277,7 +289,8 @@ def load_progress(lake: str) -> Optional[Progress]:
     if len(rows) != 1:
         return None
     r = rows[0]
-    return Progress(int(r[C.SEQUENCES_VERSION]), r[C.MODEL_VERSION], int(r[C.STATES_VERSION]),
+    return Progress(TableAt(int(r[C.SEQUENCES_VERSION]), r[C.SEQUENCES_TABLE_ID]),
+                    r[C.MODEL_VERSION], TableAt(int(r[C.STATES_VERSION]), r[C.STATES_TABLE_ID]),
                     int(r[C.USERS_COUNT]))
 
 
@@ -285,11 +298,22 @@ def store_progress(lake: str, progress: Progress) -> None:
     """Replace the record (one atomic overwrite commit of a one-row table)."""
     from deltalake import write_deltalake
 
-    row = {C.SEQUENCES_VERSION: progress.sequences_version, C.MODEL_VERSION: progress.model_version,
-           C.STATES_VERSION: progress.states_version, C.USERS_COUNT: progress.users,
-           C.UPDATED_AT: datetime.now(timezone.utc)}
+    row = {C.SEQUENCES_VERSION: progress.sequences.version,
+           C.SEQUENCES_TABLE_ID: progress.sequences.table_id,
+           C.MODEL_VERSION: progress.model_version,
+           C.STATES_VERSION: progress.states.version, C.STATES_TABLE_ID: progress.states.table_id,
+           C.USERS_COUNT: progress.users, C.UPDATED_AT: datetime.now(timezone.utc)}
     write_deltalake(progress_path(lake), pa.Table.from_pylist([row], schema=_progress_schema()),
                     mode="overwrite")
+
+
+def table_at(spark, path: str) -> TableAt:
+    """Version and id of the Delta table at ``path``: two reads of its log, no data."""
+    from delta.tables import DeltaTable
+
+    table = DeltaTable.forPath(spark, path)
+    return TableAt(int(table.history(1).select("version").first()[0]),
+                   table.detail().select("id").first()[0])
 
 
 # --------------------------------------------------------------------------------------
@@ -302,8 +326,8 @@ class Plan:
     changes_from: Optional[int] = None  # incremental: first user_sequences version to read
 
 
-def plan_run(progress: Optional[Progress], model_version: str, sequences_version: int,
-             states_version: Optional[int], full: bool = False,
+def plan_run(progress: Optional[Progress], model_version: str, sequences: TableAt,
+             states: Optional[TableAt], full: bool = False,
              repair_duplicates: bool = False) -> Plan:
     """Full classification or the change feed since the consumed version (module docstring)."""
     if full:
@@ -312,24 +336,29 @@ def plan_run(progress: Optional[Progress], model_version: str, sequences_version
         return Plan(MODE_FULL, "--repair-duplicates checks every state")
     if progress is None:
         return Plan(MODE_FULL, f"no progress recorded in {C.META_DIR}/{C.META_INFERENCE_PROGRESS}")
-    if states_version is None:
+    if states is None:
         return Plan(MODE_FULL, f"no {C.T_USER_STATES} table")
     if progress.model_version != model_version:
         return Plan(MODE_FULL, f"model_version changed from {progress.model_version!r} to "
                                f"{model_version!r}: every user is re-encoded")
-    if progress.states_version != states_version:
-        return Plan(MODE_FULL, f"{C.T_USER_STATES} is at v{states_version} but the recorded "
-                               f"progress left it at v{progress.states_version} (another writer, or "
-                               f"a run stopped between its MERGE and recording its progress)")
-    if sequences_version < progress.sequences_version:
-        return Plan(MODE_FULL, f"{C.T_USER_SEQUENCES} is at v{sequences_version}, before the "
-                               f"consumed v{progress.sequences_version} (table recreated?)")
-    start = progress.sequences_version + 1
-    if start > sequences_version:
-        return Plan(MODE_INCREMENTAL, f"{C.T_USER_SEQUENCES} unchanged since "
-                                      f"v{progress.sequences_version}", start)
+    for name, now, then in ((C.T_USER_SEQUENCES, sequences, progress.sequences),
+                            (C.T_USER_STATES, states, progress.states)):
+        if now.table_id != then.table_id:
+            return Plan(MODE_FULL, f"{name} was created again since the recorded progress "
+                                   f"(table id {then.table_id} -> {now.table_id})")
+    if states.version != progress.states.version:
+        return Plan(MODE_FULL, f"{C.T_USER_STATES} is at v{states.version} but the recorded "
+                               f"progress left it at v{progress.states.version} (another writer, "
+                               f"or a run stopped between its MERGE and recording its progress)")
+    consumed = progress.sequences.version
+    if sequences.version < consumed:
+        return Plan(MODE_FULL, f"{C.T_USER_SEQUENCES} is at v{sequences.version}, before the "
+                               f"consumed v{consumed}")
+    start = consumed + 1
+    if start > sequences.version:
+        return Plan(MODE_INCREMENTAL, f"{C.T_USER_SEQUENCES} unchanged since v{consumed}", start)
     return Plan(MODE_INCREMENTAL, f"change feed of {C.T_USER_SEQUENCES} "
-                                  f"v{start}..v{sequences_version}", start)
+                                  f"v{start}..v{sequences.version}", start)
 
 
 def rewrite_reason(commits: Sequence[Tuple[int, str, Dict[str, str]]]) -> Optional[str]:
@@ -559,11 +588,13 @@ def _infer(spark, lake: str, bundle_path: str, model_version: str, batch_size: i
 
     paths = C.LakePaths(lake)
     seq_path, states_path = paths.table(C.T_USER_SEQUENCES), paths.table(C.T_USER_STATES)
-    seq_version = table_version(spark, seq_path)
+    seq_at = table_at(spark, seq_path)
+    seq_version = seq_at.version
     has_states = table_exists(spark, states_path)
-    states_version = table_version(spark, states_path) if has_states else None
+    states_at = table_at(spark, states_path) if has_states else None
+    states_version = None if states_at is None else states_at.version
     progress = load_progress(lake)
-    plan = plan_run(progress, model_version, seq_version, states_version, full, repair_duplicates)
+    plan = plan_run(progress, model_version, seq_at, states_at, full, repair_duplicates)
     if plan.mode == MODE_INCREMENTAL and plan.changes_from > seq_version:
         print(f"batch inference: {plan.mode} ({plan.reason}): nothing to read", flush=True)
         return InferenceResult(model_version, seq_version, progress.users, 0, 0, 0, 0, 0,
@@ -604,12 +635,13 @@ def _infer(spark, lake: str, bundle_path: str, model_version: str, batch_size: i
             staged = _stage(spark, classified, n_todo, n_del, bundle_path, model_version, now,
                             batch_size, partitions, cached)
             _commit(spark, states_path, staged, has_states, states_version, fence)
-        version = table_version(spark, states_path) if (has_states or committed) else None
+        after = table_at(spark, states_path) if (has_states or committed) else None
     finally:
         for df in cached:
             df.unpersist()
-    if version is not None:  # recorded only after the MERGE committed (or had nothing to do)
-        done = Progress(seq_version, model_version, version, n_users)
+    version = None if after is None else after.version
+    if after is not None:  # recorded only after the MERGE committed (or had nothing to do)
+        done = Progress(seq_at, model_version, after, n_users)
         if done != progress:
             fence()
             store_progress(lake, done)

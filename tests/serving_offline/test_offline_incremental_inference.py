@@ -18,8 +18,8 @@ from offline_lake import delta_version, histories, read_states, write_user_seque
 
 import ctt_contracts as C
 from pipelines import inference
-from pipelines.inference import (MODE_FULL, MODE_INCREMENTAL, Progress, load_progress, plan_run,
-                                 rewrite_reason, run_batch_inference)
+from pipelines.inference import (MODE_FULL, MODE_INCREMENTAL, Progress, TableAt, load_progress,
+                                 plan_run, rewrite_reason, run_batch_inference)
 
 History = Dict[int, Tuple[List[int], List[int]]]
 
@@ -83,19 +83,24 @@ def data_files(table_dir: Path) -> List[Path]:
 # Pure: which mode a run takes
 # --------------------------------------------------------------------------------------
 def test_plan_follows_the_feed_only_when_the_record_still_describes_the_lake():
-    p = Progress(sequences_version=4, model_version="m1", states_version=7, users=10)
-    assert plan_run(p, "m1", 9, 7) == inference.Plan(MODE_INCREMENTAL,
-                                                     "change feed of user_sequences v5..v9", 5)
-    noop = plan_run(p, "m1", 4, 7)
+    seq, states = TableAt(4, "seq-id"), TableAt(7, "states-id")
+    p = Progress(sequences=seq, model_version="m1", states=states, users=10)
+    seq9 = TableAt(9, "seq-id")
+    assert plan_run(p, "m1", seq9, states) == inference.Plan(
+        MODE_INCREMENTAL, "change feed of user_sequences v5..v9", 5)
+    noop = plan_run(p, "m1", seq, states)
     assert (noop.mode, noop.changes_from) == (MODE_INCREMENTAL, 5)
     full = {
-        "--full": plan_run(p, "m1", 9, 7, full=True),
-        "--repair-duplicates": plan_run(p, "m1", 9, 7, repair_duplicates=True),
-        "no progress recorded": plan_run(None, "m1", 9, 7),
-        "model_version changed from 'm1' to 'm2'": plan_run(p, "m2", 9, 7),
-        "user_states is at v8 but the recorded progress left it at v7": plan_run(p, "m1", 9, 8),
-        "no user_states table": plan_run(p, "m1", 9, None),
-        "before the consumed v4": plan_run(p, "m1", 3, 7),
+        "--full": plan_run(p, "m1", seq9, states, full=True),
+        "--repair-duplicates": plan_run(p, "m1", seq9, states, repair_duplicates=True),
+        "no progress recorded": plan_run(None, "m1", seq9, states),
+        "model_version changed from 'm1' to 'm2'": plan_run(p, "m2", seq9, states),
+        "user_states is at v8 but the recorded progress left it at v7":
+            plan_run(p, "m1", seq9, TableAt(8, "states-id")),
+        "no user_states table": plan_run(p, "m1", seq9, None),
+        "before the consumed v4": plan_run(p, "m1", TableAt(3, "seq-id"), states),
+        "user_sequences was created again": plan_run(p, "m1", TableAt(9, "other"), states),
+        "user_states was created again": plan_run(p, "m1", seq9, TableAt(7, "other")),
     }
     for words, plan in full.items():
         assert plan.mode == MODE_FULL and words in plan.reason and plan.changes_from is None
@@ -135,7 +140,9 @@ def test_incremental_runs_equal_a_full_classification(spark, tmp_path, bundles):
     first = run_batch_inference(spark, lake, str(bundles.first), batch_size=16)
     assert (first.mode, first.encoded, first.users) == (MODE_FULL, 30, 30)
     assert "no progress recorded" in first.mode_reason
-    assert load_progress(lake) == Progress(v0, first.model_version, first.states_version, 30)
+    recorded = load_progress(lake)
+    assert (recorded.sequences.version, recorded.model_version, recorded.states.version,
+            recorded.users) == (v0, first.model_version, first.states_version, 30)
 
     # one commit: 3 new users, 2 longer histories, 2 users gone
     new_users = [1001, 1002, 1003]
@@ -228,7 +235,7 @@ def test_a_failed_merge_does_not_advance_the_progress_and_a_new_model_reencodes_
     with pytest.raises(Exception, match="DELTA_CANNOT_MODIFY_APPEND_ONLY"):
         run_batch_inference(spark, lake, str(bundles.first), batch_size=16)
     assert load_progress(lake) == recorded
-    assert delta_version(lake, C.T_USER_STATES) == recorded.states_version
+    assert delta_version(lake, C.T_USER_STATES) == recorded.states.version
 
     spark.sql(f"ALTER TABLE delta.`{states_path}` SET TBLPROPERTIES ('delta.appendOnly' = 'false')")
     redo = run_batch_inference(spark, lake, str(bundles.first), batch_size=16)
@@ -291,4 +298,12 @@ def test_an_unavailable_change_feed_falls_back_to_full_with_the_reason(spark, tm
     over = run_batch_inference(spark, lake, str(bundles.first), batch_size=16)
     assert over.mode == MODE_FULL and "is an overwrite" in over.mode_reason
     assert (over.encoded, over.changed) == (1, 1)
+
+    # user_sequences deleted and built again: its versions restart, its table id changes
+    shutil.rmtree(seq_path)
+    hist[users[4]] = grown(hist, users[4])
+    sync_sequences(spark, lake, hist)
+    again = run_batch_inference(spark, lake, str(bundles.first), batch_size=16)
+    assert again.mode == MODE_FULL and "user_sequences was created again" in again.mode_reason
+    assert (again.encoded, again.changed) == (1, 1)
     assert_same_states(states_rows(lake), full_oracle(spark, tmp_path, hist, bundles.first))
