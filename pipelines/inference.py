@@ -470,11 +470,18 @@ def run_batch_inference(spark, lake: str, bundle_path: str, batch_size: int = DE
 
 
 def _commits(spark, path: str, start: int, end: int) -> list:
-    """(version, operation, operationParameters) of the commits ``start..end`` (log only)."""
+    """(version, operation, operationParameters) of the commits ``start..end`` (log only).
+
+    The newest commits are read, more of them while a build (another lease scope) keeps
+    committing to user_sequences past ``end``."""
     from delta.tables import DeltaTable
 
-    rows = (DeltaTable.forPath(spark, path).history(end - start + 1)
-            .select("version", "operation", "operationParameters").collect())
+    table, limit = DeltaTable.forPath(spark, path), end - start + 1
+    while True:
+        rows = table.history(limit).select("version", "operation", "operationParameters").collect()
+        if len(rows) < limit or min(int(r["version"]) for r in rows) <= start:
+            break
+        limit *= 2
     return [(int(r["version"]), r["operation"], dict(r["operationParameters"] or {}))
             for r in rows if start <= int(r["version"]) <= end]
 
