@@ -218,6 +218,17 @@ META_TABLES: Tuple[str, ...] = (META_SPLIT_CUTOFFS, META_SUBJECT_COVERAGE, META_
 BUILD_CONFIG_JSON = "config_json"
 CONTEXT_TOP_K = "context_top_k"  # key in build_config and in the bundle manifest
 
+# inference_progress (pipelines/inference.py): one row, what the last batch inference consumed:
+# the user_sequences version, the model_version, the user_states version it left and its users;
+# with the Delta table ids, so that a table deleted and rebuilt is not taken for the same one.
+META_INFERENCE_PROGRESS = "inference_progress"
+META_TABLES = META_TABLES + (META_INFERENCE_PROGRESS,)
+SEQUENCES_VERSION = "sequences_version"
+SEQUENCES_TABLE_ID = "sequences_table_id"
+STATES_VERSION = "states_version"
+STATES_TABLE_ID = "states_table_id"
+USERS_COUNT = "n_users"
+
 
 @dataclass(frozen=True)
 class LakePaths:

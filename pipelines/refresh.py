@@ -294,7 +294,8 @@ def run_refresh(spark: Any, lake: str, bundle: str | Path, feast_data: str | Pat
                 batch_size: int = DEFAULT_BATCH_SIZE, partitions: Optional[int] = None,
                 repo_dir: Path = feast_ops.FEATURE_REPO, fs_yaml_file: Optional[Path] = None,
                 now: Optional[datetime] = None,
-                build_overrides: Mapping[str, Any] = {}) -> RefreshResult:
+                build_overrides: Mapping[str, Any] = {},
+                full_inference: bool = False) -> RefreshResult:
     """build_sequences -> batch_inference -> snapshot export -> materialize, guarded by version.
 
     ``cfg`` None: the build configuration stored in the lake by its last build (defaults for a
@@ -332,7 +333,8 @@ def run_refresh(spark: Any, lake: str, bundle: str | Path, feast_data: str | Pat
 
     t0 = time.perf_counter()
     state_ts = now or datetime.now(timezone.utc)
-    inference = run_batch_inference(spark, lake, str(bundle), batch_size, partitions, state_ts)
+    inference = run_batch_inference(spark, lake, str(bundle), batch_size, partitions, state_ts,
+                                    full=full_inference)
     seconds[STEPS[1]] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -380,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="rows per forward pass of batch inference")
     p.add_argument("--partitions", type=int, default=None,
                    help="tasks of the encoding stage (default: Spark's default parallelism)")
+    p.add_argument("--full-inference", action="store_true",
+                   help="batch inference classifies every user instead of following "
+                        "user_sequences' change feed since its last run")
     p.add_argument("--now", type=timestamp_arg, default=None,
                    help="reference time for validation and state_ts (default: wall clock, UTC)")
     build = p.add_argument_group(
@@ -409,7 +414,8 @@ def main(argv: Optional[Sequence[str]] = None) -> RefreshResult:
         result = run_refresh(spark, args.lake, args.bundle, feast_data, new_model=args.new_model,
                              apply=args.apply, batch_size=args.batch_size,
                              partitions=args.partitions, repo_dir=args.feature_repo,
-                             fs_yaml_file=args.fs_yaml, now=args.now, build_overrides=overrides)
+                             fs_yaml_file=args.fs_yaml, now=args.now, build_overrides=overrides,
+                             full_inference=args.full_inference)
     finally:
         spark.stop()
     for line in result.lines():

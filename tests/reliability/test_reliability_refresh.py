@@ -100,6 +100,7 @@ def _refresh_scenario(spark, tmp_path) -> None:
     # what each step touched, as printed for the operator
     assert re.search(rf"user_sequences v\d+: \+0 ~{AFFECTED} -0 users", out), out
     assert f"encoded {AFFECTED} (new 0, changed {AFFECTED}, model 0), deleted 0" in out, out
+    assert "; incremental: change feed of user_sequences" in out, out  # not a full join
     assert "materialize-incremental" in out and "first fill" not in out, out
     assert f"{AFFECTED} user states in the window" in out, out
 
