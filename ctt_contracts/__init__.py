@@ -210,13 +210,16 @@ META_SUBJECT_COVERAGE = "subject_coverage"  # pipelines/subjects.py
 META_BUILD_CONFIG = "build_config"  # pipelines/build_config.py: the flags of the last build
 META_CATEGORY_VOCABULARY = "category_vocabulary"  # pipelines/ingest.py
 META_LEASE = "lease"  # pipelines/lease.py
+META_BUILD_PROGRESS = "build_progress"  # pipelines/build_progress.py: what the last build consumed
 META_TABLES: Tuple[str, ...] = (META_SPLIT_CUTOFFS, META_SUBJECT_COVERAGE, META_BUILD_CONFIG,
-                                META_CATEGORY_VOCABULARY, META_LEASE)
+                                META_CATEGORY_VOCABULARY, META_LEASE, META_BUILD_PROGRESS)
 
 # build_config: one row, the build's configuration as JSON (keys = BuildConfig field names) so
 # that a field added later needs no schema change; readable with Spark and with deltalake.
 BUILD_CONFIG_JSON = "config_json"
 CONTEXT_TOP_K = "context_top_k"  # key in build_config and in the bundle manifest
+# build_progress: one row, JSON of the table versions the last successful build consumed/wrote.
+BUILD_PROGRESS_JSON = "progress_json"
 
 
 @dataclass(frozen=True)
