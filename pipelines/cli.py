@@ -715,26 +715,37 @@ def _coverage_shift(base: SubjectCoverage, old: SubjectCoverage,
 @dataclass
 class _Validated:
     """An increment's validation: reasoned rows (None: nothing to validate), clean rows,
-    quarantine rows, report."""
+    quarantine rows, report, and the clean events the last build left for the increment's
+    users (persisted: the later steps read the touched users' events from it)."""
 
     reasoned: object
     clean: object
     quarantine: object
     report: ValidationReport
+    prior: object = None
+
+    def unpersist(self) -> None:
+        for df in (self.reasoned, self.prior):
+            if df is not None:
+                df.unpersist()
 
 
 def _validate_increment(spark, lake: str, now: datetime, plan: Plan, items,
                         clean_before) -> _Validated:
     from pyspark import StorageLevel
+    from pyspark.sql import functions as F
 
     candidates = _increment_rows(spark, lake, plan, now).persist(StorageLevel.MEMORY_AND_DISK)
     try:
         if candidates.isEmpty():
             return _Validated(None, None, None, ValidationReport(C.T_RAW_EVENTS, 0, 0, {}))
+        users = candidates.where(F.col(C.USER_ID).isNotNull()).select(C.USER_ID).distinct()
+        prior = clean_before.join(users, C.USER_ID, "left_semi").persist(
+            StorageLevel.MEMORY_AND_DISK)
         reasoned, clean, quarantine, report = _validate_source(
-            spark, candidates, event_reasons(candidates, items, now, clean_before),
+            spark, candidates, event_reasons(candidates, items, now, prior),
             C.RAW_EVENTS_COLUMNS, C.T_RAW_EVENTS)
-        return _Validated(reasoned, clean, quarantine, report)
+        return _Validated(reasoned, clean, quarantine, report, prior)
     finally:
         candidates.unpersist()  # the reasoned rows are persisted
 
@@ -766,8 +777,8 @@ def _build_increment(spark, lake: str, cfg: BuildConfig, now: datetime, how: _Wr
             reasoned_by_source[C.T_RAW_USERS] = r_users
         ev = _validate_increment(spark, lake, now, plan, items, clean_before)
         reports.append(ev.report)
+        persisted.append(ev)
         if ev.reasoned is not None:
-            persisted.append(ev.reasoned)
             reasoned_by_source[C.T_RAW_EVENTS] = ev.reasoned
         print(format_reports(reports))
         _fail_fast(reasoned_by_source, reports, cfg.max_quarantine_frac)
@@ -788,8 +799,8 @@ def _build_increment(spark, lake: str, cfg: BuildConfig, now: datetime, how: _Wr
             persisted.append(touched)
             n_touched = touched.count()
         if n_touched:
-            events_of_touched = (clean_before.join(touched, C.USER_ID, "left_semi")
-                                 .unionByName(ev.clean).persist(StorageLevel.MEMORY_AND_DISK))
+            before = ev.prior.join(touched, C.USER_ID, "left_semi")
+            events_of_touched = (before.unionByName(ev.clean).persist(StorageLevel.MEMORY_AND_DISK))
             persisted.append(events_of_touched)
             writes.append(how.sync(spark, events_of_touched, paths.table(C.T_EVENTS), C.T_EVENTS,
                                    C.spark_schema(C.T_EVENTS), C.RAW_EVENTS_COLUMNS,
@@ -812,7 +823,6 @@ def _build_increment(spark, lake: str, cfg: BuildConfig, now: datetime, how: _Wr
 
         coverage = prog.coverage
         if n_touched:
-            before = clean_before.join(touched, C.USER_ID, "left_semi")
             outputs, coverage = _recompute_users(spark, lake, cfg, prog, items, touched,
                                                  events_of_touched, before, how)
             writes.extend(outputs)
