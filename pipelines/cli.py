@@ -703,6 +703,23 @@ def _quarantine_after(spark, lake: str, prog: BuildProgress, reasoned, q_events)
     return base.exceptAll(removed).unionByName(q_events.select(*cols))
 
 
+def _sync_increment_quarantine(spark, lake: str, now: datetime, how: _Writes,
+                               prog: BuildProgress, ev: "_Validated",
+                               q_users=None) -> WriteResult:
+    """One quarantine commit at most, for the sources the increment validated again."""
+    rows, sources = [], []
+    if q_users is not None:
+        rows.append(q_users)
+        sources.append(C.T_RAW_USERS)
+    if ev.reasoned is not None:
+        rows.append(_quarantine_after(spark, lake, prog, ev.reasoned, ev.quarantine))
+        sources.append(C.T_RAW_EVENTS)
+    if not sources:
+        return _unchanged(spark, C.LakePaths(lake), C.T_QUARANTINE)
+    union = rows[0] if len(rows) == 1 else rows[0].unionByName(rows[1])
+    return sync_quarantine(spark, union, lake, sources, now, fence=how.fence)
+
+
 def _coverage_shift(base: SubjectCoverage, old: SubjectCoverage,
                     new: SubjectCoverage) -> SubjectCoverage:
     """base - old + new, count by count (old/new: the recomputed users before and after)."""
@@ -808,18 +825,8 @@ def _build_increment(spark, lake: str, cfg: BuildConfig, now: datetime, how: _Wr
         else:
             writes.append(_unchanged(spark, paths, C.T_EVENTS))
 
-        q_rows, q_sources = [], []
-        if plan.users_changed:
-            q_rows.append(q_users)
-            q_sources.append(C.T_RAW_USERS)
-        if ev.reasoned is not None:
-            q_rows.append(_quarantine_after(spark, lake, prog, ev.reasoned, ev.quarantine))
-            q_sources.append(C.T_RAW_EVENTS)
-        if q_sources:
-            rows = q_rows[0] if len(q_rows) == 1 else q_rows[0].unionByName(q_rows[1])
-            writes.append(sync_quarantine(spark, rows, lake, q_sources, now, fence=how.fence))
-        else:
-            writes.append(_unchanged(spark, paths, C.T_QUARANTINE))
+        writes.append(_sync_increment_quarantine(spark, lake, now, how, prog, ev,
+                                                 q_users if plan.users_changed else None))
 
         coverage = prog.coverage
         if n_touched:
