@@ -24,6 +24,10 @@ output table written by anything but a build since (e.g. rows appended by hand, 
 full build's duplicate check sees); ``--repair-duplicates`` or ``--full``. raw_users changes
 only re-validate the users table, which no other output reads.
 
+One decision differs on purpose: ``--max-quarantine-frac`` is checked on the rows an increment
+validates, so an appended file that is mostly quarantined (usually a wrong import mapping of
+that file) stops the build, where the same rows diluted in the whole log would not.
+
 Commits of a build are recognisable in each table's history: the build sets Delta's commit
 ``userMetadata`` to ``MARKER`` while it runs.
 """
