@@ -100,20 +100,25 @@ def latest_mark(spark, path: str) -> Mark:
     return Mark(int(row["version"]), int(row["ms"]))
 
 
-def commits_since(spark, path: str, version: int) -> List[Commit]:
-    """The commits of versions >= `version`, oldest first (empty when the table is older)."""
+def commits_after(spark, path: str, mark: Mark) -> Optional[List[Commit]]:
+    """The commits after `mark`, oldest first; None when the table's commit of that version is
+    not `mark` (the table was deleted and written again, or restored to an older version). One
+    read of the log when nothing was committed since (the usual case for the outputs)."""
     from delta.tables import DeltaTable
     from pyspark.sql import functions as F
 
-    latest = latest_mark(spark, path).version
-    if latest < version:
-        return []
-    rows = (DeltaTable.forPath(spark, path).history(latest - version + 1)
+    latest = latest_mark(spark, path)
+    if latest.version <= mark.version:
+        return [] if latest == mark else None
+    rows = (DeltaTable.forPath(spark, path).history(latest.version - mark.version + 1)
             .select("version", F.unix_millis("timestamp").alias("ms"), "operation",
                     "operationParameters", "userMetadata").collect())
-    return sorted((Commit(int(r["version"]), int(r["ms"]), r["operation"],
-                          dict(r["operationParameters"] or {}), r["userMetadata"])
-                   for r in rows), key=lambda c: c.version)
+    commits = sorted((Commit(int(r["version"]), int(r["ms"]), r["operation"],
+                             dict(r["operationParameters"] or {}), r["userMetadata"])
+                      for r in rows), key=lambda c: c.version)
+    if not commits or Mark(commits[0].version, commits[0].timestamp_ms) != mark:
+        return None
+    return commits[1:]
 
 
 @contextmanager
@@ -257,11 +262,10 @@ def _events_change(spark, lake: str, progress: BuildProgress,
     before = progress.inputs.get(C.T_RAW_EVENTS)
     if before is None:
         return "the last build read no raw_events"
-    commits = commits_since(spark, C.LakePaths(lake).table(C.T_RAW_EVENTS), before.version)
-    if not commits or (commits[0].version, commits[0].timestamp_ms) != (before.version,
-                                                                       before.timestamp_ms):
+    commits = commits_after(spark, C.LakePaths(lake).table(C.T_RAW_EVENTS), before)
+    if commits is None:
         return f"raw_events was recreated or restored since the last build read v{before.version}"
-    for c in commits[1:]:
+    for c in commits:
         if not (c.is_append or c.operation in _NO_ROW_CHANGE):
             return f"raw_events {c.describe()} is not an append"
     return None
@@ -277,11 +281,10 @@ def _outputs_change(spark, lake: str, progress: BuildProgress) -> Optional[str]:
         path = paths.table(table)
         if before is None or not table_exists(spark, path):
             return f"{table} is missing"
-        commits = commits_since(spark, path, before.version)
-        if not commits or (commits[0].version, commits[0].timestamp_ms) != (before.version,
-                                                                           before.timestamp_ms):
+        commits = commits_after(spark, path, before)
+        if commits is None:
             return f"{table} was recreated or restored since the last build"
-        foreign = [c for c in commits[1:]
+        foreign = [c for c in commits
                    if c.user_metadata != MARKER and c.operation not in _NO_ROW_CHANGE]
         if foreign:
             return f"{table} {foreign[0].describe()} was written outside build_sequences"

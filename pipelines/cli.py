@@ -625,6 +625,9 @@ def _write_outputs(spark, paths: C.LakePaths, cfg: BuildConfig, conv, items, cut
     (only the rows of the users in `scope` when given: an incremental build)."""
     from pyspark import StorageLevel
 
+    # an incremental build's scoped syncs: the table's keys were checked by the last full build
+    # and only keyed MERGEs wrote since (build_progress refuses anything else)
+    scoped = dict(scope=scope, check_table_duplicates=scope is None)
     ranked = examples = None
     try:
         ranked = ranked_histories(conv, cfg.max_len).persist(StorageLevel.MEMORY_AND_DISK)
@@ -632,15 +635,15 @@ def _write_outputs(spark, paths: C.LakePaths, cfg: BuildConfig, conv, items, cut
             StorageLevel.MEMORY_AND_DISK)
         out = [
             how.sync(spark, build_sequences(examples, cutoffs), paths.table(C.T_SEQUENCES),
-                     C.T_SEQUENCES, C.spark_schema(C.T_SEQUENCES), C.SEQUENCES_KEY, scope=scope),
+                     C.T_SEQUENCES, C.spark_schema(C.T_SEQUENCES), C.SEQUENCES_KEY, **scoped),
             how.sync(spark, build_context_rows(examples, items, cfg.context_top_k),
                      paths.table(C.T_CONTEXT_ROWS), C.T_CONTEXT_ROWS,
-                     C.spark_schema(C.T_CONTEXT_ROWS), C.CONTEXT_ROWS_KEY, scope=scope),
+                     C.spark_schema(C.T_CONTEXT_ROWS), C.CONTEXT_ROWS_KEY, **scoped),
         ]
         us_path = paths.table(C.T_USER_SEQUENCES)
         out.append(how.sync(spark, user_sequences_from_ranked(ranked, cfg.max_len), us_path,
                             C.T_USER_SEQUENCES, C.spark_schema(C.T_USER_SEQUENCES), [C.USER_ID],
-                            properties=CDF_PROPERTIES, scope=scope))
+                            properties=CDF_PROPERTIES, **scoped))
         how.fence()
         ensure_properties(spark, us_path, CDF_PROPERTIES)
         return out
@@ -821,7 +824,7 @@ def _build_increment(spark, lake: str, cfg: BuildConfig, now: datetime, how: _Wr
             persisted.append(events_of_touched)
             writes.append(how.sync(spark, events_of_touched, paths.table(C.T_EVENTS), C.T_EVENTS,
                                    C.spark_schema(C.T_EVENTS), C.RAW_EVENTS_COLUMNS,
-                                   scope=touched))
+                                   scope=touched, check_table_duplicates=False))
         else:
             writes.append(_unchanged(spark, paths, C.T_EVENTS))
 

@@ -374,13 +374,18 @@ def sync_table(spark: SparkSession, df: DataFrame, path: str, table: str,
                properties: Optional[Dict[str, str]] = None,
                partition_by: Sequence[str] = (), fence: Optional[Callable[[], None]] = None,
                repair_duplicates: bool = False, repair_hint: str = REPAIR_HINT,
-               scope: Optional[DataFrame] = None) -> WriteResult:
+               scope: Optional[DataFrame] = None,
+               check_table_duplicates: bool = True) -> WriteResult:
     """Make the Delta table at `path` hold exactly the rows of `df`, with at most one commit.
 
     `scope` (a DataFrame of distinct values of some key columns, e.g. the user ids an
     incremental build recomputed): only the table's rows matching it are compared with `df`
     (which must hold only such rows), so rows outside it are neither read into the diff nor
     deleted, updated or rewritten, and the duplicate check covers the scope only.
+    ``check_table_duplicates=False`` skips the check of the table's own keys (the new content's
+    keys are still checked): for a caller that has verified that every commit since a checked
+    state was one of this function's keyed MERGEs, which cannot repeat a key (the incremental
+    build, ``pipelines.build_progress``).
 
     `key_cols` must identify a row uniquely in `df` (checked) and in the table (checked:
     DuplicateKeyError, or with `repair_duplicates` the duplicated keys are deleted and rewritten):
@@ -402,7 +407,7 @@ def sync_table(spark: SparkSession, df: DataFrame, path: str, table: str,
         try:
             result, read_version = _sync_once(spark, df, path, table, schema, key_cols, properties,
                                               partition_by, fence, repair_duplicates, repair_hint,
-                                              scope)
+                                              scope, check_table_duplicates)
         except (_StaleRead, *delta_conflicts()) as err:
             last = err
             continue
@@ -423,7 +428,8 @@ def _sync_once(spark: SparkSession, df: DataFrame, path: str, table: str, schema
                key_cols: Sequence[str], properties: Optional[Dict[str, str]],
                partition_by: Sequence[str], fence: Optional[Callable[[], None]],
                repair_duplicates: bool, repair_hint: str,
-               scope: Optional[DataFrame] = None) -> Tuple[WriteResult, int]:
+               scope: Optional[DataFrame] = None,
+               check_table_duplicates: bool = True) -> Tuple[WriteResult, int]:
     """One diff + at most one commit. Returns (result, version the diff was made against; 0
     for a table this attempt created, whose insert is then version 1 if nobody interfered)."""
     cols = [f.name for f in schema.fields]
@@ -442,7 +448,8 @@ def _sync_once(spark: SparkSession, df: DataFrame, path: str, table: str, schema
     old = read_table(spark, path, version)
     if scope is not None:
         old = old.join(scope, scope.columns, "left_semi")
-    if check_duplicates(spark, table, path, old, key_cols, repair_duplicates, repair_hint, fence):
+    if check_table_duplicates and check_duplicates(spark, table, path, old, key_cols,
+                                                   repair_duplicates, repair_hint, fence):
         raise _StaleRead()  # the repair committed: diff again against the repaired table
     # Keep changed rows, and unchanged ones whose key is repeated (to fail on them below).
     changed = (diff_rows(df, old, key_cols)
