@@ -153,12 +153,28 @@ def render_movielens(reports: Dict[str, Report]) -> List[str]:
                          f"{s['cpu_to_best_s_mean']:.0f}",
                          f"{s['epochs_run_mean']:.1f} ({s['best_epoch_mean']:.1f})", str(s["n_seeds"])])
     head = [f"`benchmarks/results/{file}`, run in stages (each run records its own load average):"]
-    head += stage_lines(r) + [""]
+    head += stage_lines(r) + ([f"Note: {r['note']}"] if r.get("note") else []) + [""]
+    runs = ["", "Every run so far (the learning-rate grid at seed 0, then the other seeds):", ""]
+    runs += table(("data set", "model", "lr", "seed", "HR@10", "NDCG@10", "val NDCG@10",
+                   "best epoch (run)", "load before -> after"), run_rows(r))
     if not rows:
-        return head + ["No model has a seed summary under the converged protocol yet."]
+        return head + ["No model has a seed summary under the converged protocol yet."] + runs
     return head + table(
         ("data set", "model", "lr", "HR@10 (mean ± sd)", "NDCG@10 (mean ± sd)", "wall s to best",
-         "CPU s to best", "epochs run (best)", "seeds"), rows)
+         "CPU s to best", "epochs run (best)", "seeds"), rows) + runs
+
+
+def run_rows(report: Report) -> List[List[str]]:
+    """One row per finished MovieLens run (grid and seeds), in the order the JSON holds them."""
+    out = []
+    for dataset, ds in report.get("datasets", {}).items():
+        for name, entry in ds.get("models", {}).items():
+            for x in list(entry.get("grid", {}).values()) + list(entry.get("seeds", {}).values()):
+                out.append([dataset, entry.get("label", name), f"{x['lr']:g}", str(x["seed"]),
+                            f"{x['hr@10']:.4f}", f"{x['ndcg@10']:.4f}", f"{x['val']['ndcg@10']:.4f}",
+                            f"{x['best_epoch']} ({x['epochs_run']})",
+                            f"{num(x['load_before'][0], 2)} -> {num(x['load_after'][0], 2)}"])
+    return out
 
 
 def render_training(reports: Dict[str, Report]) -> List[str]:
