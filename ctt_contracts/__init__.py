@@ -210,19 +210,22 @@ META_SUBJECT_COVERAGE = "subject_coverage"  # pipelines/subjects.py
 META_BUILD_CONFIG = "build_config"  # pipelines/build_config.py: the flags of the last build
 META_CATEGORY_VOCABULARY = "category_vocabulary"  # pipelines/ingest.py
 META_LEASE = "lease"  # pipelines/lease.py
+META_BUILD_PROGRESS = "build_progress"  # pipelines/build_progress.py: what the last build consumed
+META_INFERENCE_PROGRESS = "inference_progress"  # pipelines/inference.py: what the last run consumed
 META_TABLES: Tuple[str, ...] = (META_SPLIT_CUTOFFS, META_SUBJECT_COVERAGE, META_BUILD_CONFIG,
-                                META_CATEGORY_VOCABULARY, META_LEASE)
+                                META_CATEGORY_VOCABULARY, META_LEASE, META_BUILD_PROGRESS,
+                                META_INFERENCE_PROGRESS)
 
 # build_config: one row, the build's configuration as JSON (keys = BuildConfig field names) so
 # that a field added later needs no schema change; readable with Spark and with deltalake.
 BUILD_CONFIG_JSON = "config_json"
 CONTEXT_TOP_K = "context_top_k"  # key in build_config and in the bundle manifest
+# build_progress: one row, JSON of the table versions the last successful build consumed/wrote.
+BUILD_PROGRESS_JSON = "progress_json"
 
 # inference_progress (pipelines/inference.py): one row, what the last batch inference consumed:
 # the user_sequences version, the model_version, the user_states version it left and its users;
 # with the Delta table ids, so that a table deleted and rebuilt is not taken for the same one.
-META_INFERENCE_PROGRESS = "inference_progress"
-META_TABLES = META_TABLES + (META_INFERENCE_PROGRESS,)
 SEQUENCES_VERSION = "sequences_version"
 SEQUENCES_TABLE_ID = "sequences_table_id"
 STATES_VERSION = "states_version"

@@ -177,6 +177,8 @@ def ensure_properties(spark: SparkSession, path: str, properties: Dict[str, str]
     """
     from delta.tables import DeltaTable
 
+    if not properties:
+        return False
     current = DeltaTable.forPath(spark, path).detail().first()["properties"] or {}
     missing = {k: v for k, v in properties.items() if current.get(k) != v}
     if not missing:
@@ -215,6 +217,12 @@ def evolve_schema(spark: SparkSession, path: str, table: str, schema: T.StructTy
     return True
 
 
+# The change data feed of raw_events gives an incremental build the rows appended since the
+# version it last consumed (pipelines/build_progress.py); the other raw tables are read whole.
+CDF_PROPERTIES = {"delta.enableChangeDataFeed": "true"}
+RAW_PROPERTIES = {C.T_RAW_EVENTS: CDF_PROPERTIES}
+
+
 def write_raw(spark: SparkSession, df: DataFrame, lake: str, table: str,
               mode: str = "overwrite") -> WriteResult:
     """Write a raw table (generator / ingest output): overwrite or append, schema = raw_schema."""
@@ -224,7 +232,9 @@ def write_raw(spark: SparkSession, df: DataFrame, lake: str, table: str,
     if RAW_ROW_JSON not in df.columns:
         df = df.withColumn(RAW_ROW_JSON, F.lit(None).cast(T.StringType()))
     path = C.LakePaths(lake).table(table)
-    create_table(spark, path, schema)
+    properties = RAW_PROPERTIES.get(table, {})
+    create_table(spark, path, schema, properties)
+    ensure_properties(spark, path, properties)
     conform(df, schema).write.format("delta").mode(mode).save(path)
     return WriteResult(table, path, table_version(spark, path), True, operation=mode)
 
@@ -363,8 +373,19 @@ def sync_table(spark: SparkSession, df: DataFrame, path: str, table: str,
                schema: T.StructType, key_cols: Sequence[str],
                properties: Optional[Dict[str, str]] = None,
                partition_by: Sequence[str] = (), fence: Optional[Callable[[], None]] = None,
-               repair_duplicates: bool = False, repair_hint: str = REPAIR_HINT) -> WriteResult:
+               repair_duplicates: bool = False, repair_hint: str = REPAIR_HINT,
+               scope: Optional[DataFrame] = None,
+               check_table_duplicates: bool = True) -> WriteResult:
     """Make the Delta table at `path` hold exactly the rows of `df`, with at most one commit.
+
+    `scope` (a DataFrame of distinct values of some key columns, e.g. the user ids an
+    incremental build recomputed): only the table's rows matching it are compared with `df`
+    (which must hold only such rows), so rows outside it are neither read into the diff nor
+    deleted, updated or rewritten, and the duplicate check covers the scope only.
+    ``check_table_duplicates=False`` skips the check of the table's own keys (the new content's
+    keys are still checked): for a caller that has verified that every commit since a checked
+    state was one of this function's keyed MERGEs, which cannot repeat a key (the incremental
+    build, ``pipelines.build_progress``).
 
     `key_cols` must identify a row uniquely in `df` (checked) and in the table (checked:
     DuplicateKeyError, or with `repair_duplicates` the duplicated keys are deleted and rewritten):
@@ -385,7 +406,8 @@ def sync_table(spark: SparkSession, df: DataFrame, path: str, table: str,
     for _ in range(SYNC_ATTEMPTS):
         try:
             result, read_version = _sync_once(spark, df, path, table, schema, key_cols, properties,
-                                              partition_by, fence, repair_duplicates, repair_hint)
+                                              partition_by, fence, repair_duplicates, repair_hint,
+                                              scope, check_table_duplicates)
         except (_StaleRead, *delta_conflicts()) as err:
             last = err
             continue
@@ -405,7 +427,9 @@ def sync_table(spark: SparkSession, df: DataFrame, path: str, table: str,
 def _sync_once(spark: SparkSession, df: DataFrame, path: str, table: str, schema: T.StructType,
                key_cols: Sequence[str], properties: Optional[Dict[str, str]],
                partition_by: Sequence[str], fence: Optional[Callable[[], None]],
-               repair_duplicates: bool, repair_hint: str) -> Tuple[WriteResult, int]:
+               repair_duplicates: bool, repair_hint: str,
+               scope: Optional[DataFrame] = None,
+               check_table_duplicates: bool = True) -> Tuple[WriteResult, int]:
     """One diff + at most one commit. Returns (result, version the diff was made against; 0
     for a table this attempt created, whose insert is then version 1 if nobody interfered)."""
     cols = [f.name for f in schema.fields]
@@ -422,7 +446,10 @@ def _sync_once(spark: SparkSession, df: DataFrame, path: str, table: str, schema
     evolve_schema(spark, path, table, schema)
     version = table_version(spark, path)
     old = read_table(spark, path, version)
-    if check_duplicates(spark, table, path, old, key_cols, repair_duplicates, repair_hint, fence):
+    if scope is not None:
+        old = old.join(scope, scope.columns, "left_semi")
+    if check_table_duplicates and check_duplicates(spark, table, path, old, key_cols,
+                                                   repair_duplicates, repair_hint, fence):
         raise _StaleRead()  # the repair committed: diff again against the repaired table
     # Keep changed rows, and unchanged ones whose key is repeated (to fail on them below).
     changed = (diff_rows(df, old, key_cols)

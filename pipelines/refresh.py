@@ -294,7 +294,7 @@ def run_refresh(spark: Any, lake: str, bundle: str | Path, feast_data: str | Pat
                 batch_size: int = DEFAULT_BATCH_SIZE, partitions: Optional[int] = None,
                 repo_dir: Path = feast_ops.FEATURE_REPO, fs_yaml_file: Optional[Path] = None,
                 now: Optional[datetime] = None,
-                build_overrides: Mapping[str, Any] = {},
+                build_overrides: Mapping[str, Any] = {}, full: bool = False,
                 full_inference: bool = False) -> RefreshResult:
     """build_sequences -> batch_inference -> snapshot export -> materialize, guarded by version.
 
@@ -328,7 +328,7 @@ def run_refresh(spark: Any, lake: str, bundle: str | Path, feast_data: str | Pat
     seconds: Dict[str, float] = {}
 
     t0 = time.perf_counter()
-    build = run_build_sequences(spark, lake, cfg, now)
+    build = run_build_sequences(spark, lake, cfg, now, full=full)
     seconds[STEPS[0]] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -391,6 +391,9 @@ def build_parser() -> argparse.ArgumentParser:
         "build_sequences (default: the configuration the lake's last build stored; a flag given "
         "here replaces that one value, and the refresh prints what it used)")
     add_build_flags(build, overrides=True)
+    build.add_argument("--full", action="store_true",
+                       help="rebuild every table from the raw tables instead of the incremental "
+                            "build (build_sequences --full)")
     return p
 
 
@@ -415,7 +418,7 @@ def main(argv: Optional[Sequence[str]] = None) -> RefreshResult:
                              apply=args.apply, batch_size=args.batch_size,
                              partitions=args.partitions, repo_dir=args.feature_repo,
                              fs_yaml_file=args.fs_yaml, now=args.now, build_overrides=overrides,
-                             full_inference=args.full_inference)
+                             full=args.full, full_inference=args.full_inference)
     finally:
         spark.stop()
     for line in result.lines():

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from pyspark.sql import Column, DataFrame
 from pyspark.sql import functions as F
@@ -54,6 +54,7 @@ import ctt_contracts as C
 from pipelines.delta_io import RAW_ROW_JSON, ts_literal
 
 _REASON = "__reason"  # internal: the first failing reason of a row, null when clean
+REASON_COLUMN = _REASON  # for callers that pick rows of a reasoned DataFrame by reason
 
 
 # --------------------------------------------------------------------------------------
@@ -277,8 +278,15 @@ def event_checks(raw_events: DataFrame, now: datetime) -> List[Tuple[Column, str
     ]
 
 
-def event_reasons(raw_events: DataFrame, clean_items: DataFrame, now: datetime) -> DataFrame:
-    """raw events + internal reason column + row_json (see the module docstring for the order)."""
+def event_reasons(raw_events: DataFrame, clean_items: DataFrame, now: datetime,
+                  clean_before: Optional[DataFrame] = None) -> DataFrame:
+    """raw events + internal reason column + row_json (see the module docstring for the order).
+
+    ``clean_before``: the clean events of earlier raw rows, when `raw_events` is only an
+    increment of the log (an incremental build). A row passing checks 1-7 that equals one of
+    them is a duplicate_event, as it would be if the whole log were validated at once: there
+    the earlier copy is the one kept clean.
+    """
     subject = F.col(C.SUBJECT_ITEM_ID)
     df = raw_events.withColumn(C.ROW_JSON, _row_json(raw_events, C.RAW_EVENTS_COLUMNS))
     df = _flag_known(df, clean_items, C.ITEM_ID, _ITEM_OK)
@@ -287,8 +295,31 @@ def event_reasons(raw_events: DataFrame, clean_items: DataFrame, now: datetime) 
         (~F.col(_ITEM_OK) | (subject.isNotNull() & ~F.col(_SUBJECT_OK)), C.R_UNKNOWN_ITEM),
     ]
     df = df.withColumn(_REASON, _first_failing(checks)).drop(_ITEM_OK, _SUBJECT_OK)
+    if clean_before is not None:
+        df = _mark_seen(df, clean_before)
     order = [F.col(c) for c in C.RAW_EVENTS_COLUMNS]
     return _mark_duplicates(df, C.RAW_EVENTS_COLUMNS, order, C.R_DUPLICATE_EVENT)
+
+
+_SEEN = "__seen_before"
+
+
+def _mark_seen(df: DataFrame, clean_before: DataFrame) -> DataFrame:
+    """Rows without a reason yet that equal an earlier clean event -> duplicate_event.
+
+    The earlier events are narrowed to the increment's users first (a semi join), so the cost
+    follows the increment, not the log. Clean events are unique by all their columns, so the
+    null-safe join cannot multiply rows."""
+    users = df.where(F.col(C.USER_ID).isNotNull()).select(C.USER_ID).distinct()
+    seen = (clean_before.join(users, C.USER_ID, "left_semi")
+            .select(*[F.col(c).alias(f"{_SEEN}_{c}") for c in C.RAW_EVENTS_COLUMNS])
+            .withColumn(_SEEN, F.lit(True)))
+    cond = [df[c].eqNullSafe(seen[f"{_SEEN}_{c}"]) for c in C.RAW_EVENTS_COLUMNS]
+    joined = df.join(seen, cond, "left")
+    dup = F.col(_REASON).isNull() & F.col(_SEEN).isNotNull()
+    return (joined.withColumn(_REASON, F.when(dup, F.lit(C.R_DUPLICATE_EVENT))
+                              .otherwise(F.col(_REASON)))
+            .select(*df.columns))
 
 
 def validate_events(raw_events: DataFrame, clean_items: DataFrame,

@@ -42,3 +42,32 @@ def test_refresh_flags_override_the_stored_config_and_say_so():
                     "context_top_k=4")
     cfg, line = with_overrides(None, {})
     assert cfg == BuildConfig() and "defaults" in line
+
+
+def test_full_flag_on_build_and_refresh_is_not_a_config_field():
+    from pipelines.cli import build_parser
+    from pipelines.refresh import build_parser as refresh_parser
+
+    assert not build_parser().parse_args([]).full
+    assert build_parser().parse_args(["--full"]).full
+    assert refresh_parser().parse_args(["--bundle", "b", "--full"]).full
+    assert flag_values(refresh_parser().parse_args(["--bundle", "b", "--full"])) == {}
+
+
+def test_progress_round_trips_and_only_output_fields_force_a_full_build():
+    from datetime import datetime, timezone
+
+    from pipelines.build_progress import BuildProgress, Mark, _config_change
+    from pipelines.sequences import SplitCutoffs
+    from pipelines.subjects import SubjectCoverage
+
+    t = datetime(2024, 5, 1, tzinfo=timezone.utc)
+    progress = BuildProgress(t, {"raw_events": Mark(3, 17)}, {"events": Mark(5, 19)},
+                             SplitCutoffs(t, t, "quantiles"),
+                             SubjectCoverage("none", 60, 10, 4, 0, 0, 0))
+    assert BuildProgress.from_json(progress.to_json()) == progress
+    stored = BuildConfig(max_len=9)
+    assert _config_change(stored, BuildConfig(max_len=9, max_quarantine_frac=1.0)) is None
+    assert _config_change(stored, BuildConfig(max_len=8)) == (
+        "the build config differs from the last build's (max_len: 9 -> 8)")
+    assert _config_change(None, stored) == "the lake stores no build config"
