@@ -35,14 +35,29 @@ def require_service() -> Callable[[str, str], str]:
     return _require_service
 
 
+# Delta logs (one per table path) the test JVM keeps cached; a test touches at most a lake's dozen.
+DELTA_LOG_CACHE = 32
+
+
 @pytest.fixture(scope="session")
 def spark():
-    """A real local[2] SparkSession with Delta, bound to loopback, few shuffle partitions."""
+    """A real local[2] SparkSession with Delta, bound to loopback, few shuffle partitions.
+
+    One JVM serves the whole suite, which creates thousands of small Delta tables, where each
+    production job has a session of its own. Delta keeps every table's log and cached snapshot
+    in the driver (up to 10,000 by default), so the suite bounds that cache as Delta's own test
+    set-up does, and gives the driver a heap sized for a long-lived session rather than the 1 GB
+    default a single job fits in.
+    """
     os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
     from pipelines.spark import get_spark
 
     session = get_spark("ctt-tests", master="local[2]", shuffle_partitions=4,
-                        extra_conf={"spark.sql.adaptive.enabled": "false"})
+                        extra_conf={"spark.sql.adaptive.enabled": "false",
+                                    "spark.driver.memory": "2g",
+                                    "spark.driver.extraJavaOptions": f"-Ddelta.log.cacheSize={DELTA_LOG_CACHE}",
+                                    "spark.databricks.delta.delta.log.cacheSize": str(DELTA_LOG_CACHE),
+                                    "spark.databricks.delta.snapshotPartitions": "2"})
     yield session
     session.stop()
 
