@@ -38,6 +38,9 @@ REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "benchmarks" / "work" / "build_sequences"
 RESULTS = REPO / "benchmarks" / "results" / "build_sequences.json"
 CAP = 100
+# The catalog size at every event count, so that sizes differ only in events, users and
+# conversions (the transform's cost per event depends on the catalog through the context join).
+N_ITEMS = 50_000
 TOP_K = C.DEFAULT_CONTEXT_TOP_K
 
 
@@ -54,7 +57,7 @@ def phase_prepare(lake: str, n_events: int, master: str, driver_memory: str) -> 
 
     spark = get_spark("bench-prepare", master=master,
                       extra_conf={"spark.driver.memory": driver_memory})
-    cfg = SyntheticConfig(preset=PLANTED, n_items=max(10_000, n_events // 200))
+    cfg = SyntheticConfig(preset=PLANTED, n_items=N_ITEMS)
     cfg = replace(cfg, n_users=users_for_events(n_events, cfg))
     tables = generate(spark, cfg)
     paths = C.LakePaths(lake)
@@ -84,28 +87,28 @@ def phase_prepare(lake: str, n_events: int, master: str, driver_memory: str) -> 
 def phase_spark(lake: str, out: str, master: str, driver_memory: str, partitions: int) -> Dict:
     t_start = time.perf_counter()
     from pipelines.context import build_context_rows
-    from pipelines.delta_io import read_table
+    from pipelines.delta_io import read_table, tune_local_delta
     from pipelines.sequences import (SplitCutoffs, build_sequences, conversions,
-                                     examples_from_ranked, ranked_histories,
-                                     user_sequences_from_ranked)
+                                     example_keys_from_ranked, examples_from_ranked,
+                                     rank_conversions, user_sequences_from_ranked)
     from pipelines.spark import get_spark
     from pyspark import StorageLevel
 
     meta = json.loads((Path(lake) / "bench_meta.json").read_text())
     spark = get_spark("bench-spark", master=master, shuffle_partitions=partitions,
                       extra_conf={"spark.driver.memory": driver_memory})
+    tune_local_delta(spark)  # as the build job's session does (pipelines.cli.job_session)
     spark.range(1).count()  # JVM and executors up
     t_ready = time.perf_counter()
     paths = C.LakePaths(lake)
     events = read_table(spark, paths.table(C.T_EVENTS))
     items = read_table(spark, paths.table(C.T_ITEMS))
     cut = SplitCutoffs(_dt(meta["val_start_us"]), _dt(meta["test_start_us"]))
-    conv = conversions(events).persist(StorageLevel.MEMORY_AND_DISK)
-    ranked = ranked_histories(conv, CAP).persist(StorageLevel.MEMORY_AND_DISK)
-    examples = examples_from_ranked(ranked, 1).persist(StorageLevel.MEMORY_AND_DISK)
-    build_sequences(examples, cut).write.mode("overwrite").parquet(f"{out}/{C.T_SEQUENCES}")
-    build_context_rows(examples, items, TOP_K).write.mode("overwrite").parquet(
-        f"{out}/{C.T_CONTEXT_ROWS}")
+    ranked = rank_conversions(conversions(events)).persist(StorageLevel.MEMORY_AND_DISK)
+    build_sequences(examples_from_ranked(ranked, CAP, 1), cut).write.mode("overwrite").parquet(
+        f"{out}/{C.T_SEQUENCES}")
+    build_context_rows(example_keys_from_ranked(ranked, CAP, 1), items, TOP_K).write.mode(
+        "overwrite").parquet(f"{out}/{C.T_CONTEXT_ROWS}")
     user_sequences_from_ranked(ranked, CAP).write.mode("overwrite").parquet(
         f"{out}/{C.T_USER_SEQUENCES}")
     t_done = time.perf_counter()

@@ -25,7 +25,8 @@ from pipelines.delta_io import (CDF_PROPERTIES, WriteResult, ensure_properties, 
                                 read_table, sync_quarantine, sync_table, table_exists,
                                 table_version)
 from pipelines.sequences import (SplitCutoffs, build_sequences, conversions,
-                                 examples_from_ranked, ranked_histories, resolve_cutoffs,
+                                 example_keys_from_ranked, examples_from_ranked,
+                                 rank_conversions, resolve_cutoffs,
                                  user_sequences_from_ranked)
 from pipelines.subjects import (SubjectCoverage, derive_subjects, store_coverage,
                                 subject_coverage)
@@ -628,15 +629,14 @@ def _write_outputs(spark, paths: C.LakePaths, cfg: BuildConfig, conv, items, cut
     # an incremental build's scoped syncs: the table's keys were checked by the last full build
     # and only keyed MERGEs wrote since (build_progress refuses anything else)
     scoped = dict(scope=scope, check_table_duplicates=scope is None)
-    ranked = examples = None
+    ranked = rank_conversions(conv).persist(StorageLevel.MEMORY_AND_DISK)
     try:
-        ranked = ranked_histories(conv, cfg.max_len).persist(StorageLevel.MEMORY_AND_DISK)
-        examples = examples_from_ranked(ranked, cfg.min_history).persist(
-            StorageLevel.MEMORY_AND_DISK)
+        examples = examples_from_ranked(ranked, cfg.max_len, cfg.min_history)
+        keys = example_keys_from_ranked(ranked, cfg.max_len, cfg.min_history)
         out = [
             how.sync(spark, build_sequences(examples, cutoffs), paths.table(C.T_SEQUENCES),
                      C.T_SEQUENCES, C.spark_schema(C.T_SEQUENCES), C.SEQUENCES_KEY, **scoped),
-            how.sync(spark, build_context_rows(examples, items, cfg.context_top_k),
+            how.sync(spark, build_context_rows(keys, items, cfg.context_top_k),
                      paths.table(C.T_CONTEXT_ROWS), C.T_CONTEXT_ROWS,
                      C.spark_schema(C.T_CONTEXT_ROWS), C.CONTEXT_ROWS_KEY, **scoped),
         ]
@@ -648,9 +648,7 @@ def _write_outputs(spark, paths: C.LakePaths, cfg: BuildConfig, conv, items, cut
         ensure_properties(spark, us_path, CDF_PROPERTIES)
         return out
     finally:
-        for df in (ranked, examples):
-            if df is not None:
-                df.unpersist()
+        ranked.unpersist()
 
 
 # --------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from pyspark.sql import types as T
 
 import ctt_contracts as C
 
+_CTX_ITEM, _CTX = "__ctx_item", "__ctx"  # internal columns of the projected items
 _PROJECTED = T.StructType([
     T.StructField("ids", T.ArrayType(T.IntegerType(), False)),
     T.StructField("weights", T.ArrayType(T.FloatType(), False)),
@@ -58,19 +59,22 @@ def ordered_categories(ids: Column, weights: Column) -> Column:
     return F.udf(order, _PROJECTED, useArrow=False)(ids, weights)
 
 
-def _context_for(examples: DataFrame, items: DataFrame, item_col: str, source: str,
-                 k: int) -> DataFrame:
-    """Join each example to the item in `item_col` and project its top-k categories."""
-    cats = items.select(F.col(C.ITEM_ID).alias("__ctx_item"),
+def projected_items(items: DataFrame, k: int) -> DataFrame:
+    """Clean items -> (item id, its projected context): the projection runs once per item."""
+    return items.select(F.col(C.ITEM_ID).alias(_CTX_ITEM),
                         top_k_categories(F.col(C.CATEGORY_IDS), F.col(C.CATEGORY_WEIGHTS), k)
-                        .alias("__ctx"))
-    joined = examples.join(cats, examples[item_col] == cats["__ctx_item"], "inner")
+                        .alias(_CTX))
+
+
+def _context_for(examples: DataFrame, projected: DataFrame, item_col: str, source: str) -> DataFrame:
+    """Join each example to the item in `item_col` and take that item's projected context."""
+    joined = examples.join(projected, examples[item_col] == projected[_CTX_ITEM], "inner")
     subject = (F.col(C.SUBJECT_ITEM_ID) if source == C.CONTEXT_REAL
                else F.lit(None).cast(T.LongType()))
     return joined.select(
         C.USER_ID, C.AS_OF_TS, C.LABEL_ITEM_ID,
-        F.col("__ctx.ids").alias(C.CONTEXT_CATEGORY_IDS),
-        F.col("__ctx.weights").alias(C.CONTEXT_WEIGHTS),
+        F.col(f"{_CTX}.ids").alias(C.CONTEXT_CATEGORY_IDS),
+        F.col(f"{_CTX}.weights").alias(C.CONTEXT_WEIGHTS),
         F.lit(source).alias(C.CONTEXT_SOURCE),
         subject.alias(C.SUBJECT_ITEM_ID),
     )
@@ -78,17 +82,22 @@ def _context_for(examples: DataFrame, items: DataFrame, item_col: str, source: s
 
 def pseudo_context(examples: DataFrame, items: DataFrame, k: int = C.DEFAULT_CONTEXT_TOP_K) -> DataFrame:
     """One pseudo row per example (the label item is a clean item, so the inner join keeps all)."""
-    return _context_for(examples, items, C.LABEL_ITEM_ID, C.CONTEXT_PSEUDO, k)
+    return _context_for(examples, projected_items(items, k), C.LABEL_ITEM_ID, C.CONTEXT_PSEUDO)
 
 
 def real_context(examples: DataFrame, items: DataFrame, k: int = C.DEFAULT_CONTEXT_TOP_K) -> DataFrame:
     """One real row per example whose label conversion logged a subject item."""
     with_subject = examples.where(F.col(C.SUBJECT_ITEM_ID).isNotNull())
-    return _context_for(with_subject, items, C.SUBJECT_ITEM_ID, C.CONTEXT_REAL, k)
+    return _context_for(with_subject, projected_items(items, k), C.SUBJECT_ITEM_ID, C.CONTEXT_REAL)
 
 
 def build_context_rows(examples: DataFrame, items: DataFrame,
                        k: int = C.DEFAULT_CONTEXT_TOP_K) -> DataFrame:
-    """examples (build_examples output) + clean items -> context_rows."""
-    return (pseudo_context(examples, items, k).unionByName(real_context(examples, items, k))
+    """examples (or their keys: ``sequences.example_keys_from_ranked``) + clean items ->
+    context_rows. Both sources join the same projected items, so Spark broadcasts (and projects)
+    them once."""
+    projected = projected_items(items, k)
+    with_subject = examples.where(F.col(C.SUBJECT_ITEM_ID).isNotNull())
+    return (_context_for(examples, projected, C.LABEL_ITEM_ID, C.CONTEXT_PSEUDO)
+            .unionByName(_context_for(with_subject, projected, C.SUBJECT_ITEM_ID, C.CONTEXT_REAL))
             .select(*C.CONTEXT_ROWS_COLUMNS))

@@ -18,10 +18,14 @@ functions, no Python UDFs, so the build scales with the cluster):
 * user_sequences: per user, the newest `cap` conversions (including the newest) for batch
   inference, with a hash of the history that changes iff the history changed.
 
-Algorithm: one sort of the conversions by (user, ts, item) serves everything. A sliding ROWS
-window `[cap preceding, 1 preceding]` collects the history of each conversion in O(cap); for
-conversions tied in time the history of the tie group's first row is copied to the others (a
-second window over (user, ts) that reuses the same sort).
+Algorithm: one shuffle and one sort of the conversions by user serve everything. The
+conversions are hash-partitioned by user before their duplicates are merged (so the merge, the
+windows and the per-user aggregate need no further exchange), then ranked (row number, where the
+row's tie group starts, the user's count): ``rank_conversions``, small enough to persist. From it,
+lazily and without another sort: a sliding ROWS window `[cap preceding, 1 preceding]` collects each
+example's history in O(cap) (rows tied in time copy the history of their tie group's first row);
+the context rows need only the examples' keys (no arrays); user_sequences is one aggregate per user
+of the last `cap` ranks. No history array is ever persisted: they are the bulk of the data.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Optional
 
-from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.window import Window
 
@@ -41,8 +45,9 @@ DEFAULT_MAX_LEN = 100
 TS_US = "__ts_us"  # event time in epoch microseconds: the ordering key (finer than seconds)
 TS_S = "__ts_s"  # event time in epoch seconds: what the arrays carry
 _HIST = "__hist"
-_RN = "__rn"
-_CNT = "__cnt"
+_RN = "__rn"  # 1-based rank of a conversion within its user, by (time, item)
+_TIE_RN = "__tie_rn"  # rank of the first conversion tied in time with this one
+_CNT = "__cnt"  # the user's number of conversions
 
 # Columns of the stored split cutoffs (ctt_contracts.META_SPLIT_CUTOFFS, a one-row Delta table).
 VAL_START = "val_start"
@@ -71,7 +76,10 @@ def conversions(events: DataFrame) -> DataFrame:
     aggs = [F.min(C.SUBJECT_ITEM_ID).alias(C.SUBJECT_ITEM_ID)]
     if derived:  # min of the struct: item and origin come from the same row
         aggs.append(F.min(DERIVED_SUBJECT).alias(DERIVED_SUBJECT))
+    # Partitioned by user before the merge of duplicates: the merge, the ranking windows and the
+    # per-user aggregate then all reuse this one exchange.
     conv = (events.where(F.col(C.EVENT_TYPE) == C.EVENT_CONVERSION)
+            .repartition(C.USER_ID)
             .groupBy(C.USER_ID, C.EVENT_TS, C.ITEM_ID).agg(*aggs))
     subject = resolve_subject(F.col(C.SUBJECT_ITEM_ID),
                               F.col(DERIVED_SUBJECT) if derived else None)
@@ -82,29 +90,48 @@ def conversions(events: DataFrame) -> DataFrame:
             .withColumn(TS_S, F.unix_seconds(F.col(C.EVENT_TS))))
 
 
+def rank_conversions(conv: DataFrame) -> DataFrame:
+    """Conversions + their rank within the user (by time, then item), the rank where their tie
+    group (same user and instant) starts, and the user's count; sorted by (user, time, item).
+
+    The one sorted pass `examples_from_ranked`, `example_keys_from_ranked` and
+    `user_sequences_from_ranked` read: persist it when building more than one of them. It holds
+    no arrays, so persisting it costs about what the conversions cost.
+    """
+    by_user = Window.partitionBy(C.USER_ID).orderBy(TS_US, C.ITEM_ID)
+    peers = Window.partitionBy(C.USER_ID).orderBy(TS_US).rangeBetween(0, 0)  # same instant
+    whole = Window.partitionBy(C.USER_ID)
+    return (conv.withColumn(_RN, F.row_number().over(by_user))
+            .withColumn(_TIE_RN, F.min(_RN).over(peers))
+            .withColumn(_CNT, F.count(F.lit(1)).over(whole)))
+
+
+def _check_lengths(cap: int, min_history: int) -> None:
+    if cap < 1:
+        raise ValueError(f"cap (max history length) must be >= 1, got {cap}")
+    if min_history < 0:
+        raise ValueError(f"min_history must be >= 0, got {min_history}")
+
+
+def _history_size(cap: int) -> Column:
+    """Length of a conversion's history: the conversions ranked before its tie group, at most cap."""
+    return F.least(F.col(_TIE_RN) - 1, F.lit(cap))
+
+
 def _history_struct():
     # Field order = sort order of array_sort: time first, then item id.
     return F.struct(F.col(TS_US).alias("t"), F.col(C.ITEM_ID).alias("i"), F.col(TS_S).alias("s"))
 
 
-def ranked_histories(conv: DataFrame, cap: int) -> DataFrame:
-    """Conversions + history struct array (< own time, newest `cap`), row number and user count.
-
-    The one sorted pass both `examples_from_ranked` and `user_sequences_from_ranked` read: persist
-    it when building both.
-    """
-    if cap < 1:
-        raise ValueError(f"cap (max history length) must be >= 1, got {cap}")
+def _with_history(ranked: DataFrame, cap: int) -> DataFrame:
+    """ranked + _HIST: the newest `cap` conversions strictly before the row's instant."""
     by_user = Window.partitionBy(C.USER_ID).orderBy(TS_US, C.ITEM_ID)
     sliding = by_user.rowsBetween(-cap, -1)
-    whole = Window.partitionBy(C.USER_ID)
     # Rows tied in time share the history of the tie group's first row (which precedes them all).
     tie_group = (Window.partitionBy(C.USER_ID, TS_US).orderBy(C.ITEM_ID)
                  .rowsBetween(Window.unboundedPreceding, Window.currentRow))
-    df = (conv.withColumn(_HIST, F.collect_list(_history_struct()).over(sliding))
-          .withColumn(_RN, F.row_number().over(by_user))
-          .withColumn(_CNT, F.count(F.lit(1)).over(whole)))
-    return df.withColumn(_HIST, F.first(_HIST).over(tie_group))
+    return (ranked.withColumn(_HIST, F.collect_list(_history_struct()).over(sliding))
+            .withColumn(_HIST, F.first(_HIST).over(tie_group)))
 
 
 def _arrays_from(hist) -> dict:
@@ -120,17 +147,27 @@ def _arrays_from(hist) -> dict:
     }
 
 
-def examples_from_ranked(ranked: DataFrame, min_history: int = 1) -> DataFrame:
+def example_keys_from_ranked(ranked: DataFrame, cap: int = DEFAULT_MAX_LEN,
+                             min_history: int = 1) -> DataFrame:
+    """The examples' rows without their history arrays: user_id, as_of_ts, label_item_id,
+    subject_item_id (what the context rows are built from)."""
+    _check_lengths(cap, min_history)
+    return (ranked.where(_history_size(cap) >= min_history)
+            .select(C.USER_ID, F.col(C.EVENT_TS).alias(C.AS_OF_TS),
+                    F.col(C.ITEM_ID).alias(C.LABEL_ITEM_ID), C.SUBJECT_ITEM_ID))
+
+
+def examples_from_ranked(ranked: DataFrame, cap: int = DEFAULT_MAX_LEN,
+                         min_history: int = 1) -> DataFrame:
     """Training examples without split: user_id, as_of_ts, item_ids, event_ts, label_item_id,
     plus subject_item_id of the label conversion (for real context; not part of `sequences`).
 
     ``min_history`` 0 keeps a user's first conversion too, with an empty history: the cold-start
     request (context and demographics only) that most users of a real shop make, since most
     convert once or twice."""
-    if min_history < 0:
-        raise ValueError(f"min_history must be >= 0, got {min_history}")
+    _check_lengths(cap, min_history)
     arrays = _arrays_from(F.col(_HIST))
-    return (ranked.where(F.size(_HIST) >= min_history)
+    return (_with_history(ranked, cap).where(_history_size(cap) >= min_history)
             .select(C.USER_ID, F.col(C.EVENT_TS).alias(C.AS_OF_TS),
                     arrays[C.ITEM_IDS].alias(C.ITEM_IDS),
                     arrays[C.EVENT_TS].alias(C.EVENT_TS),
@@ -140,7 +177,7 @@ def examples_from_ranked(ranked: DataFrame, min_history: int = 1) -> DataFrame:
 def build_examples(conv: DataFrame, cap: int = DEFAULT_MAX_LEN,
                    min_history: int = 1) -> DataFrame:
     """conversions -> training examples (see `examples_from_ranked`)."""
-    return examples_from_ranked(ranked_histories(conv, cap), min_history)
+    return examples_from_ranked(rank_conversions(conv), cap, min_history)
 
 
 # --------------------------------------------------------------------------------------
@@ -244,6 +281,7 @@ def sequence_hash(item_ids: str = C.ITEM_IDS, event_ts: str = C.EVENT_TS):
 
 def user_sequences_from_ranked(ranked: DataFrame, cap: int = DEFAULT_MAX_LEN) -> DataFrame:
     """Per user: the newest `cap` conversions (oldest..newest), as_of_ts = newest, hash."""
+    _check_lengths(cap, 0)
     tail = ranked.where(F.col(_RN) > F.col(_CNT) - cap)
     per_user = tail.groupBy(C.USER_ID).agg(
         F.collect_list(_history_struct()).alias(_HIST),
@@ -257,4 +295,4 @@ def user_sequences_from_ranked(ranked: DataFrame, cap: int = DEFAULT_MAX_LEN) ->
 
 def build_user_sequences(conv: DataFrame, cap: int = DEFAULT_MAX_LEN) -> DataFrame:
     """conversions -> user_sequences (see `user_sequences_from_ranked`)."""
-    return user_sequences_from_ranked(ranked_histories(conv, cap), cap)
+    return user_sequences_from_ranked(rank_conversions(conv), cap)

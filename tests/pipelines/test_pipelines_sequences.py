@@ -7,7 +7,8 @@ import pytest
 
 import ctt_contracts as C
 from pipelines.sequences import (SplitCutoffs, assign_split, build_examples, build_sequences,
-                                 build_user_sequences, conversions, derive_cutoffs)
+                                 build_user_sequences, conversions, derive_cutoffs,
+                                 example_keys_from_ranked, examples_from_ranked, rank_conversions)
 
 pytestmark = pytest.mark.spark
 
@@ -81,6 +82,22 @@ def test_min_history_and_duplicate_conversions_count_once(spark):
     assert [(r[2], r[3]) for r in first] == [(10, []), (11, [10]), (12, [10, 11])]
     with pytest.raises(ValueError):
         build_examples(c, min_history=-1)
+
+
+@pytest.mark.parametrize("cap,min_history", [(100, 0), (100, 1), (100, 2), (2, 2), (1, 1)])
+def test_example_keys_are_the_examples_rows_without_arrays(spark, cap, min_history):
+    """The context rows are built from the keys alone: they must select the very rows whose
+    history reaches min_history, ties and the cap included."""
+    ev = events(spark, [conv(1, 5, 0, subj=3), conv(1, 9, 10), conv(1, 7, 10, subj=4),
+                        conv(1, 8, 20), conv(1, 6, 20), conv(1, 2, 30, subj=9),
+                        conv(2, 1, 0), conv(2, 2, 0), conv(3, 4, 7)])
+    ranked = rank_conversions(conversions(ev))
+    cols = [C.USER_ID, C.AS_OF_TS, C.LABEL_ITEM_ID, C.SUBJECT_ITEM_ID]
+    full = examples_from_ranked(ranked, cap, min_history)
+    keys = example_keys_from_ranked(ranked, cap, min_history)
+    assert keys.columns == cols
+    assert sorted(keys.collect()) == sorted(full.select(*cols).collect())
+    assert keys.count() == sum(1 for r in full.collect() if len(r[C.ITEM_IDS]) >= min_history)
 
 
 def test_split_boundaries(spark):
