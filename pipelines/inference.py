@@ -21,7 +21,7 @@ longer in ``user_sequences`` are deleted in the same MERGE (never served from a 
 history). Nothing to do -> no Delta commit at all.
 
 Which users are looked at follows the change feed of ``user_sequences`` (its Delta change data
-feed is on, pipelines/cli.py): each successful run records in ``<lake>/_meta/inference_progress``
+feed is on, pipelines/build.py): each successful run records in ``<lake>/_meta/inference_progress``
 the user_sequences version it consumed, its model_version and the user_states version it left,
 after its MERGE (a crash in between leaves the old record, whose user_states version no longer
 matches: the next run redoes the work, it never skips any). The next run with the same model

@@ -3,7 +3,7 @@
 A thin orchestration of the existing steps, in the order the data flows:
 
 1. ``run_build_sequences``   validates the appended raw events and MERGEs only the affected
-                             users into ``user_sequences`` (pipelines/cli.py), with the build
+                             users into ``user_sequences`` (pipelines/build.py), with the build
                              configuration the lake stores (pipelines/build_config.py) unless
                              flags override it;
 2. ``run_batch_inference``   re-encodes only users whose history hash or model version changed
@@ -51,7 +51,7 @@ import ctt_contracts as C
 from pipelines import feast_ops
 from pipelines.build_config import (BuildConfig, add_build_flags, flag_values,
                                     load_build_config, timestamp_arg, with_overrides)
-from pipelines.cli import BuildResult, run_build_sequences
+from pipelines.build import BuildResult, run_build_sequences
 from pipelines.delta_io import WriteResult
 from pipelines.inference import DEFAULT_BATCH_SIZE, InferenceResult, run_batch_inference
 

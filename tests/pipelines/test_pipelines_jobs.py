@@ -16,7 +16,9 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 import ctt_contracts as C
-from pipelines.cli import BuildConfig, ingest_main, run_build_sequences, run_generate
+from pipelines.build import run_build_sequences
+from pipelines.build_config import BuildConfig
+from pipelines.cli import ingest_main, run_generate
 from pipelines.delta_io import (conform, create_table, read_table, sync_quarantine, sync_table, table_exists, table_version,
                                 write_raw)
 from pipelines.sequences import load_cutoffs
