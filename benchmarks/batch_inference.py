@@ -39,7 +39,8 @@ import benchlib  # sibling module: benchmarks/ is first on sys.path when run as 
 from models.export import export_bundle, load_bundle
 from models.two_tower import ContextualTwoTower, ModelConfig
 import ctt_contracts as C
-from pipelines.inference import DEFAULT_BATCH_SIZE, encode_histories, run_batch_inference
+from pipelines.inference import run_batch_inference
+from pipelines.inference_worker import DEFAULT_BATCH_SIZE, encode_histories
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "batch_inference.json"
