@@ -45,8 +45,6 @@ from pipelines.inference_worker import DEFAULT_BATCH_SIZE, make_encoder
 
 # Columns local to this module's staging (never stored: not contract names).
 _REASON = "__reason"  # why a user is (re-)encoded
-_TAG = "__tag"  # MERGE staging: upsert or delete
-_TAG_UPSERT, _TAG_DELETE = "U", "D"
 _STATE_HASH, _STATE_VERSION = "__state_hash", "__state_version"
 REASON_NEW, REASON_CHANGED, REASON_MODEL = "new_user", "sequence_changed", "model_version_changed"
 REASON_ORPHAN, REASON_SAME = "orphan_state", "up_to_date"
@@ -326,20 +324,6 @@ class InferenceResult:
                 f"user_states {states}: {what}; {self.mode}: {self.mode_reason}")
 
 
-def _merge(spark, path: str, staged) -> None:
-    """One MERGE on user_id: upsert encoded states, delete orphaned ones."""
-    from delta.tables import DeltaTable
-
-    cols = list(C.USER_STATES_COLUMNS)
-    values = [c for c in cols if c != C.USER_ID]
-    (DeltaTable.forPath(spark, path).alias("t")
-     .merge(staged.alias("s"), f"t.`{C.USER_ID}` = s.`{C.USER_ID}`")
-     .whenMatchedDelete(condition=f"s.{_TAG} = '{_TAG_DELETE}'")
-     .whenMatchedUpdate(condition=f"s.{_TAG} = '{_TAG_UPSERT}'", set={c: f"s.`{c}`" for c in values})
-     .whenNotMatchedInsert(condition=f"s.{_TAG} = '{_TAG_UPSERT}'", values={c: f"s.`{c}`" for c in cols})
-     .execute())
-
-
 def repair_command(lake: str, bundle_path: str) -> str:
     return (f"python jobs/batch_inference.py --lake {lake} --bundle {bundle_path} "
             f"--repair-duplicates (the users whose states it deletes are re-encoded as new users)")
@@ -452,6 +436,8 @@ def _stage(spark, classified, n_todo: int, n_del: int, bundle_path: str, model_v
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
+    from pipelines.delta_io import MERGE_TAG, TAG_DELETE, TAG_UPSERT
+
     todo = (classified.where(F.col(_REASON).isin(*TO_ENCODE))
             .repartition(partitions or spark.sparkContext.defaultParallelism))
     # Persist the model output: the MERGE may scan its source twice (never run the encoder
@@ -461,19 +447,20 @@ def _stage(spark, classified, n_todo: int, n_del: int, bundle_path: str, model_v
     cached.append(encoded)
     if encoded.count() != n_todo:
         raise RuntimeError("the encoder returned a different number of rows than it was given")
-    staged = encoded.withColumn(_TAG, F.lit(_TAG_UPSERT))
+    staged = encoded.withColumn(MERGE_TAG, F.lit(TAG_UPSERT))
     if n_del:
         blank = [F.lit(None).cast(f.dataType).alias(f.name)
                  for f in C.spark_schema(C.T_USER_STATES).fields if f.name != C.USER_ID]
         orphans = classified.where(F.col(_REASON) == REASON_ORPHAN).select(C.USER_ID, *blank)
-        staged = staged.unionByName(orphans.withColumn(_TAG, F.lit(_TAG_DELETE)))
+        staged = staged.unionByName(orphans.withColumn(MERGE_TAG, F.lit(TAG_DELETE)))
     return staged
 
 
 def _commit(spark, states_path: str, staged, has_states: bool, states_version: Optional[int],
             fence: Callable[[], None]) -> None:
     """The run's one write: the keyed MERGE, only if user_states is still where it was read."""
-    from pipelines.delta_io import ConcurrentWriteError, delta_conflicts, ensure_table, table_version
+    from pipelines.delta_io import (ConcurrentWriteError, delta_conflicts, ensure_table,
+                                    merge_tagged, table_version)
 
     fence()
     if not has_states:  # first run: create, then the same keyed MERGE into the empty table
@@ -486,7 +473,7 @@ def _commit(spark, states_path: str, staged, has_states: bool, states_version: O
             f"encoded against v{states_version} (a writer that does not hold the lake's "
             f"lease); this run wrote nothing. Run it again")
     try:
-        _merge(spark, states_path, staged)
+        merge_tagged(spark, states_path, C.spark_schema(C.T_USER_STATES), [C.USER_ID], staged)
     except delta_conflicts() as err:
         raise ConcurrentWriteError(
             f"{C.T_USER_STATES}: another writer committed while this run's MERGE ran "
@@ -570,6 +557,15 @@ def _infer(spark, lake: str, bundle_path: str, model_version: str, batch_size: i
 # --------------------------------------------------------------------------------------
 # Job entry point (jobs/batch_inference.py)
 # --------------------------------------------------------------------------------------
+def add_encoding_flags(parser: argparse.ArgumentParser) -> None:
+    """--batch-size and --partitions of the encoding stage: the same two knobs for the batch
+    inference job and for the refresh that runs it."""
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help="rows per forward pass of the encoder")
+    parser.add_argument("--partitions", type=int, default=None,
+                        help="tasks of the encoding stage (default: Spark's default parallelism)")
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="batch_inference",
@@ -577,9 +573,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     "user_states (incremental), then refresh the Feast snapshots.")
     p.add_argument("--lake", required=True, help="lake root (local folder or Hadoop URI)")
     p.add_argument("--bundle", required=True, help="exported model bundle folder (models.export)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per forward pass")
-    p.add_argument("--partitions", type=int, default=None,
-                   help="tasks of the encoding stage (default: Spark's default parallelism)")
+    add_encoding_flags(p)
     p.add_argument("--master", default=None, help="Spark master (default: spark-submit's or local[*])")
     p.add_argument("--no-feast-export", action="store_true",
                    help="skip refreshing the Parquet snapshots Feast materializes from")
