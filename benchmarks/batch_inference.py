@@ -199,13 +199,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     p.add_argument("--master", default="local[2]")
     p.add_argument("--partitions", type=int, default=None)
-    p.add_argument("--work-dir", default=None, help="scratch folder (default: system temp)")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--quick", action="store_true", help="10k users (a smoke run, not the target)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.users = 10_000
-    return args
+    return benchlib.parse_args(p, argv, RESULTS, {"users": 10_000},
+                               "10k users (a smoke run, not the target)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

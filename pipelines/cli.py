@@ -25,13 +25,17 @@ from pipelines.delta_io import WriteResult, print_results
 from pipelines.validate import ValidationReport, format_reports, report_from_reasons
 
 
-def add_spark_args(parser: argparse.ArgumentParser) -> None:
+def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The parser of a Spark data job: its name and description, and the flags every such job
+    takes (--lake, --master, --shuffle-partitions) so that they read the same in each."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--lake", default="./lake",
                         help="root folder/URI of the Delta tables (default: ./lake)")
     parser.add_argument("--master", default=None,
                         help="Spark master; default: the one spark-submit set, else local[*]")
     parser.add_argument("--shuffle-partitions", type=int, default=None,
                         help="spark.sql.shuffle.partitions (default: Spark's)")
+    return parser
 
 
 def job_session(args: argparse.Namespace, app: str):
@@ -62,12 +66,11 @@ def generate_parser() -> argparse.ArgumentParser:
                                      SyntheticConfig, knob_type)
 
     d = SyntheticConfig()
-    p = argparse.ArgumentParser(
-        prog="generate_data",
-        description="Write seeded synthetic raw_events / raw_items / raw_users Delta tables "
-                    "(see pipelines/synthetic.py: a realistic world calibrated to real logs, or "
-                    "the planted world of the first quality bars). Overwrites them.")
-    add_spark_args(p)
+    p = job_parser(
+        "generate_data",
+        "Write seeded synthetic raw_events / raw_items / raw_users Delta tables "
+        "(see pipelines/synthetic.py: a realistic world calibrated to real logs, or "
+        "the planted world of the first quality bars). Overwrites them.")
     p.add_argument("--preset", choices=PRESETS, default=REALISTIC,
                    help=f"which world (default {REALISTIC}); every knob below overrides the "
                         f"preset's default, and a knob of the other preset is refused")
@@ -159,17 +162,16 @@ def ingest_parser() -> argparse.ArgumentParser:
     from pipelines import ingest as I
     from pipelines.validate import DEFAULT_MAX_QUARANTINE_FRAC
 
-    p = argparse.ArgumentParser(
-        prog="ingest",
-        description="Import a real event log (CSV/Parquet) + optional items and users files into "
-                    "raw_events / raw_items / raw_users. Unparseable values become nulls that "
-                    "build_sequences quarantines with the original strings. CSV is read as "
-                    "RFC 4180 (quoted separators, quoted newlines, \"\" escapes); a record with "
-                    "the wrong number of fields is kept verbatim and quarantined "
-                    "(wrong_number_of_fields); each CSV file is read by one task, so a folder of "
-                    "files imports in parallel. Prints row counts; stops before writing when "
-                    "more than --max-quarantine-frac of a source cannot be imported cleanly.")
-    add_spark_args(p)
+    p = job_parser(
+        "ingest",
+        "Import a real event log (CSV/Parquet) + optional items and users files into "
+        "raw_events / raw_items / raw_users. Unparseable values become nulls that "
+        "build_sequences quarantines with the original strings. CSV is read as "
+        "RFC 4180 (quoted separators, quoted newlines, \"\" escapes); a record with "
+        "the wrong number of fields is kept verbatim and quarantined "
+        "(wrong_number_of_fields); each CSV file is read by one task, so a folder of "
+        "files imports in parallel. Prints row counts; stops before writing when "
+        "more than --max-quarantine-frac of a source cannot be imported cleanly.")
     p.add_argument("--mode", choices=("overwrite", "append"), default="overwrite",
                    help="overwrite the raw tables, or append a new increment of the log "
                         "(reports the rows each append wrote)")
@@ -392,14 +394,13 @@ def ingest_main(argv: Optional[Sequence[str]] = None) -> Dict[str, int]:
 # build_sequences (the build itself: pipelines/build.py)
 # --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="build_sequences",
-        description="Validate the raw tables (-> events/items/users + quarantine) and build "
-                    "sequences, context_rows and user_sequences as Delta tables. Idempotent: a "
-                    "rerun on the same input commits nothing. Incremental: appended raw events "
-                    "are validated alone and only the users they touch are recomputed (--full "
-                    "rebuilds everything). Prints and returns the Delta version of each output.")
-    add_spark_args(p)
+    p = job_parser(
+        "build_sequences",
+        "Validate the raw tables (-> events/items/users + quarantine) and build "
+        "sequences, context_rows and user_sequences as Delta tables. Idempotent: a "
+        "rerun on the same input commits nothing. Incremental: appended raw events "
+        "are validated alone and only the users they touch are recomputed (--full "
+        "rebuilds everything). Prints and returns the Delta version of each output.")
     add_build_flags(p)
     p.add_argument("--now", type=timestamp_arg, default=None,
                    help="reference time for 'timestamp in the future' (default: wall clock, UTC)")
