@@ -13,8 +13,7 @@ export PATH := $(CURDIR)/.venv/bin:$(PATH)
 export PYTHONPATH := $(CURDIR)
 DEMO_DIR ?= demo_run
 
-.PHONY: setup services test test-slow test-all demo clean bench-sequences bench-training bench-serving \
-	bench-movielens bench-quality bench-calibration
+.PHONY: setup services test test-slow test-all demo clean
 
 setup:
 	@.ci/setup_env.sh >/dev/null
@@ -38,25 +37,20 @@ test-all: setup services
 demo: setup
 	$(PY) jobs/demo.py --out $(DEMO_DIR)
 
-bench-sequences: setup
-	$(PY) benchmarks/build_sequences.py
+# One benchmark script each: `make bench-NAME` runs benchmarks/$(BENCH_NAME).py. The calibration
+# puts the realistic synthetic world's statistics beside the REES46 head's (and MovieLens's for
+# long-term interests) -> benchmarks/results/calibration.json; pandas only, ~1 min.
+BENCH_sequences = build_sequences
+BENCH_training = training
+BENCH_serving = serving_latency
+BENCH_quality = quality
+BENCH_movielens = movielens
+BENCH_calibration = calibrate_synthetic
+BENCHMARKS = $(addprefix bench-,sequences training serving quality movielens calibration)
 
-bench-training: setup
-	$(PY) benchmarks/training.py
-
-bench-serving: setup
-	$(PY) benchmarks/serving_latency.py
-
-bench-quality: setup
-	$(PY) benchmarks/quality.py
-
-bench-movielens: setup
-	$(PY) benchmarks/movielens.py
-
-# The realistic synthetic world's statistics beside the REES46 head's (and MovieLens's for
-# long-term interests) -> benchmarks/results/calibration.json. Pandas only, ~1 min.
-bench-calibration: setup
-	$(PY) benchmarks/calibrate_synthetic.py
+.PHONY: $(BENCHMARKS)
+$(BENCHMARKS): bench-%: setup
+	$(PY) benchmarks/$(BENCH_$*).py
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache build *.egg-info

@@ -39,7 +39,8 @@ import benchlib  # sibling module: benchmarks/ is first on sys.path when run as 
 from models.export import export_bundle, load_bundle
 from models.two_tower import ContextualTwoTower, ModelConfig
 import ctt_contracts as C
-from pipelines.inference import DEFAULT_BATCH_SIZE, encode_histories, run_batch_inference
+from pipelines.inference import run_batch_inference
+from pipelines.inference_worker import DEFAULT_BATCH_SIZE, encode_histories
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "batch_inference.json"
@@ -198,13 +199,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE)
     p.add_argument("--master", default="local[2]")
     p.add_argument("--partitions", type=int, default=None)
-    p.add_argument("--work-dir", default=None, help="scratch folder (default: system temp)")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--quick", action="store_true", help="10k users (a smoke run, not the target)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.users = 10_000
-    return args
+    return benchlib.parse_args(p, argv, RESULTS, {"users": 10_000},
+                               "10k users (a smoke run, not the target)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

@@ -5,6 +5,7 @@ sys.path). Every results JSON then records the machine and the load the same way
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -14,7 +15,7 @@ import sys
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,6 +97,22 @@ def stop_process(proc: subprocess.Popen, log: Any = None, timeout: float = 60) -
         proc.wait()
     if log is not None:
         log.close()
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], out: Path,
+               quick: Mapping[str, Any], quick_help: str,
+               work_help: str = "scratch folder (default: system temp)") -> argparse.Namespace:
+    """Add the flags every benchmark takes and parse: ``--out`` (the results JSON, default
+    ``out``), ``--work-dir`` and ``--quick``, a smoke run that replaces the arguments named in
+    ``quick`` by its values (its figures are not the targets' figures)."""
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--work-dir", type=Path, default=None, help=work_help)
+    args = parser.parse_args(argv)
+    if args.quick:
+        for name, value in quick.items():
+            setattr(args, name, value)
+    return args
 
 
 def run_and_report(name: str, run: Callable[[], Dict[str, Any]], machine_info: Callable[[], Dict[str, Any]],

@@ -329,54 +329,50 @@ def measure(events: pd.DataFrame, items: pd.DataFrame, logged_subjects: bool,
     return out
 
 
+def _close(name: str, value: float, target: float, tol: float, how: str, display: Any = None,
+           relative: bool = False) -> Dict[str, Any]:
+    """A bar met when `value` is within `tol` of `target` (``relative``: `tol` x `target`);
+    `display`: the target as the JSON shows it (default `target`)."""
+    met = _within(value, target, tol * target if relative else tol)
+    return _bar(name, value, target if display is None else display, met, how)
+
+
 def bars_for(cfg: SyntheticConfig, real: Dict[str, Any], gen: Dict[str, Any],
              kappa_real: float, kappa_gen: float) -> List[Dict[str, Any]]:
-    rel = lambda v, t, tol: _within(v, t, tol * t)  # noqa: E731
+    def vs_rees46(key: str, tol: float, how: str, relative: bool = False) -> Dict[str, Any]:
+        return _close(key, gen[key], real[key], tol, how, relative=relative)
+
     return [
-        _bar("alignment_vs_knob", gen["logged_alignment"], cfg.p_aligned,
-             _within(gen["logged_alignment"], cfg.p_aligned, 0.05),
-             "P(logged subject's leaf = converted item's leaf), within 0.05 of p_aligned"),
-        _bar("subject_is_converted_item_vs_knob", gen["logged_subject_is_converted_item"],
-             cfg.p_subject_is_label,
-             _within(gen["logged_subject_is_converted_item"], cfg.p_subject_is_label, 0.05),
-             "P(logged subject = converted item), within 0.05 of p_subject_is_label"),
+        _close("alignment_vs_knob", gen["logged_alignment"], cfg.p_aligned, 0.05,
+               "P(logged subject's leaf = converted item's leaf), within 0.05 of p_aligned"),
+        _close("subject_is_converted_item_vs_knob", gen["logged_subject_is_converted_item"],
+               cfg.p_subject_is_label, 0.05,
+               "P(logged subject = converted item), within 0.05 of p_subject_is_label"),
         _bar("leaf_categories", gen["leaf_categories_in_log"], ">= 1000",
              gen["leaf_categories_in_log"] >= 1000, "leaf categories seen in the log: thousands"),
-        _bar("category_size_median", gen["category_size_median"], real["category_size_median"],
-             rel(gen["category_size_median"], real["category_size_median"], 0.3),
-             "items per leaf category (items in the log), within 30 % of REES46"),
-        _bar("category_size_p90", gen["category_size_p90"], real["category_size_p90"],
-             rel(gen["category_size_p90"], real["category_size_p90"], 0.3),
-             "p90 of items per leaf category, within 30 % of REES46"),
-        _bar("one_conversion_user_share", gen["one_conversion_user_share"],
-             real["one_conversion_user_share"],
-             _within(gen["one_conversion_user_share"], real["one_conversion_user_share"], 0.05),
-             "converting users with exactly one conversion, within 0.05 of REES46"),
-        _bar("at_most_two_conversions_user_share", gen["at_most_two_conversions_user_share"],
-             real["at_most_two_conversions_user_share"],
-             _within(gen["at_most_two_conversions_user_share"],
-                     real["at_most_two_conversions_user_share"], 0.05),
-             "converting users with one or two conversions, within 0.05 of REES46"),
-        _bar("views_per_conversion", gen["views_per_conversion"], cfg.views_per_conversion,
-             rel(gen["views_per_conversion"], cfg.views_per_conversion, 0.1),
-             "views per conversion within 10 % of the knob (REES46's ratio scaled down)"),
-        _bar("views_before_conversion_in_session", gen["views_before_conversion_in_session"],
-             real["views_before_conversion_in_session"],
-             _within(gen["views_before_conversion_in_session"],
-                     real["views_before_conversion_in_session"], 0.5),
-             "views in a converting session before the conversion, within 0.5 of REES46"),
+        vs_rees46("category_size_median", 0.3,
+                  "items per leaf category (items in the log), within 30 % of REES46",
+                  relative=True),
+        vs_rees46("category_size_p90", 0.3, "p90 of items per leaf category, within 30 % of REES46",
+                  relative=True),
+        vs_rees46("one_conversion_user_share", 0.05,
+                  "converting users with exactly one conversion, within 0.05 of REES46"),
+        vs_rees46("at_most_two_conversions_user_share", 0.05,
+                  "converting users with one or two conversions, within 0.05 of REES46"),
+        _close("views_per_conversion", gen["views_per_conversion"], cfg.views_per_conversion, 0.1,
+               "views per conversion within 10 % of the knob (REES46's ratio scaled down)",
+               relative=True),
+        vs_rees46("views_before_conversion_in_session", 0.5,
+                  "views in a converting session before the conversion, within 0.5 of REES46"),
         _bar("unseen_test_conversions", gen["unseen_test_conversions"], ">= 0.5",
              gen["unseen_test_conversions"] >= 0.5,
              "test conversions on items never converted in train: most of them"),
-        _bar("popularity_slope_views", gen["popularity_slope_views"],
-             real["popularity_slope_views"],
-             _within(gen["popularity_slope_views"], real["popularity_slope_views"], 0.15),
-             "log-log slope of item views over ranks 1-1000 in a time slice with REES46's "
-             "number of views, within 0.15 of REES46"),
-        _bar("interest_kappa", kappa_gen, round(kappa_real, 4),
-             _within(kappa_gen, kappa_real, 0.05),
-             "chance-corrected return to one's top-3 categories (long histories), within 0.05 "
-             "of MovieLens 1M genres"),
+        vs_rees46("popularity_slope_views", 0.15,
+                  "log-log slope of item views over ranks 1-1000 in a time slice with REES46's "
+                  "number of views, within 0.15 of REES46"),
+        _close("interest_kappa", kappa_gen, kappa_real, 0.05,
+               "chance-corrected return to one's top-3 categories (long histories), within 0.05 "
+               "of MovieLens 1M genres", display=round(kappa_real, 4)),
     ]
 
 

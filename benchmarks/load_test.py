@@ -350,13 +350,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--users", type=int, default=5000)
     p.add_argument("--subject-items", type=int, default=20000)
     p.add_argument("--pool", type=int, default=20000, help="distinct requests sent round-robin")
-    p.add_argument("--quick", action="store_true", help="20k items, 500 users, 10 s (smoke run)")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--work-dir", type=Path, default=None)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.items, args.seconds, args.users, args.subject_items, args.pool = \
-            20_000, 10.0, 500, 2000, 5000
+    args = benchlib.parse_args(
+        p, argv, RESULTS, {"items": 20_000, "seconds": 10.0, "users": 500, "subject_items": 2000,
+                           "pool": 5000},
+        "20k items, 500 users, 10 s (smoke run)", "folder for the run's files (default: temp)")
     if shutil.which("wrk") is None:
         p.error("wrk is not installed (.ci/services.sh installs it: apt-get install wrk)")
     bench = _serving_bench()

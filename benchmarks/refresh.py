@@ -213,13 +213,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--master", default="local[2]")
     p.add_argument("--shuffle-partitions", type=int, default=8)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--work-dir", default=None, help="scratch folder (default: system temp)")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--quick", action="store_true", help="2k users (a smoke run)")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.users = 2_000
-    return args
+    return benchlib.parse_args(p, argv, RESULTS, {"users": 2_000}, "2k users (a smoke run)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

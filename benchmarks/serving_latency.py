@@ -412,13 +412,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--train-items", type=int, default=5000)
     p.add_argument("--train-epochs", type=int, default=5)
     p.add_argument("--no-http", action="store_true")
-    p.add_argument("--quick", action="store_true", help="20k items, few requests (smoke run)")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--work-dir", type=Path, default=None)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.scales, args.requests, args.http_requests, args.users = [20_000], 700, 700, 500
-        args.subject_items, args.search_queries = 2000, 200
+    args = benchlib.parse_args(
+        p, argv, RESULTS, {"scales": [20_000], "requests": 700, "http_requests": 700, "users": 500,
+                           "subject_items": 2000, "search_queries": 200},
+        "20k items, few requests (smoke run)", "folder for the run's files (default: temp)")
     torch.set_num_threads(1)  # as ctt-serve does: one-row heads are fastest single-threaded
     torch.manual_seed(0)
     load_before = benchlib.load_avg()

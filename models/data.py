@@ -183,8 +183,8 @@ def _pad_contexts(ctx: pd.DataFrame, max_ctx: int) -> tuple[np.ndarray, np.ndarr
     return ids, w
 
 
-def _demographics(sequences: pd.DataFrame, users: pd.DataFrame,
-                  country_buckets: int) -> np.ndarray:
+def demographics_by_user(sequences: pd.DataFrame, users: pd.DataFrame,
+                         country_buckets: int) -> np.ndarray:
     """(B, 3) int64 age/country/gender indices; users absent from the users table are unknown (0)."""
     if users[C.USER_ID].duplicated().any():
         raise ValueError("users table has duplicate user_id rows")
@@ -219,7 +219,7 @@ def build_examples(sequences: pd.DataFrame, context_rows: pd.DataFrame, users: p
         hist[i], ts[i] = features.pad_history(items, times, max_len)
     pseudo_ids, pseudo_w = _pad_contexts(_context_for(sequences, context_rows, C.CONTEXT_PSEUDO, True),
                                          max_ctx)
-    demo = _demographics(sequences, users, country_buckets)
+    demo = demographics_by_user(sequences, users, country_buckets)
     labels = sequences[C.LABEL_ITEM_ID].to_numpy(np.int64)
     out = {
         C.USER_ID: torch.as_tensor(sequences[C.USER_ID].to_numpy(np.int64)),
@@ -324,7 +324,43 @@ def process_seed() -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
-class ContextualSequenceDataModule(pl.LightningDataModule):
+class SplitLoaders:
+    """What a data module built of example tensors per split hands Lightning and the training
+    system: the train / val loaders and the training item frequencies.
+
+    Mixed into a ``LightningDataModule`` that holds ``splits`` (split -> tensors), ``item_counts``
+    and the hparams ``batch_size``, ``eval_batch_size`` and ``shuffle_seed``. Training batches
+    are shuffled, seeded by ``shuffle_seed`` (None = the run's seed, see :func:`process_seed`)
+    with the epoch; under DDP each rank iterates its own shard. ``drop_last_train``: drop the
+    last short training batch (in-batch negatives would see a smaller batch).
+    """
+
+    drop_last_train = True
+
+    def item_frequencies(self) -> torch.Tensor:
+        """(N,) label frequency of each catalog item in the TRAIN split, add-one smoothed so an
+        item never seen as a label still has a finite logQ."""
+        if self.item_counts is None:
+            raise RuntimeError("call setup() first")
+        counts = self.item_counts + 1.0
+        return (counts / counts.sum()).float()
+
+    def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
+        seed = self.hparams.shuffle_seed if self.hparams.shuffle_seed is not None else process_seed()
+        trainer = self.trainer  # (rank, world_size) of this process; (0, 1) outside a trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        return batch_loader(self.splits[split], batch_size, shuffle=train,
+                            drop_last=train and self.drop_last_train, seed=seed, rank=rank,
+                            world_size=world)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(C.SPLIT_TRAIN, self.hparams.batch_size, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(C.SPLIT_VAL, self.hparams.eval_batch_size, train=False)
+
+
+class ContextualSequenceDataModule(SplitLoaders, pl.LightningDataModule):
     """Train/val/test example tensors, the catalog and the training item frequencies.
 
     ``shuffle_seed`` seeds the training order (with the epoch; None = the run's seed, see
@@ -374,31 +410,6 @@ class ContextualSequenceDataModule(pl.LightningDataModule):
                                           minlength=len(self.catalog)).to(torch.float64)
         log.info("read %s; examples: %s", self.input_versions,
                  {s: len(t[LABEL_ROW]) for s, t in self.splits.items()})
-
-    def item_frequencies(self) -> torch.Tensor:
-        """(N,) label frequency of each catalog item in the TRAIN split, add-one smoothed so an
-        item never seen as a label still has a finite logQ."""
-        if self.item_counts is None:
-            raise RuntimeError("call setup() first")
-        counts = self.item_counts + 1.0
-        return (counts / counts.sum()).float()
-
-    def _shard(self) -> tuple[int, int]:
-        """(rank, world_size) of this process; (0, 1) outside a trainer."""
-        trainer = self.trainer
-        return (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-
-    def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
-        seed = self.hparams.shuffle_seed if self.hparams.shuffle_seed is not None else process_seed()
-        rank, world = self._shard()
-        return batch_loader(self.splits[split], batch_size, shuffle=train, drop_last=train, seed=seed,
-                            rank=rank, world_size=world)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(C.SPLIT_TRAIN, self.hparams.batch_size, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(C.SPLIT_VAL, self.hparams.eval_batch_size, train=False)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(C.SPLIT_TEST, self.hparams.eval_batch_size, train=False)

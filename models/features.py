@@ -34,6 +34,17 @@ TIME_GAP_FIRST = 1
 _TIME_GAP_OFFSET = 2
 
 
+def _parallel(a: Optional[Sequence], b: Optional[Sequence], a_dtype: type, b_dtype: type,
+              what: str) -> Tuple[np.ndarray, np.ndarray]:
+    """Two parallel lists (None: empty) as flat arrays of the given dtypes; a length mismatch is
+    an error naming `what`, never a silent truncation."""
+    x = np.asarray(a if a is not None else [], dtype=a_dtype).reshape(-1)
+    y = np.asarray(b if b is not None else [], dtype=b_dtype).reshape(-1)
+    if x.shape != y.shape:
+        raise ValueError(f"{what} differ in length: {x.shape[0]} vs {y.shape[0]}")
+    return x, y
+
+
 def pad_history(item_ids: Sequence[int], event_ts: Sequence[int],
                 max_len: int) -> Tuple[np.ndarray, np.ndarray]:
     """Left-pad (or keep the newest ``max_len`` of) one history.
@@ -43,10 +54,7 @@ def pad_history(item_ids: Sequence[int], event_ts: Sequence[int],
     """
     if max_len <= 0:
         raise ValueError(f"max_len must be positive, got {max_len}")
-    items = np.asarray(item_ids if item_ids is not None else [], dtype=np.int64).reshape(-1)
-    ts = np.asarray(event_ts if event_ts is not None else [], dtype=np.int64).reshape(-1)
-    if items.shape != ts.shape:
-        raise ValueError(f"item_ids and event_ts differ in length: {items.shape[0]} vs {ts.shape[0]}")
+    items, ts = _parallel(item_ids, event_ts, np.int64, np.int64, "item_ids and event_ts")
     if (items < 0).any():
         raise ValueError("history item ids must be non-negative (PAD_ITEM=-1 is reserved for padding)")
     items, ts = items[-max_len:], ts[-max_len:]
@@ -69,10 +77,7 @@ def pad_context(category_ids: Optional[Sequence[int]], weights: Optional[Sequenc
     """
     if max_ctx <= 0:
         raise ValueError(f"max_ctx must be positive, got {max_ctx}")
-    ids = np.asarray(category_ids if category_ids is not None else [], dtype=np.int64).reshape(-1)
-    w = np.asarray(weights if weights is not None else [], dtype=np.float64).reshape(-1)
-    if ids.shape != w.shape:
-        raise ValueError(f"category ids and weights differ in length: {ids.shape[0]} vs {w.shape[0]}")
+    ids, w = _parallel(category_ids, weights, np.int64, np.float64, "category ids and weights")
     out_ids = np.full(max_ctx, PAD_CATEGORY, dtype=np.int64)
     out_w = np.zeros(max_ctx, dtype=np.float32)
     if ids.shape[0] == 0:

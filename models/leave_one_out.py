@@ -52,12 +52,11 @@ import torch
 from pytorch_lightning import Callback
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
-from torch.utils.data import DataLoader
 
 from models import features
 from models.cli import LINKED_DATA_FIELDS
 from models.data import (EXCLUDE_ROWS, HAS_REAL_CONTEXT, LABEL_ROW, REAL_CONTEXT_IDS, REAL_CONTEXT_WEIGHTS,
-                         Catalog, _demographics, batch_loader, build_catalog, process_seed, take)
+                         Catalog, SplitLoaders, build_catalog, demographics_by_user, take)
 from models.system import ContextualRetrievalSystem, next_item_targets
 import ctt_contracts as C
 
@@ -240,7 +239,7 @@ def _example_tensors(users: np.ndarray, hist: List[np.ndarray], hist_ts: List[np
     if users_frame is None:
         demo = np.zeros((n, 3), dtype=np.int64)
     else:
-        demo = _demographics(frame, users_frame, country_buckets)
+        demo = demographics_by_user(frame, users_frame, country_buckets)
     no_ctx = torch.full((n, max_ctx), features.PAD_CATEGORY, dtype=torch.long)
     labels = np.asarray(labels, dtype=np.int64)
     return {
@@ -318,7 +317,7 @@ def read_events(path: str) -> pd.DataFrame:
     return events
 
 
-class LeaveOneOutDataModule(pl.LightningDataModule):
+class LeaveOneOutDataModule(SplitLoaders, pl.LightningDataModule):
     """Train / validation / test tensors of a leave-one-out split, its catalog and the training
     target frequencies; the interface ContextualRetrievalSystem reads from a data module.
 
@@ -356,27 +355,8 @@ class LeaveOneOutDataModule(pl.LightningDataModule):
         log.info("leave-one-out: %d users (%d dropped), %d train events, catalog %d",
                  len(self.split.users), self.split.users_dropped, len(self.split.train), len(self.catalog))
 
-    def item_frequencies(self) -> torch.Tensor:
-        """(N,) training target frequency of each catalog item, add-one smoothed."""
-        if self.item_counts is None:
-            raise RuntimeError("call setup() first")
-        counts = self.item_counts + 1.0
-        return (counts / counts.sum()).float()
-
-    def _loader(self, split: str, batch_size: int, train: bool) -> DataLoader:
-        hp = self.hparams
-        seed = hp.shuffle_seed if hp.shuffle_seed is not None else process_seed()
-        trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        # No in-batch negatives depend on the batch size here, so the last short batch is kept.
-        return batch_loader(self.splits[split], batch_size, shuffle=train, drop_last=False, seed=seed,
-                            rank=rank, world_size=world)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(C.SPLIT_TRAIN, self.hparams.batch_size, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(C.SPLIT_VAL, self.hparams.eval_batch_size, train=False)
+    # No in-batch negatives depend on the batch size here, so the last short batch is kept.
+    drop_last_train = False
 
 
 # ======================================================================================

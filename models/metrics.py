@@ -198,27 +198,30 @@ class _MeanOverQueries(Metric):
         return (self.total / self.count).float()
 
 
-class RecallAtK(_MeanOverQueries):
+class _MeanAtK(_MeanOverQueries):
+    """A mean over queries of a score with a rank cut-off k: ``score(ranks, k)`` per query."""
+
+    score: Callable[[RankLike, int], torch.Tensor]  # set by each subclass (a staticmethod)
+
+    def __init__(self, k: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.k = k
+
+    def per_query(self, ranks: RankLike) -> torch.Tensor:
+        return type(self).score(ranks, self.k)
+
+
+class RecallAtK(_MeanAtK):
     """Share of examples whose target is among the top k (one relevant item per example),
     each example counting P(rank < k) under random tie-breaking."""
 
-    def __init__(self, k: int, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.k = k
-
-    def per_query(self, ranks: RankLike) -> torch.Tensor:
-        return expected_hit(ranks, self.k)
+    score = staticmethod(expected_hit)
 
 
-class NDCGAtK(_MeanOverQueries):
+class NDCGAtK(_MeanAtK):
     """NDCG@k with one relevant item: E[1 / log2(rank + 2) if rank < k else 0] (ideal DCG = 1)."""
 
-    def __init__(self, k: int, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.k = k
-
-    def per_query(self, ranks: RankLike) -> torch.Tensor:
-        return expected_ndcg(ranks, self.k)
+    score = staticmethod(expected_ndcg)
 
 
 class MeanReciprocalRank(_MeanOverQueries):

@@ -86,28 +86,21 @@ def build_config_path(lake: str) -> str:
 
 def load_build_config(spark, lake: str) -> Optional[BuildConfig]:
     """The configuration the lake's last build ran with (None: built before it was stored)."""
-    from pipelines.delta_io import read_table, table_exists
+    from pipelines.delta_io import load_record
 
-    path = build_config_path(lake)
-    if not table_exists(spark, path):
-        return None
-    row = read_table(spark, path).first()
+    row = load_record(spark, build_config_path(lake))
     return None if row is None else from_stored(json.loads(row[C.BUILD_CONFIG_JSON]))
 
 
 def store_build_config(spark, lake: str, cfg: BuildConfig, now: datetime) -> bool:
     """Replace the stored copy when it changed (True when written): reruns commit nothing."""
-    from pyspark.sql import types as T
+    from pipelines.delta_io import store_json_record
 
     stored = load_build_config(spark, lake)
     if stored is not None and stored.stored_fields() == cfg.stored_fields():
         return False
-    schema = T.StructType([T.StructField(C.BUILD_CONFIG_JSON, T.StringType(), False),
-                           T.StructField(C.UPDATED_AT, T.TimestampType(), False)])
-    text = json.dumps(cfg.stored_fields(), sort_keys=True)
-    df = spark.createDataFrame([(text, now)], schema)
-    (df.coalesce(1).write.format("delta").mode("overwrite").option("overwriteSchema", "true")
-     .save(build_config_path(lake)))
+    store_json_record(spark, build_config_path(lake), C.BUILD_CONFIG_JSON,
+                      json.dumps(cfg.stored_fields(), sort_keys=True), now)
     return True
 
 

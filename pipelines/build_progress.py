@@ -173,27 +173,20 @@ def progress_path(lake: str) -> str:
 
 
 def load_progress(spark, lake: str) -> Optional[BuildProgress]:
-    from pipelines.delta_io import read_table, table_exists
+    from pipelines.delta_io import load_record
 
-    path = progress_path(lake)
-    if not table_exists(spark, path):
-        return None
-    row = read_table(spark, path).first()
+    row = load_record(spark, progress_path(lake))
     return None if row is None else BuildProgress.from_json(row[C.BUILD_PROGRESS_JSON])
 
 
 def store_progress(spark, lake: str, progress: BuildProgress, now: datetime) -> bool:
     """Replace the stored copy when it changed (True when written)."""
-    from pyspark.sql import types as T
+    from pipelines.delta_io import store_json_record
 
     stored = load_progress(spark, lake)
     if stored is not None and stored.to_json() == progress.to_json():
         return False
-    schema = T.StructType([T.StructField(C.BUILD_PROGRESS_JSON, T.StringType(), False),
-                           T.StructField(C.UPDATED_AT, T.TimestampType(), False)])
-    df = spark.createDataFrame([(progress.to_json(), now)], schema)
-    (df.coalesce(1).write.format("delta").mode("overwrite").option("overwriteSchema", "true")
-     .save(progress_path(lake)))
+    store_json_record(spark, progress_path(lake), C.BUILD_PROGRESS_JSON, progress.to_json(), now)
     return True
 
 

@@ -36,7 +36,7 @@ from datetime import datetime
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from pyspark import StorageLevel
-from pyspark.sql import Column, DataFrame, SparkSession
+from pyspark.sql import Column, DataFrame, Row, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 from pyspark.sql.window import Window
@@ -46,11 +46,11 @@ import ctt_contracts as C
 RAW_ROW_JSON = C.RAW_ROW_JSON  # the raw tables' extra column (see contracts)
 RAW_TABLES = (C.T_RAW_EVENTS, C.T_RAW_ITEMS, C.T_RAW_USERS)
 
-# Internal column names used only inside this module's MERGE staging.
-_TAG = "__sync_tag"
-_OCC = "__occurrence"
-_TAG_UPSERT = "U"
-_TAG_DELETE = "D"
+# The staging column of a tagged MERGE (``merge_tagged``): what a source row does to its key.
+# Never stored: the MERGE reads it and writes only the schema's columns.
+MERGE_TAG = "__merge_tag"
+TAG_UPSERT, TAG_DELETE = "U", "D"
+_OCC = "__occurrence"  # quarantine staging: occurrence number of a repeated row
 
 
 def raw_schema(table: str) -> T.StructType:
@@ -515,21 +515,37 @@ def _check_unique(df: DataFrame, key_cols: Sequence[str], table: str) -> None:
 
 def _merge_changes(spark: SparkSession, path: str, schema: T.StructType,
                    key_cols: Sequence[str], changed: DataFrame) -> None:
-    """One MERGE: upsert inserted/updated keys, delete vanished keys."""
+    """The diff's changed keys as one tagged MERGE: vanished keys deleted, the others upserted."""
+    cols = [f.name for f in schema.fields]
+    staged = changed.withColumn(MERGE_TAG, F.when(F.col(_STATUS) == "D", F.lit(TAG_DELETE))
+                                .otherwise(F.lit(TAG_UPSERT))).select(*cols, MERGE_TAG)
+    merge_tagged(spark, path, schema, key_cols, staged)
+
+
+def merge_tagged(spark: SparkSession, path: str, schema: T.StructType, key_cols: Sequence[str],
+                 staged: DataFrame) -> None:
+    """One MERGE keyed on `key_cols` (null-safe) from `staged`: the schema's columns plus
+    ``MERGE_TAG``. A row tagged ``TAG_UPSERT`` updates its key's row or inserts it; a row tagged
+    ``TAG_DELETE`` deletes its key's row (its other columns are not read).
+
+    Why one function: every keyed write that removes rows as well as adding them (a table
+    synchronised with new content, the states batch inference re-encodes or orphans) is this
+    one commit, so deletes and upserts land atomically together and Delta conflict-checks the
+    whole write. The caller owns the concurrency policy (``sync_table`` diffs again on a
+    conflict; batch inference refuses to write over a moved table). `staged` must hold each key
+    at most once (Delta refuses a MERGE in which two source rows match one target row).
+    """
     from delta.tables import DeltaTable
 
     cols = [f.name for f in schema.fields]
     value_cols = [c for c in cols if c not in key_cols]
-    staged = changed.withColumn(_TAG, F.when(F.col(_STATUS) == "D", F.lit(_TAG_DELETE))
-                                .otherwise(F.lit(_TAG_UPSERT))).select(*cols, _TAG)
+    upsert, delete = (f"s.{MERGE_TAG} = '{tag}'" for tag in (TAG_UPSERT, TAG_DELETE))
     target = DeltaTable.forPath(spark, path).alias("t")
     merge = target.merge(staged.alias("s"), _null_safe_match(key_cols))
-    merge = merge.whenMatchedDelete(condition=f"s.{_TAG} = '{_TAG_DELETE}'")
+    merge = merge.whenMatchedDelete(condition=delete)
     if value_cols:
-        merge = merge.whenMatchedUpdate(condition=f"s.{_TAG} = '{_TAG_UPSERT}'",
-                                        set={c: f"s.`{c}`" for c in value_cols})
-    merge = merge.whenNotMatchedInsert(condition=f"s.{_TAG} = '{_TAG_UPSERT}'",
-                                       values={c: f"s.`{c}`" for c in cols})
+        merge = merge.whenMatchedUpdate(condition=upsert, set={c: f"s.`{c}`" for c in value_cols})
+    merge = merge.whenNotMatchedInsert(condition=upsert, values={c: f"s.`{c}`" for c in cols})
     merge.execute()
 
 
@@ -633,6 +649,28 @@ def _epoch_micros(ts: datetime) -> int:
 def ts_literal(ts: datetime) -> Column:
     """A Spark timestamp literal for an aware datetime, independent of the session time zone."""
     return F.timestamp_micros(F.lit(_epoch_micros(ts)))
+
+
+# --------------------------------------------------------------------------------------
+# One-row records under <lake>/_meta (build configuration, build progress, coverage, cutoffs)
+# --------------------------------------------------------------------------------------
+def load_record(spark: SparkSession, path: str) -> Optional[Row]:
+    """The row of the one-row Delta table at `path`; None when there is no table (a lake written
+    before the record existed) or no row."""
+    if not table_exists(spark, path):
+        return None
+    return read_table(spark, path).first()
+
+
+def store_json_record(spark: SparkSession, path: str, column: str, text: str,
+                      now: datetime) -> None:
+    """Replace the one-row table at `path` by (`column` = text, updated_at = now): one
+    overwrite commit, so a reader sees the old record or the new one, never none."""
+    schema = T.StructType([T.StructField(column, T.StringType(), False),
+                           T.StructField(C.UPDATED_AT, T.TimestampType(), False)])
+    df = spark.createDataFrame([(text, now)], schema)
+    (df.coalesce(1).write.format("delta").mode("overwrite").option("overwriteSchema", "true")
+     .save(path))
 
 
 def print_results(results: List[WriteResult]) -> None:

@@ -222,18 +222,19 @@ def scoped_environ(values: Dict[str, Optional[str]]) -> Iterator[None]:
     previous values (unset ones are removed again)."""
     saved = {k: os.environ.get(k) for k in values}
     try:
-        for k, v in values.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_environ(values)
         yield
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _set_environ(saved)
+
+
+def _set_environ(values: Dict[str, Optional[str]]) -> None:
+    """Set each variable to its value, or unset it where the value is None."""
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def feast_env(lake_root: str | Path, feast_data: str | Path) -> contextlib.AbstractContextManager[None]:

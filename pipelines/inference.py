@@ -1,18 +1,12 @@
-"""Batch inference: the encoder's last hidden state per user -> the ``user_states`` Delta table.
+"""Batch inference, driver side: the encoder's last hidden state per user -> ``user_states``.
 
-The offline half of the hybrid user tower (seed 003): ``encode_user_state`` runs in Spark over
+The offline half of the hybrid user tower (seed 003): the encoder runs in Spark over
 ``user_sequences`` and its output is MERGEd into ``user_states`` (then snapshotted for Feast by
-pipelines/feast_ops.py). The only module of pipelines/ that imports torch.
-
-How the model reaches the executors: the closure given to ``mapInArrow`` carries only the
-bundle PATH and the expected model_version, never the model (pickling a module into every task
-would ship the weights per task and bypass the bundle's checksums). Each Python worker loads
-the bundle once with ``models.export.load_bundle`` (checksums verified) into a module-level
-cache keyed by (path, model_version); Spark reuses Python workers across tasks, so the load
-happens once per worker, not per task or batch. The worker also checks that the bundle on disk
-still has the version the driver saw, so a bundle replaced mid-run fails loudly instead of
-writing states under the wrong version. The path must be readable from the executors (a local
-path for local / local-cluster masters, a shared mount on a real cluster).
+pipelines/feast_ops.py). This module decides which users to encode, runs the encoder through
+``mapInArrow`` and writes the states with ``pipelines.delta_io.merge_tagged``; what runs in the
+Spark Python workers (bundle loading, Arrow batches -> tensors -> states) is
+``pipelines.inference_worker``, the only torch code of pipelines/. The command line is
+``main`` at the end of this module (jobs/batch_inference.py).
 
 Incremental: a user is (re-)encoded only if it has no state, its state's ``sequence_hash``
 differs from the current history's, or its state was written by another ``model_version`` (a
@@ -21,7 +15,7 @@ longer in ``user_sequences`` are deleted in the same MERGE (never served from a 
 history). Nothing to do -> no Delta commit at all.
 
 Which users are looked at follows the change feed of ``user_sequences`` (its Delta change data
-feed is on, pipelines/cli.py): each successful run records in ``<lake>/_meta/inference_progress``
+feed is on, pipelines/build.py): each successful run records in ``<lake>/_meta/inference_progress``
 the user_sequences version it consumed, its model_version and the user_states version it left,
 after its MERGE (a crash in between leaves the old record, whose user_states version no longer
 matches: the next run redoes the work, it never skips any). The next run with the same model
@@ -34,11 +28,6 @@ progress is recorded, the model changed, user_states moved since the record, eit
 deleted and created again (its Delta table id is recorded too), user_sequences was
 overwritten/replaced/restored in the range, its change feed is unavailable for the range
 (vacuumed, or enabled after the consumed version), with ``repair_duplicates`` or with ``full``.
-
-Inputs are turned into tensors only by ``models.features.pad_history`` (the one place shared
-with training and serving), in chunks of ``batch_size`` rows under ``torch.inference_mode`` with
-one torch thread per Spark Python worker (Spark already runs one worker per core; the thread
-count is set inside the mapInArrow function, never in the driver or a test process).
 """
 from __future__ import annotations
 
@@ -46,19 +35,16 @@ import argparse
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
-import numpy as np
 import pyarrow as pa
 
 import ctt_contracts as C
 from pipelines import lease
+from pipelines.inference_worker import DEFAULT_BATCH_SIZE, make_encoder
 
-DEFAULT_BATCH_SIZE = 1024
 # Columns local to this module's staging (never stored: not contract names).
 _REASON = "__reason"  # why a user is (re-)encoded
-_TAG = "__tag"  # MERGE staging: upsert or delete
-_TAG_UPSERT, _TAG_DELETE = "U", "D"
 _STATE_HASH, _STATE_VERSION = "__state_hash", "__state_version"
 REASON_NEW, REASON_CHANGED, REASON_MODEL = "new_user", "sequence_changed", "model_version_changed"
 REASON_ORPHAN, REASON_SAME = "orphan_state", "up_to_date"
@@ -74,85 +60,6 @@ _REWRITE_OPERATIONS = ("RESTORE", "TRUNCATE")
 _OVERWRITE_MODE = "Overwrite"
 # how a change feed read says its files are gone (vacuumed): the read fails in a task
 _MISSING_FILE_MARKERS = ("FILE_NOT_EXIST", "FileNotFoundException", "DELTA_CHANGE_DATA_FILE_NOT_FOUND")
-
-# (bundle path, model_version) -> model in eval mode; one entry per Python worker process.
-_MODEL_CACHE: Dict[Tuple[str, str], Any] = {}
-
-
-# --------------------------------------------------------------------------------------
-# Worker side: pure python/torch, testable without Spark
-# --------------------------------------------------------------------------------------
-def cached_model(bundle_path: str, model_version: str) -> Any:
-    """The bundle's model, loaded once per process; raises if the bundle's version changed."""
-    key = (bundle_path, model_version)
-    model = _MODEL_CACHE.get(key)
-    if model is None:
-        from models.export import BundleError, load_bundle
-
-        bundle = load_bundle(bundle_path)
-        if bundle.model_version != model_version:
-            raise BundleError(f"{bundle_path}: holds model_version {bundle.model_version!r} but the "
-                              f"job started with {model_version!r} (bundle replaced during the run?)")
-        model = bundle.model.eval()
-        _MODEL_CACHE[key] = model
-    return model
-
-
-def encode_histories(model: Any, histories: Sequence[Tuple[np.ndarray, np.ndarray]],
-                     batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
-    """[(item_ids, event_ts)] -> states float32 (N, state_dim), ``batch_size`` rows per forward."""
-    import torch
-
-    from models.features import pad_history
-
-    if batch_size <= 0:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    max_len = model.config.max_len
-    out = np.empty((len(histories), model.state_dim), dtype=np.float32)
-    with torch.inference_mode():
-        for start in range(0, len(histories), batch_size):
-            padded = [pad_history(i, t, max_len) for i, t in histories[start:start + batch_size]]
-            items = torch.from_numpy(np.stack([p[0] for p in padded]))  # (B, L)
-            ts = torch.from_numpy(np.stack([p[1] for p in padded]))  # (B, L)
-            out[start:start + len(padded)] = model.encode_user_state(items, ts).numpy()  # (B, S)
-    return out
-
-
-def _list_rows(column: pa.Array) -> list[np.ndarray]:
-    """A list<long> Arrow column -> one int64 numpy view per row (no per-element python)."""
-    if column.null_count:
-        raise ValueError(f"history arrays must not be null ({column.null_count} null rows)")
-    offsets = column.offsets.to_numpy()
-    values = column.values.to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
-    return [values[offsets[i]:offsets[i + 1]] for i in range(len(column))]
-
-
-def encode_batch(batch: pa.RecordBatch, model: Any, batch_size: int) -> pa.RecordBatch:
-    """One Arrow batch of user_sequences rows -> (user_id, hidden_state, sequence_hash)."""
-    items = _list_rows(batch.column(C.ITEM_IDS))
-    ts = _list_rows(batch.column(C.EVENT_TS))
-    states = encode_histories(model, list(zip(items, ts)), batch_size)  # (N, S)
-    n, dim = states.shape
-    offsets = pa.array(np.arange(0, (n + 1) * dim, dim, dtype=np.int32))
-    hidden = pa.ListArray.from_arrays(offsets, pa.array(states.reshape(-1), type=pa.float32()))
-    return pa.RecordBatch.from_arrays(
-        [batch.column(C.USER_ID), hidden, batch.column(C.SEQUENCE_HASH)],
-        names=[C.USER_ID, C.HIDDEN_STATE, C.SEQUENCE_HASH])
-
-
-def make_encoder(bundle_path: str, model_version: str, batch_size: int):
-    """The mapInArrow function: captures only strings and an int (see module docstring)."""
-
-    def encode_partition(batches: Iterator[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
-        import torch
-
-        torch.set_num_threads(1)  # runs in a Spark Python worker: one worker per core already
-        model = cached_model(bundle_path, model_version)
-        for batch in batches:
-            if batch.num_rows:
-                yield encode_batch(batch, model, batch_size)
-
-    return encode_partition
 
 
 # --------------------------------------------------------------------------------------
@@ -417,20 +324,6 @@ class InferenceResult:
                 f"user_states {states}: {what}; {self.mode}: {self.mode_reason}")
 
 
-def _merge(spark, path: str, staged) -> None:
-    """One MERGE on user_id: upsert encoded states, delete orphaned ones."""
-    from delta.tables import DeltaTable
-
-    cols = list(C.USER_STATES_COLUMNS)
-    values = [c for c in cols if c != C.USER_ID]
-    (DeltaTable.forPath(spark, path).alias("t")
-     .merge(staged.alias("s"), f"t.`{C.USER_ID}` = s.`{C.USER_ID}`")
-     .whenMatchedDelete(condition=f"s.{_TAG} = '{_TAG_DELETE}'")
-     .whenMatchedUpdate(condition=f"s.{_TAG} = '{_TAG_UPSERT}'", set={c: f"s.`{c}`" for c in values})
-     .whenNotMatchedInsert(condition=f"s.{_TAG} = '{_TAG_UPSERT}'", values={c: f"s.`{c}`" for c in cols})
-     .execute())
-
-
 def repair_command(lake: str, bundle_path: str) -> str:
     return (f"python jobs/batch_inference.py --lake {lake} --bundle {bundle_path} "
             f"--repair-duplicates (the users whose states it deletes are re-encoded as new users)")
@@ -543,6 +436,8 @@ def _stage(spark, classified, n_todo: int, n_del: int, bundle_path: str, model_v
     from pyspark import StorageLevel
     from pyspark.sql import functions as F
 
+    from pipelines.delta_io import MERGE_TAG, TAG_DELETE, TAG_UPSERT
+
     todo = (classified.where(F.col(_REASON).isin(*TO_ENCODE))
             .repartition(partitions or spark.sparkContext.defaultParallelism))
     # Persist the model output: the MERGE may scan its source twice (never run the encoder
@@ -552,19 +447,20 @@ def _stage(spark, classified, n_todo: int, n_del: int, bundle_path: str, model_v
     cached.append(encoded)
     if encoded.count() != n_todo:
         raise RuntimeError("the encoder returned a different number of rows than it was given")
-    staged = encoded.withColumn(_TAG, F.lit(_TAG_UPSERT))
+    staged = encoded.withColumn(MERGE_TAG, F.lit(TAG_UPSERT))
     if n_del:
         blank = [F.lit(None).cast(f.dataType).alias(f.name)
                  for f in C.spark_schema(C.T_USER_STATES).fields if f.name != C.USER_ID]
         orphans = classified.where(F.col(_REASON) == REASON_ORPHAN).select(C.USER_ID, *blank)
-        staged = staged.unionByName(orphans.withColumn(_TAG, F.lit(_TAG_DELETE)))
+        staged = staged.unionByName(orphans.withColumn(MERGE_TAG, F.lit(TAG_DELETE)))
     return staged
 
 
 def _commit(spark, states_path: str, staged, has_states: bool, states_version: Optional[int],
             fence: Callable[[], None]) -> None:
     """The run's one write: the keyed MERGE, only if user_states is still where it was read."""
-    from pipelines.delta_io import ConcurrentWriteError, delta_conflicts, ensure_table, table_version
+    from pipelines.delta_io import (ConcurrentWriteError, delta_conflicts, ensure_table,
+                                    merge_tagged, table_version)
 
     fence()
     if not has_states:  # first run: create, then the same keyed MERGE into the empty table
@@ -577,7 +473,7 @@ def _commit(spark, states_path: str, staged, has_states: bool, states_version: O
             f"encoded against v{states_version} (a writer that does not hold the lake's "
             f"lease); this run wrote nothing. Run it again")
     try:
-        _merge(spark, states_path, staged)
+        merge_tagged(spark, states_path, C.spark_schema(C.T_USER_STATES), [C.USER_ID], staged)
     except delta_conflicts() as err:
         raise ConcurrentWriteError(
             f"{C.T_USER_STATES}: another writer committed while this run's MERGE ran "
@@ -661,6 +557,15 @@ def _infer(spark, lake: str, bundle_path: str, model_version: str, batch_size: i
 # --------------------------------------------------------------------------------------
 # Job entry point (jobs/batch_inference.py)
 # --------------------------------------------------------------------------------------
+def add_encoding_flags(parser: argparse.ArgumentParser) -> None:
+    """--batch-size and --partitions of the encoding stage: the same two knobs for the batch
+    inference job and for the refresh that runs it."""
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                        help="rows per forward pass of the encoder")
+    parser.add_argument("--partitions", type=int, default=None,
+                        help="tasks of the encoding stage (default: Spark's default parallelism)")
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="batch_inference",
@@ -668,9 +573,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     "user_states (incremental), then refresh the Feast snapshots.")
     p.add_argument("--lake", required=True, help="lake root (local folder or Hadoop URI)")
     p.add_argument("--bundle", required=True, help="exported model bundle folder (models.export)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, help="rows per forward pass")
-    p.add_argument("--partitions", type=int, default=None,
-                   help="tasks of the encoding stage (default: Spark's default parallelism)")
+    add_encoding_flags(p)
     p.add_argument("--master", default=None, help="Spark master (default: spark-submit's or local[*])")
     p.add_argument("--no-feast-export", action="store_true",
                    help="skip refreshing the Parquet snapshots Feast materializes from")

@@ -3,7 +3,7 @@
 A thin orchestration of the existing steps, in the order the data flows:
 
 1. ``run_build_sequences``   validates the appended raw events and MERGEs only the affected
-                             users into ``user_sequences`` (pipelines/cli.py), with the build
+                             users into ``user_sequences`` (pipelines/build.py), with the build
                              configuration the lake stores (pipelines/build_config.py) unless
                              flags override it;
 2. ``run_batch_inference``   re-encodes only users whose history hash or model version changed
@@ -51,9 +51,10 @@ import ctt_contracts as C
 from pipelines import feast_ops
 from pipelines.build_config import (BuildConfig, add_build_flags, flag_values,
                                     load_build_config, timestamp_arg, with_overrides)
-from pipelines.cli import BuildResult, run_build_sequences
+from pipelines.build import BuildResult, run_build_sequences
 from pipelines.delta_io import WriteResult
-from pipelines.inference import DEFAULT_BATCH_SIZE, InferenceResult, run_batch_inference
+from pipelines.inference import (DEFAULT_BATCH_SIZE, InferenceResult, add_encoding_flags,
+                                 run_batch_inference)
 
 VERSION_MARKER = "ctt_model_version"  # file in the Feast data folder: the version it serves
 # Key in a Redis online store's db: JSON {model_version, feast_data} of the store that filled it.
@@ -354,16 +355,15 @@ def run_refresh(spark: Any, lake: str, bundle: str | Path, feast_data: str | Pat
 # CLI: jobs/refresh.py (python or spark-submit)
 # --------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from pipelines.cli import add_spark_args
+    from pipelines.cli import job_parser
 
-    p = argparse.ArgumentParser(
-        prog="refresh",
-        description="Daily refresh: build_sequences (appended events -> affected users) -> "
-                    "batch inference (re-encodes only changed users) -> Feast snapshots -> "
-                    "materialize-incremental into the online store of --feast-data. Prints what "
-                    "each step touched. With --new-model: roll a new bundle out into a fresh "
-                    "Feast data folder (docs/operations.md).")
-    add_spark_args(p)
+    p = job_parser(
+        "refresh",
+        "Daily refresh: build_sequences (appended events -> affected users) -> "
+        "batch inference (re-encodes only changed users) -> Feast snapshots -> "
+        "materialize-incremental into the online store of --feast-data. Prints what "
+        "each step touched. With --new-model: roll a new bundle out into a fresh "
+        "Feast data folder (docs/operations.md).")
     p.add_argument("--bundle", required=True, help="model bundle folder being served")
     p.add_argument("--feast-data", default=None,
                    help=f"Feast data folder of the online store (registry + SQLite file); "
@@ -378,10 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-model", action="store_true",
                    help="the bundle differs from the states in the lake: re-encode everyone "
                         "into a fresh --feast-data folder (rollout)")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                   help="rows per forward pass of batch inference")
-    p.add_argument("--partitions", type=int, default=None,
-                   help="tasks of the encoding stage (default: Spark's default parallelism)")
+    add_encoding_flags(p)
     p.add_argument("--full-inference", action="store_true",
                    help="batch inference classifies every user instead of following "
                         "user_sequences' change feed since its last run")

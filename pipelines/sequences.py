@@ -225,12 +225,9 @@ def derive_cutoffs(conv: DataFrame, val_frac: float, test_frac: float) -> SplitC
 
 
 def load_cutoffs(spark: SparkSession, lake: str) -> Optional[SplitCutoffs]:
-    from pipelines.delta_io import table_exists
+    from pipelines.delta_io import load_record
 
-    path = split_cutoffs_path(lake)
-    if not table_exists(spark, path):
-        return None
-    row = spark.read.format("delta").load(path).first()
+    row = load_record(spark, split_cutoffs_path(lake))
     if row is None:
         return None
     utc = lambda ts: ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts  # noqa: E731

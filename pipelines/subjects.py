@@ -202,12 +202,9 @@ def coverage_path(lake: str) -> str:
 
 
 def load_coverage(spark: SparkSession, lake: str) -> Optional[SubjectCoverage]:
-    from pipelines.delta_io import read_table, table_exists
+    from pipelines.delta_io import load_record
 
-    path = coverage_path(lake)
-    if not table_exists(spark, path):
-        return None
-    row = read_table(spark, path).first()
+    row = load_record(spark, coverage_path(lake))
     return None if row is None else SubjectCoverage(**row.asDict())
 
 

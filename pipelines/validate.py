@@ -202,11 +202,19 @@ def item_checks(raw_items: DataFrame) -> List[Tuple[Column, str]]:
     ]
 
 
+def _keyed_reasons(raw: DataFrame, columns: Sequence[str], checks: List[Tuple[Column, str]],
+                   key: str) -> DataFrame:
+    """raw rows + internal reason column + row_json, for a table with one row per `key` (items,
+    users): the first failing row-local check, else duplicate_key for each row of a repeated
+    key but the first (in row_json order)."""
+    df = raw.withColumn(C.ROW_JSON, _row_json(raw, columns))
+    df = df.withColumn(_REASON, _first_failing(checks))
+    return _mark_duplicates(df, [key], [F.col(C.ROW_JSON)], C.R_DUPLICATE_KEY)
+
+
 def item_reasons(raw_items: DataFrame) -> DataFrame:
     """raw items + internal reason column + row_json."""
-    df = raw_items.withColumn(C.ROW_JSON, _row_json(raw_items, C.ITEMS_COLUMNS))
-    df = df.withColumn(_REASON, _first_failing(item_checks(raw_items)))
-    return _mark_duplicates(df, [C.ITEM_ID], [F.col(C.ROW_JSON)], C.R_DUPLICATE_KEY)
+    return _keyed_reasons(raw_items, C.ITEMS_COLUMNS, item_checks(raw_items), C.ITEM_ID)
 
 
 def validate_items(raw_items: DataFrame) -> Tuple[DataFrame, DataFrame]:
@@ -239,9 +247,8 @@ def user_checks(raw_users: DataFrame) -> List[Tuple[Column, str]]:
 
 
 def user_reasons(raw_users: DataFrame) -> DataFrame:
-    df = raw_users.withColumn(C.ROW_JSON, _row_json(raw_users, C.USERS_COLUMNS))
-    df = df.withColumn(_REASON, _first_failing(user_checks(raw_users)))
-    return _mark_duplicates(df, [C.USER_ID], [F.col(C.ROW_JSON)], C.R_DUPLICATE_KEY)
+    """raw users + internal reason column + row_json."""
+    return _keyed_reasons(raw_users, C.USERS_COLUMNS, user_checks(raw_users), C.USER_ID)
 
 
 def validate_users(raw_users: DataFrame) -> Tuple[DataFrame, DataFrame]:

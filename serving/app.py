@@ -22,6 +22,7 @@ configured, a sampled share is written to it (serving.request_log).
 """
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import math
@@ -109,7 +110,25 @@ def _field_errors(exc: RequestValidationError) -> List[Dict[str, Any]]:
     return fields
 
 
-class BodyLimit:
+class HttpMiddleware(abc.ABC):
+    """An ASGI middleware that acts on HTTP requests only (``http``); lifespan and websocket
+    scopes go to the wrapped app untouched, as Starlette expects of every layer."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self.http(scope, receive, send)
+
+    @abc.abstractmethod
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Handle one HTTP request."""
+
+
+class BodyLimit(HttpMiddleware):
     """413 for a request body above `max_bytes`, decided before anything parses it.
 
     A declared Content-Length above the limit is refused without reading a byte; a chunked body
@@ -120,13 +139,10 @@ class BodyLimit:
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         if max_bytes < 0:
             raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
-        self.app = app
+        super().__init__(app)
         self.max_bytes = max_bytes
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
             await self._refuse(scope, receive, send, declared)
@@ -175,20 +191,14 @@ def _content_length(scope: Scope) -> Optional[int]:
     return None
 
 
-class InternalErrors:
+class InternalErrors(HttpMiddleware):
     """The last line before the server: an unexpected exception becomes a complete 500 answer.
 
     Not re-raised (unlike Starlette's `Exception` handler), so uvicorn keeps the keep-alive
     connection open for the client's next request. The trace goes to the server log only.
     """
 
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = False
 
         async def tracking_send(message: Message) -> None:
@@ -215,7 +225,7 @@ class FastJSONResponse(JSONResponse):
         return orjson.dumps(content)
 
 
-class Observe:
+class Observe(HttpMiddleware):
     """Outermost layer: every answer counted by endpoint, status and outcome, and timed.
 
     The outcome of an error is read from its body (every error of the app has the one shape of
@@ -224,13 +234,10 @@ class Observe:
     """
 
     def __init__(self, app: ASGIApp, metrics: ServingMetrics) -> None:
-        self.app = app
+        super().__init__(app)
         self.metrics = metrics
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         t0 = time.perf_counter()
         status = 500
         error_chunks: List[bytes] = []

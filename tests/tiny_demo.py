@@ -10,7 +10,7 @@ The two Spark steps are replaced, because one JVM start costs more than this who
 the Spark jobs have their own tests (tests/pipelines, tests/serving_offline):
 - generate + build_sequences -> synthetic_lake.write_lake (tests/) (the same planted signal and
   contract tables, written with deltalake);
-- batch inference -> pipelines.inference.encode_histories (the function the Spark workers run)
+- batch inference -> pipelines.inference_worker.encode_histories (the function the Spark workers run)
   over each user's latest full history, written to ``user_states`` with deltalake.
 
 A module with a unique name (not conftest) so tests/models and tests/notebooks can both import it.
@@ -73,7 +73,7 @@ def write_user_states(lake: Path, bundle_dir: Path, state_ts: datetime) -> int:
     from deltalake import DeltaTable, write_deltalake
 
     from models.export import load_bundle
-    from pipelines.inference import encode_histories
+    from pipelines.inference_worker import encode_histories
 
     bundle = load_bundle(bundle_dir)
     sequences = DeltaTable(str(lake / C.T_SEQUENCES)).to_pandas()

@@ -36,6 +36,38 @@ def test_import_directions(package, allowed):
     assert _project_imports(package) <= allowed
 
 
+def _private_imports(path: Path) -> Set[str]:
+    """``from project.x import _y`` and ``x._y`` (x a project module bound by an import) in a file."""
+    tree = ast.parse(path.read_text())
+    modules, found = {}, set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 \
+                and node.module.split(".")[0] in PROJECT:
+            for a in node.names:
+                if a.name.startswith("_"):
+                    found.add(f"{node.module}.{a.name}")
+                modules[a.asname or a.name] = f"{node.module}.{a.name}"
+        elif isinstance(node, ast.Import):
+            modules.update({a.asname or a.name.split(".")[0]: a.name for a in node.names
+                            if a.name.split(".")[0] in PROJECT})
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) \
+                and node.value.id in modules and node.attr.startswith("_") \
+                and not node.attr.startswith("__"):
+            found.add(f"{modules[node.value.id]}.{node.attr}")
+    return found
+
+
+def test_no_module_reaches_into_another_modules_private_names():
+    """A leading underscore marks a name its module may change alone; a caller elsewhere gets
+    a public name (the seams between modules must stay visible)."""
+    found = {f"{path.relative_to(REPO)}: {name}"
+             for package in ("ctt_contracts", "pipelines", "models", "serving", "feature_repo",
+                             "jobs", "benchmarks")
+             for path in (REPO / package).rglob("*.py") for name in _private_imports(path)}
+    assert found == set()
+
+
 def test_projection_orders_by_weight_then_id_and_renormalises_as_float32():
     ids, w = C.project_context([9, 2, 5, 1], [0.25, 0.5, 0.25, 0.25], 3)
     assert ids == [2, 1, 5]  # weight desc, then the smaller id among the tied 0.25s

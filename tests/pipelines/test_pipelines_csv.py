@@ -13,7 +13,9 @@ from pyspark.sql import types as T
 
 import ctt_contracts as C
 from pipelines import ingest as I
-from pipelines.cli import BuildConfig, ingest_main, run_build_sequences
+from pipelines.build import run_build_sequences
+from pipelines.build_config import BuildConfig
+from pipelines.cli import ingest_main
 from pipelines.delta_io import RAW_ROW_JSON, create_table, raw_schema, read_table, table_exists
 from pipelines.validate import (QuarantineThresholdExceeded, validate_events, validate_items,
                                 validate_users)

@@ -19,8 +19,10 @@ from delta.tables import DeltaTable
 from pyspark.sql import functions as F
 
 import ctt_contracts as C
+from pipelines.build import run_build_sequences
+from pipelines.build_config import BuildConfig
 from pipelines.build_progress import FULL, INCREMENTAL, load_progress, progress_path
-from pipelines.cli import BuildConfig, build_sequences_main, run_build_sequences
+from pipelines.cli import build_sequences_main
 from pipelines.delta_io import read_table, table_version, write_raw
 from pipelines.sequences import load_cutoffs
 from pipelines.subjects import load_coverage

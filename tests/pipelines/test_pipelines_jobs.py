@@ -16,9 +16,12 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 import ctt_contracts as C
-from pipelines.cli import BuildConfig, ingest_main, run_build_sequences, run_generate
-from pipelines.delta_io import (conform, create_table, read_table, sync_quarantine, sync_table, table_exists, table_version,
-                                write_raw)
+from pipelines.build import run_build_sequences
+from pipelines.build_config import BuildConfig
+from pipelines.cli import ingest_main, run_generate
+from pipelines.delta_io import (MERGE_TAG, TAG_DELETE, TAG_UPSERT, conform, create_table,
+                                merge_tagged, read_table, sync_quarantine, sync_table,
+                                table_exists, table_version, write_raw)
 from pipelines.sequences import load_cutoffs
 from pipelines.synthetic import PLANTED, SyntheticConfig
 
@@ -210,6 +213,28 @@ def test_sync_table_inserts_updates_deletes_by_key(spark, tmp_path):
     assert not same.changed and same.version == res.version
     with pytest.raises(ValueError, match="not unique"):
         sync_table(spark, mk([r3, (3, t, [4], [0], "d")]), path, "t", schema, [C.USER_ID])
+
+
+def test_merge_tagged_upserts_and_deletes_in_one_commit(spark, tmp_path):
+    """The tagged MERGE batch inference and sync_table share: upserts and deletes together in
+    one commit; a delete of an absent key and the delete rows' other columns change nothing."""
+    path = str(tmp_path / "states")
+    schema = C.spark_schema(C.T_USER_STATES)
+    t = datetime(2024, 1, 1, tzinfo=timezone.utc)
+    staged_schema = T.StructType([*(T.StructField(f.name, f.dataType, True) for f in schema.fields),
+                                  T.StructField(MERGE_TAG, T.StringType(), False)])
+    mk = lambda rows: spark.createDataFrame(rows, staged_schema)  # noqa: E731
+    create_table(spark, path, schema)
+    merge_tagged(spark, path, schema, [C.USER_ID],
+                 mk([(1, [0.5], "m1", t, "a", TAG_UPSERT), (2, [1.5], "m1", t, "b", TAG_UPSERT)]))
+    before = table_version(spark, path)
+    merge_tagged(spark, path, schema, [C.USER_ID],
+                 mk([(1, [2.5], "m2", t, "a2", TAG_UPSERT), (2, None, None, None, None, TAG_DELETE),
+                     (3, [3.5], "m2", t, "c", TAG_UPSERT), (9, None, None, None, None, TAG_DELETE)]))
+    assert table_version(spark, path) == before + 1
+    naive = t.replace(tzinfo=None)  # session zone is UTC
+    assert _rows(read_table(spark, path).select(*schema.fieldNames())) == [
+        (1, [2.5], "m2", naive, "a2"), (3, [3.5], "m2", naive, "c")]
 
 
 def test_quarantine_keeps_duplicates_and_first_ingestion_time(spark, tmp_path):

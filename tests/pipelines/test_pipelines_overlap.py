@@ -15,7 +15,9 @@ from delta.tables import DeltaTable
 
 import ctt_contracts as C
 from pipelines import lease
-from pipelines.cli import BuildConfig, build_sequences_main, run_build_sequences, run_generate
+from pipelines.build import run_build_sequences
+from pipelines.build_config import BuildConfig
+from pipelines.cli import build_sequences_main, run_generate
 from pipelines.delta_io import (SYNC_ATTEMPTS, ConcurrentWriteError, DuplicateKeyError,
                                 read_table, sync_table, table_version)
 from pipelines.synthetic import SyntheticConfig

@@ -13,8 +13,9 @@ from pyspark.sql import functions as F
 import ctt_contracts as C
 from pipelines import feast_ops
 from pipelines import ingest as I
-from pipelines.cli import (BuildConfig, build_parser, ingest_main, ingest_parser,
-                           run_build_sequences, run_ingest)
+from pipelines.build import run_build_sequences
+from pipelines.build_config import BuildConfig
+from pipelines.cli import build_parser, ingest_main, ingest_parser, run_ingest
 from pipelines.delta_io import read_table, table_exists
 from pipelines.subjects import (DERIVE_LAST_OTHER_VIEW, DERIVE_LAST_VIEW, SubjectCoverage,
                                 load_coverage)

@@ -406,7 +406,9 @@ def test_realistic_world_is_a_valid_log_for_the_build(spark, tmp_path):
     context row (every conversion logs its subject)."""
     from pyspark.sql import functions as F
 
-    from pipelines.cli import BuildConfig, run_build_sequences, run_generate
+    from pipelines.build import run_build_sequences
+    from pipelines.build_config import BuildConfig
+    from pipelines.cli import run_generate
     from pipelines.delta_io import read_table
 
     cfg = SyntheticConfig(n_users=400, n_items=3000, malformed_frac=0.02, seed=9)

@@ -20,7 +20,9 @@ from models import evaluate as ev
 from models.export import export_bundle, load_bundle
 from models.two_tower import ContextualTwoTower
 import ctt_contracts as C
-from pipelines.cli import BuildConfig, run_build_sequences, run_generate
+from pipelines.build import run_build_sequences
+from pipelines.build_config import BuildConfig
+from pipelines.cli import run_generate
 from pipelines.synthetic import SyntheticConfig
 
 REPO = Path(__file__).resolve().parents[2]

@@ -17,8 +17,8 @@ import pytest
 import refresh_lake as RL
 
 import ctt_contracts as C
+from pipelines.build import run_build_sequences
 from pipelines.build_config import BuildConfig, load_build_config
-from pipelines.cli import run_build_sequences
 from pipelines.refresh import run_refresh
 
 pytestmark = [pytest.mark.spark, pytest.mark.integration, pytest.mark.slow]

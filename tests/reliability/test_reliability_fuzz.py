@@ -24,7 +24,8 @@ import pytest
 
 import ctt_contracts as C
 from pipelines import ingest as I
-from pipelines.cli import BuildConfig, run_build_sequences
+from pipelines.build import run_build_sequences
+from pipelines.build_config import BuildConfig
 from pipelines.delta_io import SNAPSHOT_PARTITIONS_CONF, read_table, tune_local_delta
 
 pytestmark = pytest.mark.spark

@@ -27,7 +27,9 @@ from test_reliability_jobs import assert_same_lake, lake_frames
 
 import ctt_contracts as C
 from pipelines import feast_ops
-from pipelines.cli import BuildConfig, ingest_main, run_build_sequences, run_generate
+from pipelines.build import run_build_sequences
+from pipelines.build_config import BuildConfig
+from pipelines.cli import ingest_main, run_generate
 from pipelines.lease import EXIT_CONTENDED
 from pipelines.synthetic import SyntheticConfig
 

@@ -32,7 +32,7 @@ def sync_sequences(spark, lake: str, hist: History, as_of_shift_s: Dict[int, int
     """Make user_sequences hold ``hist`` as build_sequences does (keyed MERGE of the
     differences, change data feed on); ``as_of_shift_s`` moves a user's as_of_ts without
     touching its history (a row update whose sequence_hash does not change)."""
-    from pipelines.cli import CDF_PROPERTIES
+    from pipelines.delta_io import CDF_PROPERTIES
     from pipelines.delta_io import sync_table
     from pipelines.sequences import sequence_hash
 
@@ -257,7 +257,7 @@ def test_a_failed_merge_does_not_advance_the_progress_and_a_new_model_reencodes_
 def test_an_unavailable_change_feed_falls_back_to_full_with_the_reason(spark, tmp_path, bundles):
     from delta.tables import DeltaTable
 
-    from pipelines.cli import CDF_PROPERTIES
+    from pipelines.delta_io import CDF_PROPERTIES
     from pipelines.delta_io import ensure_properties
 
     lake = str(tmp_path / "lake")

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -9,7 +11,7 @@ import pytest
 from offline_lake import histories, reference_states
 
 import ctt_contracts as C
-from pipelines import inference
+from pipelines import inference_worker as worker
 
 
 def test_encode_histories_matches_one_user_at_a_time(bundles):
@@ -18,7 +20,7 @@ def test_encode_histories_matches_one_user_at_a_time(bundles):
     hist = histories(40)
     model = load_bundle(bundles.first).model
     expected = reference_states(bundles.first, hist)
-    got = inference.encode_histories(model, list(hist.values()), batch_size=7)  # ragged last batch
+    got = worker.encode_histories(model, list(hist.values()), batch_size=7)  # ragged last batch
     assert got.dtype == np.float32 and got.shape == (40, model.state_dim)
     np.testing.assert_allclose(got, np.stack([expected[u] for u in hist]), atol=1e-5, rtol=0)
 
@@ -33,8 +35,8 @@ def test_encode_batch_reads_sliced_arrow_lists(bundles):
                       C.EVENT_TS: pa.array([hist[u][1] for u in users], pa.list_(pa.int64())),
                       C.SEQUENCE_HASH: pa.array([f"h{u}" for u in users])})
     batch = table.to_batches()[0].slice(3, 5)
-    model = inference.cached_model(str(bundles.first), _version(bundles.first))
-    out = inference.encode_batch(batch, model, batch_size=2)
+    model = worker.cached_model(str(bundles.first), _version(bundles.first))
+    out = worker.encode_batch(batch, model, batch_size=2)
     expected = reference_states(bundles.first, {u: hist[u] for u in users[3:8]})
     assert out.column(C.USER_ID).to_pylist() == users[3:8]
     assert out.column(C.SEQUENCE_HASH).to_pylist() == [f"h{u}" for u in users[3:8]]
@@ -44,19 +46,19 @@ def test_encode_batch_reads_sliced_arrow_lists(bundles):
 
 def test_model_is_cached_per_process_and_version_checked(bundles):
     version = _version(bundles.first)
-    a = inference.cached_model(str(bundles.first), version)
-    assert inference.cached_model(str(bundles.first), version) is a
+    a = worker.cached_model(str(bundles.first), version)
+    assert worker.cached_model(str(bundles.first), version) is a
     from models.export import BundleError
 
     with pytest.raises(BundleError, match="replaced during the run"):
-        inference.cached_model(str(bundles.first), "some-other-version-00000000")
+        worker.cached_model(str(bundles.first), "some-other-version-00000000")
 
 
 def test_mapinarrow_closure_carries_a_path_not_the_model(bundles):
     import torch
     from pyspark import cloudpickle  # the pickler Spark uses for mapInArrow functions
 
-    fn = inference.make_encoder(str(bundles.first), _version(bundles.first), 1024)
+    fn = worker.make_encoder(str(bundles.first), _version(bundles.first), 1024)
     blob = cloudpickle.dumps(fn)
     assert len(blob) < 20_000  # the weights alone are far larger
     cells = [c.cell_contents for c in fn.__closure__]
@@ -66,9 +68,18 @@ def test_mapinarrow_closure_carries_a_path_not_the_model(bundles):
 
 
 def test_non_positive_batch_size_is_rejected(bundles):
-    model = inference.cached_model(str(bundles.first), _version(bundles.first))
+    model = worker.cached_model(str(bundles.first), _version(bundles.first))
     with pytest.raises(ValueError, match="batch_size"):
-        inference.encode_histories(model, [([1], [1])], batch_size=0)
+        worker.encode_histories(model, [([1], [1])], batch_size=0)
+
+
+def test_the_worker_module_imports_no_pyspark():
+    """Executors import the worker for every mapInArrow task: it must not need a Spark driver
+    (nor pull one in) to load, and the model loader comes only with the first batch."""
+    code = ("import sys, pipelines.inference_worker; "
+            "print(sorted(m for m in ('pyspark', 'torch', 'pipelines.inference') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def _version(bundle_dir) -> str:
