@@ -78,15 +78,15 @@ def train(configs: Sequence[str], lake: Path, out: Path, seed: int, env: Dict[st
     """jobs/train.py with ``configs`` in order (a later file overlays the earlier ones)."""
     flags = [arg for config in configs for arg in ("--config", config)]
     return run([sys.executable, "jobs/train.py", *flags, "--data.lake_root", str(lake),
-                "--out_dir", str(out), "--run_name", out.name, "--seed_everything", str(seed),
+                "--out-dir", str(out), "--run-name", out.name, "--seed_everything", str(seed),
                 "--trainer.max_time", max_time, "--trainer.enable_progress_bar", "false"], env, log)
 
 
 def evaluate(lake: Path, runs: Path, with_sequence_only: bool, env: Dict[str, str], log: Path) -> float:
-    argv = [sys.executable, "jobs/evaluate.py", "--lake_root", str(lake),
-            "--contextual_bundle", str(runs / "contextual" / "bundle"), "--out_dir", str(runs / "report")]
+    argv = [sys.executable, "jobs/evaluate.py", "--lake", str(lake),
+            "--contextual-bundle", str(runs / "contextual" / "bundle"), "--out-dir", str(runs / "report")]
     if with_sequence_only:
-        argv += ["--sequence_only_bundle", str(runs / "sequence_only" / "bundle")]
+        argv += ["--sequence-only-bundle", str(runs / "sequence_only" / "bundle")]
     return run(argv, env, log)
 
 

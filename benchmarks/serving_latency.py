@@ -186,10 +186,10 @@ def train_bundle(work: Path, users: int, items: int, epochs: int) -> Path:
     lake = work / "train_lake"
     write_lake(lake, FixtureSpec(n_users=users, n_items=items, n_categories=max(10, items // 20)))
     summary = train_main(["--config", str(REPO_ROOT / "configs" / "contextual.yaml"),
-                          "--data.lake_root", str(lake), "--out_dir", str(work / "train"),
-                          "--run_name", "serving-bench", "--trainer.max_epochs", str(epochs),
+                          "--data.lake_root", str(lake), "--out-dir", str(work / "train"),
+                          "--run-name", "serving-bench", "--trainer.max_epochs", str(epochs),
                           "--trainer.enable_progress_bar", "false",
-                          "--tracking_uri", f"sqlite:///{work / 'mlflow.db'}"])
+                          "--tracking-uri", f"sqlite:///{work / 'mlflow.db'}"])
     return Path(summary["bundle"])
 
 

@@ -63,11 +63,11 @@ def steps(out: Path, users: int, items: Optional[int], master: str) -> List[Step
               "--min-history", "0"]),
         Step("train the contextual two-tower (Lightning, MLflow)",
              [py, "jobs/train.py", "--config", "configs/contextual.yaml", "--data.lake_root", str(lake),
-              "--out_dir", str(runs / "contextual")]),
+              "--out-dir", str(runs / "contextual")]),
         Step("train the sequence-only baseline with the same budget",
              [py, "jobs/train.py", "--config", "configs/contextual.yaml", "--config",
               "configs/sequence_only.yaml", "--data.lake_root", str(lake),
-              "--out_dir", str(runs / "sequence_only")]),
+              "--out-dir", str(runs / "sequence_only")]),
         Step("batch inference: encoder last hidden state per user -> user_states (spark-submit)",
              [_bin("spark-submit"), "--master", master, "jobs/batch_inference.py", "--lake", str(lake),
               "--bundle", str(bundle)]),
@@ -80,10 +80,10 @@ def steps(out: Path, users: int, items: Optional[int], master: str) -> List[Step
         # Last, so the report also times the real serving path (Feast read, head, ScaNN search).
         Step("evaluate: contextual vs no context vs sequence-only vs popularity, serving latency "
              "(report + MLflow)",
-             [py, "jobs/evaluate.py", "--lake_root", str(lake), "--contextual_bundle", str(bundle),
-              "--sequence_only_bundle", str(runs / "sequence_only" / "bundle"),
-              "--out_dir", str(out / "report"), "--index", str(out / "index"),
-              "--feature_repo", str(REPO / "feature_repo")]),
+             [py, "jobs/evaluate.py", "--lake", str(lake), "--contextual-bundle", str(bundle),
+              "--sequence-only-bundle", str(runs / "sequence_only" / "bundle"),
+              "--out-dir", str(out / "report"), "--index", str(out / "index"),
+              "--feature-repo", str(REPO / "feature_repo")]),
     ]
 
 
@@ -177,7 +177,7 @@ def serve_and_query(out: Path, env: Dict[str, str], k: int) -> None:
         proc.wait(timeout=30)
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def demo_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_run", help="folder for every output (default demo_run/)")
@@ -187,7 +187,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--master", default="local[*]", help="Spark master of the Spark steps")
     p.add_argument("--k", type=int, default=10, help="items shown per answer")
     p.add_argument("--fresh", action="store_true", help="delete --out first")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return demo_parser().parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

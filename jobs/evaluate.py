@@ -4,11 +4,11 @@ popularity) on the same examples, quality checks with paired bootstrap 95 % inte
 enough data" below 100 examples or with a zero denominator), plus the measured latency of the
 serving path -> report folder (evaluation.md + PNG plots + evaluation.json) + MLflow run.
 
-    python jobs/evaluate.py --lake_root <lake> --contextual_bundle runs/contextual/bundle \
-        --sequence_only_bundle runs/sequence_only/bundle --out_dir runs/report \
-        [--index index --feature_repo feature_repo]
+    python jobs/evaluate.py --lake <lake> --contextual-bundle runs/contextual/bundle \
+        --sequence-only-bundle runs/sequence_only/bundle --out-dir runs/report \
+        [--index index --feature-repo feature_repo]
 
-With ``--index`` and ``--feature_repo`` (after batch inference, feast apply/materialize and
+With ``--index`` and ``--feature-repo`` (after batch inference, feast apply/materialize and
 jobs/build_index.py; CTT_LAKE and CTT_FEAST_DATA exported) the report times real in-process
 resolver requests; without them it says latency was not measured. See models/cli.py and
 serving/latency.py.

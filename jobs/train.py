@@ -1,6 +1,6 @@
 """Train a two-tower model (LightningCLI + YAML config), export its bundle, track it in MLflow.
 
-    python jobs/train.py --config configs/contextual.yaml --data.lake_root <lake> --out_dir runs/contextual
+    python jobs/train.py --config configs/contextual.yaml --data.lake_root <lake> --out-dir runs/contextual
 """
 from models.cli import train_main as main
 

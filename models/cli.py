@@ -3,10 +3,10 @@
 Configuration is LightningCLI/jsonargparse only (one way): YAML files under configs/ plus
 ``--key value`` overrides, e.g.::
 
-    ctt-train --config configs/contextual.yaml --data.lake_root lake --out_dir runs/contextual
-    ctt-train --config configs/contextual.yaml --config configs/sequence_only.yaml --data.lake_root lake --out_dir runs/sequence_only
-    ctt-evaluate --lake_root lake --contextual_bundle runs/contextual/bundle \\
-        --sequence_only_bundle runs/sequence_only/bundle --out_dir runs/report
+    ctt-train --config configs/contextual.yaml --data.lake_root lake --out-dir runs/contextual
+    ctt-train --config configs/contextual.yaml --config configs/sequence_only.yaml --data.lake_root lake --out-dir runs/sequence_only
+    ctt-evaluate --lake lake --contextual-bundle runs/contextual/bundle \\
+        --sequence-only-bundle runs/sequence_only/bundle --out-dir runs/report
 
 Training = seed_everything, fit with ModelCheckpoint + EarlyStopping on ``val/recall_at_100``,
 reload the best checkpoint, export the serving bundle to ``<out_dir>/bundle``, evaluate it on
@@ -14,9 +14,9 @@ the test split, and record everything in MLflow (see models/tracking.py). The da
 ``max_len``/``max_ctx``/``max_item_categories``/``country_buckets`` are linked to the model
 config so the tensors always fit the network.
 
-Resume: rerunning the same command with the same ``--out_dir`` after a crash or a kill resumes
+Resume: rerunning the same command with the same ``--out-dir`` after a crash or a kill resumes
 from the newest ``<out_dir>/<experiment_id>/<run_id>/checkpoints/last.ckpt`` of a run that did
-not finish (``train_summary.json`` names the last finished one), or from ``--ckpt_path``.
+not finish (``train_summary.json`` names the last finished one), or from ``--ckpt-path``.
 The MLflow run of that checkpoint is CONTINUED (tagged ``resumed_from_checkpoint`` and
 ``resume_count``) rather than a new one started: one trained model = one run whose metric
 history has every epoch once, checkpoints stay in the run's folder, and the bundle is logged
@@ -35,6 +35,8 @@ from __future__ import annotations
 import json
 import logging
 import random
+import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -182,25 +184,58 @@ class SaveConfigToRun(SaveConfigCallback):
             logger.experiment.log_artifact(logger.run_id, str(path))
 
 
+# The spellings of the previous release (underscores; ``--lake_root`` for the lake): accepted for
+# one more release, rewritten to the current flag with a warning, and left out of ``--help``.
+# Nested config keys (``--data.lake_root``, ``--trainer.max_epochs``) follow the dataclass and
+# class field names and are not renamed; the config files' top-level keys (``out_dir:``) are
+# the flags' destinations and are unchanged.
+_TRACKING_FLAGS = ("out_dir", "run_name", "experiment_name", "tracking_uri")
+DEPRECATED_TRAIN_FLAGS: Dict[str, str] = {
+    f"--{name}": "--" + name.replace("_", "-")
+    for name in (*_TRACKING_FLAGS, "register_model", "ckpt_path", "auto_resume")}
+DEPRECATED_EVALUATE_FLAGS: Dict[str, str] = {
+    "--lake_root": "--lake",
+    **{f"--{name}": "--" + name.replace("_", "-")
+       for name in (*_TRACKING_FLAGS, "contextual_bundle", "sequence_only_bundle",
+                    "exclude_history", "feature_repo", "latency_requests", "latency_warmup",
+                    "latency_k", "latency_torch_threads")}}
+
+
+def current_flags(argv: Optional[List[str]], renamed: Dict[str, str], prog: str) -> List[str]:
+    """``argv`` (default: this process's) with each deprecated spelling, alone or as
+    ``--flag=value``, replaced by its current one; one FutureWarning per replaced flag."""
+    out = []
+    for token in sys.argv[1:] if argv is None else argv:
+        flag, eq, value = token.partition("=")
+        new = renamed.get(flag)
+        if new is None:
+            out.append(token)
+            continue
+        warnings.warn(f"{prog}: {flag} is deprecated and will be removed in the next release; "
+                      f"use {new}", FutureWarning, stacklevel=3)
+        out.append(new + eq + value)
+    return out
+
+
 class TrainCLI(LightningCLI):
     """LightningCLI with the run's output folder, MLflow and resume settings as top-level options."""
 
     resume_from: Optional[Path] = None  # the checkpoint fit resumes from, set with the trainer
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--out_dir", type=str, default="runs/contextual",
+        parser.add_argument("--out-dir", type=str, default="runs/contextual",
                             help="checkpoints, bundle, summary and (default) the MLflow store")
-        parser.add_argument("--run_name", type=Optional[str], default=None,
+        parser.add_argument("--run-name", type=Optional[str], default=None,
                             help="MLflow run name and model_version prefix (default: UTC timestamp)")
-        parser.add_argument("--experiment_name", type=str, default=tracking.DEFAULT_EXPERIMENT)
-        parser.add_argument("--tracking_uri", type=Optional[str], default=None,
+        parser.add_argument("--experiment-name", type=str, default=tracking.DEFAULT_EXPERIMENT)
+        parser.add_argument("--tracking-uri", type=Optional[str], default=None,
                             help=f"MLflow URI ({tracking.ENV_TRACKING_URI} wins; default sqlite in out_dir)")
-        parser.add_argument("--register_model", type=Optional[str], default=None,
+        parser.add_argument("--register-model", type=Optional[str], default=None,
                             help="also register the bundle as a version of this MLflow model")
-        parser.add_argument("--ckpt_path", type=Optional[str], default=None,
+        parser.add_argument("--ckpt-path", type=Optional[str], default=None,
                             help="resume from this Lightning checkpoint (default: the newest unfinished "
-                            f"run's {LAST_CHECKPOINT} under out_dir, see --auto_resume)")
-        parser.add_argument("--auto_resume", type=bool, default=True,
+                            f"run's {LAST_CHECKPOINT} under out_dir, see --auto-resume)")
+        parser.add_argument("--auto-resume", type=bool, default=True,
                             help=f"resume from <out_dir>/<experiment>/<run>/checkpoints/{LAST_CHECKPOINT} "
                             "of an unfinished run if there is one")
         for name in LINKED_DATA_FIELDS:
@@ -221,11 +256,11 @@ class TrainCLI(LightningCLI):
 
 
 def resume_checkpoint(out_dir: Path, ckpt_path: Optional[str], auto_resume: bool) -> Optional[Path]:
-    """The checkpoint to resume from: ``--ckpt_path`` (must exist), else the automatic pick."""
+    """The checkpoint to resume from: ``--ckpt-path`` (must exist), else the automatic pick."""
     if ckpt_path:
         path = Path(ckpt_path)
         if not path.is_file():
-            raise FileNotFoundError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
+            raise FileNotFoundError(f"--ckpt-path {ckpt_path}: no such checkpoint file")
         return path
     return find_resume_checkpoint(out_dir) if auto_resume else None
 
@@ -287,6 +322,7 @@ def train_main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
     """``ctt-train``: fit (resuming if possible) + export + evaluate + track; prints and returns
     the summary (None on DDP ranks other than 0)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    argv = current_flags(argv, DEPRECATED_TRAIN_FLAGS, "ctt-train")
     cli = TrainCLI(ContextualRetrievalSystem, ContextualSequenceDataModule, args=argv, run=False,
                    save_config_callback=SaveConfigToRun)
     out_dir = Path(cli.config.out_dir)
@@ -317,27 +353,27 @@ def evaluate_parser() -> ArgumentParser:
                             "popularity, co-occurrence, category popularity) on the same examples, "
                             "with bootstrap intervals on the quality checks.")
     parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_argument("--lake_root", type=str, required=True)
-    parser.add_argument("--contextual_bundle", type=str, required=True)
-    parser.add_argument("--sequence_only_bundle", type=Optional[str], default=None)
-    parser.add_argument("--out_dir", type=str, default="runs/report")
+    parser.add_argument("--lake", type=str, required=True, help="lake root (local folder or URI)")
+    parser.add_argument("--contextual-bundle", type=str, required=True)
+    parser.add_argument("--sequence-only-bundle", type=Optional[str], default=None)
+    parser.add_argument("--out-dir", type=str, default="runs/report")
     parser.add_argument("--split", type=str, default=C.SPLIT_TEST)
-    parser.add_argument("--exclude_history", type=bool, default=False,
+    parser.add_argument("--exclude-history", type=bool, default=False,
                         help="drop the user's own history items from the ranking (MovieLens protocol)")
-    parser.add_argument("--run_name", type=str, default="evaluation")
-    parser.add_argument("--experiment_name", type=str, default=tracking.DEFAULT_EXPERIMENT)
-    parser.add_argument("--tracking_uri", type=Optional[str], default=None)
+    parser.add_argument("--run-name", type=str, default="evaluation")
+    parser.add_argument("--experiment-name", type=str, default=tracking.DEFAULT_EXPERIMENT)
+    parser.add_argument("--tracking-uri", type=Optional[str], default=None)
     parser.add_argument("--index", type=Optional[str], default=None,
                         help="index folder of the contextual bundle (jobs/build_index.py): with "
-                        "--feature_repo, time real resolver requests for the report's latency section")
-    parser.add_argument("--feature_repo", type=Optional[str], default=None,
+                        "--feature-repo, time real resolver requests for the report's latency section")
+    parser.add_argument("--feature-repo", type=Optional[str], default=None,
                         help="Feast repository with materialized features (CTT_LAKE / CTT_FEAST_DATA "
                         "exported for feature_repo/)")
-    parser.add_argument("--latency_requests", type=int, default=ev.DEFAULT_LATENCY_REQUESTS,
+    parser.add_argument("--latency-requests", type=int, default=ev.DEFAULT_LATENCY_REQUESTS,
                         help="timed requests per kind (no context / subject item)")
-    parser.add_argument("--latency_warmup", type=int, default=ev.DEFAULT_LATENCY_WARMUP)
-    parser.add_argument("--latency_k", type=int, default=ev.DEFAULT_LATENCY_K)
-    parser.add_argument("--latency_torch_threads", type=int, default=1,
+    parser.add_argument("--latency-warmup", type=int, default=ev.DEFAULT_LATENCY_WARMUP)
+    parser.add_argument("--latency-k", type=int, default=ev.DEFAULT_LATENCY_K)
+    parser.add_argument("--latency-torch-threads", type=int, default=1,
                         help="torch intra-op threads while timing; 1 = ctt-serve's default "
                         "(--torch-threads), the fastest for one-row heads")
     return parser
@@ -349,20 +385,21 @@ def evaluate_main(argv: Optional[List[str]] = None,
     """The evaluation table from saved bundles -> report folder + MLflow run.
 
     ``measure_latency(args)`` times the serving path for the report's latency section when
-    ``--index`` / ``--feature_repo`` are given; it lives with serving (serving/latency.py, whose
+    ``--index`` / ``--feature-repo`` are given; it lives with serving (serving/latency.py, whose
     ``evaluate_main`` is ``ctt-evaluate``), since models/ knows nothing of serving.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = evaluate_parser().parse_args(argv)
+    args = evaluate_parser().parse_args(current_flags(argv, DEPRECATED_EVALUATE_FLAGS,
+                                                      "ctt-evaluate"))
     if (args.index is None) != (args.feature_repo is None):
-        raise SystemExit("ctt-evaluate: give both --index and --feature_repo to measure serving "
+        raise SystemExit("ctt-evaluate: give both --index and --feature-repo to measure serving "
                          "latency, or neither")
     if args.index is not None and measure_latency is None:
         raise SystemExit("measuring serving latency needs the serving harness: run ctt-evaluate "
                          "or jobs/evaluate.py (serving/latency.py)")
     contextual = load_bundle(args.contextual_bundle)
     sequence_only = load_bundle(args.sequence_only_bundle) if args.sequence_only_bundle else None
-    result = ev.evaluate_from_lake(contextual, sequence_only, args.lake_root, args.split,
+    result = ev.evaluate_from_lake(contextual, sequence_only, args.lake, args.split,
                                    args.exclude_history)
     latency = None
     if args.index is not None:

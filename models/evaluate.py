@@ -428,7 +428,7 @@ LATENCY_HOW_TO = (
     "Latency was **not measured**: no serving artifacts were given (an ItemIndex folder and a Feast "
     "repository with materialized features). To measure it, run batch inference, `feast apply` + "
     "`feast materialize` and `jobs/build_index.py`, then rerun this evaluation with "
-    "`--index <index dir> --feature_repo feature_repo` (with `CTT_LAKE` and `CTT_FEAST_DATA` "
+    "`--index <index dir> --feature-repo feature_repo` (with `CTT_LAKE` and `CTT_FEAST_DATA` "
     "exported); `make demo` does all of this.")
 
 

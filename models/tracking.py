@@ -1,6 +1,6 @@
 """MLflow tracking: where runs go and what a training / evaluation run records.
 
-Tracking URI, in order: an explicit ``tracking_uri`` (``--tracking_uri`` / the config: what the
+Tracking URI, in order: an explicit ``tracking_uri`` (``--tracking-uri`` / the config: what the
 user typed for this run wins, as with every other flag), the ``MLFLOW_TRACKING_URI`` environment
 variable (a shared server or database), else ``sqlite:///<out_dir>/mlflow.db``
 (MLflow 3 keeps the plain ``mlruns`` file store in maintenance mode and refuses it by default,

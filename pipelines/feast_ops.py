@@ -296,7 +296,7 @@ def materialize_incremental(store: Any, end: Optional[datetime] = None,
 # --------------------------------------------------------------------------------------
 # CLI: ctt-export-feature-tables / python -m pipelines.feast_ops --lake <root>
 # --------------------------------------------------------------------------------------
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ctt-export-feature-tables",
         description="Refresh the Parquet snapshots Feast materializes from (user_states, user "
@@ -306,7 +306,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--only", nargs="+", choices=list(C.FEAST_SNAPSHOT_SOURCES),
                    default=list(C.FEAST_SNAPSHOT_SOURCES),
                    help="snapshots to refresh (default all)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return export_parser().parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

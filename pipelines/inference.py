@@ -566,7 +566,7 @@ def add_encoding_flags(parser: argparse.ArgumentParser) -> None:
                         help="tasks of the encoding stage (default: Spark's default parallelism)")
 
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def inference_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="batch_inference",
         description="Encode user histories with the bundle's encoder and MERGE them into "
@@ -584,7 +584,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="if user_states holds a user twice (left by overlapping runs of an older "
                         "version), delete that user's states and re-encode it in this run "
                         "(default: stop with an error naming the users)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    return inference_parser().parse_args(argv)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

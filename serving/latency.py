@@ -5,7 +5,7 @@ bundle) and times its ``recommend``; models/ must know nothing of serving. The r
 (tables, plots, the latency section's Markdown) stays in models/evaluate.py and receives the
 ``LatencyReport`` built here. ``evaluate_main`` is the ``ctt-evaluate`` entry point: the
 evaluation CLI of models/cli.py with this harness plugged in for ``--index`` /
-``--feature_repo``.
+``--feature-repo``.
 
 Latency is MEASURED, never estimated: ``time_requests`` calls ``recommend`` in-process and keeps
 the stage timings each answer carries (Feast read, head, index search) plus the caller's own
@@ -163,7 +163,7 @@ def measure_serving_latency(args: Any) -> ev.LatencyReport:
     The resolver serves the evaluated contextual bundle.
     """
     resolver = Resolver.from_paths(args.contextual_bundle, args.index, args.feature_repo)
-    users = split_users(args.lake_root, args.split).tolist()
+    users = split_users(args.lake, args.split).tolist()
     requests = latency_requests(users, resolver.bundle.item_ids, args.latency_requests)
     # Time the head as the server runs it: on a busy 2-core machine two intra-op threads made a
     # one-row head ~40x slower (11 ms vs 0.25 ms p50) than one.
@@ -179,7 +179,7 @@ def measure_serving_latency(args: Any) -> ev.LatencyReport:
 
 def evaluate_main(argv: Optional[List[str]] = None) -> ev.EvaluationResult:
     """``ctt-evaluate``: models/cli.py's evaluation, with serving latency measured by this
-    harness when ``--index`` and ``--feature_repo`` are given."""
+    harness when ``--index`` and ``--feature-repo`` are given."""
     from models.cli import evaluate_main as evaluate
 
     return evaluate(argv, measure_latency=measure_serving_latency)

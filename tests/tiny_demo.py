@@ -94,18 +94,18 @@ def write_user_states(lake: Path, bundle_dir: Path, state_ts: datetime) -> int:
 def evaluate_argv(demo: TinyDemo, out_dir: Path, with_latency: bool = True,
                   run_name: str = "evaluation") -> List[str]:
     """The demo's evaluation command line (jobs/demo.py), at a test-sized request count."""
-    argv = ["--lake_root", str(demo.lake), "--contextual_bundle", str(demo.contextual_bundle),
-            "--sequence_only_bundle", str(demo.sequence_only_bundle), "--out_dir", str(out_dir),
-            "--run_name", run_name, "--tracking_uri", demo.tracking_uri]
+    argv = ["--lake", str(demo.lake), "--contextual-bundle", str(demo.contextual_bundle),
+            "--sequence-only-bundle", str(demo.sequence_only_bundle), "--out-dir", str(out_dir),
+            "--run-name", run_name, "--tracking-uri", demo.tracking_uri]
     if with_latency:
-        argv += ["--index", str(demo.index), "--feature_repo", str(demo.feature_repo),
-                 "--latency_requests", str(LATENCY_REQUESTS), "--latency_warmup", str(LATENCY_WARMUP)]
+        argv += ["--index", str(demo.index), "--feature-repo", str(demo.feature_repo),
+                 "--latency-requests", str(LATENCY_REQUESTS), "--latency-warmup", str(LATENCY_WARMUP)]
     return argv
 
 
 def demo_environment(demo: TinyDemo) -> Dict[str, Optional[str]]:
     """Lake and Feast data folders as jobs/demo.py exports them. MLflow's URI is passed as
-    ``--tracking_uri``; MLFLOW_TRACKING_URI is unset so a store configured in the calling shell
+    ``--tracking-uri``; MLFLOW_TRACKING_URI is unset so a store configured in the calling shell
     is never touched by the tests."""
     return {C.ENV_LAKE: str(demo.lake), C.ENV_FEAST_DATA: str(demo.feast_data),
             "MLFLOW_TRACKING_URI": None}
@@ -129,8 +129,8 @@ def build_tiny_demo(out: Path, evaluate: bool = True, extra_evaluate_args: Optio
     with environment(demo_environment(demo)):
         for name, extra in (("contextual", []), ("sequence_only", SEQUENCE_ONLY_OVERRIDES)):
             train_main(["--config", str(TINY_CONFIG), "--data.lake_root", str(demo.lake),
-                        "--out_dir", str(runs / name), "--run_name", name,
-                        "--tracking_uri", demo.tracking_uri, *extra])
+                        "--out-dir", str(runs / name), "--run-name", name,
+                        "--tracking-uri", demo.tracking_uri, *extra])
         write_user_states(demo.lake, demo.contextual_bundle, datetime.now(timezone.utc))
         feast_ops.export_feature_tables(demo.lake)
         store = feast_ops.apply(demo.lake, demo.feast_data)

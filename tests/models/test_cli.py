@@ -23,8 +23,8 @@ def trained(tiny_lake, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         summary = train_main(["--config", str(CONFIG), "--data.lake_root", str(tiny_lake),
-                              "--out_dir", str(out), "--run_name", "tiny",
-                              "--register_model", "ctt_tiny"])
+                              "--out-dir", str(out), "--run-name", "tiny",
+                              "--register-model", "ctt_tiny"])
     return out, summary
 
 
@@ -63,8 +63,8 @@ def test_evaluate_cli_writes_report_and_logs_it(trained, tiny_lake, tmp_path):
     report = tmp_path / "report"
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        result = evaluate_main(["--lake_root", str(tiny_lake), "--contextual_bundle", summary["bundle"],
-                                "--sequence_only_bundle", summary["bundle"], "--out_dir", str(report)])
+        result = evaluate_main(["--lake", str(tiny_lake), "--contextual-bundle", summary["bundle"],
+                                "--sequence-only-bundle", summary["bundle"], "--out-dir", str(report)])
     for name in (ev.REPORT_MD, ev.REPORT_JSON, ev.REPORT_PNG):
         assert (report / name).stat().st_size > 0
     variants = {(r["group"], r["variant"]) for r in result.rows}
@@ -87,7 +87,7 @@ def test_evaluate_cli_writes_report_and_logs_it(trained, tiny_lake, tmp_path):
 
 
 def test_explicit_tracking_uri_wins_over_the_environment(tmp_path, monkeypatch):
-    """``--tracking_uri`` is what the user typed for this run; a shell-wide MLFLOW_TRACKING_URI
+    """``--tracking-uri`` is what the user typed for this run; a shell-wide MLFLOW_TRACKING_URI
     must not silently redirect it (and is still used when no URI is given)."""
     from models.tracking import resolve_tracking_uri
 

@@ -108,7 +108,7 @@ def test_without_serving_artifacts_the_report_says_latency_was_not_measured(demo
     stale.write_bytes(b"from an earlier run")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the shared demo output stays untouched
     with environment(demo_environment(demo)):
-        evaluate_main(evaluate_argv(demo, out, with_latency=False) + ["--tracking_uri", uri])
+        evaluate_main(evaluate_argv(demo, out, with_latency=False) + ["--tracking-uri", uri])
     md = (out / ev.REPORT_MD).read_text()
     assert "Latency was **not measured**" in md and "--index" in md and "ms |" not in md
     assert json.loads((out / ev.REPORT_JSON).read_text())["latency"] is None
@@ -120,7 +120,7 @@ def test_without_serving_artifacts_the_report_says_latency_was_not_measured(demo
 
 def test_index_without_feature_repo_is_refused(demo, tmp_path):
     argv = evaluate_argv(demo, tmp_path / "r", with_latency=False) + ["--index", str(demo.index)]
-    with pytest.raises(SystemExit, match="both --index and --feature_repo"):
+    with pytest.raises(SystemExit, match="both --index and --feature-repo"):
         evaluate_main(argv)
     assert not (tmp_path / "r").exists()
 

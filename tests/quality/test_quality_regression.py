@@ -52,8 +52,8 @@ def test_trained_contextual_model_learns_beyond_its_initial_ranking(world, tmp_p
     from models.cli import train_main
 
     summary = train_main(["--config", str(REPO / "configs" / "contextual.yaml"), "--data.lake_root", world,
-                          "--out_dir", str(tmp_path / "run"), "--run_name", "quality-regression",
-                          "--tracking_uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *SMALL])
+                          "--out-dir", str(tmp_path / "run"), "--run-name", "quality-regression",
+                          "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *SMALL])
     trained = load_bundle(summary["bundle"])
     result = ev.evaluate_from_lake(trained, None, world)
     assert real(result, ev.TOP_CATEGORY_POPULARITY, "recall@100") > 0  # the world has signal

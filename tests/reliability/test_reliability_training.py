@@ -45,7 +45,7 @@ def lake(tmp_path_factory) -> Path:
 def train_command(lake: Path, out: Path, *extra: str) -> List[str]:
     """3 epochs of 10 steps: long enough that a kill after the first checkpoint lands mid-run."""
     return [sys.executable, str(TRAIN), "--config", str(CONFIG), "--data.lake_root", str(lake),
-            "--out_dir", str(out), "--run_name", "tiny", "--trainer.max_epochs", "3",
+            "--out-dir", str(out), "--run-name", "tiny", "--trainer.max_epochs", "3",
             "--trainer.limit_train_batches", "10", *extra]
 
 

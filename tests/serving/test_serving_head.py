@@ -139,7 +139,7 @@ def trained_bundle(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         summary = train_main(["--config", str(config), "--data.lake_root", str(root / "lake"),
-                              "--out_dir", str(root / "run"), "--run_name", "head",
+                              "--out-dir", str(root / "run"), "--run-name", "head",
                               "--model.model_config.use_subject_item", "true",
                               "--model.model_config.tower_skip", "true"])
     return load_bundle(summary["bundle"])
