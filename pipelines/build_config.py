@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import ctt_contracts as C
+from pipelines.flags import add_dataclass_flags, described, given_fields
 from pipelines.sequences import DEFAULT_MAX_LEN, SplitCutoffs
 from pipelines.subjects import DEFAULT_WINDOW_MINUTES, DERIVE_MODES, DERIVE_NONE
 from pipelines.validate import DEFAULT_MAX_QUARANTINE_FRAC
@@ -29,18 +30,48 @@ from pipelines.validate import DEFAULT_MAX_QUARANTINE_FRAC
 NOT_STORED = ("val_start", "test_start")  # the split cutoffs: stored in their own table
 
 
+def timestamp_arg(text: str) -> datetime:
+    """ISO-8601 date/time or epoch seconds; naive values are UTC."""
+    try:
+        ts = (datetime.fromtimestamp(float(text), tz=timezone.utc)
+              if text.replace(".", "", 1).isdigit() else datetime.fromisoformat(text))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not an ISO timestamp or epoch seconds: {text!r}") from err
+    return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
+
+
 @dataclass(frozen=True)
 class BuildConfig:
-    max_len: int = DEFAULT_MAX_LEN
-    min_history: int = 1
-    val_start: Optional[datetime] = None
-    test_start: Optional[datetime] = None
-    val_frac: float = 0.1
-    test_frac: float = 0.1
-    context_top_k: int = C.DEFAULT_CONTEXT_TOP_K
-    derive_subject: str = DERIVE_NONE
-    subject_window_minutes: int = DEFAULT_WINDOW_MINUTES
-    max_quarantine_frac: float = DEFAULT_MAX_QUARANTINE_FRAC
+    """The build's settings; each field is a flag of build_sequences and of the refresh
+    (``pipelines.flags``: ``--max-len`` for ``max_len``, this default, this help)."""
+
+    max_len: int = field(default=DEFAULT_MAX_LEN, metadata=described(
+        "history cap: newest N conversions kept"))
+    min_history: int = field(default=1, metadata=described(
+        "minimum earlier conversions for a training example; 0 also keeps first conversions, "
+        "served from the cold-start state and the context"))
+    val_start: Optional[datetime] = field(default=None, metadata=described(
+        "first label time of the validation split (ISO or epoch s, UTC); with --test-start. "
+        "Default: stored cutoffs, else derived once from quantiles", parse=timestamp_arg))
+    test_start: Optional[datetime] = field(default=None, metadata=described(
+        "first label time of the test split", parse=timestamp_arg))
+    val_frac: float = field(default=0.1, metadata=described(
+        "fraction of conversions (by time) for validation when deriving cutoffs"))
+    test_frac: float = field(default=0.1, metadata=described(
+        "fraction of conversions (by time) for test when deriving cutoffs"))
+    context_top_k: int = field(default=C.DEFAULT_CONTEXT_TOP_K, metadata=described(
+        "categories per context row"))
+    derive_subject: str = field(default=DERIVE_NONE, metadata=described(
+        "subject item of conversions that logged none, from the user's browsing (views/clicks "
+        "at or before the conversion, in its session, else within --subject-window-minutes): "
+        "last_view = the last viewed item (often the converted item itself), last_other_view = "
+        "the last viewed item other than the converted one; a logged subject always wins",
+        choices=DERIVE_MODES))
+    subject_window_minutes: int = field(default=DEFAULT_WINDOW_MINUTES, metadata=described(
+        "how far back a view may be for conversions without a session id"))
+    max_quarantine_frac: float = field(default=DEFAULT_MAX_QUARANTINE_FRAC, metadata=described(
+        "stop before writing when more than this share of a raw table would be quarantined, "
+        "with the top reasons; 1 = never stop"))
 
     def __post_init__(self) -> None:
         if self.derive_subject not in DERIVE_MODES:
@@ -119,63 +150,12 @@ def with_overrides(stored: Optional[BuildConfig],
 # --------------------------------------------------------------------------------------
 # Flags (build_sequences declares them with defaults; the refresh without, as overrides)
 # --------------------------------------------------------------------------------------
-def timestamp_arg(text: str) -> datetime:
-    """ISO-8601 date/time or epoch seconds; naive values are UTC."""
-    try:
-        ts = (datetime.fromtimestamp(float(text), tz=timezone.utc)
-              if text.replace(".", "", 1).isdigit() else datetime.fromisoformat(text))
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"not an ISO timestamp or epoch seconds: {text!r}") from err
-    return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
-
-
 def add_build_flags(p: argparse.ArgumentParser, overrides: bool = False) -> None:
     """The BuildConfig flags. ``overrides``: no defaults (None = keep the lake's stored value)."""
-    d = BuildConfig()
-
-    def default(value: Any) -> Any:
-        return None if overrides else value
-
-    def said(value: Any) -> str:
-        return "default: the lake's stored value" if overrides else f"default {value}"
-
-    p.add_argument("--max-len", type=int, default=default(d.max_len),
-                   help=f"history cap: newest N conversions kept ({said(d.max_len)})")
-    p.add_argument("--min-history", type=int, default=default(d.min_history),
-                   help="minimum earlier conversions for a training example (0 also keeps first "
-                        "conversions, served from the cold-start state and the context; "
-                        f"{said(d.min_history)})")
-    p.add_argument("--val-start", type=timestamp_arg, default=None,
-                   help="first label time of the validation split (ISO or epoch s, UTC); with "
-                        "--test-start. Default: stored cutoffs, else derived once from quantiles")
-    p.add_argument("--test-start", type=timestamp_arg, default=None,
-                   help="first label time of the test split")
-    p.add_argument("--val-frac", type=float, default=default(d.val_frac),
-                   help="fraction of conversions (by time) for validation when deriving cutoffs "
-                        f"({said(d.val_frac)})")
-    p.add_argument("--test-frac", type=float, default=default(d.test_frac),
-                   help=f"fraction of conversions (by time) for test when deriving cutoffs "
-                        f"({said(d.test_frac)})")
-    p.add_argument("--context-top-k", type=int, default=default(d.context_top_k),
-                   help=f"categories per context row ({said(d.context_top_k)})")
-    p.add_argument("--derive-subject", choices=DERIVE_MODES, default=default(d.derive_subject),
-                   help="subject item of conversions that logged none, from the user's browsing "
-                        "(views/clicks at or before the conversion, in its session, else within "
-                        "--subject-window-minutes): last_view = the last viewed item (often the "
-                        "converted item itself), last_other_view = the last viewed item other "
-                        f"than the converted one; a logged subject always wins "
-                        f"({said(d.derive_subject)})")
-    p.add_argument("--subject-window-minutes", type=int,
-                   default=default(d.subject_window_minutes),
-                   help="how far back a view may be for conversions without a session id "
-                        f"({said(d.subject_window_minutes)})")
-    p.add_argument("--max-quarantine-frac", type=float, default=default(d.max_quarantine_frac),
-                   help="stop before writing when more than this share of a raw table would be "
-                        f"quarantined, with the top reasons; 1 = never stop "
-                        f"({said(d.max_quarantine_frac)})")
+    add_dataclass_flags(p, BuildConfig, overrides=overrides,
+                        overrides_default="default: the lake's stored value")
 
 
 def flag_values(args: argparse.Namespace) -> Dict[str, Any]:
     """The BuildConfig fields given on the command line (None = not given)."""
-    names = [f.name for f in fields(BuildConfig)]
-    return {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    return given_fields(BuildConfig, args)

@@ -1,0 +1,101 @@
+"""Command-line flags declared from a config dataclass: each field's default, type and help
+live once, on the field, and the parser is read from the class.
+
+The flag of field ``max_len`` is ``--max-len`` (every command spells its flags with dashes,
+README "Configuration"); its type is the annotation (``Optional[...]`` unwrapped; a ``parse``
+function in the field's metadata for anything that is not int / float / str); its default is
+the field's; its help is the field's ``help`` metadata with the default appended, so ``--help``
+shows what a run without the flag uses. A field without help is refused, so a new field cannot
+slip in undocumented.
+
+Why not jsonargparse's ``add_class_arguments``: it names each flag after its field
+(``--max_len``), which would bring back the underscore spelling the commands left, and the
+Spark jobs' parsers are argparse parsers (``spark-submit`` passes their flags through) with
+groups and shared flags that a jsonargparse parser would have to re-declare.
+"""
+from __future__ import annotations
+
+import argparse
+import types
+import typing
+from dataclasses import MISSING, Field, fields
+from typing import Any, Callable, Dict, Optional, Sequence
+
+HELP = "help"  # field metadata keys
+PARSE = "parse"
+CHOICES = "choices"
+SCALARS = (int, float, str)
+
+
+def described(help: str, parse: Optional[Callable[[str], Any]] = None,
+              choices: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """The metadata of a field that is a flag: ``field(default=..., metadata=described(...))``."""
+    meta: Dict[str, Any] = {HELP: help}
+    if parse is not None:
+        meta[PARSE] = parse
+    if choices is not None:
+        meta[CHOICES] = tuple(choices)
+    return meta
+
+
+def flag_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def _parse_of(cls: type, f: Field, hint: Any) -> Callable[[str], Any]:
+    if PARSE in f.metadata:
+        return f.metadata[PARSE]
+    tp = _unwrap_optional(hint)
+    if tp not in SCALARS:
+        raise TypeError(f"{cls.__name__}.{f.name}: type {hint} needs a `parse` function in its "
+                        f"metadata to be a flag")
+    return tp
+
+
+def field_default(f: Field) -> Any:
+    if f.default is not MISSING:
+        return f.default
+    if f.default_factory is not MISSING:
+        return f.default_factory()
+    return MISSING
+
+
+def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, overrides: bool = False,
+                        overrides_default: str = "default: unchanged") -> None:
+    """One flag per field of ``cls``. ``overrides``: every flag defaults to None (= keep the
+    value from elsewhere, which ``overrides_default`` names in the help) and none is required."""
+    hints = typing.get_type_hints(cls)
+    for f in fields(cls):
+        if HELP not in f.metadata:
+            raise TypeError(f"{cls.__name__}.{f.name} has no help: declare it with "
+                            f"metadata=described(...)")
+        default = field_default(f)
+        kwargs: Dict[str, Any] = {"type": _parse_of(cls, f, hints[f.name]),
+                                  "help": f.metadata[HELP].replace("%", "%%")}
+        if CHOICES in f.metadata:
+            kwargs["choices"] = f.metadata[CHOICES]
+        if overrides:
+            kwargs["default"] = None
+            kwargs["help"] += f" ({overrides_default})"
+        elif default is MISSING:
+            kwargs["required"] = True
+        else:
+            kwargs["default"] = default
+            if default is not None:
+                kwargs["help"] += f" (default {default})"
+        parser.add_argument(flag_name(f.name), **kwargs)
+
+
+def given_fields(cls: type, args: argparse.Namespace) -> Dict[str, Any]:
+    """The fields of ``cls`` given on the command line (None = not given)."""
+    return {f.name: getattr(args, f.name) for f in fields(cls)
+            if getattr(args, f.name, None) is not None}
+
