@@ -22,6 +22,7 @@ from pipelines import lease
 from pipelines.build import run_build_sequences
 from pipelines.build_config import BuildConfig, add_build_flags, flag_values, timestamp_arg
 from pipelines.delta_io import WriteResult, print_results
+from pipelines.flags import add_dataclass_flags, given_fields, key_value_pairs
 from pipelines.validate import ValidationReport, format_reports, report_from_reasons
 
 
@@ -145,17 +146,7 @@ def generate_data_main(argv: Optional[Sequence[str]] = None) -> Dict[str, int]:
 # --------------------------------------------------------------------------------------
 # ingest
 # --------------------------------------------------------------------------------------
-def _pairs(text: Optional[str]) -> Dict[str, str]:
-    """'a=b,c=d' -> {'a': 'b', 'c': 'd'}."""
-    if not text:
-        return {}
-    out = {}
-    for part in text.split(","):
-        if "=" not in part:
-            raise argparse.ArgumentTypeError(f"expected key=value, got {part!r}")
-        k, v = part.split("=", 1)
-        out[k.strip()] = v.strip()
-    return out
+EVENT_TYPE_FIELDS = ("event_type_col", "event_type")
 
 
 def ingest_parser() -> argparse.ArgumentParser:
@@ -184,27 +175,10 @@ def ingest_parser() -> argparse.ArgumentParser:
     ev.add_argument("--events", required=True, help="event log path (file or folder)")
     ev.add_argument("--format", choices=I.FORMATS, default="csv")
     ev.add_argument("--sep", default=",", help="CSV separator of all files (default ',')")
-    ev.add_argument("--user-col", required=True)
-    ev.add_argument("--item-col", required=True)
-    ev.add_argument("--ts-col", required=True)
-    ev.add_argument("--ts-format", default=I.TS_EPOCH_SECONDS,
-                    help="epoch_s | epoch_ms | iso | a Spark datetime pattern "
-                         "(e.g. 'yyyy-MM-dd HH:mm:ss'; text in single quotes is literal: "
-                         "REES46's '2019-10-01 00:00:04 UTC' is \"yyyy-MM-dd HH:mm:ss 'UTC'\"); "
-                         "values without a zone are UTC")
-    et = ev.add_mutually_exclusive_group(required=True)
-    et.add_argument("--event-type-col", help="column holding the event type")
-    et.add_argument("--event-type", choices=C.EVENT_TYPES,
-                    help="constant event type for every row (e.g. every rating = conversion)")
-    ev.add_argument("--event-type-map", default=None,
-                    help="source=contract pairs, e.g. 'addtocart=click,transaction=conversion' "
-                         "or 'cart=conversion,purchase=conversion' (REES46)")
-    ev.add_argument("--subject-col", default=None, help="subject item id column (optional)")
-    ev.add_argument("--session-col", default=None,
-                    help="session id column (optional, any string) -> session_id; "
-                         "build_sequences --derive-subject looks for views in the same session")
-    ev.add_argument("--surface-col", default=None, help="surface column (optional)")
-    ev.add_argument("--surface", default=None, help="constant surface (optional)")
+    # EVENT_TYPE_FIELDS: exactly one of the column or the constant (EventMapping checks it too)
+    add_dataclass_flags(ev, I.EventMapping, skip=EVENT_TYPE_FIELDS)
+    add_dataclass_flags(ev.add_mutually_exclusive_group(required=True), I.EventMapping,
+                        only=EVENT_TYPE_FIELDS)
     it = p.add_argument_group(
         "items (optional)",
         "Category ids are array<int>: names that are all canonical integers of at most 9 digits "
@@ -241,7 +215,7 @@ def ingest_parser() -> argparse.ArgumentParser:
                     help="the age column already holds buckets 0..7 (else years)")
     us.add_argument("--country-col", default=None)
     us.add_argument("--gender-col", default=None)
-    us.add_argument("--gender-map", default=None,
+    us.add_argument("--gender-map", type=key_value_pairs, default=None,
                     help="extra source=contract gender pairs, e.g. 'F=f,M=m' (case-insensitive)")
     return p
 
@@ -249,11 +223,7 @@ def ingest_parser() -> argparse.ArgumentParser:
 def mappings_from_args(args: argparse.Namespace):
     from pipelines import ingest as I
 
-    events = I.EventMapping(
-        user_col=args.user_col, item_col=args.item_col, ts_col=args.ts_col,
-        ts_format=args.ts_format, event_type_col=args.event_type_col, event_type=args.event_type,
-        event_type_map=_pairs(args.event_type_map), subject_col=args.subject_col,
-        surface_col=args.surface_col, surface=args.surface, session_col=args.session_col)
+    events = I.EventMapping(**given_fields(I.EventMapping, args))
     items = None
     if args.items:
         items = I.ItemMapping(
@@ -265,7 +235,7 @@ def mappings_from_args(args: argparse.Namespace):
     users = None
     if args.users:
         gmap = dict(I.DEFAULT_GENDER_MAP)
-        gmap.update({k.lower(): v for k, v in _pairs(args.gender_map).items()})
+        gmap.update({k.lower(): v for k, v in (args.gender_map or {}).items()})
         users = I.UserMapping(
             user_col=args.users_user_col or args.user_col, age_col=args.age_col,
             age_is_bucket=args.age_is_bucket, country_col=args.country_col,

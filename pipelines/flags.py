@@ -68,12 +68,36 @@ def field_default(f: Field) -> Any:
     return MISSING
 
 
-def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, overrides: bool = False,
-                        overrides_default: str = "default: unchanged") -> None:
-    """One flag per field of ``cls``. ``overrides``: every flag defaults to None (= keep the
-    value from elsewhere, which ``overrides_default`` names in the help) and none is required."""
+def key_value_pairs(text: str) -> Dict[str, str]:
+    """``'a=b,c=d'`` -> ``{'a': 'b', 'c': 'd'}`` (the parse of a mapping flag)."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        if "=" not in part:
+            raise argparse.ArgumentTypeError(f"expected key=value, got {part!r}")
+        k, v = part.split("=", 1)
+        out[k.strip()] = v.strip()
+    return out
+
+
+def _shown(default: Any) -> bool:
+    """Whether ``--help`` states the default (not for None or an empty collection)."""
+    return default is not None and not (isinstance(default, (dict, list, tuple)) and not default)
+
+
+def add_dataclass_flags(parser: Any, cls: type, overrides: bool = False,
+                        overrides_default: str = "default: unchanged",
+                        only: Optional[Sequence[str]] = None, skip: Sequence[str] = ()) -> None:
+    """One flag per field of ``cls`` on ``parser`` (a parser or one of its groups), in field
+    order; ``only`` / ``skip`` select fields, e.g. to put two of them in a mutually exclusive
+    group. ``overrides``: every flag defaults to None (= keep the value from elsewhere, which
+    ``overrides_default`` names in the help) and none is required."""
     hints = typing.get_type_hints(cls)
+    unknown = (set(only or ()) | set(skip)) - {f.name for f in fields(cls)}
+    if unknown:
+        raise ValueError(f"{cls.__name__} has no fields {sorted(unknown)}")
     for f in fields(cls):
+        if (only is not None and f.name not in only) or f.name in skip:
+            continue
         if HELP not in f.metadata:
             raise TypeError(f"{cls.__name__}.{f.name} has no help: declare it with "
                             f"metadata=described(...)")
@@ -89,7 +113,7 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls: type, overrides: b
             kwargs["required"] = True
         else:
             kwargs["default"] = default
-            if default is not None:
+            if _shown(default):
                 kwargs["help"] += f" (default {default})"
         parser.add_argument(flag_name(f.name), **kwargs)
 

@@ -58,6 +58,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 import ctt_contracts as C
+from pipelines.flags import described, key_value_pairs
 from pipelines.delta_io import (RAW_ROW_JSON, WriteResult, raw_schema, read_table, table_exists,
                                 table_version, write_raw)
 
@@ -93,19 +94,33 @@ _DIGITS = re.compile(r"[0-9]+")
 # --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class EventMapping:
-    """Source columns of the event log. Exactly one of `event_type_col` / `event_type`."""
+    """Source columns of the event log. Exactly one of `event_type_col` / `event_type`. Each
+    field is a flag of ingest (``pipelines.flags``: ``--user-col`` for ``user_col``)."""
 
-    user_col: str
-    item_col: str
-    ts_col: str
-    ts_format: str = TS_EPOCH_SECONDS
-    event_type_col: Optional[str] = None
-    event_type: Optional[str] = None  # constant, e.g. every rating is a conversion
-    event_type_map: Mapping[str, str] = field(default_factory=dict)  # source value -> contract
-    subject_col: Optional[str] = None
-    surface_col: Optional[str] = None
-    surface: Optional[str] = None  # constant surface when the log has no column
-    session_col: Optional[str] = None  # session key column (any string)
+    user_col: str = field(metadata=described("user id column"))
+    item_col: str = field(metadata=described("item id column"))
+    ts_col: str = field(metadata=described("event time column"))
+    ts_format: str = field(default=TS_EPOCH_SECONDS, metadata=described(
+        "epoch_s | epoch_ms | iso | a Spark datetime pattern (e.g. 'yyyy-MM-dd HH:mm:ss'; text "
+        "in single quotes is literal: REES46's '2019-10-01 00:00:04 UTC' is "
+        "\"yyyy-MM-dd HH:mm:ss 'UTC'\"); values without a zone are UTC"))
+    event_type_col: Optional[str] = field(default=None, metadata=described(
+        "column holding the event type"))
+    event_type: Optional[str] = field(default=None, metadata=described(
+        "constant event type for every row (e.g. every rating = conversion)",
+        choices=C.EVENT_TYPES))
+    event_type_map: Mapping[str, str] = field(default_factory=dict, metadata=described(
+        "source=contract pairs, e.g. 'addtocart=click,transaction=conversion' or "
+        "'cart=conversion,purchase=conversion' (REES46)", parse=key_value_pairs))
+    subject_col: Optional[str] = field(default=None, metadata=described(
+        "subject item id column (optional)"))
+    surface_col: Optional[str] = field(default=None, metadata=described(
+        "surface column (optional)"))
+    surface: Optional[str] = field(default=None, metadata=described(
+        "constant surface when the log has no column (optional)"))
+    session_col: Optional[str] = field(default=None, metadata=described(
+        "session id column (optional, any string) -> session_id; build_sequences "
+        "--derive-subject looks for views in the same session"))
 
     def __post_init__(self) -> None:
         if (self.event_type_col is None) == (self.event_type is None):

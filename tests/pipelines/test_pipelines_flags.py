@@ -83,3 +83,39 @@ def test_every_build_config_field_is_a_flag_of_build_and_refresh(overrides):
     argv = ["--bundle", "b"] if overrides else []
     assert given_fields(BuildConfig, parser.parse_args(argv)) == (
         {} if overrides else {k: v for k, v in vars(defaults).items() if v is not None})
+
+
+INGEST_BASE = ["--events", "e.csv", "--user-col", "u", "--item-col", "i", "--ts-col", "t"]
+
+
+def test_every_event_mapping_field_is_an_ingest_flag_and_builds_the_mapping():
+    from pipelines import ingest as I
+    from pipelines.cli import ingest_parser, mappings_from_args
+
+    text = ingest_parser().format_help()
+    assert all(flag_name(f.name) in text for f in fields(I.EventMapping))
+    args = ingest_parser().parse_args([*INGEST_BASE, "--event-type-col", "kind", "--event-type-map",
+                                       "cart=conversion, view=view", "--session-col", "s",
+                                       "--gender-map", "F=f"])
+    events, items, users = mappings_from_args(args)
+    assert events == I.EventMapping(user_col="u", item_col="i", ts_col="t", event_type_col="kind",
+                                    event_type_map={"cart": "conversion", "view": "view"},
+                                    session_col="s")
+    assert (items, users) == (None, None)
+    constant = mappings_from_args(ingest_parser().parse_args([*INGEST_BASE, "--event-type",
+                                                              "conversion"]))[0]
+    assert constant.event_type == "conversion" and constant.event_type_map == {}
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--event-type-col", "k", "--event-type", "view"], "not allowed with argument"),
+    ([], "one of the arguments --event-type-col --event-type is required"),
+    (["--event-type", "purchase"], "invalid choice"),
+    (["--event-type-col", "k", "--event-type-map", "cart"], "expected key=value, got 'cart'"),
+])
+def test_ingest_refuses_a_bad_event_mapping_before_spark(extra, message, capsys):
+    from pipelines.cli import ingest_parser
+
+    with pytest.raises(SystemExit):
+        ingest_parser().parse_args([*INGEST_BASE, *extra])
+    assert message in capsys.readouterr().err
