@@ -116,7 +116,8 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (1 = robust on a shared 2-core machine)")
-    parser.add_argument("--batch_size", type=int, default=512)
+    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=512,
+                        help="examples per step (--batch_size: the previous spelling, deprecated)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
