@@ -147,6 +147,10 @@ def generate_data_main(argv: Optional[Sequence[str]] = None) -> Dict[str, int]:
 # ingest
 # --------------------------------------------------------------------------------------
 EVENT_TYPE_FIELDS = ("event_type_col", "event_type")
+# Mapping fields whose flags differ from the field: the id columns default to the events' ones
+# (--item-id-col, --users-user-col), and --gender-map adds pairs to the default map.
+ITEM_HAND_DECLARED = ("item_col",)
+USER_HAND_DECLARED = ("user_col", "gender_map")
 
 
 def ingest_parser() -> argparse.ArgumentParser:
@@ -195,13 +199,7 @@ def ingest_parser() -> argparse.ArgumentParser:
                           "append only items not imported before are added")
     it.add_argument("--items-format", choices=I.FORMATS, default="csv")
     it.add_argument("--item-id-col", default=None, help="item id column (default: --item-col)")
-    it.add_argument("--categories-col", default=None,
-                    help="delimited categories, e.g. 'Action|Comedy' or '3:0.9|7:0.4'")
-    it.add_argument("--category-sep", default="|")
-    it.add_argument("--weight-sep", default=":")
-    it.add_argument("--category-flag-cols", default=None,
-                    help="comma-separated 0/1 columns, one per category (e.g. MovieLens genres)")
-    it.add_argument("--advertiser-col", default=None)
+    add_dataclass_flags(it, I.ItemMapping, skip=ITEM_HAND_DECLARED)
     it.add_argument("--vocabulary-out", "--category-vocab-out", dest="vocabulary_out",
                     default=None, help="also write the category name -> id vocabulary to this "
                                        "JSON file")
@@ -210,11 +208,7 @@ def ingest_parser() -> argparse.ArgumentParser:
     us.add_argument("--users", default=None, help="users file")
     us.add_argument("--users-format", choices=I.FORMATS, default="csv")
     us.add_argument("--users-user-col", default=None, help="user id column (default: --user-col)")
-    us.add_argument("--age-col", default=None)
-    us.add_argument("--age-is-bucket", action="store_true",
-                    help="the age column already holds buckets 0..7 (else years)")
-    us.add_argument("--country-col", default=None)
-    us.add_argument("--gender-col", default=None)
+    add_dataclass_flags(us, I.UserMapping, skip=USER_HAND_DECLARED)
     us.add_argument("--gender-map", type=key_value_pairs, default=None,
                     help="extra source=contract gender pairs, e.g. 'F=f,M=m' (case-insensitive)")
     return p
@@ -226,20 +220,14 @@ def mappings_from_args(args: argparse.Namespace):
     events = I.EventMapping(**given_fields(I.EventMapping, args))
     items = None
     if args.items:
-        items = I.ItemMapping(
-            item_col=args.item_id_col or args.item_col, categories_col=args.categories_col,
-            category_sep=args.category_sep, weight_sep=args.weight_sep,
-            category_flag_cols=tuple(c.strip() for c in (args.category_flag_cols or "").split(",")
-                                     if c.strip()),
-            advertiser_col=args.advertiser_col)
+        items = I.ItemMapping(item_col=args.item_id_col or args.item_col,
+                              **given_fields(I.ItemMapping, args, skip=ITEM_HAND_DECLARED))
     users = None
     if args.users:
         gmap = dict(I.DEFAULT_GENDER_MAP)
         gmap.update({k.lower(): v for k, v in (args.gender_map or {}).items()})
-        users = I.UserMapping(
-            user_col=args.users_user_col or args.user_col, age_col=args.age_col,
-            age_is_bucket=args.age_is_bucket, country_col=args.country_col,
-            gender_col=args.gender_col, gender_map=gmap)
+        users = I.UserMapping(user_col=args.users_user_col or args.user_col, gender_map=gmap,
+                              **given_fields(I.UserMapping, args, skip=USER_HAND_DECLARED))
     return events, items, users
 
 

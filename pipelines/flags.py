@@ -3,7 +3,8 @@ live once, on the field, and the parser is read from the class.
 
 The flag of field ``max_len`` is ``--max-len`` (every command spells its flags with dashes,
 README "Configuration"); its type is the annotation (``Optional[...]`` unwrapped; a ``parse``
-function in the field's metadata for anything that is not int / float / str); its default is
+function in the field's metadata for anything that is not int / float / str; a bool that
+defaults to False is a switch); its default is
 the field's; its help is the field's ``help`` metadata with the default appended, so ``--help``
 shows what a run without the flag uses. A field without help is refused, so a new field cannot
 slip in undocumented.
@@ -19,7 +20,7 @@ import argparse
 import types
 import typing
 from dataclasses import MISSING, Field, fields
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 HELP = "help"  # field metadata keys
 PARSE = "parse"
@@ -79,6 +80,11 @@ def key_value_pairs(text: str) -> Dict[str, str]:
     return out
 
 
+def comma_separated(text: str) -> Tuple[str, ...]:
+    """``'a, b,c'`` -> ``('a', 'b', 'c')`` (the parse of a list flag)."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def _shown(default: Any) -> bool:
     """Whether ``--help`` states the default (not for None or an empty collection)."""
     return default is not None and not (isinstance(default, (dict, list, tuple)) and not default)
@@ -102,8 +108,14 @@ def add_dataclass_flags(parser: Any, cls: type, overrides: bool = False,
             raise TypeError(f"{cls.__name__}.{f.name} has no help: declare it with "
                             f"metadata=described(...)")
         default = field_default(f)
-        kwargs: Dict[str, Any] = {"type": _parse_of(cls, f, hints[f.name]),
-                                  "help": f.metadata[HELP].replace("%", "%%")}
+        kwargs: Dict[str, Any] = {"help": f.metadata[HELP].replace("%", "%%")}
+        if hints[f.name] is bool:
+            if default is not False or overrides:
+                raise TypeError(f"{cls.__name__}.{f.name}: a bool flag must default to False "
+                                f"(it is a switch)")
+            parser.add_argument(flag_name(f.name), action="store_true", help=kwargs["help"])
+            continue
+        kwargs["type"] = _parse_of(cls, f, hints[f.name])
         if CHOICES in f.metadata:
             kwargs["choices"] = f.metadata[CHOICES]
         if overrides:
@@ -118,8 +130,8 @@ def add_dataclass_flags(parser: Any, cls: type, overrides: bool = False,
         parser.add_argument(flag_name(f.name), **kwargs)
 
 
-def given_fields(cls: type, args: argparse.Namespace) -> Dict[str, Any]:
-    """The fields of ``cls`` given on the command line (None = not given)."""
+def given_fields(cls: type, args: argparse.Namespace, skip: Sequence[str] = ()) -> Dict[str, Any]:
+    """The fields of ``cls`` given on the command line (None = not given), but ``skip``."""
     return {f.name: getattr(args, f.name) for f in fields(cls)
-            if getattr(args, f.name, None) is not None}
+            if f.name not in skip and getattr(args, f.name, None) is not None}
 

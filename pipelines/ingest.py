@@ -58,7 +58,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 import ctt_contracts as C
-from pipelines.flags import described, key_value_pairs
+from pipelines.flags import comma_separated, described, key_value_pairs
 from pipelines.delta_io import (RAW_ROW_JSON, WriteResult, raw_schema, read_table, table_exists,
                                 table_version, write_raw)
 
@@ -137,14 +137,21 @@ class EventMapping:
 
 @dataclass(frozen=True)
 class ItemMapping:
-    """Source columns of the items file. Exactly one of `categories_col` / `category_flag_cols`."""
+    """Source columns of the items file. Exactly one of `categories_col` / `category_flag_cols`.
+    The fields but `item_col` are flags of ingest as they are (``pipelines.flags``)."""
 
-    item_col: str
-    categories_col: Optional[str] = None
-    category_sep: str = "|"
-    weight_sep: str = ":"
-    category_flag_cols: Tuple[str, ...] = ()
-    advertiser_col: Optional[str] = None
+    item_col: str  # flag --item-id-col, default: the events' --item-col
+    categories_col: Optional[str] = field(default=None, metadata=described(
+        "delimited categories, e.g. 'Action|Comedy' or '3:0.9|7:0.4'"))
+    category_sep: str = field(default="|", metadata=described(
+        "separator between the categories of --categories-col"))
+    weight_sep: str = field(default=":", metadata=described(
+        "separator between a category and its weight in --categories-col"))
+    category_flag_cols: Tuple[str, ...] = field(default=(), metadata=described(
+        "comma-separated 0/1 columns, one per category (e.g. MovieLens genres)",
+        parse=comma_separated))
+    advertiser_col: Optional[str] = field(default=None, metadata=described(
+        "advertiser column (optional)"))
 
     def __post_init__(self) -> None:
         if (self.categories_col is None) == (not self.category_flag_cols):
@@ -156,13 +163,18 @@ class ItemMapping:
 
 @dataclass(frozen=True)
 class UserMapping:
-    """Source columns of the users file; absent columns mean "unknown" for every user."""
+    """Source columns of the users file; absent columns mean "unknown" for every user. The
+    fields but `user_col` and `gender_map` are flags of ingest as they are (``pipelines.flags``)."""
 
-    user_col: str
-    age_col: Optional[str] = None
-    age_is_bucket: bool = False  # the column already holds 0..7 buckets (else years)
-    country_col: Optional[str] = None
-    gender_col: Optional[str] = None
+    user_col: str  # flag --users-user-col, default: the events' --user-col
+    age_col: Optional[str] = field(default=None, metadata=described("age column (optional)"))
+    age_is_bucket: bool = field(default=False, metadata=described(
+        "the age column already holds buckets 0..7 (else years)"))
+    country_col: Optional[str] = field(default=None, metadata=described(
+        "country column (optional)"))
+    gender_col: Optional[str] = field(default=None, metadata=described(
+        "gender column (optional)"))
+    # flag --gender-map: pairs added to these defaults
     gender_map: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_GENDER_MAP))
 
 

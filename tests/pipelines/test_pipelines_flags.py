@@ -107,6 +107,45 @@ def test_every_event_mapping_field_is_an_ingest_flag_and_builds_the_mapping():
     assert constant.event_type == "conversion" and constant.event_type_map == {}
 
 
+def test_items_and_users_flags_come_from_their_mappings_with_the_id_columns_falling_back():
+    from pipelines import ingest as I
+    from pipelines.cli import (ITEM_HAND_DECLARED, USER_HAND_DECLARED, ingest_parser,
+                               mappings_from_args)
+
+    text = ingest_parser().format_help()
+    for cls, hand in ((I.ItemMapping, ITEM_HAND_DECLARED), (I.UserMapping, USER_HAND_DECLARED)):
+        assert all(flag_name(f.name) in text for f in fields(cls) if f.name not in hand)
+    argv = [*INGEST_BASE, "--event-type", "conversion", "--items", "it.csv",
+            "--category-flag-cols", "Action, Comedy", "--users", "us.csv", "--age-col", "age",
+            "--age-is-bucket", "--gender-map", "X=u"]
+    _, items, users = mappings_from_args(ingest_parser().parse_args(argv))
+    assert items == I.ItemMapping(item_col="i", category_flag_cols=("Action", "Comedy"))
+    assert users == I.UserMapping(user_col="u", age_col="age", age_is_bucket=True,
+                                  gender_map={**I.DEFAULT_GENDER_MAP, "x": "u"})
+    argv = [*INGEST_BASE, "--event-type", "view", "--items", "it.csv", "--item-id-col", "id",
+            "--categories-col", "cats", "--category-sep", ";", "--users", "us.csv",
+            "--users-user-col", "uid"]
+    _, items, users = mappings_from_args(ingest_parser().parse_args(argv))
+    assert items == I.ItemMapping(item_col="id", categories_col="cats", category_sep=";")
+    assert users == I.UserMapping(user_col="uid")
+
+
+def test_a_bool_field_is_a_switch_that_defaults_to_false():
+    @dataclass
+    class Switches:
+        dry_run: bool = field(default=False, metadata=described("plan only"))
+
+    @dataclass
+    class OnByDefault:
+        fast: bool = field(default=True, metadata=described("go fast"))
+
+    p = argparse.ArgumentParser()
+    add_dataclass_flags(p, Switches)
+    assert p.parse_args([]).dry_run is False and p.parse_args(["--dry-run"]).dry_run is True
+    with pytest.raises(TypeError, match="must default to False"):
+        add_dataclass_flags(argparse.ArgumentParser(), OnByDefault)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--event-type-col", "k", "--event-type", "view"], "not allowed with argument"),
     ([], "one of the arguments --event-type-col --event-type is required"),
