@@ -22,7 +22,7 @@ from pipelines import lease
 from pipelines.build import run_build_sequences
 from pipelines.build_config import BuildConfig, add_build_flags, flag_values, timestamp_arg
 from pipelines.delta_io import WriteResult, print_results
-from pipelines.flags import add_dataclass_flags, given_fields, key_value_pairs
+from pipelines.flags import add_dataclass_flags, flag_of, given_fields, key_value_pairs
 from pipelines.validate import ValidationReport, format_reports, report_from_reasons
 
 
@@ -51,45 +51,35 @@ def job_session(args: argparse.Namespace, app: str):
 # --------------------------------------------------------------------------------------
 # generate_data
 # --------------------------------------------------------------------------------------
-_KNOB_FLAGS = {"n_items": "--items", "n_categories": "--categories", "n_styles": "--styles"}
+# The fields of SyntheticConfig that are not knobs, and the size (--users, or --events instead).
+WORLD_FIELDS = ("preset", "malformed_frac", "seed", "start", "days")
+SIZE_FIELD = "n_users"
 
 
-def _knob_flag(knob: str) -> str:
-    return _KNOB_FLAGS.get(knob, "--" + knob.replace("_", "-"))
+def _preset_defaults(knob: str) -> str:
+    from pipelines.synthetic import PRESET_DEFAULTS, PRESETS
 
-
-def _default_text(value: object) -> str:
-    return "derived" if value is None else str(value)
+    return "default: " + ", ".join(
+        f"{name} {'derived' if PRESET_DEFAULTS[name][knob] is None else PRESET_DEFAULTS[name][knob]}"
+        for name in PRESETS if knob in PRESET_DEFAULTS[name])
 
 
 def generate_parser() -> argparse.ArgumentParser:
-    from pipelines.synthetic import (ALL_KNOBS, KNOB_HELP, PRESET_DEFAULTS, PRESETS, REALISTIC,
-                                     SyntheticConfig, knob_type)
+    from pipelines.synthetic import ALL_KNOBS, SyntheticConfig
 
-    d = SyntheticConfig()
     p = job_parser(
         "generate_data",
         "Write seeded synthetic raw_events / raw_items / raw_users Delta tables "
         "(see pipelines/synthetic.py: a realistic world calibrated to real logs, or "
         "the planted world of the first quality bars). Overwrites them.")
-    p.add_argument("--preset", choices=PRESETS, default=REALISTIC,
-                   help=f"which world (default {REALISTIC}); every knob below overrides the "
-                        f"preset's default, and a knob of the other preset is refused")
+    add_dataclass_flags(p, SyntheticConfig, only=WORLD_FIELDS)
     size = p.add_mutually_exclusive_group()
-    size.add_argument("--users", type=int, default=d.n_users, help=f"users (default {d.n_users})")
+    add_dataclass_flags(size, SyntheticConfig, only=(SIZE_FIELD,))
     size.add_argument("--events", type=int, default=None,
                       help="approximate number of events instead of --users")
     knobs = p.add_argument_group("knobs (default: the preset's)")
-    for knob in ALL_KNOBS:
-        defaults = ", ".join(f"{name} {_default_text(PRESET_DEFAULTS[name][knob])}"
-                             for name in PRESETS if knob in PRESET_DEFAULTS[name])
-        knobs.add_argument(_knob_flag(knob), dest=knob, type=knob_type(knob), default=None,
-                           help=f"{KNOB_HELP[knob]} (default: {defaults})")
-    p.add_argument("--malformed-frac", type=float, default=d.malformed_frac,
-                   help="fraction of deliberately malformed event rows (default 0.005)")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--start", default=d.start, help="first day of the log (ISO date, UTC)")
-    p.add_argument("--days", type=int, default=d.days, help="length of the log in days")
+    add_dataclass_flags(knobs, SyntheticConfig, only=ALL_KNOBS, overrides=True,
+                        overrides_default=_preset_defaults)
     p.add_argument("--partitions", type=int, default=None,
                    help="Spark tasks for users/events (default: one per 20k users)")
     return p
@@ -101,13 +91,11 @@ def config_from_args(args: argparse.Namespace):
 
     from pipelines.synthetic import ALL_KNOBS, SyntheticConfig, users_for_events
 
-    knobs = {k: getattr(args, k) for k in ALL_KNOBS if getattr(args, k, None) is not None}
     try:
-        cfg = SyntheticConfig(preset=args.preset, n_users=args.users,
-                              malformed_frac=args.malformed_frac, seed=args.seed,
-                              start=args.start, days=args.days, **knobs)
+        cfg = SyntheticConfig(**given_fields(SyntheticConfig, args))
     except ValueError as err:
-        flags = ", ".join(_knob_flag(k) for k in knobs)
+        flags = ", ".join(flag_of(SyntheticConfig, k) for k in ALL_KNOBS
+                          if getattr(args, k, None) is not None)
         raise SystemExit(f"generate_data: {err}" + (f" (flags given: {flags})" if flags else ""))
     if args.events is not None:
         cfg = replace(cfg, n_users=users_for_events(args.events, cfg))

@@ -20,18 +20,22 @@ import argparse
 import types
 import typing
 from dataclasses import MISSING, Field, fields
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 HELP = "help"  # field metadata keys
 PARSE = "parse"
 CHOICES = "choices"
+FLAG = "flag"
 SCALARS = (int, float, str)
 
 
 def described(help: str, parse: Optional[Callable[[str], Any]] = None,
-              choices: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """The metadata of a field that is a flag: ``field(default=..., metadata=described(...))``."""
+              choices: Optional[Sequence[str]] = None, flag: Optional[str] = None) -> Dict[str, Any]:
+    """The metadata of a field that is a flag: ``field(default=..., metadata=described(...))``;
+    ``flag`` replaces the name derived from the field's (the destination stays the field)."""
     meta: Dict[str, Any] = {HELP: help}
+    if flag is not None:
+        meta[FLAG] = flag
     if parse is not None:
         meta[PARSE] = parse
     if choices is not None:
@@ -41,6 +45,12 @@ def described(help: str, parse: Optional[Callable[[str], Any]] = None,
 
 def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
+
+
+def flag_of(cls: type, field_name: str) -> str:
+    """The flag of a field of ``cls`` (its ``flag`` metadata, else the field name with dashes)."""
+    f = next(f for f in fields(cls) if f.name == field_name)
+    return f.metadata.get(FLAG, flag_name(f.name))
 
 
 def _unwrap_optional(tp: Any) -> Any:
@@ -91,12 +101,13 @@ def _shown(default: Any) -> bool:
 
 
 def add_dataclass_flags(parser: Any, cls: type, overrides: bool = False,
-                        overrides_default: str = "default: unchanged",
+                        overrides_default: Union[str, Callable[[str], str]] = "default: unchanged",
                         only: Optional[Sequence[str]] = None, skip: Sequence[str] = ()) -> None:
     """One flag per field of ``cls`` on ``parser`` (a parser or one of its groups), in field
     order; ``only`` / ``skip`` select fields, e.g. to put two of them in a mutually exclusive
     group. ``overrides``: every flag defaults to None (= keep the value from elsewhere, which
-    ``overrides_default`` names in the help) and none is required."""
+    ``overrides_default`` names in the help, or returns for a field name) and none is
+    required."""
     hints = typing.get_type_hints(cls)
     unknown = (set(only or ()) | set(skip)) - {f.name for f in fields(cls)}
     if unknown:
@@ -113,21 +124,26 @@ def add_dataclass_flags(parser: Any, cls: type, overrides: bool = False,
             if default is not False or overrides:
                 raise TypeError(f"{cls.__name__}.{f.name}: a bool flag must default to False "
                                 f"(it is a switch)")
-            parser.add_argument(flag_name(f.name), action="store_true", help=kwargs["help"])
+            parser.add_argument(flag_of(cls, f.name), dest=f.name, action="store_true",
+                                help=kwargs["help"])
             continue
         kwargs["type"] = _parse_of(cls, f, hints[f.name])
         if CHOICES in f.metadata:
             kwargs["choices"] = f.metadata[CHOICES]
         if overrides:
             kwargs["default"] = None
-            kwargs["help"] += f" ({overrides_default})"
+            said = overrides_default if isinstance(overrides_default, str) else \
+                overrides_default(f.name)
+            kwargs["help"] += f" ({said})"
         elif default is MISSING:
             kwargs["required"] = True
         else:
             kwargs["default"] = default
             if _shown(default):
                 kwargs["help"] += f" (default {default})"
-        parser.add_argument(flag_name(f.name), **kwargs)
+        if FLAG in f.metadata:  # named after the flag the user types, not the field
+            kwargs["metavar"] = f.metadata[FLAG].lstrip("-").replace("-", "_").upper()
+        parser.add_argument(flag_of(cls, f.name), dest=f.name, **kwargs)
 
 
 def given_fields(cls: type, args: argparse.Namespace, skip: Sequence[str] = ()) -> Dict[str, Any]:

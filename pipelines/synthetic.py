@@ -187,6 +187,7 @@ import numpy as np
 import pandas as pd
 
 import ctt_contracts as C
+from pipelines.flags import described
 
 COUNTRIES: Tuple[str, ...] = ("US", "GB", "DE", "FR", "BR", "IN", "JP", "MX", "CA", "AU")
 SURFACES: Tuple[str, ...] = ("related_items", "search", "home_feed")
@@ -220,38 +221,6 @@ PRESET_DEFAULTS: Dict[str, Dict[str, object]] = {
                     views_per_conversion=10.0, views_before_conversion_mean=2.9,
                     session_views_mean=3.4),
 }
-KNOB_HELP: Dict[str, str] = {
-    "n_items": "items in the catalogue",
-    "n_categories": "categories (planted: primary categories; realistic: leaf categories, "
-                    "default n_items / 15)",
-    "n_styles": "latent styles (a taste the history reveals within a category)",
-    "p_longterm": "P(a session's category is one of the user's long-term interests)",
-    "p_style": "P(a conversion is in the user's style)",
-    "popularity_exponent": "Zipf exponent of item popularity",
-    "p_convert": "P(a session converts)",
-    "sessions_mean": "sessions per user (mean)",
-    "max_clicks": "clicks per session, uniform 0..max",
-    "p_aligned": "P(the subject's leaf category = the converted item's leaf category)",
-    "p_subject_is_label": "P(the subject is the converted item itself); <= p_aligned",
-    "p_subject_sibling": "P(a misaligned subject comes from a sibling leaf of the label's)",
-    "category_size_sigma": "log-normal sigma of the leaf category sizes (long tail)",
-    "leaves_per_parent": "leaf categories per parent category (0: no parent level)",
-    "parents_per_top": "parent categories per top-level category (0: no top level)",
-    "item_lifetime_days": "days an item stays on sale after its launch (catalogue churn)",
-    "p_repeat": "P(a user converts once more): conversions per user are 1 + Geometric",
-    "views_per_conversion": "views per conversion, all sessions included (mean)",
-    "views_before_conversion_mean": "views in a converting session before the conversion "
-                                    "(mean; subject and converted item included)",
-    "session_views_mean": "views per browsing session without conversion (mean, >= 1)",
-}
-_INT_KNOBS = {"n_items", "n_categories", "n_styles", "max_clicks", "leaves_per_parent",
-              "parents_per_top"}
-
-
-def knob_type(name: str) -> type:
-    return int if name in _INT_KNOBS else float
-
-
 def preset_knobs(preset: str) -> Tuple[str, ...]:
     """The knobs that apply to `preset`, in declaration order."""
     if preset not in PRESET_DEFAULTS:
@@ -265,36 +234,62 @@ ALL_KNOBS: Tuple[str, ...] = tuple(dict.fromkeys(k for p in PRESETS for k in PRE
 @dataclass(frozen=True)
 class SyntheticConfig:
     """One world: a preset plus its knobs. Knobs left at None take the preset's default;
-    setting a knob the preset does not use is an error (it would silently do nothing)."""
+    setting a knob the preset does not use is an error (it would silently do nothing). Each
+    field is a flag of generate_data (``pipelines.flags``)."""
 
-    preset: str = REALISTIC
-    n_users: int = 1000
-    malformed_frac: float = 0.005
-    seed: int = 0
-    start: str = "2024-01-01"
-    days: int = 180
-    n_items: Optional[int] = None
-    n_categories: Optional[int] = None
-    n_styles: Optional[int] = None
-    p_longterm: Optional[float] = None
-    p_style: Optional[float] = None
-    popularity_exponent: Optional[float] = None
+    preset: str = field(default=REALISTIC, metadata=described(
+        "which world; every knob below overrides the preset's default, and a knob of the other "
+        "preset is refused", choices=PRESETS))
+    n_users: int = field(default=1000, metadata=described("users", flag="--users"))
+    malformed_frac: float = field(default=0.005, metadata=described(
+        "fraction of deliberately malformed event rows"))
+    seed: int = field(default=0, metadata=described("seed of every random draw"))
+    start: str = field(default="2024-01-01", metadata=described(
+        "first day of the log (ISO date, UTC)"))
+    days: int = field(default=180, metadata=described("length of the log in days"))
+    n_items: Optional[int] = field(default=None, metadata=described(
+        "items in the catalogue", flag="--items"))
+    n_categories: Optional[int] = field(default=None, metadata=described(
+        "categories (planted: primary categories; realistic: leaf categories, default "
+        "n_items / 15)", flag="--categories"))
+    n_styles: Optional[int] = field(default=None, metadata=described(
+        "latent styles (a taste the history reveals within a category)", flag="--styles"))
+    p_longterm: Optional[float] = field(default=None, metadata=described(
+        "P(a session's category is one of the user's long-term interests)"))
+    p_style: Optional[float] = field(default=None, metadata=described(
+        "P(a conversion is in the user's style)"))
+    popularity_exponent: Optional[float] = field(default=None, metadata=described(
+        "Zipf exponent of item popularity"))
     # planted only
-    p_convert: Optional[float] = None
-    sessions_mean: Optional[float] = None
-    max_clicks: Optional[int] = None
+    p_convert: Optional[float] = field(default=None, metadata=described(
+        "P(a session converts)"))
+    sessions_mean: Optional[float] = field(default=None, metadata=described(
+        "sessions per user (mean)"))
+    max_clicks: Optional[int] = field(default=None, metadata=described(
+        "clicks per session, uniform 0..max"))
     # realistic only
-    p_aligned: Optional[float] = None
-    p_subject_is_label: Optional[float] = None
-    p_subject_sibling: Optional[float] = None
-    category_size_sigma: Optional[float] = None
-    leaves_per_parent: Optional[int] = None
-    parents_per_top: Optional[int] = None
-    item_lifetime_days: Optional[float] = None
-    p_repeat: Optional[float] = None
-    views_per_conversion: Optional[float] = None
-    views_before_conversion_mean: Optional[float] = None
-    session_views_mean: Optional[float] = None
+    p_aligned: Optional[float] = field(default=None, metadata=described(
+        "P(the subject's leaf category = the converted item's leaf category)"))
+    p_subject_is_label: Optional[float] = field(default=None, metadata=described(
+        "P(the subject is the converted item itself); <= p_aligned"))
+    p_subject_sibling: Optional[float] = field(default=None, metadata=described(
+        "P(a misaligned subject comes from a sibling leaf of the label's)"))
+    category_size_sigma: Optional[float] = field(default=None, metadata=described(
+        "log-normal sigma of the leaf category sizes (long tail)"))
+    leaves_per_parent: Optional[int] = field(default=None, metadata=described(
+        "leaf categories per parent category (0: no parent level)"))
+    parents_per_top: Optional[int] = field(default=None, metadata=described(
+        "parent categories per top-level category (0: no top level)"))
+    item_lifetime_days: Optional[float] = field(default=None, metadata=described(
+        "days an item stays on sale after its launch (catalogue churn)"))
+    p_repeat: Optional[float] = field(default=None, metadata=described(
+        "P(a user converts once more): conversions per user are 1 + Geometric"))
+    views_per_conversion: Optional[float] = field(default=None, metadata=described(
+        "views per conversion, all sessions included (mean)"))
+    views_before_conversion_mean: Optional[float] = field(default=None, metadata=described(
+        "views in a converting session before the conversion (mean; subject and converted item included)"))
+    session_views_mean: Optional[float] = field(default=None, metadata=described(
+        "views per browsing session without conversion (mean, >= 1)"))
 
     def __post_init__(self) -> None:
         knobs = preset_knobs(self.preset)

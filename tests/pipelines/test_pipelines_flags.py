@@ -158,3 +158,21 @@ def test_ingest_refuses_a_bad_event_mapping_before_spark(extra, message, capsys)
     with pytest.raises(SystemExit):
         ingest_parser().parse_args([*INGEST_BASE, *extra])
     assert message in capsys.readouterr().err
+
+
+def test_every_synthetic_config_field_is_a_generate_flag_with_its_default_or_the_presets():
+    from pipelines.cli import generate_parser
+    from pipelines.flags import flag_of
+    from pipelines.synthetic import ALL_KNOBS, PLANTED, PRESET_DEFAULTS, SyntheticConfig
+
+    text = " ".join(generate_parser().format_help().split())
+    for f in fields(SyntheticConfig):
+        assert flag_of(SyntheticConfig, f.name) in text
+    assert "--users USERS users (default 1000)" in text and "--items ITEMS" in text
+    assert "P(a session converts) (default: planted 0.7)" in text
+    args = generate_parser().parse_args(["--users", "7", "--styles", "4"])
+    assert given_fields(SyntheticConfig, args) == {
+        "preset": "realistic", "n_users": 7, "malformed_frac": 0.005, "seed": 0,
+        "start": "2024-01-01", "days": 180, "n_styles": 4}
+    assert set(ALL_KNOBS) == {k for p in PRESET_DEFAULTS.values() for k in p}
+    assert generate_parser().parse_args(["--preset", PLANTED]).preset == PLANTED
