@@ -66,7 +66,8 @@ def projected_items(items: DataFrame, k: int) -> DataFrame:
                         .alias(_CTX))
 
 
-def _context_for(examples: DataFrame, projected: DataFrame, item_col: str, source: str) -> DataFrame:
+def _context_for(examples: DataFrame, projected: DataFrame, item_col: str,
+                 source: str) -> DataFrame:
     """Join each example to the item in `item_col` and take that item's projected context."""
     joined = examples.join(projected, examples[item_col] == projected[_CTX_ITEM], "inner")
     subject = (F.col(C.SUBJECT_ITEM_ID) if source == C.CONTEXT_REAL
@@ -80,15 +81,15 @@ def _context_for(examples: DataFrame, projected: DataFrame, item_col: str, sourc
     )
 
 
-def pseudo_context(examples: DataFrame, items: DataFrame, k: int = C.DEFAULT_CONTEXT_TOP_K) -> DataFrame:
+def pseudo_context(examples: DataFrame, projected: DataFrame) -> DataFrame:
     """One pseudo row per example (the label item is a clean item, so the inner join keeps all)."""
-    return _context_for(examples, projected_items(items, k), C.LABEL_ITEM_ID, C.CONTEXT_PSEUDO)
+    return _context_for(examples, projected, C.LABEL_ITEM_ID, C.CONTEXT_PSEUDO)
 
 
-def real_context(examples: DataFrame, items: DataFrame, k: int = C.DEFAULT_CONTEXT_TOP_K) -> DataFrame:
+def real_context(examples: DataFrame, projected: DataFrame) -> DataFrame:
     """One real row per example whose label conversion logged a subject item."""
     with_subject = examples.where(F.col(C.SUBJECT_ITEM_ID).isNotNull())
-    return _context_for(with_subject, projected_items(items, k), C.SUBJECT_ITEM_ID, C.CONTEXT_REAL)
+    return _context_for(with_subject, projected, C.SUBJECT_ITEM_ID, C.CONTEXT_REAL)
 
 
 def build_context_rows(examples: DataFrame, items: DataFrame,
@@ -97,7 +98,5 @@ def build_context_rows(examples: DataFrame, items: DataFrame,
     context_rows. Both sources join the same projected items, so Spark broadcasts (and projects)
     them once."""
     projected = projected_items(items, k)
-    with_subject = examples.where(F.col(C.SUBJECT_ITEM_ID).isNotNull())
-    return (_context_for(examples, projected, C.LABEL_ITEM_ID, C.CONTEXT_PSEUDO)
-            .unionByName(_context_for(with_subject, projected, C.SUBJECT_ITEM_ID, C.CONTEXT_REAL))
+    return (pseudo_context(examples, projected).unionByName(real_context(examples, projected))
             .select(*C.CONTEXT_ROWS_COLUMNS))

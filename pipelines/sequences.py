@@ -35,7 +35,7 @@ from typing import Optional
 
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql.window import Window
+from pyspark.sql.window import Window, WindowSpec
 
 import ctt_contracts as C
 
@@ -90,6 +90,11 @@ def conversions(events: DataFrame) -> DataFrame:
             .withColumn(TS_S, F.unix_seconds(F.col(C.EVENT_TS))))
 
 
+def _by_user() -> WindowSpec:
+    """A user's conversions in rank order: time, then item."""
+    return Window.partitionBy(C.USER_ID).orderBy(TS_US, C.ITEM_ID)
+
+
 def rank_conversions(conv: DataFrame) -> DataFrame:
     """Conversions + their rank within the user (by time, then item), the rank where their tie
     group (same user and instant) starts, and the user's count; sorted by (user, time, item).
@@ -98,10 +103,9 @@ def rank_conversions(conv: DataFrame) -> DataFrame:
     `user_sequences_from_ranked` read: persist it when building more than one of them. It holds
     no arrays, so persisting it costs about what the conversions cost.
     """
-    by_user = Window.partitionBy(C.USER_ID).orderBy(TS_US, C.ITEM_ID)
     peers = Window.partitionBy(C.USER_ID).orderBy(TS_US).rangeBetween(0, 0)  # same instant
     whole = Window.partitionBy(C.USER_ID)
-    return (conv.withColumn(_RN, F.row_number().over(by_user))
+    return (conv.withColumn(_RN, F.row_number().over(_by_user()))
             .withColumn(_TIE_RN, F.min(_RN).over(peers))
             .withColumn(_CNT, F.count(F.lit(1)).over(whole)))
 
@@ -114,7 +118,8 @@ def _check_lengths(cap: int, min_history: int) -> None:
 
 
 def _history_size(cap: int) -> Column:
-    """Length of a conversion's history: the conversions ranked before its tie group, at most cap."""
+    """Length of a conversion's history: the conversions ranked before its tie group, at most
+    cap."""
     return F.least(F.col(_TIE_RN) - 1, F.lit(cap))
 
 
@@ -125,8 +130,7 @@ def _history_struct():
 
 def _with_history(ranked: DataFrame, cap: int) -> DataFrame:
     """ranked + _HIST: the newest `cap` conversions strictly before the row's instant."""
-    by_user = Window.partitionBy(C.USER_ID).orderBy(TS_US, C.ITEM_ID)
-    sliding = by_user.rowsBetween(-cap, -1)
+    sliding = _by_user().rowsBetween(-cap, -1)
     # Rows tied in time share the history of the tie group's first row (which precedes them all).
     tie_group = (Window.partitionBy(C.USER_ID, TS_US).orderBy(C.ITEM_ID)
                  .rowsBetween(Window.unboundedPreceding, Window.currentRow))

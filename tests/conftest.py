@@ -55,9 +55,10 @@ def spark():
     session = get_spark("ctt-tests", master="local[2]", shuffle_partitions=4,
                         extra_conf={"spark.sql.adaptive.enabled": "false",
                                     "spark.driver.memory": "2g",
-                                    "spark.driver.extraJavaOptions": f"-Ddelta.log.cacheSize={DELTA_LOG_CACHE}",
-                                    "spark.databricks.delta.delta.log.cacheSize": str(DELTA_LOG_CACHE),
-                                    "spark.databricks.delta.snapshotPartitions": "2"})
+                                    "spark.driver.extraJavaOptions":
+                                        f"-Ddelta.log.cacheSize={DELTA_LOG_CACHE}",
+                                    "spark.databricks.delta.delta.log.cacheSize":
+                                        str(DELTA_LOG_CACHE)})
     yield session
     session.stop()
 
