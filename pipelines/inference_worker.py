@@ -16,9 +16,10 @@ worker also checks that the bundle on disk still has the version the driver saw,
 replaced mid-run fails loudly instead of writing states under the wrong version.
 
 Inputs are turned into tensors only by ``models.features.pad_history`` (the one place shared
-with training and serving), in chunks of ``batch_size`` rows under ``torch.inference_mode`` with
-one torch thread per Spark Python worker (Spark already runs one worker per core; the thread
-count is set inside the mapInArrow function, never in the driver or a test process).
+with training and serving), in chunks of ``batch_size`` rows of alike history length
+(``length_order``) under ``torch.inference_mode`` with one torch thread per Spark Python worker
+(Spark already runs one worker per core; the thread count is set inside the mapInArrow
+function, never in the driver or a test process).
 """
 from __future__ import annotations
 
@@ -51,9 +52,24 @@ def cached_model(bundle_path: str, model_version: str) -> Any:
     return model
 
 
+def length_order(histories: Sequence[Tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Row indices ordered by history length, shortest first (stable).
+
+    Why: the encoder trims the padding columns every row of a batch shares
+    (``models.two_tower.trim_left_padding``), so a batch costs its LONGEST history. Conversion
+    histories are short with a long tail (mean ~8, cap 50), so batches of random users are all
+    about max_len wide; batches of users with alike lengths are as wide as their own histories
+    (7x the users per second on one core at 1,024 rows). The encoder is invariant to left
+    padding, so the order changes the cost, not the states (float rounding aside, ~1e-6).
+    """
+    return np.argsort(np.fromiter((len(i) for i, _ in histories), np.int64, len(histories)),
+                      kind="stable")
+
+
 def encode_histories(model: Any, histories: Sequence[Tuple[np.ndarray, np.ndarray]],
                      batch_size: int = DEFAULT_BATCH_SIZE) -> np.ndarray:
-    """[(item_ids, event_ts)] -> states float32 (N, state_dim), ``batch_size`` rows per forward."""
+    """[(item_ids, event_ts)] -> states float32 (N, state_dim) in the input's order, encoded
+    ``batch_size`` rows per forward in ``length_order``."""
     import torch
 
     from models.features import pad_history
@@ -61,13 +77,15 @@ def encode_histories(model: Any, histories: Sequence[Tuple[np.ndarray, np.ndarra
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     max_len = model.config.max_len
+    order = length_order(histories)  # (N,)
     out = np.empty((len(histories), model.state_dim), dtype=np.float32)
     with torch.inference_mode():
         for start in range(0, len(histories), batch_size):
-            padded = [pad_history(i, t, max_len) for i, t in histories[start:start + batch_size]]
+            rows = order[start:start + batch_size]  # (B,)
+            padded = [pad_history(*histories[r], max_len) for r in rows]
             items = torch.from_numpy(np.stack([p[0] for p in padded]))  # (B, L)
             ts = torch.from_numpy(np.stack([p[1] for p in padded]))  # (B, L)
-            out[start:start + len(padded)] = model.encode_user_state(items, ts).numpy()  # (B, S)
+            out[rows] = model.encode_user_state(items, ts).numpy()  # (B, S)
     return out
 
 

@@ -25,6 +25,11 @@ def test_encode_histories_matches_one_user_at_a_time(bundles):
     np.testing.assert_allclose(got, np.stack([expected[u] for u in hist]), atol=1e-5, rtol=0)
 
 
+def test_length_order_groups_alike_lengths_stably():
+    hist = [([1, 2, 3], [1, 2, 3]), ([4], [1]), ([5, 6], [1, 2]), ([7], [2]), ([], [])]
+    assert worker.length_order(hist).tolist() == [4, 1, 3, 2, 0]
+
+
 def test_encode_batch_reads_sliced_arrow_lists(bundles):
     """Arrow batches handed to mapInArrow can be slices: offsets are relative to the backing
     values, which _list_rows must honour (else users get each other's histories)."""
