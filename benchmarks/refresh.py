@@ -1,38 +1,42 @@
-"""Daily refresh benchmark: does the refresh cost scale with the NEW events or with the lake?
+"""Daily refresh at scale: does a refresh cost what the day's events cost, on a 1M-user lake?
 
-Measured with the production code path (``pipelines.refresh.run_refresh``: build_sequences ->
-batch inference -> Feast snapshot export -> materialize into a real SQLite online store), on a
-Spark ``local[2]`` session, per step:
-- lake N: first fill (every user encoded, full materialize), a refresh with nothing new (the
-  fixed cost of a refresh; it also warms the JVM before the measured increments), then a
-  refresh after appending new events = 1 % of the lake's events, then one after another 5 %;
-- lake 2N: first fill, nothing new, then a refresh after appending the SAME absolute number of
-  events as the 1 % increment of lake N.
-If the refresh scaled with the lake, 2N/N would be ~2; if it scaled with the increment only, ~1.
-Batch inference and materialize touch only the affected users by construction; build_sequences
-re-derives the per-user histories from all clean events and MERGEs only the differences, so
-its part is expected to grow with the lake (reported separately, not hidden in a total).
+Measured with the production code path (``pipelines.refresh.run_refresh``: incremental
+build_sequences -> batch inference of the users in ``user_sequences``' change feed -> Feast
+snapshot export -> materialize-incremental into a real SQLite online store), on one Spark
+``local[2]`` session, per step, with the peak RSS of the whole process tree (driver, JVM, Python
+workers) sampled during each refresh.
 
-New events: 2 conversions per chosen user (distinct users, random), one day after the lake's
-last event, on existing items (each its own subject item). The model is untrained with the
-default ModelConfig (the architecture sets the cost, not the weights). Nothing is hard-coded:
-every figure is measured, written to benchmarks/results/refresh.json with the machine, the date
-and the load average (this machine is shared).
+Lakes: one per ``--users`` size (default 100k and 1M), generated ONCE with the realistic preset
+(calibrated to the REES46 log, ``pipelines.synthetic``) and the same item count at every size,
+then filled by a first refresh (every user encoded, full materialize). Generation and first fill
+are timed and kept in ``<work-dir>/users_<n>/fill.json``; a rerun reuses the filled lakes (the
+days appended by earlier runs stay: each run is a further day).
 
-Usage: PYSPARK_PYTHON=.venv/bin/python python benchmarks/refresh.py [--users 4000] [--quick]
+Each run, after one warm-up refresh with nothing new (JVM and Python workers; reported, no bar):
+- every lake: a refresh with nothing new (the fixed cost of a day without events);
+- every lake: a day of X new events, X = 1 % of the SMALLEST lake's events (the same absolute
+  increment everywhere: if the refresh scaled with the lake, the 10x lake would cost ~10x);
+- the largest lake: a day of 1 % of its own events.
+New events: 2 conversions per touched user (distinct random users with history; REES46's head
+has 1.57 carts + purchases per user with any in its 3 hours), on existing items, one day after
+the lake's newest event. The model is untrained with the default ModelConfig (the architecture
+sets the cost, not the weights). Every figure is measured and written with the machine, the date
+and the load average.
+
+Usage: PYSPARK_PYTHON=.venv/bin/python python benchmarks/refresh.py [--users 100000 1000000]
 """
 from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
+import threading
 import time
-from datetime import timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
+import psutil
 import torch
 
 import benchlib  # sibling module: benchmarks/ is first on sys.path when run as a script
@@ -41,8 +45,12 @@ import ctt_contracts as C
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "refresh.json"
+WORK = REPO_ROOT / "benchmarks" / "work" / "refresh"
 EVENTS_PER_USER = 2  # conversions appended per touched user
+DAY_FRACTION = 0.01  # a day of new events = 1 % of a lake's events
 STEPS = ("build_sequences", "batch_inference", "feast_export", "materialize")
+FILL_RECORD = "fill.json"
+BIG = 1_000_000  # the lake size the issue's bars are stated for
 
 
 def machine() -> Dict[str, Any]:
@@ -61,6 +69,37 @@ def export_model(lake: str, out: Path) -> Path:
     torch.manual_seed(0)
     config = ModelConfig()
     return export_bundle(ContextualTwoTower(config).eval(), config, items, out, "bench-refresh")
+
+
+class PeakRss:
+    """Peak resident memory (MB) of this process and all its descendants, sampled every
+    ``interval`` s in a thread while the ``with`` block runs: Spark's JVM and Python workers
+    are children of this process, so the tree is what the machine has to hold."""
+
+    def __init__(self, interval: float = 0.2) -> None:
+        self.interval, self.peak_mb = interval, 0.0
+        self._stop = threading.Event()
+
+    def _sample(self) -> None:
+        me = psutil.Process()
+        while not self._stop.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:  # a worker exited between listing and reading
+                    pass
+            self.peak_mb = max(self.peak_mb, total / 2**20)
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakRss":
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def append_events(spark, lake: str, n_events: int, seed: int) -> Dict[str, int]:
@@ -102,123 +141,147 @@ def lake_size(lake: str) -> Dict[str, int]:
     return {"clean_events": ev.num_rows, "users_with_history": us.num_rows}
 
 
-def one_refresh(spark, lake: str, bundle: Path, feast_data: Path, label: str,
-                appended: Optional[Dict[str, int]], first: bool = False) -> Dict[str, Any]:
+def one_refresh(spark, lake: Path, label: str, appended: Optional[Dict[str, int]],
+                first: bool = False) -> Dict[str, Any]:
+    """One ``run_refresh`` of ``lake`` (its bundle and Feast folder beside it), timed per step."""
     from pipelines.refresh import run_refresh
 
-    t0 = time.perf_counter()
-    res = run_refresh(spark, lake, bundle, feast_data, apply=first)
-    total = time.perf_counter() - t0
-    us = res.user_sequences_write
-    row = {"label": label, "appended": appended, "seconds": {k: round(res.seconds[k], 2) for k in STEPS},
-           "total_s": round(total, 2), "users_reencoded": res.inference.encoded,
-           "user_sequences_changed": us.inserted + us.updated + us.deleted,
+    with PeakRss() as rss:
+        t0 = time.perf_counter()
+        res = run_refresh(spark, str(lake / "lake"), lake / "bundle", lake / "feast", apply=first)
+        total = time.perf_counter() - t0
+    row = {"label": label, "appended": appended, "build_mode": res.build.mode,
+           "seconds": {k: round(res.seconds[k], 2) for k in STEPS}, "total_s": round(total, 2),
+           "peak_rss_mb": round(rss.peak_mb), "users_recomputed": res.build.users_recomputed,
+           "users_reencoded": res.inference.encoded,
            "states_materialized": res.materialized.states_in_window,
-           "full_materialize": res.materialized.full, **lake_size(lake)}
-    print(f"  {label:<34} total {total:7.1f}s  " + "  ".join(
-        f"{k} {res.seconds[k]:.1f}s" for k in STEPS) + f"  re-encoded {res.inference.encoded}",
-        flush=True)
+           "full_materialize": res.materialized.full, **lake_size(str(lake / "lake"))}
+    print(f"  {label:<44} total {total:7.1f}s  " + "  ".join(
+        f"{k} {res.seconds[k]:.1f}s" for k in STEPS)
+        + f"  re-encoded {res.inference.encoded}  peak {rss.peak_mb:,.0f} MB", flush=True)
     return row
 
 
-def run(args: argparse.Namespace) -> Dict[str, Any]:
+def fill(spark, n_users: int, items: int, seed: int, work: Path) -> Dict[str, Any]:
+    """Generate and first-fill the ``n_users`` lake once; later runs read the stored record."""
     from pipelines.cli import run_generate
+    from pipelines.synthetic import REALISTIC, SyntheticConfig
+
+    root = work / f"users_{n_users}"
+    record = root / FILL_RECORD
+    if record.is_file():
+        return json.loads(record.read_text())
+    if root.exists():
+        raise FileExistsError(f"{root} exists without {FILL_RECORD} (an interrupted fill): "
+                              f"delete it and rerun")
+    cfg = SyntheticConfig(preset=REALISTIC, n_users=n_users, n_items=items, malformed_frac=0.0,
+                          seed=seed)
+    print(f"users_{n_users}: generating", flush=True)
+    load_before, t0 = benchlib.load_avg(), time.perf_counter()
+    run_generate(spark, str(root / "lake"), cfg, partitions=None)
+    generate_s = time.perf_counter() - t0
+    export_model(str(root / "lake"), root / "bundle")
+    first = one_refresh(spark, root, f"{n_users:,} users: first fill", None, first=True)
+    out = {"users": n_users, "items": items, "preset": REALISTIC, "seed": seed,
+           "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "generate_s": round(generate_s, 1), "first_fill": first,
+           "load_avg_before": load_before, "load_avg_after": benchlib.load_avg()}
+    benchlib.write_json(record, out)
+    return out
+
+
+def day(spark, root: Path, n_events: int, label: str, seed: int) -> Dict[str, Any]:
+    """Append a day of ``n_events`` conversions to the lake under ``root`` and refresh it."""
+    appended = append_events(spark, str(root / "lake"), n_events, seed)
+    return one_refresh(spark, root, label, appended)
+
+
+def run(args: argparse.Namespace) -> Dict[str, Any]:
     from pipelines.delta_io import tune_local_delta
     from pipelines.spark import get_spark
-    from pipelines.synthetic import PLANTED, SyntheticConfig
 
-    work = Path(tempfile.mkdtemp(prefix="ctt-bench-refresh-", dir=args.work_dir))
-    spark = get_spark("ctt-bench-refresh", master=args.master, shuffle_partitions=args.shuffle_partitions)
+    work = args.work_dir or WORK
+    sizes = sorted(args.users)
+    spark = get_spark("ctt-bench-refresh", master=args.master,
+                      shuffle_partitions=args.shuffle_partitions)
     tune_local_delta(spark)
-    rows = []
     try:
-        lakes = {}
-        for name, n_users in (("N", args.users), ("2N", 2 * args.users)):
-            lake = str(work / f"lake_{name}")
-            cfg = SyntheticConfig(preset=PLANTED, n_users=n_users, n_items=args.items,
-                                  malformed_frac=0.0, seed=args.seed)
-            print(f"lake {name}: generating {n_users} users", flush=True)
-            run_generate(spark, lake, cfg, partitions=None)
-            lakes[name] = lake
-        # lake N: fill, +1 %, +5 %, nothing new
-        lake, data = lakes["N"], work / "feast_N"
-        bundle = export_model(lake, work / "bundle")
-        fill_n = one_refresh(spark, lake, bundle, data, "lake N: first fill", None, first=True)
-        rows.append(fill_n)
-        base_events = fill_n["clean_events"]
-        one_pct = max(EVENTS_PER_USER, int(round(0.01 * base_events)))
-        five_pct = max(EVENTS_PER_USER, int(round(0.05 * base_events)))
-        rows.append(one_refresh(spark, lake, bundle, data, "lake N: nothing new", None))
-        app = append_events(spark, lake, one_pct, seed=1)
-        rows.append(one_refresh(spark, lake, bundle, data, "lake N: +1 % events", app))
-        app = append_events(spark, lake, five_pct, seed=2)
-        rows.append(one_refresh(spark, lake, bundle, data, "lake N: +5 % events", app))
-        # lake 2N: fill, nothing new, then the same absolute increment as lake N's 1 %
-        lake, data = lakes["2N"], work / "feast_2N"
-        rows.append(one_refresh(spark, lake, bundle, data, "lake 2N: first fill", None, first=True))
-        rows.append(one_refresh(spark, lake, bundle, data, "lake 2N: nothing new", None))
-        app = append_events(spark, lake, one_pct, seed=3)
-        rows.append(one_refresh(spark, lake, bundle, data, "lake 2N: same absolute increment", app))
+        fills = {n: fill(spark, n, args.items, args.seed, work) for n in sizes}
+        roots = {n: work / f"users_{n}" for n in sizes}
+        small, big = sizes[0], sizes[-1]
+        runs: List[Dict[str, Any]] = [
+            one_refresh(spark, roots[small], f"{small:,} users: warm-up, nothing new", None)]
+        noop = {n: one_refresh(spark, roots[n], f"{n:,} users: nothing new", None) for n in sizes}
+        runs += noop.values()
+        x = max(EVENTS_PER_USER, int(round(DAY_FRACTION * noop[small]["clean_events"])))
+        seed = int(time.time())  # a new day each run: other users than the last run's
+        same = {n: day(spark, roots[n], x, f"{n:,} users: +{x:,} events (1 % of the smallest)",
+                       seed + i) for i, n in enumerate(sizes)}
+        runs += same.values()
+        pct = day(spark, roots[big], int(round(DAY_FRACTION * same[big]["clean_events"])),
+                  f"{big:,} users: +1 % events", seed + len(sizes))
+        runs.append(pct)
     finally:
         spark.stop()
-        shutil.rmtree(work, ignore_errors=True)
-    by = {r["label"]: r for r in rows}
-    n1, n5 = by["lake N: +1 % events"], by["lake N: +5 % events"]
-    n2 = by["lake 2N: same absolute increment"]
+    return {"sizes": sizes, "items": args.items, "master": args.master,
+            "shuffle_partitions": args.shuffle_partitions,
+            "events_per_touched_user": EVENTS_PER_USER, "fills": list(fills.values()),
+            "runs": runs, "noop_s": {str(n): noop[n]["total_s"] for n in sizes},
+            "same_increment_events": x,
+            "same_increment_s": {str(n): same[n]["total_s"] for n in sizes},
+            "same_increment_ratio_largest_over_smallest":
+                round(same[big]["total_s"] / same[small]["total_s"], 3),
+            "lake_ratio": big / small, "day_1pct_largest_s": pct["total_s"]}
 
-    def ratio(a: Dict[str, Any], b: Dict[str, Any], key: Optional[str] = None) -> float:
-        x = a["total_s"] if key is None else a["seconds"][key]
-        y = b["total_s"] if key is None else b["seconds"][key]
-        return round(x / y, 3) if y else float("nan")
 
-    def above_fixed(a: Dict[str, Any], idle: Dict[str, Any]) -> float:
-        return round(a["total_s"] - idle["total_s"], 2)
-
-    idle_n, idle_2n = by["lake N: nothing new"], by["lake 2N: nothing new"]
-    marginal = {"lake N: +1 %": above_fixed(n1, idle_n), "lake N: +5 %": above_fixed(n5, idle_n),
-                "lake 2N: same absolute increment": above_fixed(n2, idle_2n)}
-    ratios = {
-        "fixed_cost_2N_over_N": ratio(idle_2n, idle_n),
-        "total_5pct_over_1pct": ratio(n5, n1),
-        "total_2N_over_N_same_increment": ratio(n2, n1),
-        "total_1pct_over_first_fill": ratio(n1, by["lake N: first fill"]),
-        **{f"{k}_2N_over_N_same_increment": ratio(n2, n1, k) for k in STEPS},
-        **{f"{k}_5pct_over_1pct": ratio(n5, n1, k) for k in STEPS},
-    }
-    return {"users_N": args.users, "items": args.items, "master": args.master,
-            "events_per_touched_user": EVENTS_PER_USER, "runs": rows,
-            "seconds_above_nothing_new_refresh": marginal, "ratios": ratios}
+def bars(r: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """Issue-17 bars; stated for a 1M-user lake and a 10x size ratio, so a run at other sizes
+    (``--quick``) reports them as not measured."""
+    at_scale = r["sizes"][-1] >= BIG and r["lake_ratio"] >= 10
+    return [benchlib.bar("refresh_1m_users_1pct_s", r["day_1pct_largest_s"] if at_scale else None,
+                         120.0, at_most=True),
+            benchlib.bar("refresh_noop_s_1m", r["noop_s"][str(r["sizes"][-1])] if at_scale else None,
+                         15.0, at_most=True),
+            benchlib.bar("refresh_same_increment_10x_lake_ratio",
+                         r["same_increment_ratio_largest_over_smallest"] if at_scale else None,
+                         1.2, at_most=True)]
 
 
 def print_table(r: Dict[str, Any]) -> None:
-    print(f"\nrefresh, lake N = {r['users_N']} users, Spark {r['master']}")
-    head = ["run", "appended events", "users re-encoded"] + [f"{s} s" for s in STEPS] + ["total s"]
+    for f in r["fills"]:
+        ff = f["first_fill"]
+        print(f"{f['users']:,} users: generated in {f['generate_s']:.0f}s, first fill "
+              f"{ff['total_s']:.0f}s ({ff['clean_events']:,} events, {f['date']})")
+    head = ["run", "appended events", "users re-encoded"] + [f"{s} s" for s in STEPS] + [
+        "total s", "peak RSS MB"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for row in r["runs"]:
         app = row["appended"]["events"] if row["appended"] else "-"
         cells = [f"{row['label']} ({row['clean_events']:,} events)", str(app),
                  f"{row['users_reencoded']:,}"]
-        cells += [f"{row['seconds'][s]:.1f}" for s in STEPS] + [f"{row['total_s']:.1f}"]
+        cells += [f"{row['seconds'][s]:.1f}" for s in STEPS] + [f"{row['total_s']:.1f}",
+                                                                 f"{row['peak_rss_mb']:,}"]
         print("| " + " | ".join(cells) + " |")
-    print("\nseconds above the same lake's nothing-new refresh:",
-          json.dumps(r["seconds_above_nothing_new_refresh"]))
-    print("ratios:", json.dumps(r["ratios"]))
+    print(json.dumps(bars(r)))
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--users", type=int, default=4_000, help="users of lake N (lake 2N has twice)")
-    p.add_argument("--items", type=int, default=5_000)
+    p.add_argument("--users", type=int, nargs="+", default=[100_000, BIG],
+                   help="one lake per size (the same item count in each)")
+    p.add_argument("--items", type=int, default=50_000)
     p.add_argument("--master", default="local[2]")
     p.add_argument("--shuffle-partitions", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
-    return benchlib.parse_args(p, argv, RESULTS, {"users": 2_000}, "2k users (a smoke run)")
+    p.add_argument("--seed", type=int, default=0, help="generator seed of the lakes")
+    return benchlib.parse_args(p, argv, RESULTS, {"users": [2_000, 20_000], "items": 5_000},
+                               "2k and 20k users, 5k items (a smoke run; no bars)",
+                               work_help=f"where the lakes are kept (default {WORK})")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
-    benchlib.run_and_report("refresh", lambda: run(args), machine, print_table, args.out)
+    benchlib.run_and_report("refresh", lambda: run(args), machine, print_table, args.out, bars)
 
 
 if __name__ == "__main__":
