@@ -12,6 +12,7 @@ import platform
 import signal
 import subprocess
 import sys
+import tempfile
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -99,19 +100,30 @@ def stop_process(proc: subprocess.Popen, log: Any = None, timeout: float = 60) -
         log.close()
 
 
+def quick_out(out: Path) -> Path:
+    """Where a ``--quick`` run writes by default: beside nothing that is committed."""
+    return Path(tempfile.gettempdir()) / f"ctt-{out.stem}-quick.json"
+
+
 def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], out: Path,
                quick: Mapping[str, Any], quick_help: str,
                work_help: str = "scratch folder (default: system temp)") -> argparse.Namespace:
     """Add the flags every benchmark takes and parse: ``--out`` (the results JSON, default
     ``out``), ``--work-dir`` and ``--quick``, a smoke run that replaces the arguments named in
-    ``quick`` by its values (its figures are not the targets' figures)."""
+    ``quick`` by its values. Its figures are not the targets' figures, so it writes to
+    ``quick_out(out)`` and refuses to overwrite ``out``."""
     parser.add_argument("--quick", action="store_true", help=quick_help)
-    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"results JSON (default {out}; with --quick {quick_out(out)})")
     parser.add_argument("--work-dir", type=Path, default=None, help=work_help)
     args = parser.parse_args(argv)
     if args.quick:
+        if args.out is not None and args.out.resolve() == out.resolve():
+            parser.error(f"--quick is a smoke run: write it elsewhere than {out}")
         for name, value in quick.items():
             setattr(args, name, value)
+    if args.out is None:
+        args.out = quick_out(out) if args.quick else out
     return args
 
 
