@@ -17,9 +17,9 @@ Each run, after one warm-up refresh with nothing new (JVM and Python workers; re
 - every lake: a day of X new events, X = 1 % of the SMALLEST lake's events (the same absolute
   increment everywhere: if the refresh scaled with the lake, the 10x lake would cost ~10x);
 - the largest lake: a day of 1 % of its own events.
-New events: 2 conversions per touched user (distinct random users with history; REES46's head
-has 1.57 carts + purchases per user with any in its 3 hours), on existing items, one day after
-the lake's newest event. The model is untrained with the default ModelConfig (the architecture
+New events: the lake's own mix (its share of conversions; the rest views), on existing items, one
+day after the lake's newest event; 2 conversions per converting user (distinct random users with
+history; REES46's head has 1.57 carts + purchases per user with any in its 3 hours). The model is untrained with the default ModelConfig (the architecture
 sets the cost, not the weights). Every figure is measured and written with the machine, the date
 and the load average.
 
@@ -103,34 +103,39 @@ class PeakRss:
 
 
 def append_events(spark, lake: str, n_events: int, seed: int) -> Dict[str, int]:
-    """Append ``n_events`` conversions (EVENTS_PER_USER per distinct random user) one day after
-    the lake's last clean event; returns what was appended."""
+    """Append a day of ``n_events`` events one day after the lake's newest clean event, with the
+    lake's own share of conversions: EVENTS_PER_USER conversions per touched user (distinct
+    random users), the rest views by random users. Returns what was appended."""
+    import pyarrow.compute as pc
     from deltalake import DeltaTable
 
     from pipelines.delta_io import write_raw
 
     paths = C.LakePaths(lake)
-    ev = DeltaTable(paths.table(C.T_EVENTS)).to_pyarrow_table(columns=[C.USER_ID, C.EVENT_TS])
+    ev = DeltaTable(paths.table(C.T_EVENTS)).to_pyarrow_table(
+        columns=[C.USER_ID, C.EVENT_TS, C.EVENT_TYPE])
     users = np.unique(ev.column(C.USER_ID).to_numpy())
-    last = max(ev.column(C.EVENT_TS).to_pylist())
+    last = pc.max(ev.column(C.EVENT_TS)).as_py()
     last = last if last.tzinfo else last.replace(tzinfo=timezone.utc)
+    conv_share = pc.sum(pc.equal(ev.column(C.EVENT_TYPE), C.EVENT_CONVERSION)).as_py() / ev.num_rows
     items = DeltaTable(paths.table(C.T_ITEMS)).to_pyarrow_table(columns=[C.ITEM_ID])
     items = items.column(C.ITEM_ID).to_numpy()
     rng = np.random.default_rng(seed)
-    n_users = max(1, n_events // EVENTS_PER_USER)
+    n_users = max(1, int(round(n_events * conv_share / EVENTS_PER_USER)))
     if n_users > len(users):
         raise ValueError(f"{n_events} new events need {n_users} users, the lake has {len(users)}")
-    chosen = rng.choice(users, size=n_users, replace=False)
+    n_views = max(0, n_events - n_users * EVENTS_PER_USER)
+    who = np.concatenate([np.repeat(rng.choice(users, size=n_users, replace=False),
+                                    EVENTS_PER_USER), rng.choice(users, size=n_views)])
+    kinds = [C.EVENT_CONVERSION] * (n_users * EVENTS_PER_USER) + [C.EVENT_VIEW] * n_views
+    what = rng.choice(items, size=len(who))
     day = last + timedelta(days=1)
-    rows = []
-    for j, user in enumerate(chosen):
-        for e in range(EVENTS_PER_USER):
-            item = int(rng.choice(items))
-            rows.append((int(user), item, C.EVENT_CONVERSION,
-                         day + timedelta(seconds=j * EVENTS_PER_USER + e), "home", item, None))
+    rows = [(int(u), int(i), k, day + timedelta(seconds=j), "home", int(i), None)
+            for j, (u, i, k) in enumerate(zip(who, what, kinds))]
     write_raw(spark, spark.createDataFrame(rows, C.spark_schema(C.T_RAW_EVENTS)), lake,
               C.T_RAW_EVENTS, mode="append")
-    return {"events": len(rows), "users": n_users}
+    return {"events": len(rows), "conversions": n_users * EVENTS_PER_USER, "views": n_views,
+            "users_converting": n_users}
 
 
 def lake_size(lake: str) -> Dict[str, int]:
@@ -203,7 +208,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     work = args.work_dir or WORK
     sizes = sorted(args.users)
     spark = get_spark("ctt-bench-refresh", master=args.master,
-                      shuffle_partitions=args.shuffle_partitions)
+                      shuffle_partitions=args.shuffle_partitions,
+                      extra_conf={"spark.driver.memory": args.driver_memory})
     tune_local_delta(spark)
     try:
         fills = {n: fill(spark, n, args.items, args.seed, work) for n in sizes}
@@ -224,7 +230,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     finally:
         spark.stop()
     return {"sizes": sizes, "items": args.items, "master": args.master,
-            "shuffle_partitions": args.shuffle_partitions,
+            "shuffle_partitions": args.shuffle_partitions, "driver_memory": args.driver_memory,
             "events_per_touched_user": EVENTS_PER_USER, "fills": list(fills.values()),
             "runs": runs, "noop_s": {str(n): noop[n]["total_s"] for n in sizes},
             "same_increment_events": x,
@@ -273,6 +279,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--items", type=int, default=50_000)
     p.add_argument("--master", default="local[2]")
     p.add_argument("--shuffle-partitions", type=int, default=8)
+    p.add_argument("--driver-memory", default="4g",
+                   help="JVM heap of the local session (Spark's 1g default fails the 1M-user fill)")
     p.add_argument("--seed", type=int, default=0, help="generator seed of the lakes")
     return benchlib.parse_args(p, argv, RESULTS, {"users": [2_000, 20_000], "items": 5_000},
                                "2k and 20k users, 5k items (a smoke run; no bars)",
