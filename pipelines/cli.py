@@ -28,7 +28,8 @@ from pipelines.validate import ValidationReport, format_reports, report_from_rea
 
 def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """The parser of a Spark data job: its name and description, and the flags every such job
-    takes (--lake, --master, --shuffle-partitions) so that they read the same in each."""
+    takes (--lake, --master, --shuffle-partitions, --driver-memory) so that they read the same
+    in each."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--lake", default="./lake",
                         help="root folder/URI of the Delta tables (default: ./lake)")
@@ -36,6 +37,10 @@ def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
                         help="Spark master; default: the one spark-submit set, else local[*]")
     parser.add_argument("--shuffle-partitions", type=int, default=None,
                         help="spark.sql.shuffle.partitions (default: Spark's)")
+    parser.add_argument("--driver-memory", default=None,
+                        help="spark.driver.memory of a job started with python (spark-submit: "
+                             "its own --driver-memory); default Spark's 1g, too small for a "
+                             "full build of ~1M users on local[*] (4g is enough)")
     return parser
 
 
@@ -43,7 +48,9 @@ def job_session(args: argparse.Namespace, app: str):
     from pipelines.delta_io import tune_local_delta
     from pipelines.spark import get_spark
 
-    spark = get_spark(app, master=args.master, shuffle_partitions=args.shuffle_partitions)
+    memory = {"spark.driver.memory": args.driver_memory} if args.driver_memory else None
+    spark = get_spark(app, master=args.master, shuffle_partitions=args.shuffle_partitions,
+                      extra_conf=memory)
     tune_local_delta(spark)
     return spark
 

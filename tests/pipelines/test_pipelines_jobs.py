@@ -291,7 +291,7 @@ def test_ingest_cli_on_examples_then_build(spark, tmp_path):
 def test_help_documents_every_option():
     out = subprocess.run([sys.executable, str(REPO / "jobs" / "build_sequences.py"), "--help"],
                          capture_output=True, text=True, check=True, cwd=REPO).stdout
-    for flag in ("--lake", "--master", "--max-len", "--min-history", "--val-start", "--test-start",
+    for flag in ("--lake", "--master", "--driver-memory", "--max-len", "--min-history", "--val-start", "--test-start",
                  "--val-frac", "--test-frac", "--context-top-k", "--now", "--repair-duplicates"):
         assert flag in out
 

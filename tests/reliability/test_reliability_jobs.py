@@ -50,7 +50,7 @@ def _env() -> Dict[str, str]:
 
 def _job_args(lake: str) -> List[str]:
     return [str(REPO / "jobs" / "build_sequences.py"), "--lake", lake, "--max-len", "5",
-            "--shuffle-partitions", "4", "--now", NOW.isoformat()]
+            "--shuffle-partitions", "4", "--driver-memory", "1g", "--now", NOW.isoformat()]
 
 
 def run_job(lake: str, master: str = "local[2]", submit: bool = False) -> str:
