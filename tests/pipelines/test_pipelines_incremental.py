@@ -73,6 +73,7 @@ INCREMENT_2 = [
     ev(3, 6, CONV, day(5)),  # late: older than every stored split cutoff
     ev(6, 3, CONV, day(200)), ev(6, 3, CONV, day(200)),  # two copies in one increment
     ev(6, 4, VIEW, day(201)),  # a view only: user 6 is touched, no new example from it
+    ev(4, 5, VIEW, day(202)),  # user 4's only new row is a view: stored, nothing recomputed
 ]
 
 
@@ -166,7 +167,8 @@ def test_increments_equal_a_full_rebuild_and_touch_only_their_users(spark, base_
     _write(spark, lake, C.T_RAW_EVENTS, INCREMENT_2, "append")
     res = run_build_sequences(spark, lake, BUILD, now=NOW2)
     assert res.mode == INCREMENTAL, res.mode_reason
-    assert res.users_recomputed == 3  # 3 (late event), 6, and 5 (its future row is due)
+    assert res.users_recomputed == 3  # 3 (late event), 6, and 5 (its future row is due); not 4
+    assert (4, 5) in {(r[0], r[1]) for r in _rows(spark, lake, C.T_EVENTS)}
     assert load_cutoffs(spark, lake) == cutoffs  # the stored split is kept
     late = [r for r in _rows(spark, lake, C.T_SEQUENCES)
             if r[0] == 3 and r[C.SEQUENCES_COLUMNS.index(C.LABEL_ITEM_ID)] == 7]
@@ -198,6 +200,18 @@ def test_increments_equal_a_full_rebuild_and_touch_only_their_users(spark, base_
     assert res.mode == INCREMENTAL and res.users_recomputed == 0
     assert not any(w.changed for w in res.writes)
     assert {t: _version(spark, lake, t) for t in versions} == versions
+
+
+def test_users_to_recompute_are_converters_unless_views_can_become_subjects(spark):
+    from pipelines.build import users_to_recompute
+    from pipelines.subjects import DERIVE_LAST_VIEW, DERIVE_NONE
+
+    rows = spark.createDataFrame([ev(1, 1, VIEW, day(1)), ev(2, 1, CONV, day(1)),
+                                  ev(2, 2, VIEW, day(2)), ev(3, 3, VIEW, day(3))],
+                                 C.spark_schema(C.T_RAW_EVENTS))
+    users = lambda mode: sorted(r[0] for r in users_to_recompute(rows, mode).collect())  # noqa: E731
+    assert users(DERIVE_NONE) == [2]
+    assert users(DERIVE_LAST_VIEW) == [1, 2, 3]
 
 
 def test_fallbacks_to_a_full_build_say_why(spark, base_lake, tmp_path, capsys):
