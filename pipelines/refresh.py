@@ -9,8 +9,9 @@ A thin orchestration of the existing steps, in the order the data flows:
 2. ``run_batch_inference``   re-encodes only users whose history hash or model version changed
                              and MERGEs ``user_states`` (pipelines/inference.py);
 3. ``export_feature_tables`` rewrites the Parquet snapshots Feast reads (pipelines/feast_ops.py);
-4. materialize               ``materialize-incremental`` into the online store (a full
-                             ``materialize`` the first time a store is filled).
+4. materialize               the rows newer than the store's last materialization go online
+                             (``feast_ops.materialize_window``; a full ``materialize`` the
+                             first time a store is filled).
 
 Each step already touches only what changed, so the refresh costs what the day's events cost
 (benchmarks/refresh.py measures it). What this module adds is the one thing the steps cannot see
@@ -247,10 +248,6 @@ def _states_in_window(lake: str, start: datetime, end: datetime) -> int:
     return int(pc.sum(inside).as_py() or 0)
 
 
-def _aware(ts: datetime) -> datetime:
-    return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
-
-
 def materialize_step(lake: str, feast_data: str | Path, end: datetime,
                      repo_dir: Path = feast_ops.FEATURE_REPO, fs_yaml_file: Optional[Path] = None,
                      apply: bool = False, written_at: Optional[datetime] = None) -> MaterializeResult:
@@ -277,13 +274,13 @@ def materialize_step(lake: str, feast_data: str | Path, end: datetime,
             start, full = FULL_START, True
             feast_ops.materialize(store, start, end)
         else:
-            start, full = min(_aware(p) for p in previous), False
+            start, full = min(feast_ops.utc_aware(p) for p in previous), False
             if written_at is not None and written_at <= start:
                 start = written_at - timedelta(seconds=1)
-                feast_ops.materialize(store, start, end)
+                feast_ops.materialize_window(store, end, start)
             else:
-                feast_ops.materialize_incremental(store, end)
-    start = _aware(start)
+                feast_ops.materialize_window(store, end)
+    start = feast_ops.utc_aware(start)
     return MaterializeResult(start, end, full, _states_in_window(lake, start, end), apply)
 
 

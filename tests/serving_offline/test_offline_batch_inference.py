@@ -8,6 +8,7 @@ online store (and Spark steps are the slow part of the suite):
 3. one history changes, one user disappears: one user re-encoded, one state deleted; the
    incremental materialization updates that user online and leaves the others untouched;
 4. a new model_version: every user re-encoded, and served online with the new version.
+Steps 3 and 4 go online through ``feast_ops.materialize_window`` (the daily refresh's path).
 """
 from __future__ import annotations
 
@@ -57,9 +58,14 @@ def _assert_online_matches_delta(store, lake, users):
         assert version == delta[u][C.MODEL_VERSION]
 
 
-def _refresh_online(store, lake):
+def _refresh_online(store, lake, first=False):
+    """Export, then Feast's own materialize-incremental the first time and the refresh's
+    windowed one (``feast_ops.materialize_window``) afterwards."""
     feast_ops.export_feature_tables(lake)
-    feast_ops.materialize_incremental(store, datetime.now(timezone.utc))
+    if first:
+        feast_ops.materialize_incremental(store, datetime.now(timezone.utc))
+    else:
+        feast_ops.materialize_window(store, datetime.now(timezone.utc))
 
 
 @pytest.mark.spark
@@ -83,7 +89,7 @@ def test_batch_inference_to_online_store(spark, tmp_path, bundles):
     assert first.states_version == v1
 
     store = feast_ops.apply(lake, tmp_path / "feast")
-    _refresh_online(store, lake)
+    _refresh_online(store, lake, first=True)
     _assert_online_matches_delta(store, lake, sorted(hist))
     profile = store.get_online_features(
         features=[C.feature_ref(C.FV_USER_PROFILE, C.GENDER),
@@ -125,6 +131,21 @@ def test_batch_inference_to_online_store(spark, tmp_path, bundles):
     _refresh_online(store, lake)
     _assert_online_matches_delta(store, lake, sorted(hist))
     assert {v for _, v in _online(store, sorted(hist)).values()} == {fourth.model_version}
+
+
+def test_window_rows_reads_only_the_window(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    ts = [t0.replace(hour=h) for h in (1, 2, 3)]
+    path = tmp_path / "s.parquet"
+    pq.write_table(pa.table({C.USER_ID: [1, 2, 3], C.STATE_TS: pa.array(ts, pa.timestamp("us", "UTC"))}),
+                   path)
+    got = feast_ops.window_rows(path, C.STATE_TS, ts[0], ts[2])
+    assert got.column(C.USER_ID).to_pylist() == [2, 3]  # start excluded, end included
+    empty = feast_ops.window_rows(path, C.STATE_TS, ts[2], ts[2].replace(hour=9))
+    assert empty.num_rows == 0 and empty.schema.names == [C.USER_ID, C.STATE_TS]
 
 
 @pytest.mark.spark
