@@ -12,7 +12,8 @@ then filled by a first refresh (every user encoded, full materialize). Generatio
 are timed and kept in ``<work-dir>/users_<n>/fill.json``; a rerun reuses the filled lakes (the
 days appended by earlier runs stay: each run is a further day).
 
-Each run, after one warm-up refresh with nothing new (JVM and Python workers; reported, no bar):
+Each run, after one warm-up refresh of every lake (JVM and Python workers warm up; it also
+finishes what an interrupted earlier run left; reported, no bar):
 - every lake: a refresh with nothing new (the fixed cost of a day without events);
 - every lake: a day of X new events, X = 1 % of the SMALLEST lake's events (the same absolute
   increment everywhere: if the refresh scaled with the lake, the 10x lake would cost ~10x);
@@ -216,7 +217,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         roots = {n: work / f"users_{n}" for n in sizes}
         small, big = sizes[0], sizes[-1]
         runs: List[Dict[str, Any]] = [
-            one_refresh(spark, roots[small], f"{small:,} users: warm-up, nothing new", None)]
+            one_refresh(spark, roots[n], f"{n:,} users: warm-up / catch-up", None) for n in sizes]
         noop = {n: one_refresh(spark, roots[n], f"{n:,} users: nothing new", None) for n in sizes}
         runs += noop.values()
         x = max(EVENTS_PER_USER, int(round(DAY_FRACTION * noop[small]["clean_events"])))
