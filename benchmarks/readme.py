@@ -264,17 +264,24 @@ def render_refresh(reports: Dict[str, Report]) -> List[str]:
     (file, r), = reports.items()
     x = r["result"]
     steps = ("build_sequences", "batch_inference", "feast_export", "materialize")
-    rows = []
-    for run in x["runs"]:
+
+    def row(run: Dict[str, Any], label: str) -> List[str]:
         appended = run.get("appended") or {}
-        rows.append([f"{run['label']} ({run['clean_events']:,})", num(appended.get("events")),
-                     num(run["users_reencoded"])]
-                    + [f"{run['seconds'].get(s, 0):.1f}" for s in steps] + [f"{run['total_s']:.1f}"])
-    ratios = ", ".join(f"{k} {v}" for k, v in x.get("ratios", {}).items())
-    return ([provenance(file, r), ""]
+        return ([f"{label} ({run['clean_events']:,})", num(appended.get("events")),
+                 num(run["users_reencoded"])]
+                + [f"{run['seconds'][s]:.1f}" for s in steps]
+                + [f"{run['total_s']:.1f}", num(run.get("peak_rss_mb"))])
+
+    fills = [row(f["first_fill"], f"{f['users']:,} users: first fill, {f['date'][:10]}, "
+                                  f"generated in {f['generate_s']:.0f} s") for f in x["fills"]]
+    rows = fills + [row(run, run["label"]) for run in x["runs"]]
+    return ([provenance(file, r),
+             f"Lakes of {', '.join(f'{n:,}' for n in x['sizes'])} users, {x['items']:,} items "
+             f"each, Spark `{x['master']}`, driver memory {x['driver_memory']}; same absolute "
+             f"increment: {x['same_increment_events']:,} events; the first fills ran once, "
+             f"earlier (their date in the row).", ""]
             + table(("run (clean events in the lake)", "appended events", "users re-encoded")
-                    + tuple(f"{s} s" for s in steps) + ("total s",), rows)
-            + ["", f"Ratios: {ratios}."])
+                    + tuple(f"{s} s" for s in steps) + ("total s", "peak RSS MB"), rows))
 
 
 def render_quality(reports: Dict[str, Report]) -> List[str]:
