@@ -293,17 +293,23 @@ def materialize_incremental(store: Any, end: Optional[datetime] = None,
     store.materialize_incremental(end_date=end or datetime.now(timezone.utc), feature_views=views)
 
 
-def window_rows(path: str | Path, timestamp_field: str, start: datetime, end: datetime) -> pa.Table:
-    """The rows of the Parquet snapshot at ``path`` with start < timestamp <= end.
-
-    The timestamp column is read first and the other columns only when a row is inside, so a
-    window with nothing new reads 8 bytes per row instead of the 64 floats of a user state.
-    """
+def window_mask(path: str | Path, timestamp_field: str, start: datetime,
+                end: datetime) -> pa.ChunkedArray:
+    """Which rows of the Parquet snapshot at ``path`` have start < timestamp <= end, from its
+    timestamp column alone (8 bytes per row, not the 64 floats of a user state)."""
     import pyarrow.compute as pc
 
     ts = pq.read_table(path, columns=[timestamp_field]).column(timestamp_field)
     lo, hi = (pa.scalar(t, type=ts.type) for t in (start, end))
-    inside = pc.and_(pc.greater(ts, lo), pc.less_equal(ts, hi))
+    return pc.and_(pc.greater(ts, lo), pc.less_equal(ts, hi))
+
+
+def window_rows(path: str | Path, timestamp_field: str, start: datetime, end: datetime) -> pa.Table:
+    """The rows of the Parquet snapshot at ``path`` with start < timestamp <= end; the other
+    columns are read only when a row is inside (``window_mask``)."""
+    import pyarrow.compute as pc
+
+    inside = window_mask(path, timestamp_field, start, end)
     if not pc.any(inside).as_py():
         return pq.read_schema(path).empty_table()
     return pq.read_table(path).filter(inside)

@@ -238,14 +238,11 @@ def mark_store(feast_data: str | Path, model_version: str) -> None:
 # --------------------------------------------------------------------------------------
 def _states_in_window(lake: str, start: datetime, end: datetime) -> int:
     import pyarrow.compute as pc
-    import pyarrow.parquet as pq
 
     path = C.feast_snapshot_path(lake, C.T_USER_STATES)
     if not Path(path).is_file():
         return 0
-    ts = pq.read_table(path, columns=[C.STATE_TS]).column(C.STATE_TS)
-    inside = pc.and_(pc.greater(ts, start), pc.less_equal(ts, end))
-    return int(pc.sum(inside).as_py() or 0)
+    return int(pc.sum(feast_ops.window_mask(path, C.STATE_TS, start, end)).as_py() or 0)
 
 
 def materialize_step(lake: str, feast_data: str | Path, end: datetime,
