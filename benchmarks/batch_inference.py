@@ -37,6 +37,7 @@ import torch
 import benchlib  # sibling module: benchmarks/ is first on sys.path when run as a script
 
 from models.export import export_bundle, load_bundle
+from models.lake_read import read_arrow
 from models.two_tower import ContextualTwoTower, ModelConfig
 import ctt_contracts as C
 from pipelines.inference import run_batch_inference
@@ -82,11 +83,9 @@ def write_user_sequences(spark, lake: str, n_users: int, n_items: int, rng: np.r
 
 def baseline(lake: str, bundle_dir: Path, batch_size: int) -> tuple[Dict[str, float], pd.DataFrame]:
     """Plain loop: read with deltalake, encode in batches; returns timings and states."""
-    from deltalake import DeltaTable
-
     t0 = time.perf_counter()
-    seq = DeltaTable(C.LakePaths(lake).table(C.T_USER_SEQUENCES)).to_pandas(
-        columns=[C.USER_ID, C.ITEM_IDS, C.EVENT_TS])
+    seq = read_arrow(C.LakePaths(lake).table(C.T_USER_SEQUENCES),
+                     [C.USER_ID, C.ITEM_IDS, C.EVENT_TS])[0].to_pandas()
     t1 = time.perf_counter()
     model = load_bundle(bundle_dir).model
     states = encode_histories(model, list(zip(seq[C.ITEM_IDS], seq[C.EVENT_TS])), batch_size)
@@ -96,10 +95,8 @@ def baseline(lake: str, bundle_dir: Path, batch_size: int) -> tuple[Dict[str, fl
 
 
 def max_abs_diff(lake: str, reference: pd.DataFrame) -> float:
-    from deltalake import DeltaTable
-
-    got = DeltaTable(C.LakePaths(lake).table(C.T_USER_STATES)).to_pandas(
-        columns=[C.USER_ID, C.HIDDEN_STATE]).set_index(C.USER_ID)
+    got = read_arrow(C.LakePaths(lake).table(C.T_USER_STATES),
+                     [C.USER_ID, C.HIDDEN_STATE])[0].to_pandas().set_index(C.USER_ID)
     ref = reference.set_index(C.USER_ID)
     if set(got.index) != set(ref.index):
         raise AssertionError(f"Spark wrote {len(got)} users, the baseline encoded {len(ref)}")

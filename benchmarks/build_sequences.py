@@ -33,6 +33,7 @@ import numpy as np
 import benchlib  # sibling module: benchmarks/ is first on sys.path when run as a script
 
 import ctt_contracts as C
+from models.lake_read import read_arrow
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "benchmarks" / "work" / "build_sequences"
@@ -185,13 +186,11 @@ def pandas_build(events, items, val_us: int, test_us: int, cap: int = CAP, k: in
 def phase_pandas(lake: str, out: str) -> Dict:
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from deltalake import DeltaTable
-
     meta = json.loads((Path(lake) / "bench_meta.json").read_text())
     t0 = time.perf_counter()
     paths = C.LakePaths(lake)
-    events = DeltaTable(paths.table(C.T_EVENTS)).to_pandas()
-    items = DeltaTable(paths.table(C.T_ITEMS)).to_pandas()
+    events = read_arrow(paths.table(C.T_EVENTS))[0].to_pandas()
+    items = read_arrow(paths.table(C.T_ITEMS))[0].to_pandas()
     seq, ctx, us = pandas_build(events, items, meta["val_start_us"], meta["test_start_us"])
     Path(out).mkdir(parents=True, exist_ok=True)
     for name, df in ((C.T_SEQUENCES, seq), (C.T_CONTEXT_ROWS, ctx), (C.T_USER_SEQUENCES, us)):

@@ -45,6 +45,7 @@ import torch
 import benchlib  # sibling module: benchmarks/ is first on sys.path when run as a script
 
 import ctt_contracts as C
+from models.lake_read import read_arrow
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "benchmarks" / "results" / "refresh.json"
@@ -64,12 +65,10 @@ def machine() -> Dict[str, Any]:
 def export_model(lake: str, out: Path) -> Path:
     """An untrained default-config bundle whose catalog is the lake's raw items (no malformed
     rows are generated, so raw items = clean items)."""
-    from deltalake import DeltaTable
-
     from models.export import export_bundle
     from models.two_tower import ContextualTwoTower, ModelConfig
 
-    items = DeltaTable(C.LakePaths(lake).table(C.T_RAW_ITEMS)).to_pandas(columns=C.ITEMS_COLUMNS)
+    items = read_arrow(C.LakePaths(lake).table(C.T_RAW_ITEMS), C.ITEMS_COLUMNS)[0].to_pandas()
     torch.manual_seed(0)
     config = ModelConfig()
     return export_bundle(ContextualTwoTower(config).eval(), config, items, out, "bench-refresh")
@@ -111,18 +110,16 @@ def append_events(spark, lake: str, n_events: int, seed: int) -> Dict[str, int]:
     lake's own share of conversions: EVENTS_PER_USER conversions per touched user (distinct
     random users), the rest views by random users. Returns what was appended."""
     import pyarrow.compute as pc
-    from deltalake import DeltaTable
 
     from pipelines.delta_io import write_raw
 
     paths = C.LakePaths(lake)
-    ev = DeltaTable(paths.table(C.T_EVENTS)).to_pyarrow_table(
-        columns=[C.USER_ID, C.EVENT_TS, C.EVENT_TYPE])
+    ev = read_arrow(paths.table(C.T_EVENTS), [C.USER_ID, C.EVENT_TS, C.EVENT_TYPE])[0]
     users = np.unique(ev.column(C.USER_ID).to_numpy())
     last = pc.max(ev.column(C.EVENT_TS)).as_py()
     last = last if last.tzinfo else last.replace(tzinfo=timezone.utc)
     conv_share = pc.sum(pc.equal(ev.column(C.EVENT_TYPE), C.EVENT_CONVERSION)).as_py() / ev.num_rows
-    items = DeltaTable(paths.table(C.T_ITEMS)).to_pyarrow_table(columns=[C.ITEM_ID])
+    items = read_arrow(paths.table(C.T_ITEMS), [C.ITEM_ID])[0]
     items = items.column(C.ITEM_ID).to_numpy()
     rng = np.random.default_rng(seed)
     n_users = max(1, int(round(n_events * conv_share / EVENTS_PER_USER)))
@@ -143,10 +140,8 @@ def append_events(spark, lake: str, n_events: int, seed: int) -> Dict[str, int]:
 
 
 def lake_size(lake: str) -> Dict[str, int]:
-    from deltalake import DeltaTable
-
-    ev = DeltaTable(C.LakePaths(lake).table(C.T_EVENTS)).to_pyarrow_table(columns=[C.USER_ID])
-    us = DeltaTable(C.LakePaths(lake).table(C.T_USER_SEQUENCES)).to_pyarrow_table(columns=[C.USER_ID])
+    ev = read_arrow(C.LakePaths(lake).table(C.T_EVENTS), [C.USER_ID])[0]
+    us = read_arrow(C.LakePaths(lake).table(C.T_USER_SEQUENCES), [C.USER_ID])[0]
     return {"clean_events": ev.num_rows, "users_with_history": us.num_rows}
 
 

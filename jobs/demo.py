@@ -122,12 +122,11 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120.0) -> No
 
 def pick_demo_user(lake: Path) -> tuple[int, list[int]]:
     """A user with a cached state and two subject items of different primary categories."""
-    from deltalake import DeltaTable
-
     import ctt_contracts as C
+    from models.lake_read import read_arrow
 
-    states = DeltaTable(str(lake / C.T_USER_STATES)).to_pandas(columns=[C.USER_ID])
-    items = DeltaTable(str(lake / C.T_ITEMS)).to_pandas(columns=[C.ITEM_ID, C.CATEGORY_IDS])
+    states = read_arrow(str(lake / C.T_USER_STATES), [C.USER_ID])[0].to_pandas()
+    items = read_arrow(str(lake / C.T_ITEMS), [C.ITEM_ID, C.CATEGORY_IDS])[0].to_pandas()
     user = int(states[C.USER_ID].min())
     primary = items[C.CATEGORY_IDS].map(lambda c: int(c[0]))
     first = items.iloc[0]
@@ -137,12 +136,11 @@ def pick_demo_user(lake: Path) -> tuple[int, list[int]]:
 
 def show_answers(url: str, lake: Path, k: int) -> None:
     """Top items for one user without context and under two different subject items."""
-    from deltalake import DeltaTable
-
     import ctt_contracts as C
+    from models.lake_read import read_arrow
 
     user, subjects = pick_demo_user(lake)
-    items = DeltaTable(str(lake / C.T_ITEMS)).to_pandas(columns=[C.ITEM_ID, C.CATEGORY_IDS])
+    items = read_arrow(str(lake / C.T_ITEMS), [C.ITEM_ID, C.CATEGORY_IDS])[0].to_pandas()
     plain = items[C.CATEGORY_IDS].map(lambda c: [int(x) for x in c])  # numpy ints print as np.int32(..)
     cats = dict(zip(items[C.ITEM_ID].astype(int), plain))
     requests = [("no context", {"user_id": user, "k": k})] + [

@@ -32,10 +32,10 @@ import numpy as np
 import pandas as pd
 import pytorch_lightning as pl
 import torch
-from deltalake import DeltaTable
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from models import features
+from models.lake_read import open_table, read_arrow, snapshot_arrow
 import ctt_contracts as C
 
 log = logging.getLogger(__name__)
@@ -88,8 +88,8 @@ def read_delta(lake_root: str, table: str) -> tuple[pd.DataFrame, int]:
     Integer columns holding nulls (context_rows.subject_item_id) come back as Python ints and
     None, not float64 with NaN: ids above 2**53 would not survive a float.
     """
-    dt = DeltaTable(C.LakePaths(lake_root).table(table))
-    return dt.to_pyarrow_table().to_pandas(integer_object_nulls=True), int(dt.version())
+    rows, version = read_arrow(C.LakePaths(lake_root).table(table))
+    return rows.to_pandas(integer_object_nulls=True), version
 
 
 def lake_context_top_k(lake_root: str, context_rows: pd.DataFrame) -> int:
@@ -99,14 +99,14 @@ def lake_context_top_k(lake_root: str, context_rows: pd.DataFrame) -> int:
     from deltalake.exceptions import TableNotFoundError
 
     try:
-        table = DeltaTable(C.LakePaths(lake_root).meta(C.META_BUILD_CONFIG))
+        table = open_table(C.LakePaths(lake_root).meta(C.META_BUILD_CONFIG))
     except TableNotFoundError:
         lengths = context_rows[C.CONTEXT_CATEGORY_IDS].map(len)
         longest = int(lengths.max()) if len(lengths) else 0
         log.warning("the lake stores no build config; context_top_k taken as %d",
                     max(longest, C.DEFAULT_CONTEXT_TOP_K))
         return max(longest, C.DEFAULT_CONTEXT_TOP_K)
-    rows = table.to_pyarrow_table(columns=[C.BUILD_CONFIG_JSON]).column(0).to_pylist()
+    rows = snapshot_arrow(table, [C.BUILD_CONFIG_JSON]).column(0).to_pylist()
     if len(rows) != 1:
         raise ValueError(f"{C.META_BUILD_CONFIG} of {lake_root} has {len(rows)} rows, expected 1")
     return int(json.loads(rows[0]).get(C.CONTEXT_TOP_K, C.DEFAULT_CONTEXT_TOP_K))

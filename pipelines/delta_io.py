@@ -111,13 +111,31 @@ def table_version(spark: SparkSession, path: str) -> int:
     versions dozens of times (each write's optimistic check), and those jobs were a fixed ~0.25 s
     each, most of an incremental refresh's floor. Same file system and credentials as every read.
     """
+    return int(_latest_snapshot(spark, path).version())
+
+
+def table_properties(spark: SparkSession, path: str) -> Dict[str, str]:
+    """The table's properties (its metadata's configuration), from the same log read as
+    ``table_version``: no Spark job."""
+    conf = _latest_snapshot(spark, path).metadata().configuration()
+    keys = conf.keys().iterator()
+    out: Dict[str, str] = {}
+    while keys.hasNext():
+        key = keys.next()
+        out[str(key)] = str(conf.apply(key))
+    return out
+
+
+def _latest_snapshot(spark: SparkSession, path: str):
+    """Delta's snapshot of the table's latest version (a JVM object); FileNotFoundError when
+    `path` holds no table."""
     jvm = spark._jvm
     none = jvm.scala.Option.empty()
     log = jvm.org.apache.spark.sql.delta.DeltaLog.forTable(spark._jsparkSession, path)
-    version = int(log.update(False, none, none).version())
-    if version < 0:
+    snapshot = log.update(False, none, none)
+    if int(snapshot.version()) < 0:
         raise FileNotFoundError(f"no Delta table at {path}")
-    return version
+    return snapshot
 
 
 def read_table(spark: SparkSession, path: str, version: Optional[int] = None) -> DataFrame:
@@ -185,11 +203,9 @@ def ensure_properties(spark: SparkSession, path: str, properties: Dict[str, str]
     Why: a table created before a property was required (e.g. change data feed on
     user_sequences) must get it without being recreated.
     """
-    from delta.tables import DeltaTable
-
     if not properties:
         return False
-    current = DeltaTable.forPath(spark, path).detail().first()["properties"] or {}
+    current = table_properties(spark, path)
     missing = {k: v for k, v in properties.items() if current.get(k) != v}
     if not missing:
         return False
@@ -226,6 +242,13 @@ def evolve_schema(spark: SparkSession, path: str, table: str, schema: T.StructTy
     spark.sql(f"ALTER TABLE delta.`{path}` ADD COLUMNS ({columns})")
     return True
 
+
+# Every keyed table (written by ``sync_table`` or ``merge_tagged``) keeps deletion vectors: a MERGE
+# that changes a few users' rows in every file (a day's users are spread over all of them) marks
+# those rows deleted and writes only the new ones, instead of rewriting each touched file whole,
+# so a daily increment writes what changed, not the table. Readers outside Spark go through
+# ``models.lake_read``, which applies them. ``docs/operations.md`` says when to purge them.
+KEYED_PROPERTIES = {"delta.enableDeletionVectors": "true"}
 
 # The change data feed of raw_events gives an incremental build the rows appended since the
 # version it last consumed (pipelines/build_progress.py); the other raw tables are read whole.
@@ -411,6 +434,7 @@ def sync_table(spark: SparkSession, df: DataFrame, path: str, table: str,
     `fence` is called right before each commit (the lake lease's check).
     """
     df = conform(df, schema, for_merge=True)
+    properties = {**KEYED_PROPERTIES, **(properties or {})}
     committed: Optional[WriteResult] = None
     last: Optional[BaseException] = None
     for _ in range(SYNC_ATTEMPTS):
@@ -454,6 +478,7 @@ def _sync_once(spark: SparkSession, df: DataFrame, path: str, table: str, schema
                             inserted=_metric(metrics, "numTargetRowsInserted")), 0)
 
     evolve_schema(spark, path, table, schema)
+    ensure_properties(spark, path, properties)
     version = table_version(spark, path)
     old = read_table(spark, path, version)
     if scope is not None:

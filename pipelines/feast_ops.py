@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import ctt_contracts as C
+from models.lake_read import open_table, snapshot_arrow
 
 # Snapshot names, paths and the environment variables are in ctt_contracts (feature_repo/
 # reads them too); what follows is local to writing the snapshots.
@@ -175,13 +176,11 @@ def export_snapshot(lake_root: str | Path, snapshot: str, now: Optional[datetime
     target = _local_dir(lake_root) / C.FEAST_EXPORT_DIR / f"{snapshot}.parquet"
     schema, key = SNAPSHOT_SCHEMAS[snapshot], _KEYS[snapshot]
     value_cols = [n for n in schema.names if n != C.FEATURE_TS]
-    from deltalake import DeltaTable
-
-    delta = DeltaTable(source)  # one version for the check and the read
+    delta = open_table(source)  # one version for the check and the read
     version = int(delta.version())
     if snapshot_source_version(target) == version:
         return ExportResult(snapshot, str(target), version, pq.read_metadata(target).num_rows, 0, False)
-    table = delta.to_pyarrow_table(columns=value_cols)
+    table = snapshot_arrow(delta, value_cols)
     if snapshot == C.T_USER_STATES:
         # Arrow end to end: the vectors are the bulk of the data, pandas would box every row.
         keys = table.column(key).to_numpy()

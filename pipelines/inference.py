@@ -40,6 +40,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import pyarrow as pa
 
 import ctt_contracts as C
+from models.lake_read import read_arrow
 from pipelines import lease
 from pipelines.inference_worker import DEFAULT_BATCH_SIZE, make_encoder
 
@@ -192,7 +193,7 @@ def load_progress(lake: str) -> Optional[Progress]:
     path = progress_path(lake)
     if not DeltaTable.is_deltatable(path):
         return None
-    rows = DeltaTable(path).to_pyarrow_table().to_pylist()
+    rows = read_arrow(path)[0].to_pylist()
     if len(rows) != 1:
         return None
     r = rows[0]
@@ -459,12 +460,12 @@ def _stage(spark, classified, n_todo: int, n_del: int, bundle_path: str, model_v
 def _commit(spark, states_path: str, staged, has_states: bool, states_version: Optional[int],
             fence: Callable[[], None]) -> None:
     """The run's one write: the keyed MERGE, only if user_states is still where it was read."""
-    from pipelines.delta_io import (ConcurrentWriteError, delta_conflicts, ensure_table,
-                                    merge_tagged, table_version)
+    from pipelines.delta_io import (KEYED_PROPERTIES, ConcurrentWriteError, delta_conflicts,
+                                    ensure_properties, ensure_table, merge_tagged, table_version)
 
     fence()
     if not has_states:  # first run: create, then the same keyed MERGE into the empty table
-        ensure_table(spark, states_path, C.spark_schema(C.T_USER_STATES))
+        ensure_table(spark, states_path, C.spark_schema(C.T_USER_STATES), KEYED_PROPERTIES)
         states_version = 0
     now_at = table_version(spark, states_path)
     if now_at != states_version:
@@ -472,6 +473,7 @@ def _commit(spark, states_path: str, staged, has_states: bool, states_version: O
             f"{C.T_USER_STATES} moved from v{states_version} to v{now_at} while this run "
             f"encoded against v{states_version} (a writer that does not hold the lake's "
             f"lease); this run wrote nothing. Run it again")
+    ensure_properties(spark, states_path, KEYED_PROPERTIES)  # a table from an older release
     try:
         merge_tagged(spark, states_path, C.spark_schema(C.T_USER_STATES), [C.USER_ID], staged)
     except delta_conflicts() as err:

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
 
 import ctt_contracts as C
+from models.lake_read import open_table, snapshot_arrow
 from pipelines import feast_ops
 from pipelines.build_config import (BuildConfig, add_build_flags, flag_values,
                                     load_build_config, timestamp_arg, with_overrides)
@@ -123,14 +124,13 @@ class RefreshResult:
 # --------------------------------------------------------------------------------------
 def lake_state_versions(lake: str) -> Set[str]:
     """model_versions present in ``user_states`` (empty: no table yet)."""
-    from deltalake import DeltaTable
     from deltalake.exceptions import TableNotFoundError
 
     try:
-        table = DeltaTable(C.LakePaths(lake).table(C.T_USER_STATES))
+        table = open_table(C.LakePaths(lake).table(C.T_USER_STATES))
     except TableNotFoundError:
         return set()
-    column = table.to_pyarrow_table(columns=[C.MODEL_VERSION]).column(C.MODEL_VERSION)
+    column = snapshot_arrow(table, [C.MODEL_VERSION]).column(C.MODEL_VERSION)
     return set(column.unique().to_pylist())
 
 

@@ -23,6 +23,7 @@ import torch
 
 import ctt_contracts as C
 from models import evaluate as ev
+from models.lake_read import read_arrow
 from serving.resolver import Resolver
 
 REQ_NO_CONTEXT, REQ_SUBJECT_ITEM = "no_context", "subject_item"
@@ -55,9 +56,7 @@ class LatencySample:
 
 def split_users(lake_root: str, split: str = C.SPLIT_TEST) -> np.ndarray:
     """Distinct user ids (sorted) of one split of the sequences table: the users to time."""
-    from deltalake import DeltaTable
-
-    frame = DeltaTable(C.LakePaths(lake_root).table(C.T_SEQUENCES)).to_pandas(columns=[C.USER_ID, C.SPLIT])
+    frame = read_arrow(C.LakePaths(lake_root).table(C.T_SEQUENCES), [C.USER_ID, C.SPLIT])[0].to_pandas()
     users = np.unique(frame.loc[frame[C.SPLIT] == split, C.USER_ID].to_numpy(np.int64))
     if users.size == 0:
         raise ValueError(f"the {split} split of {lake_root} has no users to time requests for")

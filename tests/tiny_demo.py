@@ -28,6 +28,7 @@ import pandas as pd
 import pyarrow as pa
 
 import ctt_contracts as C
+from models.lake_read import read_arrow
 from pipelines import feast_ops
 from pipelines.feast_ops import scoped_environ as environment  # noqa: F401 (used by the tests)
 
@@ -70,13 +71,13 @@ def latest_histories(sequences: pd.DataFrame) -> Dict[int, Tuple[np.ndarray, np.
 
 def write_user_states(lake: Path, bundle_dir: Path, state_ts: datetime) -> int:
     """Encode every user's latest history with the bundle and write ``user_states`` (overwrite)."""
-    from deltalake import DeltaTable, write_deltalake
+    from deltalake import write_deltalake
 
     from models.export import load_bundle
     from pipelines.inference_worker import encode_histories
 
     bundle = load_bundle(bundle_dir)
-    sequences = DeltaTable(str(lake / C.T_SEQUENCES)).to_pandas()
+    sequences = read_arrow(str(lake / C.T_SEQUENCES))[0].to_pandas()
     hist = latest_histories(sequences)
     users = sorted(hist)
     states = encode_histories(bundle.model.eval(), [hist[u] for u in users])  # (U, S)

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from deltalake import DeltaTable
 
 from models import evaluate as ev
 from models.export import export_bundle, load_bundle
+from models.lake_read import read_arrow
 from models.two_tower import ContextualTwoTower
 import ctt_contracts as C
 from pipelines.build import run_build_sequences
@@ -60,7 +60,7 @@ def test_trained_contextual_model_learns_beyond_its_initial_ranking(world, tmp_p
 
     torch.manual_seed(0)
     untrained = ContextualTwoTower(trained.config).eval()
-    catalog = DeltaTable(C.LakePaths(world).table(C.T_ITEMS)).to_pandas(columns=C.ITEMS_COLUMNS)
+    catalog = read_arrow(C.LakePaths(world).table(C.T_ITEMS), C.ITEMS_COLUMNS)[0].to_pandas()
     fresh = load_bundle(export_bundle(untrained, trained.config, catalog, tmp_path / "untrained", "untrained"))
     untrained_result = ev.evaluate_from_lake(fresh, None, world)
     learned, initial = (real(r, ev.CONTEXTUAL, "recall@100") for r in (result, untrained_result))

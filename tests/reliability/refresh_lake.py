@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 import ctt_contracts as C
+from models.lake_read import read_arrow
 # The same tiny model and catalogue as the batch-inference tests (tests/ is on sys.path).
 from serving_offline.offline_lake import tiny_config
 from serving_offline.offline_lake import tiny_catalog as catalog
@@ -144,9 +145,7 @@ def online_states(store, user_ids: Sequence[int]) -> Dict[int, Tuple[np.ndarray,
 
 
 def delta_states(lake: str) -> pd.DataFrame:
-    from deltalake import DeltaTable
-
-    return DeltaTable(C.LakePaths(lake).table(C.T_USER_STATES)).to_pandas().set_index(C.USER_ID)
+    return read_arrow(C.LakePaths(lake).table(C.T_USER_STATES))[0].to_pandas().set_index(C.USER_ID)
 
 
 @contextlib.contextmanager

@@ -17,6 +17,7 @@ import pytest
 import refresh_lake as RL
 
 import ctt_contracts as C
+from models.lake_read import read_arrow
 from pipelines.build import run_build_sequences
 from pipelines.build_config import BuildConfig, load_build_config
 from pipelines.refresh import run_refresh
@@ -27,9 +28,7 @@ N_USERS = 12
 
 
 def _table(lake: str, table: str, key) -> pd.DataFrame:
-    from deltalake import DeltaTable
-
-    frame = DeltaTable(C.LakePaths(lake).table(table)).to_pandas()
+    frame = read_arrow(C.LakePaths(lake).table(table))[0].to_pandas()
     for col in frame.columns:  # arrays -> lists so that rows compare by value
         if frame[col].dtype == object:
             frame[col] = frame[col].map(lambda v: v.tolist() if isinstance(v, np.ndarray) else v)

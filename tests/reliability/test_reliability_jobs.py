@@ -23,9 +23,9 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 import pytest
-from deltalake import DeltaTable
 
 import ctt_contracts as C
+from models.lake_read import read_arrow
 from pipelines.cli import run_generate
 from pipelines.sequences import split_cutoffs_path
 from pipelines.synthetic import PLANTED, SyntheticConfig
@@ -94,7 +94,7 @@ def _hashable(value: object) -> object:
 
 def table_frame(path: str) -> pd.DataFrame:
     """A Delta table as a sorted pandas frame, read by delta-rs (not Spark)."""
-    df = DeltaTable(path).to_pandas()
+    df = read_arrow(path)[0].to_pandas()
     df = df.apply(lambda col: col.map(_hashable)) if len(df) else df
     cols = sorted(df.columns)
     return df[cols].sort_values(cols, kind="mergesort").reset_index(drop=True)

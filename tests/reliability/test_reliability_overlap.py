@@ -22,10 +22,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import refresh_lake as RL
-from deltalake import DeltaTable
 from test_reliability_jobs import assert_same_lake, lake_frames
 
 import ctt_contracts as C
+from models.lake_read import open_table, read_arrow
 from pipelines import feast_ops
 from pipelines.build import run_build_sequences
 from pipelines.build_config import BuildConfig
@@ -76,7 +76,7 @@ def run_together(cmds: List[List[str]], logs: Path) -> List[Tuple[int, str]]:
 
 
 def versions(lake: str, tables) -> Dict[str, int]:
-    return {t: DeltaTable(C.LakePaths(lake).table(t)).version() for t in tables}
+    return {t: int(open_table(C.LakePaths(lake).table(t)).version()) for t in tables}
 
 
 def copy(src: str, dst: Path) -> str:
@@ -100,7 +100,7 @@ def appended_lake(spark, tmp_path_factory) -> str:
     lake = str(root / "lake")
     run_generate(spark, lake, GEN, partitions=2)
     run_build_sequences(spark, lake, BuildConfig(max_len=5), now=NOW)
-    items = DeltaTable(C.LakePaths(lake).table(C.T_ITEMS)).to_pandas()[C.ITEM_ID].to_numpy()
+    items = read_arrow(C.LakePaths(lake).table(C.T_ITEMS))[0].to_pandas()[C.ITEM_ID].to_numpy()
     rng = np.random.default_rng(4)
     users = rng.choice(np.arange(GEN.n_users), size=25, replace=False)
     csv = root / "day.csv"
@@ -122,12 +122,12 @@ def test_two_builds_started_together_equal_one_build(appended_lake, tmp_path):
     assert_one_won(pair, "build_sequences")
     assert_same_lake(lake_frames(both, BUILD_OUTPUTS), lake_frames(single, BUILD_OUTPUTS))
     assert versions(both, BUILD_OUTPUTS) == versions(single, BUILD_OUTPUTS)  # the loser: no commit
-    new = DeltaTable(C.LakePaths(both).table(C.T_EVENTS)).to_pandas()
+    new = read_arrow(C.LakePaths(both).table(C.T_EVENTS))[0].to_pandas()
     assert (new[C.EVENT_TS] == pd.Timestamp(LATE, tz="UTC")).sum() == 25  # once, not twice
 
 
 def _states(lake: str) -> pd.DataFrame:
-    df = DeltaTable(C.LakePaths(lake).table(C.T_USER_STATES)).to_pandas()
+    df = read_arrow(C.LakePaths(lake).table(C.T_USER_STATES))[0].to_pandas()
     return df.sort_values(C.USER_ID).reset_index(drop=True)
 
 
@@ -144,7 +144,7 @@ def test_two_first_batch_inferences_started_together_equal_one(spark, appended_l
     assert_one_won(pair, "batch_inference")
 
     got, want = _states(both), _states(single)
-    n_users = DeltaTable(C.LakePaths(built).table(C.T_USER_SEQUENCES)).to_pandas()[C.USER_ID].nunique()
+    n_users = read_arrow(C.LakePaths(built).table(C.T_USER_SEQUENCES))[0].to_pandas()[C.USER_ID].nunique()
     assert len(want) == n_users > 0 and got[C.USER_ID].is_unique
     for col in (C.USER_ID, C.MODEL_VERSION, C.SEQUENCE_HASH):
         assert got[col].tolist() == want[col].tolist(), col

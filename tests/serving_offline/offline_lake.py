@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 
 import ctt_contracts as C
+from models.lake_read import read_arrow
 
 N_USERS = 60
 N_ITEMS = 300
@@ -101,9 +102,7 @@ def write_users_items(lake: str, user_ids) -> None:
 
 
 def read_states(lake: str) -> pd.DataFrame:
-    from deltalake import DeltaTable
-
-    return DeltaTable(C.LakePaths(lake).table(C.T_USER_STATES)).to_pandas()
+    return read_arrow(C.LakePaths(lake).table(C.T_USER_STATES))[0].to_pandas()
 
 
 def delta_version(lake: str, table: str) -> int:
