@@ -117,7 +117,7 @@ def append_events(spark, lake: str, n_events: int, seed: int) -> Dict[str, int]:
     ev = read_arrow(paths.table(C.T_EVENTS), [C.USER_ID, C.EVENT_TS, C.EVENT_TYPE])[0]
     users = np.unique(ev.column(C.USER_ID).to_numpy())
     last = pc.max(ev.column(C.EVENT_TS)).as_py()
-    last = last if last.tzinfo else last.replace(tzinfo=timezone.utc)
+    last = C.as_utc(last)
     conv_share = pc.sum(pc.equal(ev.column(C.EVENT_TYPE), C.EVENT_CONVERSION)).as_py() / ev.num_rows
     items = read_arrow(paths.table(C.T_ITEMS), [C.ITEM_ID])[0]
     items = items.column(C.ITEM_ID).to_numpy()

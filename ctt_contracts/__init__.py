@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from array import array
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Dict, List, Optional, Sequence, Tuple
 
 # --------------------------------------------------------------------------------------
@@ -307,6 +308,13 @@ FEAST_SNAPSHOT_SOURCES: Dict[str, str] = {
     T_USER_PROFILE_FEATURES: T_USERS,
     T_ITEM_CATEGORY_FEATURES: T_ITEMS,
 }
+
+
+def as_utc(ts: datetime) -> datetime:
+    """``ts`` as an aware UTC datetime. Every timestamp of the lake is UTC; a naive one (Spark's,
+    whose session zone ``get_spark`` pins to UTC; Feast's registry; an ISO string without an
+    offset) means UTC, so it gets that zone instead of the machine's."""
+    return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
 
 
 def feast_snapshot_path(lake_root: str, snapshot: str) -> str:

@@ -37,7 +37,7 @@ def timestamp_arg(text: str) -> datetime:
               if text.replace(".", "", 1).isdigit() else datetime.fromisoformat(text))
     except ValueError as err:
         raise argparse.ArgumentTypeError(f"not an ISO timestamp or epoch seconds: {text!r}") from err
-    return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
+    return C.as_utc(ts)
 
 
 @dataclass(frozen=True)

@@ -333,7 +333,7 @@ def materialize_window(store: Any, end: datetime,
         if previous is None:
             raise ValueError(f"feature view {view.name} was never materialized: run a full "
                              f"materialize first")
-        since = utc_aware(previous) if start is None else min(utc_aware(previous), start)
+        since = C.as_utc(previous) if start is None else min(C.as_utc(previous), start)
         source = view.batch_source
         rows = window_rows(source.path, source.timestamp_field, since, end)
         if rows.num_rows:
@@ -341,11 +341,6 @@ def materialize_window(store: Any, end: datetime,
         store.registry.apply_materialization(view, store.project, since, end)
         counts[view.name] = rows.num_rows
     return counts
-
-
-def utc_aware(ts: datetime) -> datetime:
-    """Feast hands back naive UTC datetimes from the registry: make them aware."""
-    return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
 
 
 # --------------------------------------------------------------------------------------

@@ -137,11 +137,10 @@ class Holder:
 
     @classmethod
     def from_row(cls, row) -> "Holder":
-        utc = lambda ts: ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)  # noqa: E731
         return cls(row[C.LEASE_SCOPE], row[C.LEASE_OWNER], row[C.LEASE_JOB], row[C.LEASE_HOST],
                    row[C.LEASE_NODE], int(row[C.LEASE_PID]), row[C.LEASE_PID_START],
-                   utc(row[C.LEASE_ACQUIRED_AT]), utc(row[C.LEASE_RENEWED_AT]),
-                   utc(row[C.LEASE_EXPIRES_AT]))
+                   C.as_utc(row[C.LEASE_ACQUIRED_AT]), C.as_utc(row[C.LEASE_RENEWED_AT]),
+                   C.as_utc(row[C.LEASE_EXPIRES_AT]))
 
     def row(self) -> tuple:
         return (self.scope, self.owner, self.job, self.host, self.node, self.pid, self.pid_start,

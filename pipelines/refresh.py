@@ -271,13 +271,13 @@ def materialize_step(lake: str, feast_data: str | Path, end: datetime,
             start, full = FULL_START, True
             feast_ops.materialize(store, start, end)
         else:
-            start, full = min(feast_ops.utc_aware(p) for p in previous), False
+            start, full = min(C.as_utc(p) for p in previous), False
             if written_at is not None and written_at <= start:
                 start = written_at - timedelta(seconds=1)
                 feast_ops.materialize_window(store, end, start)
             else:
                 feast_ops.materialize_window(store, end)
-    start = feast_ops.utc_aware(start)
+    start = C.as_utc(start)
     return MaterializeResult(start, end, full, _states_in_window(lake, start, end), apply)
 
 

@@ -234,9 +234,8 @@ def load_cutoffs(spark: SparkSession, lake: str) -> Optional[SplitCutoffs]:
     row = load_record(spark, split_cutoffs_path(lake))
     if row is None:
         return None
-    utc = lambda ts: ts.replace(tzinfo=timezone.utc) if ts.tzinfo is None else ts  # noqa: E731
     # Spark returns naive datetimes in the *session* zone, which get_spark pins to UTC.
-    return SplitCutoffs(utc(row[VAL_START]), utc(row[TEST_START]), row[CUTOFF_ORIGIN])
+    return SplitCutoffs(C.as_utc(row[VAL_START]), C.as_utc(row[TEST_START]), row[CUTOFF_ORIGIN])
 
 
 def store_cutoffs(spark: SparkSession, lake: str, cutoffs: SplitCutoffs, now: datetime) -> None:

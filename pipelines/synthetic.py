@@ -179,7 +179,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timezone
+from datetime import datetime
 from functools import cached_property, partial
 from typing import Callable, Dict, Iterator, List, Optional, Tuple, Union
 
@@ -361,9 +361,7 @@ class SyntheticConfig:
 
     @cached_property
     def start_seconds(self) -> int:
-        start = datetime.fromisoformat(self.start)
-        start = start if start.tzinfo else start.replace(tzinfo=timezone.utc)
-        return int(start.timestamp())
+        return int(C.as_utc(datetime.fromisoformat(self.start)).timestamp())
 
     @cached_property
     def n_slots(self) -> int:

@@ -88,3 +88,12 @@ def test_projection_orders_by_weight_then_id_and_renormalises_as_float32():
 def test_projection_refuses_what_cannot_be_a_context(ids, w, k, message):
     with pytest.raises(ValueError, match=message):
         C.project_context(ids, w, k)
+
+
+def test_as_utc_reads_naive_as_utc_and_keeps_an_offset():
+    from datetime import datetime, timedelta, timezone
+
+    naive = datetime(2024, 3, 1, 12, 0)
+    assert C.as_utc(naive) == datetime(2024, 3, 1, 12, 0, tzinfo=timezone.utc)
+    plus2 = datetime(2024, 3, 1, 12, 0, tzinfo=timezone(timedelta(hours=2)))
+    assert C.as_utc(plus2) is plus2 and C.as_utc(plus2).timestamp() == C.as_utc(naive).timestamp() - 7200
