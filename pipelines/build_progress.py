@@ -58,11 +58,12 @@ OUTPUT_TABLES = (C.T_ITEMS, C.T_USERS, C.T_EVENTS, C.T_QUARANTINE, C.T_SEQUENCES
 NOT_IN_OUTPUTS = ("max_quarantine_frac",)
 
 # Commits of raw_events an increment can follow: appends, and commits that change no row
-# (a property change such as enabling the change data feed, a compaction). The latter are also
-# allowed on the output tables, written by something other than a build.
+# (a property change such as enabling the change data feed, a compaction, a purge of deletion
+# vectors, a vacuum: the maintenance docs/operations.md describes). The latter are also allowed
+# on the output tables, written by something other than a build.
 _APPEND = "WRITE"
 _APPEND_MODE = "Append"
-_NO_ROW_CHANGE = ("SET TBLPROPERTIES", "OPTIMIZE")
+_NO_ROW_CHANGE = ("SET TBLPROPERTIES", "OPTIMIZE", "REORG", "VACUUM START", "VACUUM END")
 
 
 @dataclass(frozen=True)

@@ -100,8 +100,9 @@ def _assert_subjects_match_events(spark, lake):
 
 
 def test_context_rows_of_an_older_build_gain_the_subject_column(spark, lake, tmp_path):
-    """A lake whose context_rows predates subject_item_id: the next build appends the column (one
-    ALTER commit), fills it for the real rows, and the build after that commits nothing."""
+    """A lake whose context_rows predates subject_item_id (and deletion vectors): the next build
+    appends the column and enables the vectors (one ALTER commit each), fills the column for the
+    real rows, and the build after that commits nothing."""
     copy = str(tmp_path / "lake")
     shutil.copytree(lake, copy)
     path = C.LakePaths(copy).table(C.T_CONTEXT_ROWS)
@@ -120,7 +121,7 @@ def test_context_rows_of_an_older_build_gain_the_subject_column(spark, lake, tmp
     n_real = _table(spark, copy, C.T_CONTEXT_ROWS).where(
         F.col(C.CONTEXT_SOURCE) == C.CONTEXT_REAL).count()
     assert (ctx.operation, ctx.updated, ctx.inserted, ctx.deleted) == ("merge", n_real, 0, 0)
-    assert ctx.version == before + 2  # the ALTER TABLE, then the MERGE filling the real rows
+    assert ctx.version == before + 3  # the two ALTER TABLEs, then the MERGE filling the real rows
     assert _table(spark, copy, C.T_CONTEXT_ROWS).schema == C.spark_schema(C.T_CONTEXT_ROWS)
     _assert_subjects_match_events(spark, copy)
     again = run_build_sequences(spark, copy, BUILD, now=NOW)
