@@ -22,34 +22,44 @@ from pipelines import lease
 from pipelines.build import run_build_sequences
 from pipelines.build_config import BuildConfig, add_build_flags, flag_values, timestamp_arg
 from pipelines.delta_io import WriteResult, print_results
-from pipelines.flags import add_dataclass_flags, flag_of, given_fields, key_value_pairs
+from ctt_contracts.flags import (add_dataclass_flags, flag_field, flag_of, from_args, given_fields,
+                                 key_value_pairs, lake_field)
 from pipelines.validate import ValidationReport, format_reports, report_from_reasons
 
 
+@dataclass(frozen=True)
+class SparkJob:
+    """What every Spark data job takes (generate, ingest, build, refresh): the lake it works
+    on and its Spark session; batch inference takes ``master`` from here too."""
+
+    lake: str = lake_field("./lake")
+    master: Optional[str] = flag_field(
+        "Spark master; default: the one spark-submit set, else local[*]", None)
+    shuffle_partitions: Optional[int] = flag_field(
+        "spark.sql.shuffle.partitions; default Spark's", None)
+    driver_memory: Optional[str] = flag_field(
+        "spark.driver.memory of a job started with python (spark-submit: its own "
+        "--driver-memory); default Spark's 1g, too small for a full build of ~1M users on "
+        "local[*] (4g is enough)", None)
+
+
 def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """The parser of a Spark data job: its name and description, and the flags every such job
-    takes (--lake, --master, --shuffle-partitions, --driver-memory) so that they read the same
-    in each."""
+    """The parser of a Spark data job: its name and description, and the ``SparkJob`` flags
+    every such job takes, so that they read the same in each."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--lake", default="./lake",
-                        help="root folder/URI of the Delta tables (default: ./lake)")
-    parser.add_argument("--master", default=None,
-                        help="Spark master; default: the one spark-submit set, else local[*]")
-    parser.add_argument("--shuffle-partitions", type=int, default=None,
-                        help="spark.sql.shuffle.partitions (default: Spark's)")
-    parser.add_argument("--driver-memory", default=None,
-                        help="spark.driver.memory of a job started with python (spark-submit: "
-                             "its own --driver-memory); default Spark's 1g, too small for a "
-                             "full build of ~1M users on local[*] (4g is enough)")
+    add_dataclass_flags(parser, SparkJob)
     return parser
 
 
 def job_session(args: argparse.Namespace, app: str):
+    """The Spark session of the ``SparkJob`` flags in ``args`` (those a parser did not
+    declare keep their defaults)."""
     from pipelines.delta_io import tune_local_delta
     from pipelines.spark import get_spark
 
-    memory = {"spark.driver.memory": args.driver_memory} if args.driver_memory else None
-    spark = get_spark(app, master=args.master, shuffle_partitions=args.shuffle_partitions,
+    job = from_args(SparkJob, args)
+    memory = {"spark.driver.memory": job.driver_memory} if job.driver_memory else None
+    spark = get_spark(app, master=job.master, shuffle_partitions=job.shuffle_partitions,
                       extra_conf=memory)
     tune_local_delta(spark)
     return spark

@@ -1,4 +1,4 @@
-"""Flags declared from a config dataclass (pipelines/flags.py): names, types, defaults and help
+"""Flags declared from a config dataclass (ctt_contracts/flags.py): names, types, defaults and help
 come from the fields, for a small dataclass and for BuildConfig on build and refresh."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 import pytest
 
 from pipelines.build_config import BuildConfig, timestamp_arg
-from pipelines.flags import add_dataclass_flags, described, flag_name, given_fields
+from ctt_contracts.flags import add_dataclass_flags, described, flag_name, given_fields
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ def test_ingest_refuses_a_bad_event_mapping_before_spark(extra, message, capsys)
 
 def test_every_synthetic_config_field_is_a_generate_flag_with_its_default_or_the_presets():
     from pipelines.cli import generate_parser
-    from pipelines.flags import flag_of
+    from ctt_contracts.flags import flag_of
     from pipelines.synthetic import ALL_KNOBS, PLANTED, PRESET_DEFAULTS, SyntheticConfig
 
     text = " ".join(generate_parser().format_help().split())
