@@ -3,11 +3,11 @@ live once, on the field, and the parser is read from the class.
 
 The flag of field ``max_len`` is ``--max-len`` (every command spells its flags with dashes,
 README "Configuration"); its type is the annotation (``Optional[...]`` unwrapped; a ``parse``
-function in the field's metadata for anything that is not int / float / str; a bool that
-defaults to False is a switch); its default is
-the field's; its help is the field's ``help`` metadata with the default appended, so ``--help``
-shows what a run without the flag uses. A field without help is refused, so a new field cannot
-slip in undocumented.
+function in the field's metadata for anything that is not int / float / str / Path; a bool
+that defaults to False is a switch); its default is the field's; its help is the field's
+``help`` metadata with the default appended, so ``--help`` shows what a run without the flag
+uses. A field without help is refused, so a new field cannot slip in undocumented. A main reads
+the parsed flags back into the dataclass with :func:`from_args` and passes that on.
 
 Why not jsonargparse's ``add_class_arguments``: it names each flag after its field
 (``--max_len``), which would bring back the underscore spelling the commands left, and the
@@ -21,7 +21,9 @@ jobs, the trainer and the evaluation, the resolver), and ``ctt_contracts`` is th
 they may all import. The flags several commands share (``--lake``, ``--bundle``, ``--index``,
 ``--feature-repo``, ``--tracking-uri``) are declared once below, as field factories: the
 commands differ in their defaults (``--lake`` is required by batch inference and defaults to
-``./lake`` on the Spark jobs), not in what the flag means.
+``./lake`` on the Spark jobs), not in what the flag means. The previous release's underscore
+spellings of ctt-train and ctt-evaluate are derived from the same fields
+(:func:`underscore_aliases`, rewritten with a warning by :func:`current_flags`).
 """
 from __future__ import annotations
 
