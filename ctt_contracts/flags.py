@@ -181,6 +181,34 @@ def add_dataclass_flags(parser: Any, cls: type, overrides: bool = False,
         parser.add_argument(flag_of(cls, f.name), dest=f.name, **kwargs)
 
 
+Section = Union[type, Tuple[type, Sequence[str]]]
+
+
+def add_sections(parser: Any, *sections: Section) -> Any:
+    """The flags of ``sections`` on ``parser``, in order: a config dataclass stands for its
+    fields not added yet, ``(dataclass, field names)`` for those fields alone (so one class's
+    flags can sit around another's). Returns ``parser``."""
+    added: Dict[type, set] = {}
+    for section in sections:
+        cls, names = section if isinstance(section, tuple) else (section, None)
+        unknown = set(names or ()) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"{cls.__name__} has no fields {sorted(unknown)}")
+        done = added.setdefault(cls, set())
+        chosen = [f.name for f in fields(cls)
+                  if f.name not in done and (names is None or f.name in names)]
+        add_dataclass_flags(parser, cls, only=chosen)
+        done.update(chosen)
+    return parser
+
+
+def dataclass_parser(prog: str, description: str, *sections: Section,
+                     **parser_kwargs: Any) -> argparse.ArgumentParser:
+    """A command's argparse parser whose flags are those of ``sections`` (:func:`add_sections`)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, **parser_kwargs)
+    return add_sections(parser, *sections)
+
+
 def given_fields(cls: type, args: Any, skip: Sequence[str] = ()) -> Dict[str, Any]:
     """The fields of ``cls`` given on the command line (None = not given), but ``skip``; the
     values of a several-values flag as a tuple."""

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 import httpx
 
-from ctt_contracts.flags import add_dataclass_flags, flag_field, from_args
+from ctt_contracts.flags import dataclass_parser, flag_field, from_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -194,18 +194,12 @@ class DemoConfig:
 
 
 def demo_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_dataclass_flags(p, DemoConfig)
-    return p
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    return demo_parser().parse_args(argv)
+    return dataclass_parser("demo", __doc__, DemoConfig,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    cfg = from_args(DemoConfig, parse_args(argv))
+    cfg = from_args(DemoConfig, demo_parser().parse_args(argv))
     out = Path(cfg.out).resolve()
     if cfg.fresh and out.exists():
         shutil.rmtree(out)

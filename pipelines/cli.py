@@ -22,8 +22,8 @@ from pipelines import lease
 from pipelines.build import run_build_sequences
 from pipelines.build_config import BuildConfig, add_build_flags, flag_values, timestamp_arg
 from pipelines.delta_io import WriteResult, print_results
-from ctt_contracts.flags import (add_dataclass_flags, flag_field, flag_of, from_args, given_fields,
-                                 key_value_pairs, lake_field)
+from ctt_contracts.flags import (add_dataclass_flags, dataclass_parser, flag_field, flag_of,
+                                 from_args, given_fields, key_value_pairs, lake_field)
 from pipelines.validate import ValidationReport, format_reports, report_from_reasons
 
 
@@ -46,9 +46,7 @@ class SparkJob:
 def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
     """The parser of a Spark data job: its name and description, and the ``SparkJob`` flags
     every such job takes, so that they read the same in each."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    add_dataclass_flags(parser, SparkJob)
-    return parser
+    return dataclass_parser(prog, description, SparkJob)
 
 
 def job_session(args: argparse.Namespace, app: str):

@@ -38,7 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import ctt_contracts as C
-from ctt_contracts.flags import add_dataclass_flags, flag_field, from_args, lake_field
+from ctt_contracts.flags import dataclass_parser, flag_field, from_args, lake_field
 
 # Snapshot names, paths and the environment variables are in ctt_contracts (feature_repo/
 # reads them too); what follows is local to writing the snapshots.
@@ -368,20 +368,14 @@ class ExportConfig:
 
 
 def export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ctt-export-feature-tables",
-        description="Refresh the Parquet snapshots Feast materializes from (user_states, user "
-                    "profiles, item categories), each from one Delta version; unchanged -> no rewrite.")
-    add_dataclass_flags(p, ExportConfig)
-    return p
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    return export_parser().parse_args(argv)
+    return dataclass_parser(
+        "ctt-export-feature-tables",
+        "Refresh the Parquet snapshots Feast materializes from (user_states, user profiles, item "
+        "categories), each from one Delta version; unchanged -> no rewrite.", ExportConfig)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    cfg = from_args(ExportConfig, parse_args(argv))
+    cfg = from_args(ExportConfig, export_parser().parse_args(argv))
     for result in export_feature_tables(cfg.lake, cfg.only):
         print(result.line())
 

@@ -40,8 +40,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import pyarrow as pa
 
 import ctt_contracts as C
-from ctt_contracts.flags import (add_dataclass_flags, bundle_field, flag_field, from_args,
-                                 lake_field)
+from ctt_contracts.flags import bundle_field, dataclass_parser, flag_field, from_args, lake_field
 from pipelines import lease
 from pipelines.inference_worker import DEFAULT_BATCH_SIZE, make_encoder
 
@@ -590,15 +589,11 @@ class BatchInferenceConfig:
 def inference_parser() -> argparse.ArgumentParser:
     from pipelines.cli import SparkJob
 
-    p = argparse.ArgumentParser(
-        prog="batch_inference",
-        description="Encode user histories with the bundle's encoder and MERGE them into "
-                    "user_states (incremental), then refresh the Feast snapshots.")
-    add_dataclass_flags(p, BatchInferenceConfig, only=("lake", "bundle"))
-    add_dataclass_flags(p, EncodingConfig)
-    add_dataclass_flags(p, SparkJob, only=("master",))
-    add_dataclass_flags(p, BatchInferenceConfig, skip=("lake", "bundle"))
-    return p
+    return dataclass_parser(
+        "batch_inference", "Encode user histories with the bundle's encoder and MERGE them into "
+        "user_states (incremental), then refresh the Feast snapshots.",
+        (BatchInferenceConfig, ("lake", "bundle")), EncodingConfig, (SparkJob, ("master",)),
+        BatchInferenceConfig)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -26,8 +26,9 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from ctt_contracts.flags import (add_dataclass_flags, bundle_field, feature_repo_field,
-                                 flag_field, from_args, index_field, tracking_uri_field)
+from ctt_contracts.flags import (add_dataclass_flags, bundle_field, dataclass_parser,
+                                 feature_repo_field, flag_field, from_args, index_field,
+                                 tracking_uri_field)
 from serving.app import DEFAULT_MAX_BODY_BYTES
 from serving.index import (BACKENDS, DEFAULT_K, DEFAULT_N_QUERIES, DEFAULT_TARGET_RECALL,
                            build_index)
@@ -86,12 +87,10 @@ class IndexBuildConfig:
 
 
 def build_index_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ctt-build-index",
-        description="Embed-once ScaNN index of a bundle's catalog (item_embeddings.npy) with a "
-                    "manifest recording model_version, dims, parameters and measured recall@k.")
-    add_dataclass_flags(p, IndexBuildConfig)
-    return p
+    return dataclass_parser(
+        "ctt-build-index",
+        "Embed-once ScaNN index of a bundle's catalog (item_embeddings.npy) with a manifest "
+        "recording model_version, dims, parameters and measured recall@k.", IndexBuildConfig)
 
 
 def build_index_main(argv: Optional[List[str]] = None) -> int:
@@ -149,7 +148,8 @@ class ModelSource:
         "where --mlflow-run-id / --mlflow-model are looked up; default $MLFLOW_TRACKING_URI")
 
 
-SOURCE_FIELDS = ("bundle", "mlflow_run_id", "mlflow_model")
+SOURCE_FIELDS = ("bundle", "mlflow_run_id", "mlflow_model")  # exactly one of them
+MLFLOW_FIELDS = ("mlflow_version", "tracking_uri")
 
 
 @dataclass(frozen=True)
@@ -190,15 +190,10 @@ class ServeConfig:
 
 
 def serve_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ctt-serve",
-        description="Online resolver over HTTP: POST /recommend, GET /health, GET /version.")
-    add_dataclass_flags(p, ServeConfig, only=("host", "port"))
+    p = dataclass_parser("ctt-serve", "Online resolver over HTTP: POST /recommend, GET /health, "
+                         "GET /version.", ServeConfig, ResolverFlags, (ModelSource, MLFLOW_FIELDS))
     add_dataclass_flags(p.add_mutually_exclusive_group(required=True), ModelSource,
                         only=SOURCE_FIELDS)
-    add_dataclass_flags(p, ModelSource, skip=SOURCE_FIELDS)
-    add_dataclass_flags(p, ResolverFlags)
-    add_dataclass_flags(p, ServeConfig, skip=("host", "port"))
     return p
 
 

@@ -33,7 +33,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 import ctt_contracts as C
-from ctt_contracts.flags import add_dataclass_flags, bundle_field, flag_field, from_args
+from ctt_contracts.flags import bundle_field, dataclass_parser, flag_field, from_args
 from serving.cli import ResolverFlags, report_startup_error, startup_errors
 from serving.errors import ServingError
 from serving.request_log import read_records
@@ -148,14 +148,10 @@ class ReplayConfig:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ctt-replay",
-        description="Re-score a request log with a candidate bundle + index: overlap@k and score "
-                    "shift per request (shadow evaluation before a rollout).")
-    add_dataclass_flags(p, ReplayConfig, only=("log", "bundle"))
-    add_dataclass_flags(p, ResolverFlags)
-    add_dataclass_flags(p, ReplayConfig, skip=("log", "bundle"))
-    return p
+    return dataclass_parser(
+        "ctt-replay", "Re-score a request log with a candidate bundle + index: overlap@k and score "
+        "shift per request (shadow evaluation before a rollout).",
+        (ReplayConfig, ("log", "bundle")), ResolverFlags, ReplayConfig)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
