@@ -22,8 +22,8 @@ from pipelines import lease
 from pipelines.build import run_build_sequences
 from pipelines.build_config import BuildConfig, add_build_flags, flag_values, timestamp_arg
 from pipelines.delta_io import WriteResult, print_results
-from ctt_contracts.flags import (add_dataclass_flags, dataclass_parser, flag_field, flag_of,
-                                 from_args, given_fields, key_value_pairs, lake_field)
+from ctt_contracts.flags import (add_dataclass_flags, add_sections, dataclass_parser, flag_field,
+                                 flag_of, from_args, given_fields, key_value_pairs, lake_field)
 from pipelines.validate import ValidationReport, format_reports, report_from_reasons
 
 
@@ -79,6 +79,16 @@ def _preset_defaults(knob: str) -> str:
         for name in PRESETS if knob in PRESET_DEFAULTS[name])
 
 
+@dataclass(frozen=True)
+class GenerateRun:
+    """What generate_data takes beside the world (``SyntheticConfig``): a size in events
+    instead of users, and the Spark tasks."""
+
+    events: Optional[int] = flag_field("approximate number of events instead of --users", None)
+    partitions: Optional[int] = flag_field(
+        "Spark tasks for users/events (default: one per 20k users)", None)
+
+
 def generate_parser() -> argparse.ArgumentParser:
     from pipelines.synthetic import ALL_KNOBS, SyntheticConfig
 
@@ -90,13 +100,11 @@ def generate_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(p, SyntheticConfig, only=WORLD_FIELDS)
     size = p.add_mutually_exclusive_group()
     add_dataclass_flags(size, SyntheticConfig, only=(SIZE_FIELD,))
-    size.add_argument("--events", type=int, default=None,
-                      help="approximate number of events instead of --users")
+    add_dataclass_flags(size, GenerateRun, only=("events",))
     knobs = p.add_argument_group("knobs (default: the preset's)")
     add_dataclass_flags(knobs, SyntheticConfig, only=ALL_KNOBS, overrides=True,
                         overrides_default=_preset_defaults)
-    p.add_argument("--partitions", type=int, default=None,
-                   help="Spark tasks for users/events (default: one per 20k users)")
+    add_dataclass_flags(p, GenerateRun, only=("partitions",))
     return p
 
 
@@ -112,8 +120,9 @@ def config_from_args(args: argparse.Namespace):
         flags = ", ".join(flag_of(SyntheticConfig, k) for k in ALL_KNOBS
                           if getattr(args, k, None) is not None)
         raise SystemExit(f"generate_data: {err}" + (f" (flags given: {flags})" if flags else ""))
-    if args.events is not None:
-        cfg = replace(cfg, n_users=users_for_events(args.events, cfg))
+    events = from_args(GenerateRun, args).events
+    if events is not None:
+        cfg = replace(cfg, n_users=users_for_events(events, cfg))
     return cfg
 
 
@@ -138,7 +147,7 @@ def generate_data_main(argv: Optional[Sequence[str]] = None) -> Dict[str, int]:
     spark = job_session(args, "ctt-generate-data")
     print("synthetic config:", json.dumps(cfg.to_dict(), sort_keys=True))
     try:
-        results = run_generate(spark, args.lake, cfg, args.partitions)
+        results = run_generate(spark, args.lake, cfg, from_args(GenerateRun, args).partitions)
     except RuntimeError as err:
         lease.exit_on_refusal("generate_data", err)
         raise
@@ -354,6 +363,25 @@ def ingest_main(argv: Optional[Sequence[str]] = None) -> Dict[str, int]:
 # --------------------------------------------------------------------------------------
 # build_sequences (the build itself: pipelines/build.py)
 # --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BuildRun:
+    """How one build_sequences run goes, beside the settings the lake keeps (``BuildConfig``);
+    ``full`` is a flag of the refresh too."""
+
+    now: Optional[datetime] = flag_field(
+        "reference time for 'timestamp in the future' (default: wall clock, UTC)", None,
+        parse=timestamp_arg)
+    repair_duplicates: bool = flag_field(
+        "if an output table holds a key twice (left by overlapping runs of an older version), "
+        "delete those keys' rows and recompute them in this run (default: stop with an error "
+        "naming table and key)", False)
+    full: bool = flag_field(
+        "rebuild everything from the raw tables (default: incremental when the lake records what "
+        "the last build consumed and raw_events only grew since: only the new raw rows are "
+        "validated and only the users they touch are recomputed; the run prints which mode and "
+        "why)", False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = job_parser(
         "build_sequences",
@@ -363,18 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
         "are validated alone and only the users they touch are recomputed (--full "
         "rebuilds everything). Prints and returns the Delta version of each output.")
     add_build_flags(p)
-    p.add_argument("--now", type=timestamp_arg, default=None,
-                   help="reference time for 'timestamp in the future' (default: wall clock, UTC)")
-    p.add_argument("--repair-duplicates", action="store_true",
-                   help="if an output table holds a key twice (left by overlapping runs of an older "
-                        "version), delete those keys' rows and recompute them in this run "
-                        "(default: stop with an error naming table and key)")
-    p.add_argument("--full", action="store_true",
-                   help="rebuild everything from the raw tables (default: incremental when the "
-                        "lake records what the last build consumed and raw_events only grew "
-                        "since: only the new raw rows are validated and only the users they "
-                        "touch are recomputed; the run prints which mode and why)")
-    return p
+    return add_sections(p, BuildRun)
 
 
 def build_sequences_main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
@@ -388,9 +405,10 @@ def build_sequences_main(argv: Optional[Sequence[str]] = None) -> Dict[str, obje
         cfg.explicit_cutoffs()  # fail on a half-given pair before starting Spark
     except ValueError as err:
         parser.error(str(err))
+    run = from_args(BuildRun, args)
     spark = job_session(args, "ctt-build-sequences")
     result = run_or_exit(parser, "build_sequences", lambda: run_build_sequences(
-        spark, args.lake, cfg, args.now, args.repair_duplicates, full=args.full))
+        spark, args.lake, cfg, run.now, run.repair_duplicates, full=run.full))
     print_results(result.writes)
     summary = result.summary()
     print("summary:", json.dumps(summary, sort_keys=True))

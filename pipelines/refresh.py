@@ -49,8 +49,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
 
 import ctt_contracts as C
-from ctt_contracts.flags import (add_dataclass_flags, bundle_field, feature_repo_field, flag_field,
-                                 from_args)
+from ctt_contracts.flags import (add_dataclass_flags, add_sections, bundle_field,
+                                 feature_repo_field, flag_field, from_args)
 from pipelines import feast_ops
 from pipelines.build_config import (BuildConfig, add_build_flags, flag_values,
                                     load_build_config, timestamp_arg, with_overrides)
@@ -354,7 +354,7 @@ def run_refresh(spark: Any, lake: str, bundle: str | Path, feast_data: str | Pat
 class RefreshConfig:
     """The refresh's own settings (the lake and Spark: ``pipelines.cli.SparkJob``; the encoding
     knobs: ``EncodingConfig``; the build: the lake's stored ``BuildConfig`` with the flags given
-    as overrides)."""
+    as overrides, and ``pipelines.cli.BuildRun``'s ``--full``)."""
 
     bundle: str = bundle_field(note="the one being served")
     feast_data: Optional[str] = flag_field(
@@ -375,13 +375,10 @@ class RefreshConfig:
     now: Optional[datetime] = flag_field(
         "reference time for validation and state_ts (default: wall clock, UTC)", None,
         parse=timestamp_arg)
-    full: bool = flag_field(
-        "rebuild every table from the raw tables instead of the incremental build "
-        "(build_sequences --full)", False)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pipelines.cli import job_parser
+    from pipelines.cli import BuildRun, job_parser
 
     p = job_parser(
         "refresh",
@@ -390,24 +387,24 @@ def build_parser() -> argparse.ArgumentParser:
         "materialize-incremental into the online store of --feast-data. Prints what "
         "each step touched. With --new-model: roll a new bundle out into a fresh "
         "Feast data folder (docs/operations.md).")
-    add_dataclass_flags(p, RefreshConfig, skip=("full",))
-    add_dataclass_flags(p, EncodingConfig)
+    add_sections(p, RefreshConfig, EncodingConfig)
     build = p.add_argument_group(
         "build_sequences (default: the configuration the lake's last build stored; a flag given "
         "here replaces that one value, and the refresh prints what it used)")
     add_build_flags(build, overrides=True)
-    add_dataclass_flags(build, RefreshConfig, only=("full",))
+    add_dataclass_flags(build, BuildRun, only=("full",))
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> RefreshResult:
     import os
 
-    from pipelines.cli import job_session
+    from pipelines.cli import BuildRun, job_session
 
     parser = build_parser()
     args = parser.parse_args(argv)
     cfg, encoding = from_args(RefreshConfig, args), from_args(EncodingConfig, args)
+    full = from_args(BuildRun, args).full
     feast_data = cfg.feast_data or os.environ.get(C.ENV_FEAST_DATA)
     if not feast_data:
         raise SystemExit(f"give --feast-data or export {C.ENV_FEAST_DATA}")
@@ -422,7 +419,7 @@ def main(argv: Optional[Sequence[str]] = None) -> RefreshResult:
                              apply=cfg.apply, batch_size=encoding.batch_size,
                              partitions=encoding.partitions, repo_dir=cfg.feature_repo,
                              fs_yaml_file=cfg.fs_yaml, now=cfg.now, build_overrides=overrides,
-                             full=cfg.full, full_inference=cfg.full_inference)
+                             full=full, full_inference=cfg.full_inference)
     finally:
         spark.stop()
     for line in result.lines():

@@ -22,7 +22,9 @@ from jobs.demo import DemoConfig, demo_parser
 from models.cli import (DEPRECATED_EVALUATE_FLAGS, DEPRECATED_TRAIN_FLAGS, EvaluateConfig,
                         TrainRunConfig, current_flags, evaluate_main, evaluate_parser, train_main)
 from models.tracking import TrackingConfig
-from pipelines.cli import SparkJob, build_parser, generate_parser, ingest_parser
+from pipelines.build_config import BuildConfig
+from pipelines.cli import (BuildRun, GenerateRun, SparkJob, build_parser, generate_parser,
+                           ingest_parser)
 from pipelines.feast_ops import ExportConfig, export_parser
 from pipelines.inference import BatchInferenceConfig, EncodingConfig, inference_parser
 from pipelines.refresh import RefreshConfig, build_parser as refresh_parser
@@ -161,6 +163,8 @@ def test_help_still_shows_the_defaults():
 # command -> (its parser, a minimal command line, the configs its main builds from it: every
 # field not on that line has its dataclass default)
 PARSERS: Dict[str, Tuple[Callable[[], argparse.ArgumentParser], List[str], Tuple[object, ...]]] = {
+    "generate": (generate_parser, ["--events", "500"], (SparkJob(), GenerateRun(events=500))),
+    "build": (build_parser, ["--full"], (SparkJob(), BuildConfig(), BuildRun(full=True))),
     "batch_inference": (inference_parser, ["--lake", "L", "--bundle", "B"],
                         (BatchInferenceConfig("L", "B"), EncodingConfig())),
     "export": (export_parser, ["--lake", "L"], (ExportConfig("L"),)),
@@ -285,7 +289,8 @@ def test_refresh_config_from_its_flags():
     cfg = F.from_args(RefreshConfig, args)
     assert (cfg.bundle, cfg.feast_data, cfg.fs_yaml, cfg.apply, cfg.new_model) == \
         ("B", "F", Path("r.yaml"), True, True)
-    assert cfg.full and cfg.full_inference and cfg.now.isoformat() == "2024-05-01T00:00:00+00:00"
+    assert cfg.full_inference and cfg.now.isoformat() == "2024-05-01T00:00:00+00:00"
+    assert F.from_args(BuildRun, args).full
     assert F.from_args(SparkJob, args) == SparkJob("L", "local[2]", None, "4g")
 
 
