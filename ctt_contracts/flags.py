@@ -41,19 +41,27 @@ PARSE = "parse"
 CHOICES = "choices"
 FLAG = "flag"
 NARGS = "nargs"
+ALIASES = "aliases"
+METAVAR = "metavar"
 SCALARS = (int, float, str, Path)
 
 
 def described(help: str, parse: Optional[Callable[[str], Any]] = None,
               choices: Optional[Sequence[str]] = None, flag: Optional[str] = None,
-              nargs: Optional[str] = None) -> Dict[str, Any]:
+              nargs: Optional[str] = None, aliases: Sequence[str] = (),
+              metavar: Optional[str] = None) -> Dict[str, Any]:
     """The metadata of a field that is a flag: ``field(default=..., metadata=described(...))``;
     ``flag`` replaces the name derived from the field's (the destination stays the field);
+    ``aliases`` are other spellings of the same flag; ``metavar`` names its value in the help;
     ``nargs`` (argparse's, e.g. ``"+"``) makes a tuple field take several values, each read by
     ``parse`` (default str)."""
     meta: Dict[str, Any] = {HELP: help}
     if flag is not None:
         meta[FLAG] = flag
+    if aliases:
+        meta[ALIASES] = tuple(aliases)
+    if metavar is not None:
+        meta[METAVAR] = metavar
     if nargs is not None:
         meta[NARGS] = nargs
     if parse is not None:
@@ -65,6 +73,11 @@ def described(help: str, parse: Optional[Callable[[str], Any]] = None,
 
 def flag_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
+
+
+def help_of(cls: type, field_name: str) -> str:
+    """The help of a field of ``cls``: for a flag of another command that means the same."""
+    return next(f for f in fields(cls) if f.name == field_name).metadata[HELP]
 
 
 def flag_of(cls: type, field_name: str) -> str:
@@ -151,16 +164,19 @@ def add_dataclass_flags(parser: Any, cls: type, overrides: bool = False,
             kwargs["choices"] = f.metadata[CHOICES]
         if FLAG in f.metadata:  # named after the flag the user types, not the field
             kwargs["metavar"] = f.metadata[FLAG].lstrip("-").replace("-", "_").upper()
+        if METAVAR in f.metadata:
+            kwargs["metavar"] = f.metadata[METAVAR]
+        spellings = (flag_of(cls, f.name), *f.metadata.get(ALIASES, ()))
         if typed:
             kwargs["type"] = hints[f.name]
             kwargs.update({"required": True} if default is MISSING else {"default": default})
-            parser.add_argument(flag_of(cls, f.name), dest=f.name, **kwargs)
+            parser.add_argument(*spellings, dest=f.name, **kwargs)
             continue
         if hints[f.name] is bool:
             if default is not False or overrides:
                 raise TypeError(f"{cls.__name__}.{f.name}: a bool flag must default to False "
                                 f"(it is a switch)")
-            parser.add_argument(flag_of(cls, f.name), dest=f.name, action="store_true",
+            parser.add_argument(*spellings, dest=f.name, action="store_true",
                                 help=kwargs["help"])
             continue
         kwargs["type"] = _parse_of(cls, f, hints[f.name])
@@ -178,7 +194,7 @@ def add_dataclass_flags(parser: Any, cls: type, overrides: bool = False,
             if _shown(default):
                 shown = " ".join(map(str, default)) if NARGS in f.metadata else default
                 kwargs["help"] += f" (default {shown})"
-        parser.add_argument(flag_of(cls, f.name), dest=f.name, **kwargs)
+        parser.add_argument(*spellings, dest=f.name, **kwargs)
 
 
 Section = Union[type, Tuple[type, Sequence[str]]]

@@ -349,8 +349,7 @@ class EvaluateConfig:
     contextual_bundle: str = bundle_field(note="the contextual model's")
     sequence_only_bundle: Optional[str] = bundle_field(
         None, note="the sequence-only model's, compared when given")
-    out_dir: str = flag_field("report folder (evaluation.md, plots, evaluation.json)",
-                              "runs/report")
+    out_dir: str = flag_field("report folder (evaluation.md, plots, evaluation.json)", "runs/report")
     split: str = flag_field("split of the sequences table evaluated", C.SPLIT_TEST)
     exclude_history: bool = flag_field(
         "drop the user's own history items from the ranking (MovieLens protocol)", False)

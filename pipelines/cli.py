@@ -22,9 +22,11 @@ from pipelines import lease
 from pipelines.build import run_build_sequences
 from pipelines.build_config import BuildConfig, add_build_flags, flag_values, timestamp_arg
 from pipelines.delta_io import WriteResult, print_results
+from pipelines.ingest import FORMATS
 from ctt_contracts.flags import (add_dataclass_flags, add_sections, dataclass_parser, flag_field,
                                  flag_of, from_args, given_fields, key_value_pairs, lake_field)
-from pipelines.validate import ValidationReport, format_reports, report_from_reasons
+from pipelines.validate import (DEFAULT_MAX_QUARANTINE_FRAC, ValidationReport, format_reports,
+                                report_from_reasons)
 
 
 @dataclass(frozen=True)
@@ -33,10 +35,8 @@ class SparkJob:
     on and its Spark session; batch inference takes ``master`` from here too."""
 
     lake: str = lake_field("./lake")
-    master: Optional[str] = flag_field(
-        "Spark master; default: the one spark-submit set, else local[*]", None)
-    shuffle_partitions: Optional[int] = flag_field(
-        "spark.sql.shuffle.partitions; default Spark's", None)
+    master: Optional[str] = flag_field("Spark master; default: the one spark-submit set, else local[*]", None)
+    shuffle_partitions: Optional[int] = flag_field("spark.sql.shuffle.partitions; default Spark's", None)
     driver_memory: Optional[str] = flag_field(
         "spark.driver.memory of a job started with python (spark-submit: its own "
         "--driver-memory); default Spark's 1g, too small for a full build of ~1M users on "
@@ -85,8 +85,7 @@ class GenerateRun:
     instead of users, and the Spark tasks."""
 
     events: Optional[int] = flag_field("approximate number of events instead of --users", None)
-    partitions: Optional[int] = flag_field(
-        "Spark tasks for users/events (default: one per 20k users)", None)
+    partitions: Optional[int] = flag_field("Spark tasks for users/events (default: one per 20k users)", None)
 
 
 def generate_parser() -> argparse.ArgumentParser:
@@ -163,11 +162,49 @@ EVENT_TYPE_FIELDS = ("event_type_col", "event_type")
 # (--item-id-col, --users-user-col), and --gender-map adds pairs to the default map.
 ITEM_HAND_DECLARED = ("item_col",)
 USER_HAND_DECLARED = ("user_col", "gender_map")
+INGEST_MODES = ("overwrite", "append")
+
+
+@dataclass(frozen=True, kw_only=True)
+class IngestSources:
+    """What ingest reads and how it writes (the column mappings of each source:
+    ``EventMapping``, ``ItemMapping``, ``UserMapping``)."""
+
+    mode: str = flag_field(
+        "overwrite the raw tables, or append a new increment of the log (reports the rows each "
+        "append wrote)", "overwrite", choices=INGEST_MODES)
+    max_quarantine_frac: float = flag_field(
+        "stop without writing when more than this share of a source's rows fail the row checks "
+        "(wrong field count, unparseable id or time, unknown event type...); usually a wrong "
+        "mapping such as --ts-format. 1 = never stop", DEFAULT_MAX_QUARANTINE_FRAC)
+    events: str = flag_field("event log path (file or folder)")
+    format: str = flag_field("file format of the event log", "csv", choices=FORMATS)
+    sep: str = flag_field("CSV separator of all files", ",")
+    items: Optional[str] = flag_field("items file", None)
+    item_categories_from_events: Optional[str] = flag_field(
+        "no items file: derive each item's categories from this column of the event log (e.g. "
+        "category_id); an item logged under several categories gets them all, weighted by their "
+        "share of its events; with --mode append only items not imported before are added",
+        None, metavar="COL")
+    items_format: str = flag_field("file format of the items file", "csv", choices=FORMATS)
+    item_id_col: Optional[str] = flag_field("item id column (default: --item-col)", None)
+    vocabulary_out: Optional[str] = flag_field(
+        "also write the category name -> id vocabulary to this JSON file", None,
+        aliases=("--category-vocab-out",))
+    users: Optional[str] = flag_field("users file", None)
+    users_format: str = flag_field("file format of the users file", "csv", choices=FORMATS)
+    users_user_col: Optional[str] = flag_field("user id column (default: --user-col)", None)
+    gender_map: Optional[Dict[str, str]] = flag_field(
+        "extra source=contract gender pairs, e.g. 'F=f,M=m' (case-insensitive)", None,
+        parse=key_value_pairs)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_quarantine_frac <= 1:
+            raise ValueError("--max-quarantine-frac must be within [0, 1]")
 
 
 def ingest_parser() -> argparse.ArgumentParser:
     from pipelines import ingest as I
-    from pipelines.validate import DEFAULT_MAX_QUARANTINE_FRAC
 
     p = job_parser(
         "ingest",
@@ -179,18 +216,9 @@ def ingest_parser() -> argparse.ArgumentParser:
         "(wrong_number_of_fields); each CSV file is read by one task, so a folder of "
         "files imports in parallel. Prints row counts; stops before writing when "
         "more than --max-quarantine-frac of a source cannot be imported cleanly.")
-    p.add_argument("--mode", choices=("overwrite", "append"), default="overwrite",
-                   help="overwrite the raw tables, or append a new increment of the log "
-                        "(reports the rows each append wrote)")
-    p.add_argument("--max-quarantine-frac", type=float, default=DEFAULT_MAX_QUARANTINE_FRAC,
-                   help="stop without writing when more than this share of a source's rows fail "
-                        "the row checks (wrong field count, unparseable id or time, unknown "
-                        "event type...); usually a wrong mapping such as --ts-format. 1 = never "
-                        f"stop (default {DEFAULT_MAX_QUARANTINE_FRAC})")
+    add_dataclass_flags(p, IngestSources, only=("mode", "max_quarantine_frac"))
     ev = p.add_argument_group("events")
-    ev.add_argument("--events", required=True, help="event log path (file or folder)")
-    ev.add_argument("--format", choices=I.FORMATS, default="csv")
-    ev.add_argument("--sep", default=",", help="CSV separator of all files (default ',')")
+    add_dataclass_flags(ev, IngestSources, only=("events", "format", "sep"))
     # EVENT_TYPE_FIELDS: exactly one of the column or the constant (EventMapping checks it too)
     add_dataclass_flags(ev, I.EventMapping, skip=EVENT_TYPE_FIELDS)
     add_dataclass_flags(ev.add_mutually_exclusive_group(required=True), I.EventMapping,
@@ -202,43 +230,33 @@ def ingest_parser() -> argparse.ArgumentParser:
         "2053013555631882655) are re-indexed densely 0..n-1 in sorted order. The vocabulary "
         "is stored under <lake>/_meta/category_vocabulary and extended by --mode append, so "
         "ids keep their meaning; only counts are printed.")
-    src = it.add_mutually_exclusive_group()
-    src.add_argument("--items", default=None, help="items file")
-    src.add_argument("--item-categories-from-events", default=None, metavar="COL",
-                     help="no items file: derive each item's categories from this column of the "
-                          "event log (e.g. category_id); an item logged under several categories "
-                          "gets them all, weighted by their share of its events; with --mode "
-                          "append only items not imported before are added")
-    it.add_argument("--items-format", choices=I.FORMATS, default="csv")
-    it.add_argument("--item-id-col", default=None, help="item id column (default: --item-col)")
+    add_dataclass_flags(it.add_mutually_exclusive_group(), IngestSources,
+                        only=("items", "item_categories_from_events"))
+    add_dataclass_flags(it, IngestSources, only=("items_format", "item_id_col"))
     add_dataclass_flags(it, I.ItemMapping, skip=ITEM_HAND_DECLARED)
-    it.add_argument("--vocabulary-out", "--category-vocab-out", dest="vocabulary_out",
-                    default=None, help="also write the category name -> id vocabulary to this "
-                                       "JSON file")
+    add_dataclass_flags(it, IngestSources, only=("vocabulary_out",))
     us = p.add_argument_group("users (optional: without it every user's demographics are "
                               "unknown)")
-    us.add_argument("--users", default=None, help="users file")
-    us.add_argument("--users-format", choices=I.FORMATS, default="csv")
-    us.add_argument("--users-user-col", default=None, help="user id column (default: --user-col)")
+    add_dataclass_flags(us, IngestSources, only=("users", "users_format", "users_user_col"))
     add_dataclass_flags(us, I.UserMapping, skip=USER_HAND_DECLARED)
-    us.add_argument("--gender-map", type=key_value_pairs, default=None,
-                    help="extra source=contract gender pairs, e.g. 'F=f,M=m' (case-insensitive)")
+    add_dataclass_flags(us, IngestSources, only=("gender_map",))
     return p
 
 
 def mappings_from_args(args: argparse.Namespace):
     from pipelines import ingest as I
 
+    src = from_args(IngestSources, args)
     events = I.EventMapping(**given_fields(I.EventMapping, args))
     items = None
-    if args.items:
-        items = I.ItemMapping(item_col=args.item_id_col or args.item_col,
+    if src.items:
+        items = I.ItemMapping(item_col=src.item_id_col or args.item_col,
                               **given_fields(I.ItemMapping, args, skip=ITEM_HAND_DECLARED))
     users = None
-    if args.users:
+    if src.users:
         gmap = dict(I.DEFAULT_GENDER_MAP)
-        gmap.update({k.lower(): v for k, v in (args.gender_map or {}).items()})
-        users = I.UserMapping(user_col=args.users_user_col or args.user_col, gender_map=gmap,
+        gmap.update({k.lower(): v for k, v in (src.gender_map or {}).items()})
+        users = I.UserMapping(user_col=src.users_user_col or args.user_col, gender_map=gmap,
                               **given_fields(I.UserMapping, args, skip=USER_HAND_DECLARED))
     return events, items, users
 
@@ -279,9 +297,10 @@ def run_ingest(spark, args: argparse.Namespace, now: Optional[datetime] = None) 
 
     now = now or datetime.now(timezone.utc)
     ev_map, it_map, us_map = mappings_from_args(args)
-    base = I.load_vocabulary(spark, args.lake) if args.mode == "append" else None
-    src = I.read_source(spark, args.events, args.format, args.sep)
-    if args.item_categories_from_events:  # read once for the names, the items and the events
+    sources, lake = from_args(IngestSources, args), args.lake
+    base = I.load_vocabulary(spark, lake) if sources.mode == "append" else None
+    src = I.read_source(spark, sources.events, sources.format, sources.sep)
+    if sources.item_categories_from_events:  # read once for the names, the items and the events
         from pyspark import StorageLevel
 
         src = src.persist(StorageLevel.MEMORY_AND_DISK)
@@ -289,16 +308,17 @@ def run_ingest(spark, args: argparse.Namespace, now: Optional[datetime] = None) 
     vocab = None
     if it_map is not None:
         frames[C.T_RAW_ITEMS], vocab = I.ingest_items(
-            spark, args.items, args.items_format, it_map, args.sep, base_vocab=base)
-    elif args.item_categories_from_events:
-        col = args.item_categories_from_events
+            spark, sources.items, sources.items_format, it_map, sources.sep,
+            base_vocab=base)
+    elif sources.item_categories_from_events:
+        col = sources.item_categories_from_events
         vocab = I.build_vocabulary(I.event_category_names(src, col, args.category_sep), base)
         items = I.items_from_events(src, ev_map, col, vocab, args.category_sep)
-        frames[C.T_RAW_ITEMS] = (I.new_items_only(spark, args.lake, items)
-                                 if args.mode == "append" else items)
+        frames[C.T_RAW_ITEMS] = (I.new_items_only(spark, lake, items)
+                                 if sources.mode == "append" else items)
     if us_map is not None:
-        frames[C.T_RAW_USERS] = I.ingest_users(spark, args.users, args.users_format, us_map,
-                                               args.sep)
+        frames[C.T_RAW_USERS] = I.ingest_users(spark, sources.users, sources.users_format,
+                                               us_map, sources.sep)
     if vocab is not None:
         print(I.vocabulary_summary(vocab, base))
     checked, reports = {}, []
@@ -306,24 +326,24 @@ def run_ingest(spark, args: argparse.Namespace, now: Optional[datetime] = None) 
         for table in (C.T_RAW_ITEMS, C.T_RAW_USERS, C.T_RAW_EVENTS):
             if table in frames:
                 checked[table], report = _checked(spark, frames[table], table,
-                                                  args.max_quarantine_frac, now)
+                                                  sources.max_quarantine_frac, now)
                 reports.append(report)
         print("row checks before writing (the build quarantines these rows):")
         print(format_reports(reports))
-        with lease.held(args.lake, lease.SCOPE_RAW, "ingest"):
-            writes = I.write_ingested(spark, args.lake, checked.get(C.T_RAW_EVENTS),
+        with lease.held(lake, lease.SCOPE_RAW, "ingest"):
+            writes = I.write_ingested(spark, lake, checked.get(C.T_RAW_EVENTS),
                                       checked.get(C.T_RAW_ITEMS), checked.get(C.T_RAW_USERS),
-                                      args.mode)
+                                      sources.mode)
             if vocab is not None:
-                I.store_vocabulary(spark, args.lake, vocab)
+                I.store_vocabulary(spark, lake, vocab)
     finally:
         for df in checked.values():
             df.unpersist()
         src.unpersist()
-    if vocab is not None and args.vocabulary_out:
-        with open(args.vocabulary_out, "w", encoding="utf-8") as fh:
+    if vocab is not None and sources.vocabulary_out:
+        with open(sources.vocabulary_out, "w", encoding="utf-8") as fh:
             json.dump(vocab, fh, indent=1, sort_keys=True)
-        print(f"category vocabulary written to {args.vocabulary_out}")
+        print(f"category vocabulary written to {sources.vocabulary_out}")
     return IngestResult(writes, reports, vocab)
 
 
@@ -350,8 +370,10 @@ def ingest_main(argv: Optional[Sequence[str]] = None) -> Dict[str, int]:
     Exit 2: too much of a source would be quarantined; 75: another writer holds the raw lease."""
     parser = ingest_parser()
     args = parser.parse_args(argv)
-    if not 0 <= args.max_quarantine_frac <= 1:
-        parser.error("--max-quarantine-frac must be within [0, 1]")
+    try:
+        from_args(IngestSources, args)
+    except ValueError as err:
+        parser.error(str(err))
     mappings_from_args(args)  # fail on a bad mapping before starting Spark
     spark = job_session(args, "ctt-ingest")
     result = run_or_exit(parser, "ingest", lambda: run_ingest(spark, args))

@@ -575,8 +575,7 @@ class BatchInferenceConfig:
 
     lake: str = lake_field()
     bundle: str = bundle_field()
-    no_feast_export: bool = flag_field(
-        "skip refreshing the Parquet snapshots Feast materializes from", False)
+    no_feast_export: bool = flag_field("skip refreshing the Parquet snapshots Feast materializes from", False)
     full: bool = flag_field(
         "classify every user of user_sequences against every state instead of following "
         "user_sequences' change feed since the last run", False)

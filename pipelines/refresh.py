@@ -50,14 +50,14 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
 
 import ctt_contracts as C
 from ctt_contracts.flags import (add_dataclass_flags, add_sections, bundle_field,
-                                 feature_repo_field, flag_field, from_args)
+                                 feature_repo_field, flag_field, from_args, help_of)
 from pipelines import feast_ops
 from pipelines.build_config import (BuildConfig, add_build_flags, flag_values,
                                     load_build_config, timestamp_arg, with_overrides)
 from pipelines.build import BuildResult, run_build_sequences
 from pipelines.delta_io import WriteResult
-from pipelines.inference import (DEFAULT_BATCH_SIZE, EncodingConfig, InferenceResult,
-                                 run_batch_inference)
+from pipelines.inference import (DEFAULT_BATCH_SIZE, BatchInferenceConfig, EncodingConfig,
+                                 InferenceResult, run_batch_inference)
 
 VERSION_MARKER = "ctt_model_version"  # file in the Feast data folder: the version it serves
 # Key in a Redis online store's db: JSON {model_version, feast_data} of the store that filled it.
@@ -364,14 +364,12 @@ class RefreshConfig:
     fs_yaml: Optional[Path] = flag_field(
         "Feast config file instead of <feature-repo>/feature_store.yaml "
         "(e.g. feature_repo/redis.yaml)", None)
-    apply: bool = flag_field(
-        "run `feast apply` before materializing (needed once per new folder)", False)
+    apply: bool = flag_field("run `feast apply` before materializing (needed once per new folder)", False)
     new_model: bool = flag_field(
         "the bundle differs from the states in the lake: re-encode everyone into a fresh "
         "--feast-data folder (rollout)", False)
     full_inference: bool = flag_field(
-        "batch inference classifies every user instead of following user_sequences' change "
-        "feed since its last run", False)
+        f"batch inference's --full: {help_of(BatchInferenceConfig, 'full')}", False)
     now: Optional[datetime] = flag_field(
         "reference time for validation and state_ts (default: wall clock, UTC)", None,
         parse=timestamp_arg)

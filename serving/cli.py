@@ -141,8 +141,7 @@ class ModelSource:
 
     bundle: Optional[Path] = bundle_field(None)
     mlflow_run_id: Optional[str] = flag_field("load the bundle logged by this MLflow run", None)
-    mlflow_model: Optional[str] = flag_field("registered model name (with --mlflow-version)",
-                                             None)
+    mlflow_model: Optional[str] = flag_field("registered model name (with --mlflow-version)", None)
     mlflow_version: Optional[str] = flag_field("version of --mlflow-model", None)
     tracking_uri: Optional[str] = tracking_uri_field(
         "where --mlflow-run-id / --mlflow-model are looked up; default $MLFLOW_TRACKING_URI")

@@ -132,3 +132,21 @@ def test_underscore_aliases_name_every_flag_of_a_field_with_an_underscore_and_re
     with pytest.warns(FutureWarning, match="--top_k is deprecated .* use --top-k"):
         assert current_flags(["--top_k=3", "--source", "s"], underscore_aliases(Report), "r") == \
             ["--top-k=3", "--source", "s"]
+
+
+def test_sections_place_some_fields_of_a_class_around_another_and_aliases_name_the_same_flag():
+    from ctt_contracts.flags import add_sections, dataclass_parser
+
+    @dataclass(frozen=True)
+    class Output:
+        out: Optional[str] = flag_field("write here", None, aliases=("--output-file",),
+                                        metavar="FILE")
+
+    p = dataclass_parser("report", "a report", (Report, ("source",)), Output, Report)
+    text = " ".join(p.format_help().split())
+    assert "usage: report [-h] --source SOURCE [--out FILE] [--parts" in text
+    assert "--out FILE, --output-file FILE write here" in text
+    args = p.parse_args(["--source", "s", "--output-file", "o.json"])
+    assert from_args(Output, args) == Output("o.json") and from_args(Report, args) == Report(Path("s"))
+    with pytest.raises(ValueError, match=r"Report has no fields \['sauce'\]"):
+        add_sections(argparse.ArgumentParser(), (Report, ("sauce",)))

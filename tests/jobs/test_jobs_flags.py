@@ -23,8 +23,9 @@ from models.cli import (DEPRECATED_EVALUATE_FLAGS, DEPRECATED_TRAIN_FLAGS, Evalu
                         TrainRunConfig, current_flags, evaluate_main, evaluate_parser, train_main)
 from models.tracking import TrackingConfig
 from pipelines.build_config import BuildConfig
-from pipelines.cli import (BuildRun, GenerateRun, SparkJob, build_parser, generate_parser,
-                           ingest_parser)
+from pipelines.cli import (BuildRun, GenerateRun, IngestSources, SparkJob, build_parser,
+                           generate_parser, ingest_main, ingest_parser)
+from pipelines.ingest import EventMapping
 from pipelines.feast_ops import ExportConfig, export_parser
 from pipelines.inference import BatchInferenceConfig, EncodingConfig, inference_parser
 from pipelines.refresh import RefreshConfig, build_parser as refresh_parser
@@ -163,6 +164,10 @@ def test_help_still_shows_the_defaults():
 # command -> (its parser, a minimal command line, the configs its main builds from it: every
 # field not on that line has its dataclass default)
 PARSERS: Dict[str, Tuple[Callable[[], argparse.ArgumentParser], List[str], Tuple[object, ...]]] = {
+    "ingest": (ingest_parser, ["--events", "e.csv", "--user-col", "u", "--item-col", "i", "--ts-col",
+                               "t", "--event-type", "conversion"],
+               (SparkJob(), IngestSources(events="e.csv"),
+                EventMapping(user_col="u", item_col="i", ts_col="t", event_type="conversion"))),
     "generate": (generate_parser, ["--events", "500"], (SparkJob(), GenerateRun(events=500))),
     "build": (build_parser, ["--full"], (SparkJob(), BuildConfig(), BuildRun(full=True))),
     "batch_inference": (inference_parser, ["--lake", "L", "--bundle", "B"],
@@ -307,9 +312,18 @@ def test_evaluate_refuses_half_of_the_latency_pair(capsys):
         evaluate_main(["--lake", "L", "--contextual-bundle", "B", "--index", "I"])
 
 
+INGEST_ARGV = PARSERS["ingest"][1]
+
+
 def test_ingest_still_accepts_the_old_vocabulary_flag():
-    base = ["--events", "e.csv", "--user-col", "u", "--item-col", "i", "--ts-col", "t",
-            "--event-type", "conversion"]
-    old = ingest_parser().parse_args([*base, "--category-vocab-out", "v.json"])
-    new = ingest_parser().parse_args([*base, "--vocabulary-out", "v.json"])
-    assert vars(old) == vars(new)
+    old = ingest_parser().parse_args([*INGEST_ARGV, "--category-vocab-out", "v.json"])
+    new = ingest_parser().parse_args([*INGEST_ARGV, "--vocabulary-out", "v.json"])
+    assert F.from_args(IngestSources, old) == F.from_args(IngestSources, new) == \
+        IngestSources(events="e.csv", vocabulary_out="v.json")
+
+
+def test_ingest_refuses_a_quarantine_share_outside_zero_one_before_spark(capsys):
+    with pytest.raises(SystemExit) as done:
+        ingest_main([*INGEST_ARGV, "--max-quarantine-frac", "1.5"])
+    assert done.value.code == 2
+    assert "--max-quarantine-frac must be within [0, 1]" in capsys.readouterr().err
