@@ -28,6 +28,7 @@ from pipelines.cli import (BuildRun, GenerateRun, IngestSources, SparkJob, build
 from pipelines.ingest import EventMapping
 from pipelines.feast_ops import ExportConfig, export_parser
 from pipelines.inference import BatchInferenceConfig, EncodingConfig, inference_parser
+from pipelines.lease import LeaseCommand, lease_parser
 from pipelines.refresh import RefreshConfig, build_parser as refresh_parser
 from serving.cli import (IndexBuildConfig, ModelSource, ResolverFlags, ServeConfig,
                          build_index_parser, serve_main, serve_parser)
@@ -47,8 +48,10 @@ HELP_TEXTS: Dict[str, Callable[[], str]] = {
     "replay": lambda: replay_parser().format_help(),
     "demo": lambda: demo_parser().format_help(),
     "evaluate": lambda: evaluate_parser().format_help(),
+    "lease": lambda: lease_parser().format_help(),
 }
-TAKES_A_LAKE = ("generate", "ingest", "build", "refresh", "batch_inference", "export", "evaluate")
+TAKES_A_LAKE = ("generate", "ingest", "build", "refresh", "batch_inference", "export", "evaluate",
+                "lease")
 # Flags the libraries declare themselves (jsonargparse, LightningCLI), not ours to rename.
 LIBRARY_FLAGS = {"--print_config", "--seed_everything", "--lr_scheduler"}
 FLAG = re.compile(r"(?<![\w.-])--[A-Za-z][\w-]*(?![\w.])")  # top level: nested keys hold a dot
@@ -184,6 +187,7 @@ PARSERS: Dict[str, Tuple[Callable[[], argparse.ArgumentParser], List[str], Tuple
     "demo": (demo_parser, [], (DemoConfig(),)),
     "evaluate": (evaluate_parser, ["--lake", "L", "--contextual-bundle", "B"],
                  (EvaluateConfig("L", "B"), TrackingConfig())),
+    "lease": (lease_parser, ["--lake", "L", "--break", "raw"], (LeaseCommand("L", scope="raw"),)),
 }
 
 
@@ -220,8 +224,7 @@ def test_a_command_config_field_without_help_is_refused(cls):
 
 
 SHARED = {  # flag -> its one help, and the commands that take it
-    "--lake": (F.LAKE_HELP, ("generate", "ingest", "build", "refresh", "batch_inference", "export",
-                             "evaluate")),
+    "--lake": (F.LAKE_HELP, TAKES_A_LAKE),
     "--bundle": (F.BUNDLE_HELP, ("refresh", "batch_inference", "build_index", "serve", "replay")),
     "--index": (F.INDEX_HELP, ("serve", "replay", "evaluate")),
     "--feature-repo": (F.FEATURE_REPO_HELP, ("refresh", "serve", "replay", "evaluate")),
