@@ -25,8 +25,8 @@ from models.tracking import TrackingConfig
 from pipelines.build_config import BuildConfig
 from pipelines.cli import (BuildRun, GenerateRun, IngestSources, SparkJob, build_parser,
                            generate_parser, ingest_main, ingest_parser)
-from pipelines.ingest import EventMapping
 from pipelines.feast_ops import ExportConfig, export_parser
+from pipelines.ingest import EventMapping
 from pipelines.inference import BatchInferenceConfig, EncodingConfig, inference_parser
 from pipelines.lease import LeaseCommand, lease_parser
 from pipelines.refresh import RefreshConfig, build_parser as refresh_parser
