@@ -36,20 +36,33 @@ from serving.replay import ReplayConfig, parser as replay_parser
 
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "test_tiny.yaml"
 
-HELP_TEXTS: Dict[str, Callable[[], str]] = {
-    "generate": lambda: generate_parser().format_help(),
-    "ingest": lambda: ingest_parser().format_help(),
-    "build": lambda: build_parser().format_help(),
-    "refresh": lambda: refresh_parser().format_help(),
-    "batch_inference": lambda: inference_parser().format_help(),
-    "export": lambda: export_parser().format_help(),
-    "build_index": lambda: build_index_parser().format_help(),
-    "serve": lambda: serve_parser().format_help(),
-    "replay": lambda: replay_parser().format_help(),
-    "demo": lambda: demo_parser().format_help(),
-    "evaluate": lambda: evaluate_parser().format_help(),
-    "lease": lambda: lease_parser().format_help(),
+# command -> (its parser, a minimal command line, the configs its main builds from it: every
+# field not on that line has its dataclass default)
+PARSERS: Dict[str, Tuple[Callable[[], argparse.ArgumentParser], List[str], Tuple[object, ...]]] = {
+    "ingest": (ingest_parser, ["--events", "e.csv", "--user-col", "u", "--item-col", "i", "--ts-col",
+                               "t", "--event-type", "conversion"],
+               (SparkJob(), IngestSources(events="e.csv"),
+                EventMapping(user_col="u", item_col="i", ts_col="t", event_type="conversion"))),
+    "generate": (generate_parser, ["--events", "500"], (SparkJob(), GenerateRun(events=500))),
+    "build": (build_parser, ["--full"], (SparkJob(), BuildConfig(), BuildRun(full=True))),
+    "batch_inference": (inference_parser, ["--lake", "L", "--bundle", "B"],
+                        (BatchInferenceConfig("L", "B"), EncodingConfig())),
+    "export": (export_parser, ["--lake", "L"], (ExportConfig("L"),)),
+    "refresh": (refresh_parser, ["--bundle", "B"],
+                (SparkJob(), RefreshConfig("B"), EncodingConfig())),
+    "build_index": (build_index_parser, ["--bundle", "B", "--out", "O"],
+                    (IndexBuildConfig(Path("B"), Path("O")),)),
+    "serve": (serve_parser, ["--bundle", "B", "--feature-repo", "R"],
+              (ModelSource(Path("B")), ResolverFlags(feature_repo=Path("R")), ServeConfig())),
+    "replay": (replay_parser, ["--log", "l", "--bundle", "B", "--feature-repo", "R"],
+               (ReplayConfig((Path("l"),), Path("B")), ResolverFlags(feature_repo=Path("R")))),
+    "demo": (demo_parser, [], (DemoConfig(),)),
+    "evaluate": (evaluate_parser, ["--lake", "L", "--contextual-bundle", "B"],
+                 (EvaluateConfig("L", "B"), TrackingConfig())),
+    "lease": (lease_parser, ["--lake", "L", "--break", "raw"], (LeaseCommand("L", scope="raw"),)),
 }
+HELP_TEXTS: Dict[str, Callable[[], str]] = {
+    command: (lambda make=make: make().format_help()) for command, (make, _, _) in PARSERS.items()}
 TAKES_A_LAKE = ("generate", "ingest", "build", "refresh", "batch_inference", "export", "evaluate",
                 "lease")
 # Flags the libraries declare themselves (jsonargparse, LightningCLI), not ours to rename.
@@ -164,31 +177,6 @@ def test_help_still_shows_the_defaults():
 # --------------------------------------------------------------------------------------
 # Every command's flags come from its config dataclasses
 # --------------------------------------------------------------------------------------
-# command -> (its parser, a minimal command line, the configs its main builds from it: every
-# field not on that line has its dataclass default)
-PARSERS: Dict[str, Tuple[Callable[[], argparse.ArgumentParser], List[str], Tuple[object, ...]]] = {
-    "ingest": (ingest_parser, ["--events", "e.csv", "--user-col", "u", "--item-col", "i", "--ts-col",
-                               "t", "--event-type", "conversion"],
-               (SparkJob(), IngestSources(events="e.csv"),
-                EventMapping(user_col="u", item_col="i", ts_col="t", event_type="conversion"))),
-    "generate": (generate_parser, ["--events", "500"], (SparkJob(), GenerateRun(events=500))),
-    "build": (build_parser, ["--full"], (SparkJob(), BuildConfig(), BuildRun(full=True))),
-    "batch_inference": (inference_parser, ["--lake", "L", "--bundle", "B"],
-                        (BatchInferenceConfig("L", "B"), EncodingConfig())),
-    "export": (export_parser, ["--lake", "L"], (ExportConfig("L"),)),
-    "refresh": (refresh_parser, ["--bundle", "B"],
-                (SparkJob(), RefreshConfig("B"), EncodingConfig())),
-    "build_index": (build_index_parser, ["--bundle", "B", "--out", "O"],
-                    (IndexBuildConfig(Path("B"), Path("O")),)),
-    "serve": (serve_parser, ["--bundle", "B", "--feature-repo", "R"],
-              (ModelSource(Path("B")), ResolverFlags(feature_repo=Path("R")), ServeConfig())),
-    "replay": (replay_parser, ["--log", "l", "--bundle", "B", "--feature-repo", "R"],
-               (ReplayConfig((Path("l"),), Path("B")), ResolverFlags(feature_repo=Path("R")))),
-    "demo": (demo_parser, [], (DemoConfig(),)),
-    "evaluate": (evaluate_parser, ["--lake", "L", "--contextual-bundle", "B"],
-                 (EvaluateConfig("L", "B"), TrackingConfig())),
-    "lease": (lease_parser, ["--lake", "L", "--break", "raw"], (LeaseCommand("L", scope="raw"),)),
-}
 
 
 @pytest.mark.parametrize("command", sorted(PARSERS))
