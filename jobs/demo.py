@@ -19,6 +19,8 @@ from typing import Dict, List, Optional, Sequence
 
 import httpx
 
+from ctt_contracts.flags import dataclass_parser, flag_field, from_args
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -175,34 +177,36 @@ def serve_and_query(out: Path, env: Dict[str, str], k: int) -> None:
         proc.wait(timeout=30)
 
 
+@dataclass(frozen=True)
+class DemoConfig:
+    """The demo's world and where it goes; each field is a flag (``ctt_contracts.flags``)."""
+
+    out: str = flag_field("folder for every output", "demo_run")
+    users: int = flag_field("users of the synthetic world", 30_000)
+    items: Optional[int] = flag_field(
+        "catalogue size (default: the realistic world's, 45,000 items in 3,000 leaf categories)",
+        None)
+    master: str = flag_field("Spark master of the Spark steps", "local[*]")
+    k: int = flag_field("items shown per answer", 10)
+    fresh: bool = flag_field("delete --out first", False)
+
+
 def demo_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="demo_run", help="folder for every output (default demo_run/)")
-    p.add_argument("--users", type=int, default=30_000)
-    p.add_argument("--items", type=int, default=None,
-                   help="catalogue size (default: the realistic world's, 45,000 items in 3,000 leaf categories)")
-    p.add_argument("--master", default="local[*]", help="Spark master of the Spark steps")
-    p.add_argument("--k", type=int, default=10, help="items shown per answer")
-    p.add_argument("--fresh", action="store_true", help="delete --out first")
-    return p
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    return demo_parser().parse_args(argv)
+    return dataclass_parser("demo", __doc__, DemoConfig,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    args = parse_args(argv)
-    out = Path(args.out).resolve()
-    if args.fresh and out.exists():
+    cfg = from_args(DemoConfig, demo_parser().parse_args(argv))
+    out = Path(cfg.out).resolve()
+    if cfg.fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     env = demo_env(out)
-    plan = steps(out, args.users, args.items, args.master)
+    plan = steps(out, cfg.users, cfg.items, cfg.master)
     started = time.perf_counter()
     timings = {s.title: run_step(i, len(plan), s, env) for i, s in enumerate(plan, 1)}
-    serve_and_query(out, env, args.k)
+    serve_and_query(out, env, cfg.k)
     total = time.perf_counter() - started
     (out / "demo_timings.json").write_text(json.dumps({"seconds": timings, "total": total}, indent=2))
     print(f"\nDemo finished in {total / 60:.1f} min. Outputs under {out}:")

@@ -35,10 +35,9 @@ from __future__ import annotations
 import json
 import logging
 import random
-import sys
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -51,8 +50,12 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import MLFlowLogger
 
+from ctt_contracts.flags import (add_dataclass_flags, bundle_field, current_flags,
+                                 feature_repo_field, flag_field, from_args, index_field,
+                                 lake_field, underscore_aliases)
 from models import evaluate as ev
 from models import tracking
+from models.tracking import TrackingConfig
 from models.data import ContextualSequenceDataModule
 from models.export import export_bundle, load_bundle
 from models.system import ContextualRetrievalSystem
@@ -184,37 +187,32 @@ class SaveConfigToRun(SaveConfigCallback):
             logger.experiment.log_artifact(logger.run_id, str(path))
 
 
+@dataclass(frozen=True)
+class TrainRunConfig:
+    """ctt-train's own top-level flags: the run's folder, name, registration and resume (the
+    MLflow experiment and URI: ``TrackingConfig``; model, data and trainer: LightningCLI's
+    nested keys). Built from the parsed config by ``TrainCLI.run_config``."""
+
+    out_dir: str = flag_field("checkpoints, bundle, summary and (default) the MLflow store",
+                              "runs/contextual")
+    run_name: Optional[str] = flag_field(
+        "MLflow run name and model_version prefix (default: UTC timestamp)", None)
+    register_model: Optional[str] = flag_field(
+        "also register the bundle as a version of this MLflow model", None)
+    ckpt_path: Optional[str] = flag_field(
+        "resume from this Lightning checkpoint (default: the newest unfinished run's "
+        f"{LAST_CHECKPOINT} under out_dir, see --auto-resume)", None)
+    auto_resume: bool = flag_field(
+        f"resume from <out_dir>/<experiment>/<run>/checkpoints/{LAST_CHECKPOINT} of an unfinished "
+        "run if there is one", True)
+
+
 # The spellings of the previous release (underscores; ``--lake_root`` for the lake): accepted for
 # one more release, rewritten to the current flag with a warning, and left out of ``--help``.
 # Nested config keys (``--data.lake_root``, ``--trainer.max_epochs``) follow the dataclass and
 # class field names and are not renamed; the config files' top-level keys (``out_dir:``) are
 # the flags' destinations and are unchanged.
-_TRACKING_FLAGS = ("out_dir", "run_name", "experiment_name", "tracking_uri")
-DEPRECATED_TRAIN_FLAGS: Dict[str, str] = {
-    f"--{name}": "--" + name.replace("_", "-")
-    for name in (*_TRACKING_FLAGS, "register_model", "ckpt_path", "auto_resume")}
-DEPRECATED_EVALUATE_FLAGS: Dict[str, str] = {
-    "--lake_root": "--lake",
-    **{f"--{name}": "--" + name.replace("_", "-")
-       for name in (*_TRACKING_FLAGS, "contextual_bundle", "sequence_only_bundle",
-                    "exclude_history", "feature_repo", "latency_requests", "latency_warmup",
-                    "latency_k", "latency_torch_threads")}}
-
-
-def current_flags(argv: Optional[List[str]], renamed: Dict[str, str], prog: str) -> List[str]:
-    """``argv`` (default: this process's) with each deprecated spelling, alone or as
-    ``--flag=value``, replaced by its current one; one FutureWarning per replaced flag."""
-    out = []
-    for token in sys.argv[1:] if argv is None else argv:
-        flag, eq, value = token.partition("=")
-        new = renamed.get(flag)
-        if new is None:
-            out.append(token)
-            continue
-        warnings.warn(f"{prog}: {flag} is deprecated and will be removed in the next release; "
-                      f"use {new}", FutureWarning, stacklevel=3)
-        out.append(new + eq + value)
-    return out
+DEPRECATED_TRAIN_FLAGS: Dict[str, str] = underscore_aliases(TrainRunConfig, TrackingConfig)
 
 
 class TrainCLI(LightningCLI):
@@ -223,33 +221,26 @@ class TrainCLI(LightningCLI):
     resume_from: Optional[Path] = None  # the checkpoint fit resumes from, set with the trainer
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.add_argument("--out-dir", type=str, default="runs/contextual",
-                            help="checkpoints, bundle, summary and (default) the MLflow store")
-        parser.add_argument("--run-name", type=Optional[str], default=None,
-                            help="MLflow run name and model_version prefix (default: UTC timestamp)")
-        parser.add_argument("--experiment-name", type=str, default=tracking.DEFAULT_EXPERIMENT)
-        parser.add_argument("--tracking-uri", type=Optional[str], default=None,
-                            help=f"MLflow URI ({tracking.ENV_TRACKING_URI} wins; default sqlite in out_dir)")
-        parser.add_argument("--register-model", type=Optional[str], default=None,
-                            help="also register the bundle as a version of this MLflow model")
-        parser.add_argument("--ckpt-path", type=Optional[str], default=None,
-                            help="resume from this Lightning checkpoint (default: the newest unfinished "
-                            f"run's {LAST_CHECKPOINT} under out_dir, see --auto-resume)")
-        parser.add_argument("--auto-resume", type=bool, default=True,
-                            help=f"resume from <out_dir>/<experiment>/<run>/checkpoints/{LAST_CHECKPOINT} "
-                            "of an unfinished run if there is one")
+        add_dataclass_flags(parser, TrainRunConfig, typed=True, only=("out_dir", "run_name"))
+        add_dataclass_flags(parser, TrackingConfig, typed=True)
+        add_dataclass_flags(parser, TrainRunConfig, typed=True, skip=("out_dir", "run_name"))
         for name in LINKED_DATA_FIELDS:
             parser.link_arguments(f"model.model_config.{name}", f"data.{name}")
 
+    def run_config(self) -> Tuple[TrainRunConfig, TrackingConfig]:
+        """The top-level flags of the parsed config, as their dataclasses."""
+        return from_args(TrainRunConfig, self.config), from_args(TrackingConfig, self.config)
+
     def instantiate_trainer(self, **kwargs: Any):
-        cfg = self.config
-        out_dir = Path(cfg.out_dir)
-        self.resume_from = resume_checkpoint(out_dir, cfg.ckpt_path, cfg.auto_resume)
-        uri = tracking.resolve_tracking_uri(out_dir, cfg.tracking_uri)
+        run, where = self.run_config()
+        out_dir = Path(run.out_dir)
+        self.resume_from = resume_checkpoint(out_dir, run.ckpt_path, run.auto_resume)
+        uri = tracking.resolve_tracking_uri(out_dir, where.tracking_uri)
         run_id = existing_run(uri, checkpoint_run_id(self.resume_from)) if self.resume_from else None
-        kwargs.setdefault("logger", tracking.make_logger(cfg.out_dir, cfg.run_name, cfg.experiment_name,
-                                                         cfg.tracking_uri, run_id=run_id))
-        kwargs.setdefault("default_root_dir", cfg.out_dir)
+        kwargs.setdefault("logger", tracking.make_logger(run.out_dir, run.run_name,
+                                                         where.experiment_name, where.tracking_uri,
+                                                         run_id=run_id))
+        kwargs.setdefault("default_root_dir", run.out_dir)
         trainer = super().instantiate_trainer(**kwargs)
         trainer.callbacks.append(RngStateCallback())
         return trainer
@@ -325,7 +316,8 @@ def train_main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
     argv = current_flags(argv, DEPRECATED_TRAIN_FLAGS, "ctt-train")
     cli = TrainCLI(ContextualRetrievalSystem, ContextualSequenceDataModule, args=argv, run=False,
                    save_config_callback=SaveConfigToRun)
-    out_dir = Path(cli.config.out_dir)
+    run, where = cli.run_config()
+    out_dir = Path(run.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     trainer, ckpt = cli.trainer, cli.resume_from
     if ckpt is not None and trainer.is_global_zero:
@@ -340,11 +332,50 @@ def train_main(argv: Optional[List[str]] = None) -> Optional[Dict[str, Any]]:
         dist.destroy_process_group()
     if not trainer.is_global_zero:  # one bundle, one evaluation, one set of MLflow records
         return None
-    summary = finish_training(cli.model, cli.datamodule, cli.trainer, out_dir, cli.config.run_name,
-                              cli.config.register_model,
-                              tracking.resolve_tracking_uri(out_dir, cli.config.tracking_uri))
+    summary = finish_training(cli.model, cli.datamodule, cli.trainer, out_dir, run.run_name,
+                              run.register_model,
+                              tracking.resolve_tracking_uri(out_dir, where.tracking_uri))
     print(json.dumps({k: summary[k] for k in ("model_version", "bundle", "mlflow_run_id")}, indent=2))
     return summary
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    """What ctt-evaluate compares, on which split, where the report goes, and the serving
+    latency it measures with ``--index`` and ``--feature-repo`` (the MLflow experiment and URI:
+    ``TrackingConfig``)."""
+
+    lake: str = lake_field()
+    contextual_bundle: str = bundle_field(note="the contextual model's")
+    sequence_only_bundle: Optional[str] = bundle_field(
+        None, note="the sequence-only model's, compared when given")
+    out_dir: str = flag_field("report folder (evaluation.md, plots, evaluation.json)", "runs/report")
+    split: str = flag_field("split of the sequences table evaluated", C.SPLIT_TEST)
+    exclude_history: bool = flag_field(
+        "drop the user's own history items from the ranking (MovieLens protocol)", False)
+    run_name: str = flag_field("MLflow run name", "evaluation")
+    index: Optional[str] = index_field(
+        "the contextual bundle's; with --feature-repo, time real resolver requests for the "
+        "report's latency section")
+    feature_repo: Optional[str] = feature_repo_field(
+        None, note="with materialized features (CTT_LAKE / CTT_FEAST_DATA exported for "
+        "feature_repo/)")
+    latency_requests: int = flag_field("timed requests per kind (no context / subject item)",
+                                       ev.DEFAULT_LATENCY_REQUESTS)
+    latency_warmup: int = flag_field("untimed requests first", ev.DEFAULT_LATENCY_WARMUP)
+    latency_k: int = flag_field("k of the timed requests", ev.DEFAULT_LATENCY_K)
+    latency_torch_threads: int = flag_field(
+        "torch intra-op threads while timing; 1 = ctt-serve's default (--torch-threads), the "
+        "fastest for one-row heads", 1)
+
+    def __post_init__(self) -> None:
+        if (self.index is None) != (self.feature_repo is None):
+            raise ValueError("give both --index and --feature-repo to measure serving latency, "
+                             "or neither")
+
+
+DEPRECATED_EVALUATE_FLAGS: Dict[str, str] = {
+    "--lake_root": "--lake", **underscore_aliases(EvaluateConfig, TrackingConfig)}
 
 
 def evaluate_parser() -> ArgumentParser:
@@ -353,60 +384,41 @@ def evaluate_parser() -> ArgumentParser:
                             "popularity, co-occurrence, category popularity) on the same examples, "
                             "with bootstrap intervals on the quality checks.")
     parser.add_argument("--config", action=ActionConfigFile)
-    parser.add_argument("--lake", type=str, required=True, help="lake root (local folder or URI)")
-    parser.add_argument("--contextual-bundle", type=str, required=True)
-    parser.add_argument("--sequence-only-bundle", type=Optional[str], default=None)
-    parser.add_argument("--out-dir", type=str, default="runs/report")
-    parser.add_argument("--split", type=str, default=C.SPLIT_TEST)
-    parser.add_argument("--exclude-history", type=bool, default=False,
-                        help="drop the user's own history items from the ranking (MovieLens protocol)")
-    parser.add_argument("--run-name", type=str, default="evaluation")
-    parser.add_argument("--experiment-name", type=str, default=tracking.DEFAULT_EXPERIMENT)
-    parser.add_argument("--tracking-uri", type=Optional[str], default=None)
-    parser.add_argument("--index", type=Optional[str], default=None,
-                        help="index folder of the contextual bundle (jobs/build_index.py): with "
-                        "--feature-repo, time real resolver requests for the report's latency section")
-    parser.add_argument("--feature-repo", type=Optional[str], default=None,
-                        help="Feast repository with materialized features (CTT_LAKE / CTT_FEAST_DATA "
-                        "exported for feature_repo/)")
-    parser.add_argument("--latency-requests", type=int, default=ev.DEFAULT_LATENCY_REQUESTS,
-                        help="timed requests per kind (no context / subject item)")
-    parser.add_argument("--latency-warmup", type=int, default=ev.DEFAULT_LATENCY_WARMUP)
-    parser.add_argument("--latency-k", type=int, default=ev.DEFAULT_LATENCY_K)
-    parser.add_argument("--latency-torch-threads", type=int, default=1,
-                        help="torch intra-op threads while timing; 1 = ctt-serve's default "
-                        "(--torch-threads), the fastest for one-row heads")
+    add_dataclass_flags(parser, EvaluateConfig, typed=True)
+    add_dataclass_flags(parser, TrackingConfig, typed=True)
     return parser
 
 
 def evaluate_main(argv: Optional[List[str]] = None,
-                  measure_latency: Optional[Callable[[Any], ev.LatencyReport]] = None
+                  measure_latency: Optional[Callable[[EvaluateConfig], ev.LatencyReport]] = None
                   ) -> ev.EvaluationResult:
     """The evaluation table from saved bundles -> report folder + MLflow run.
 
-    ``measure_latency(args)`` times the serving path for the report's latency section when
+    ``measure_latency(cfg)`` times the serving path for the report's latency section when
     ``--index`` / ``--feature-repo`` are given; it lives with serving (serving/latency.py, whose
     ``evaluate_main`` is ``ctt-evaluate``), since models/ knows nothing of serving.
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = evaluate_parser().parse_args(current_flags(argv, DEPRECATED_EVALUATE_FLAGS,
                                                       "ctt-evaluate"))
-    if (args.index is None) != (args.feature_repo is None):
-        raise SystemExit("ctt-evaluate: give both --index and --feature-repo to measure serving "
-                         "latency, or neither")
-    if args.index is not None and measure_latency is None:
+    try:
+        cfg = from_args(EvaluateConfig, args)
+    except ValueError as err:
+        raise SystemExit(f"ctt-evaluate: {err}")
+    where = from_args(TrackingConfig, args)
+    if cfg.index is not None and measure_latency is None:
         raise SystemExit("measuring serving latency needs the serving harness: run ctt-evaluate "
                          "or jobs/evaluate.py (serving/latency.py)")
-    contextual = load_bundle(args.contextual_bundle)
-    sequence_only = load_bundle(args.sequence_only_bundle) if args.sequence_only_bundle else None
-    result = ev.evaluate_from_lake(contextual, sequence_only, args.lake, args.split,
-                                   args.exclude_history)
+    contextual = load_bundle(cfg.contextual_bundle)
+    sequence_only = load_bundle(cfg.sequence_only_bundle) if cfg.sequence_only_bundle else None
+    result = ev.evaluate_from_lake(contextual, sequence_only, cfg.lake, cfg.split,
+                                   cfg.exclude_history)
     latency = None
-    if args.index is not None:
-        latency = measure_latency(args)
-    report_files = ev.write_report(result, args.out_dir, latency)
-    client, run_id = tracking.start_run(args.out_dir, args.run_name, args.experiment_name,
-                                        args.tracking_uri)
+    if cfg.index is not None:
+        latency = measure_latency(cfg)
+    report_files = ev.write_report(result, cfg.out_dir, latency)
+    client, run_id = tracking.start_run(cfg.out_dir, cfg.run_name, where.experiment_name,
+                                        where.tracking_uri)
     tracking.log_input_versions(client, run_id, result.input_versions)
     for name, version in result.model_versions.items():
         client.log_param(run_id, f"{C.MODEL_VERSION}.{name}", version)

@@ -25,17 +25,29 @@ from __future__ import annotations
 
 import os
 import socket
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
 from mlflow import MlflowClient
 from pytorch_lightning.loggers import MLFlowLogger
 
+from ctt_contracts.flags import flag_field, tracking_uri_field
 from models.export import BUNDLE_ARTIFACT_PATH
 from models.metrics import metric_key
 
 ENV_TRACKING_URI = "MLFLOW_TRACKING_URI"
 DEFAULT_EXPERIMENT = "contextual_two_tower"
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where a run is recorded: the MLflow flags ctt-train and ctt-evaluate share (each names
+    its own ``--out-dir`` and ``--run-name``)."""
+
+    experiment_name: str = flag_field("MLflow experiment of the run", DEFAULT_EXPERIMENT)
+    tracking_uri: Optional[str] = tracking_uri_field(
+        f"default ${ENV_TRACKING_URI}, else SQLite (mlflow.db) in --out-dir")
 # Tags naming the process of a training run (see the module docstring).
 TAG_OUT_DIR = "ctt.out_dir"
 TAG_HOST = "ctt.host"

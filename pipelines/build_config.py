@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import ctt_contracts as C
-from pipelines.flags import add_dataclass_flags, described, given_fields
+from ctt_contracts.flags import add_dataclass_flags, described, given_fields
 from pipelines.sequences import DEFAULT_MAX_LEN, SplitCutoffs
 from pipelines.subjects import DEFAULT_WINDOW_MINUTES, DERIVE_MODES, DERIVE_NONE
 from pipelines.validate import DEFAULT_MAX_QUARANTINE_FRAC
@@ -43,7 +43,7 @@ def timestamp_arg(text: str) -> datetime:
 @dataclass(frozen=True)
 class BuildConfig:
     """The build's settings; each field is a flag of build_sequences and of the refresh
-    (``pipelines.flags``: ``--max-len`` for ``max_len``, this default, this help)."""
+    (``ctt_contracts.flags``: ``--max-len`` for ``max_len``, this default, this help)."""
 
     max_len: int = field(default=DEFAULT_MAX_LEN, metadata=described(
         "history cap: newest N conversions kept"))

@@ -22,34 +22,42 @@ from pipelines import lease
 from pipelines.build import run_build_sequences
 from pipelines.build_config import BuildConfig, add_build_flags, flag_values, timestamp_arg
 from pipelines.delta_io import WriteResult, print_results
-from pipelines.flags import add_dataclass_flags, flag_of, given_fields, key_value_pairs
-from pipelines.validate import ValidationReport, format_reports, report_from_reasons
+from pipelines.ingest import FORMATS
+from ctt_contracts.flags import (add_dataclass_flags, add_sections, dataclass_parser, flag_field,
+                                 flag_of, from_args, given_fields, key_value_pairs, lake_field)
+from pipelines.validate import (DEFAULT_MAX_QUARANTINE_FRAC, ValidationReport, format_reports,
+                                report_from_reasons)
+
+
+@dataclass(frozen=True)
+class SparkJob:
+    """What every Spark data job takes (generate, ingest, build, refresh): the lake it works
+    on and its Spark session; batch inference takes ``master`` from here too."""
+
+    lake: str = lake_field("./lake")
+    master: Optional[str] = flag_field("Spark master; default: the one spark-submit set, else local[*]", None)
+    shuffle_partitions: Optional[int] = flag_field("spark.sql.shuffle.partitions; default Spark's", None)
+    driver_memory: Optional[str] = flag_field(
+        "spark.driver.memory of a job started with python (spark-submit: its own "
+        "--driver-memory); default Spark's 1g, too small for a full build of ~1M users on "
+        "local[*] (4g is enough)", None)
 
 
 def job_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    """The parser of a Spark data job: its name and description, and the flags every such job
-    takes (--lake, --master, --shuffle-partitions, --driver-memory) so that they read the same
-    in each."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--lake", default="./lake",
-                        help="root folder/URI of the Delta tables (default: ./lake)")
-    parser.add_argument("--master", default=None,
-                        help="Spark master; default: the one spark-submit set, else local[*]")
-    parser.add_argument("--shuffle-partitions", type=int, default=None,
-                        help="spark.sql.shuffle.partitions (default: Spark's)")
-    parser.add_argument("--driver-memory", default=None,
-                        help="spark.driver.memory of a job started with python (spark-submit: "
-                             "its own --driver-memory); default Spark's 1g, too small for a "
-                             "full build of ~1M users on local[*] (4g is enough)")
-    return parser
+    """The parser of a Spark data job: its name and description, and the ``SparkJob`` flags
+    every such job takes, so that they read the same in each."""
+    return dataclass_parser(prog, description, SparkJob)
 
 
 def job_session(args: argparse.Namespace, app: str):
+    """The Spark session of the ``SparkJob`` flags in ``args`` (those a parser did not
+    declare keep their defaults)."""
     from pipelines.delta_io import tune_local_delta
     from pipelines.spark import get_spark
 
-    memory = {"spark.driver.memory": args.driver_memory} if args.driver_memory else None
-    spark = get_spark(app, master=args.master, shuffle_partitions=args.shuffle_partitions,
+    job = from_args(SparkJob, args)
+    memory = {"spark.driver.memory": job.driver_memory} if job.driver_memory else None
+    spark = get_spark(app, master=job.master, shuffle_partitions=job.shuffle_partitions,
                       extra_conf=memory)
     tune_local_delta(spark)
     return spark
@@ -71,6 +79,15 @@ def _preset_defaults(knob: str) -> str:
         for name in PRESETS if knob in PRESET_DEFAULTS[name])
 
 
+@dataclass(frozen=True)
+class GenerateRun:
+    """What generate_data takes beside the world (``SyntheticConfig``): a size in events
+    instead of users, and the Spark tasks."""
+
+    events: Optional[int] = flag_field("approximate number of events instead of --users", None)
+    partitions: Optional[int] = flag_field("Spark tasks for users/events (default: one per 20k users)", None)
+
+
 def generate_parser() -> argparse.ArgumentParser:
     from pipelines.synthetic import ALL_KNOBS, SyntheticConfig
 
@@ -82,13 +99,11 @@ def generate_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(p, SyntheticConfig, only=WORLD_FIELDS)
     size = p.add_mutually_exclusive_group()
     add_dataclass_flags(size, SyntheticConfig, only=(SIZE_FIELD,))
-    size.add_argument("--events", type=int, default=None,
-                      help="approximate number of events instead of --users")
+    add_dataclass_flags(size, GenerateRun, only=("events",))
     knobs = p.add_argument_group("knobs (default: the preset's)")
     add_dataclass_flags(knobs, SyntheticConfig, only=ALL_KNOBS, overrides=True,
                         overrides_default=_preset_defaults)
-    p.add_argument("--partitions", type=int, default=None,
-                   help="Spark tasks for users/events (default: one per 20k users)")
+    add_dataclass_flags(p, GenerateRun, only=("partitions",))
     return p
 
 
@@ -104,8 +119,9 @@ def config_from_args(args: argparse.Namespace):
         flags = ", ".join(flag_of(SyntheticConfig, k) for k in ALL_KNOBS
                           if getattr(args, k, None) is not None)
         raise SystemExit(f"generate_data: {err}" + (f" (flags given: {flags})" if flags else ""))
-    if args.events is not None:
-        cfg = replace(cfg, n_users=users_for_events(args.events, cfg))
+    events = from_args(GenerateRun, args).events
+    if events is not None:
+        cfg = replace(cfg, n_users=users_for_events(events, cfg))
     return cfg
 
 
@@ -130,7 +146,7 @@ def generate_data_main(argv: Optional[Sequence[str]] = None) -> Dict[str, int]:
     spark = job_session(args, "ctt-generate-data")
     print("synthetic config:", json.dumps(cfg.to_dict(), sort_keys=True))
     try:
-        results = run_generate(spark, args.lake, cfg, args.partitions)
+        results = run_generate(spark, args.lake, cfg, from_args(GenerateRun, args).partitions)
     except RuntimeError as err:
         lease.exit_on_refusal("generate_data", err)
         raise
@@ -146,11 +162,49 @@ EVENT_TYPE_FIELDS = ("event_type_col", "event_type")
 # (--item-id-col, --users-user-col), and --gender-map adds pairs to the default map.
 ITEM_HAND_DECLARED = ("item_col",)
 USER_HAND_DECLARED = ("user_col", "gender_map")
+INGEST_MODES = ("overwrite", "append")
+
+
+@dataclass(frozen=True, kw_only=True)
+class IngestSources:
+    """What ingest reads and how it writes (the column mappings of each source:
+    ``EventMapping``, ``ItemMapping``, ``UserMapping``)."""
+
+    mode: str = flag_field(
+        "overwrite the raw tables, or append a new increment of the log (reports the rows each "
+        "append wrote)", "overwrite", choices=INGEST_MODES)
+    max_quarantine_frac: float = flag_field(
+        "stop without writing when more than this share of a source's rows fail the row checks "
+        "(wrong field count, unparseable id or time, unknown event type...); usually a wrong "
+        "mapping such as --ts-format. 1 = never stop", DEFAULT_MAX_QUARANTINE_FRAC)
+    events: str = flag_field("event log path (file or folder)")
+    format: str = flag_field("file format of the event log", "csv", choices=FORMATS)
+    sep: str = flag_field("CSV separator of all files", ",")
+    items: Optional[str] = flag_field("items file", None)
+    item_categories_from_events: Optional[str] = flag_field(
+        "no items file: derive each item's categories from this column of the event log (e.g. "
+        "category_id); an item logged under several categories gets them all, weighted by their "
+        "share of its events; with --mode append only items not imported before are added",
+        None, metavar="COL")
+    items_format: str = flag_field("file format of the items file", "csv", choices=FORMATS)
+    item_id_col: Optional[str] = flag_field("item id column (default: --item-col)", None)
+    vocabulary_out: Optional[str] = flag_field(
+        "also write the category name -> id vocabulary to this JSON file", None,
+        aliases=("--category-vocab-out",))
+    users: Optional[str] = flag_field("users file", None)
+    users_format: str = flag_field("file format of the users file", "csv", choices=FORMATS)
+    users_user_col: Optional[str] = flag_field("user id column (default: --user-col)", None)
+    gender_map: Optional[Dict[str, str]] = flag_field(
+        "extra source=contract gender pairs, e.g. 'F=f,M=m' (case-insensitive)", None,
+        parse=key_value_pairs)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_quarantine_frac <= 1:
+            raise ValueError("--max-quarantine-frac must be within [0, 1]")
 
 
 def ingest_parser() -> argparse.ArgumentParser:
     from pipelines import ingest as I
-    from pipelines.validate import DEFAULT_MAX_QUARANTINE_FRAC
 
     p = job_parser(
         "ingest",
@@ -162,18 +216,9 @@ def ingest_parser() -> argparse.ArgumentParser:
         "(wrong_number_of_fields); each CSV file is read by one task, so a folder of "
         "files imports in parallel. Prints row counts; stops before writing when "
         "more than --max-quarantine-frac of a source cannot be imported cleanly.")
-    p.add_argument("--mode", choices=("overwrite", "append"), default="overwrite",
-                   help="overwrite the raw tables, or append a new increment of the log "
-                        "(reports the rows each append wrote)")
-    p.add_argument("--max-quarantine-frac", type=float, default=DEFAULT_MAX_QUARANTINE_FRAC,
-                   help="stop without writing when more than this share of a source's rows fail "
-                        "the row checks (wrong field count, unparseable id or time, unknown "
-                        "event type...); usually a wrong mapping such as --ts-format. 1 = never "
-                        f"stop (default {DEFAULT_MAX_QUARANTINE_FRAC})")
+    add_dataclass_flags(p, IngestSources, only=("mode", "max_quarantine_frac"))
     ev = p.add_argument_group("events")
-    ev.add_argument("--events", required=True, help="event log path (file or folder)")
-    ev.add_argument("--format", choices=I.FORMATS, default="csv")
-    ev.add_argument("--sep", default=",", help="CSV separator of all files (default ',')")
+    add_dataclass_flags(ev, IngestSources, only=("events", "format", "sep"))
     # EVENT_TYPE_FIELDS: exactly one of the column or the constant (EventMapping checks it too)
     add_dataclass_flags(ev, I.EventMapping, skip=EVENT_TYPE_FIELDS)
     add_dataclass_flags(ev.add_mutually_exclusive_group(required=True), I.EventMapping,
@@ -185,43 +230,33 @@ def ingest_parser() -> argparse.ArgumentParser:
         "2053013555631882655) are re-indexed densely 0..n-1 in sorted order. The vocabulary "
         "is stored under <lake>/_meta/category_vocabulary and extended by --mode append, so "
         "ids keep their meaning; only counts are printed.")
-    src = it.add_mutually_exclusive_group()
-    src.add_argument("--items", default=None, help="items file")
-    src.add_argument("--item-categories-from-events", default=None, metavar="COL",
-                     help="no items file: derive each item's categories from this column of the "
-                          "event log (e.g. category_id); an item logged under several categories "
-                          "gets them all, weighted by their share of its events; with --mode "
-                          "append only items not imported before are added")
-    it.add_argument("--items-format", choices=I.FORMATS, default="csv")
-    it.add_argument("--item-id-col", default=None, help="item id column (default: --item-col)")
+    add_dataclass_flags(it.add_mutually_exclusive_group(), IngestSources,
+                        only=("items", "item_categories_from_events"))
+    add_dataclass_flags(it, IngestSources, only=("items_format", "item_id_col"))
     add_dataclass_flags(it, I.ItemMapping, skip=ITEM_HAND_DECLARED)
-    it.add_argument("--vocabulary-out", "--category-vocab-out", dest="vocabulary_out",
-                    default=None, help="also write the category name -> id vocabulary to this "
-                                       "JSON file")
+    add_dataclass_flags(it, IngestSources, only=("vocabulary_out",))
     us = p.add_argument_group("users (optional: without it every user's demographics are "
                               "unknown)")
-    us.add_argument("--users", default=None, help="users file")
-    us.add_argument("--users-format", choices=I.FORMATS, default="csv")
-    us.add_argument("--users-user-col", default=None, help="user id column (default: --user-col)")
+    add_dataclass_flags(us, IngestSources, only=("users", "users_format", "users_user_col"))
     add_dataclass_flags(us, I.UserMapping, skip=USER_HAND_DECLARED)
-    us.add_argument("--gender-map", type=key_value_pairs, default=None,
-                    help="extra source=contract gender pairs, e.g. 'F=f,M=m' (case-insensitive)")
+    add_dataclass_flags(us, IngestSources, only=("gender_map",))
     return p
 
 
 def mappings_from_args(args: argparse.Namespace):
     from pipelines import ingest as I
 
+    src = from_args(IngestSources, args)
     events = I.EventMapping(**given_fields(I.EventMapping, args))
     items = None
-    if args.items:
-        items = I.ItemMapping(item_col=args.item_id_col or args.item_col,
+    if src.items:
+        items = I.ItemMapping(item_col=src.item_id_col or args.item_col,
                               **given_fields(I.ItemMapping, args, skip=ITEM_HAND_DECLARED))
     users = None
-    if args.users:
+    if src.users:
         gmap = dict(I.DEFAULT_GENDER_MAP)
-        gmap.update({k.lower(): v for k, v in (args.gender_map or {}).items()})
-        users = I.UserMapping(user_col=args.users_user_col or args.user_col, gender_map=gmap,
+        gmap.update({k.lower(): v for k, v in (src.gender_map or {}).items()})
+        users = I.UserMapping(user_col=src.users_user_col or args.user_col, gender_map=gmap,
                               **given_fields(I.UserMapping, args, skip=USER_HAND_DECLARED))
     return events, items, users
 
@@ -262,9 +297,10 @@ def run_ingest(spark, args: argparse.Namespace, now: Optional[datetime] = None) 
 
     now = now or datetime.now(timezone.utc)
     ev_map, it_map, us_map = mappings_from_args(args)
-    base = I.load_vocabulary(spark, args.lake) if args.mode == "append" else None
-    src = I.read_source(spark, args.events, args.format, args.sep)
-    if args.item_categories_from_events:  # read once for the names, the items and the events
+    sources, lake = from_args(IngestSources, args), args.lake
+    base = I.load_vocabulary(spark, lake) if sources.mode == "append" else None
+    src = I.read_source(spark, sources.events, sources.format, sources.sep)
+    if sources.item_categories_from_events:  # read once for the names, the items and the events
         from pyspark import StorageLevel
 
         src = src.persist(StorageLevel.MEMORY_AND_DISK)
@@ -272,16 +308,17 @@ def run_ingest(spark, args: argparse.Namespace, now: Optional[datetime] = None) 
     vocab = None
     if it_map is not None:
         frames[C.T_RAW_ITEMS], vocab = I.ingest_items(
-            spark, args.items, args.items_format, it_map, args.sep, base_vocab=base)
-    elif args.item_categories_from_events:
-        col = args.item_categories_from_events
+            spark, sources.items, sources.items_format, it_map, sources.sep,
+            base_vocab=base)
+    elif sources.item_categories_from_events:
+        col = sources.item_categories_from_events
         vocab = I.build_vocabulary(I.event_category_names(src, col, args.category_sep), base)
         items = I.items_from_events(src, ev_map, col, vocab, args.category_sep)
-        frames[C.T_RAW_ITEMS] = (I.new_items_only(spark, args.lake, items)
-                                 if args.mode == "append" else items)
+        frames[C.T_RAW_ITEMS] = (I.new_items_only(spark, lake, items)
+                                 if sources.mode == "append" else items)
     if us_map is not None:
-        frames[C.T_RAW_USERS] = I.ingest_users(spark, args.users, args.users_format, us_map,
-                                               args.sep)
+        frames[C.T_RAW_USERS] = I.ingest_users(spark, sources.users, sources.users_format,
+                                               us_map, sources.sep)
     if vocab is not None:
         print(I.vocabulary_summary(vocab, base))
     checked, reports = {}, []
@@ -289,24 +326,24 @@ def run_ingest(spark, args: argparse.Namespace, now: Optional[datetime] = None) 
         for table in (C.T_RAW_ITEMS, C.T_RAW_USERS, C.T_RAW_EVENTS):
             if table in frames:
                 checked[table], report = _checked(spark, frames[table], table,
-                                                  args.max_quarantine_frac, now)
+                                                  sources.max_quarantine_frac, now)
                 reports.append(report)
         print("row checks before writing (the build quarantines these rows):")
         print(format_reports(reports))
-        with lease.held(args.lake, lease.SCOPE_RAW, "ingest"):
-            writes = I.write_ingested(spark, args.lake, checked.get(C.T_RAW_EVENTS),
+        with lease.held(lake, lease.SCOPE_RAW, "ingest"):
+            writes = I.write_ingested(spark, lake, checked.get(C.T_RAW_EVENTS),
                                       checked.get(C.T_RAW_ITEMS), checked.get(C.T_RAW_USERS),
-                                      args.mode)
+                                      sources.mode)
             if vocab is not None:
-                I.store_vocabulary(spark, args.lake, vocab)
+                I.store_vocabulary(spark, lake, vocab)
     finally:
         for df in checked.values():
             df.unpersist()
         src.unpersist()
-    if vocab is not None and args.vocabulary_out:
-        with open(args.vocabulary_out, "w", encoding="utf-8") as fh:
+    if vocab is not None and sources.vocabulary_out:
+        with open(sources.vocabulary_out, "w", encoding="utf-8") as fh:
             json.dump(vocab, fh, indent=1, sort_keys=True)
-        print(f"category vocabulary written to {args.vocabulary_out}")
+        print(f"category vocabulary written to {sources.vocabulary_out}")
     return IngestResult(writes, reports, vocab)
 
 
@@ -333,8 +370,10 @@ def ingest_main(argv: Optional[Sequence[str]] = None) -> Dict[str, int]:
     Exit 2: too much of a source would be quarantined; 75: another writer holds the raw lease."""
     parser = ingest_parser()
     args = parser.parse_args(argv)
-    if not 0 <= args.max_quarantine_frac <= 1:
-        parser.error("--max-quarantine-frac must be within [0, 1]")
+    try:
+        from_args(IngestSources, args)
+    except ValueError as err:
+        parser.error(str(err))
     mappings_from_args(args)  # fail on a bad mapping before starting Spark
     spark = job_session(args, "ctt-ingest")
     result = run_or_exit(parser, "ingest", lambda: run_ingest(spark, args))
@@ -346,6 +385,25 @@ def ingest_main(argv: Optional[Sequence[str]] = None) -> Dict[str, int]:
 # --------------------------------------------------------------------------------------
 # build_sequences (the build itself: pipelines/build.py)
 # --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BuildRun:
+    """How one build_sequences run goes, beside the settings the lake keeps (``BuildConfig``);
+    ``full`` is a flag of the refresh too."""
+
+    now: Optional[datetime] = flag_field(
+        "reference time for 'timestamp in the future' (default: wall clock, UTC)", None,
+        parse=timestamp_arg)
+    repair_duplicates: bool = flag_field(
+        "if an output table holds a key twice (left by overlapping runs of an older version), "
+        "delete those keys' rows and recompute them in this run (default: stop with an error "
+        "naming table and key)", False)
+    full: bool = flag_field(
+        "rebuild everything from the raw tables (default: incremental when the lake records what "
+        "the last build consumed and raw_events only grew since: only the new raw rows are "
+        "validated and only the users they touch are recomputed; the run prints which mode and "
+        "why)", False)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = job_parser(
         "build_sequences",
@@ -355,18 +413,7 @@ def build_parser() -> argparse.ArgumentParser:
         "are validated alone and only the users they touch are recomputed (--full "
         "rebuilds everything). Prints and returns the Delta version of each output.")
     add_build_flags(p)
-    p.add_argument("--now", type=timestamp_arg, default=None,
-                   help="reference time for 'timestamp in the future' (default: wall clock, UTC)")
-    p.add_argument("--repair-duplicates", action="store_true",
-                   help="if an output table holds a key twice (left by overlapping runs of an older "
-                        "version), delete those keys' rows and recompute them in this run "
-                        "(default: stop with an error naming table and key)")
-    p.add_argument("--full", action="store_true",
-                   help="rebuild everything from the raw tables (default: incremental when the "
-                        "lake records what the last build consumed and raw_events only grew "
-                        "since: only the new raw rows are validated and only the users they "
-                        "touch are recomputed; the run prints which mode and why)")
-    return p
+    return add_sections(p, BuildRun)
 
 
 def build_sequences_main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
@@ -380,9 +427,10 @@ def build_sequences_main(argv: Optional[Sequence[str]] = None) -> Dict[str, obje
         cfg.explicit_cutoffs()  # fail on a half-given pair before starting Spark
     except ValueError as err:
         parser.error(str(err))
+    run = from_args(BuildRun, args)
     spark = job_session(args, "ctt-build-sequences")
     result = run_or_exit(parser, "build_sequences", lambda: run_build_sequences(
-        spark, args.lake, cfg, args.now, args.repair_duplicates, full=args.full))
+        spark, args.lake, cfg, run.now, run.repair_duplicates, full=run.full))
     print_results(result.writes)
     summary = result.summary()
     print("summary:", json.dumps(summary, sort_keys=True))

@@ -29,7 +29,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 from urllib.parse import urlparse
 
 import numpy as np
@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import ctt_contracts as C
+from ctt_contracts.flags import dataclass_parser, flag_field, from_args, lake_field
 from models.lake_read import open_table, snapshot_arrow
 
 # Snapshot names, paths and the environment variables are in ctt_contracts (feature_repo/
@@ -346,26 +347,30 @@ def materialize_window(store: Any, end: datetime,
 # --------------------------------------------------------------------------------------
 # CLI: ctt-export-feature-tables / python -m pipelines.feast_ops --lake <root>
 # --------------------------------------------------------------------------------------
+def _lake_of_environment() -> str:
+    return os.environ.get(C.ENV_LAKE, str(DEFAULT_LAKE))
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """What ``ctt-export-feature-tables`` refreshes: which snapshots of which lake."""
+
+    lake: str = lake_field(default_factory=_lake_of_environment,
+                           note=f"default ${C.ENV_LAKE}, else the lake of `make demo`")
+    only: Tuple[str, ...] = flag_field("snapshots to refresh", tuple(C.FEAST_SNAPSHOT_SOURCES),
+                                       nargs="+", choices=C.FEAST_SNAPSHOT_SOURCES)
+
+
 def export_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ctt-export-feature-tables",
-        description="Refresh the Parquet snapshots Feast materializes from (user_states, user "
-                    "profiles, item categories), each from one Delta version; unchanged -> no rewrite.")
-    p.add_argument("--lake", default=os.environ.get(C.ENV_LAKE, str(DEFAULT_LAKE)),
-                   help=f"lake root (default ${C.ENV_LAKE} or {DEFAULT_LAKE})")
-    p.add_argument("--only", nargs="+", choices=list(C.FEAST_SNAPSHOT_SOURCES),
-                   default=list(C.FEAST_SNAPSHOT_SOURCES),
-                   help="snapshots to refresh (default all)")
-    return p
-
-
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    return export_parser().parse_args(argv)
+    return dataclass_parser(
+        "ctt-export-feature-tables",
+        "Refresh the Parquet snapshots Feast materializes from (user_states, user profiles, item "
+        "categories), each from one Delta version; unchanged -> no rewrite.", ExportConfig)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    args = parse_args(argv)
-    for result in export_feature_tables(args.lake, args.only):
+    cfg = from_args(ExportConfig, export_parser().parse_args(argv))
+    for result in export_feature_tables(cfg.lake, cfg.only):
         print(result.line())
 
 

@@ -40,6 +40,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import pyarrow as pa
 
 import ctt_contracts as C
+from ctt_contracts.flags import bundle_field, dataclass_parser, flag_field, from_args, lake_field
 from models.lake_read import read_arrow
 from pipelines import lease
 from pipelines.inference_worker import DEFAULT_BATCH_SIZE, make_encoder
@@ -559,34 +560,41 @@ def _infer(spark, lake: str, bundle_path: str, model_version: str, batch_size: i
 # --------------------------------------------------------------------------------------
 # Job entry point (jobs/batch_inference.py)
 # --------------------------------------------------------------------------------------
-def add_encoding_flags(parser: argparse.ArgumentParser) -> None:
-    """--batch-size and --partitions of the encoding stage: the same two knobs for the batch
-    inference job and for the refresh that runs it."""
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                        help="rows per forward pass of the encoder")
-    parser.add_argument("--partitions", type=int, default=None,
-                        help="tasks of the encoding stage (default: Spark's default parallelism)")
+@dataclass(frozen=True)
+class EncodingConfig:
+    """The encoding stage's two knobs: the same for the batch inference job and for the
+    refresh that runs it."""
+
+    batch_size: int = flag_field("rows per forward pass of the encoder", DEFAULT_BATCH_SIZE)
+    partitions: Optional[int] = flag_field(
+        "tasks of the encoding stage; default: Spark's default parallelism", None)
+
+
+@dataclass(frozen=True)
+class BatchInferenceConfig:
+    """What ``batch_inference`` encodes and how it classifies users (its encoding knobs:
+    ``EncodingConfig``; its Spark master: ``pipelines.cli.SparkJob``)."""
+
+    lake: str = lake_field()
+    bundle: str = bundle_field()
+    no_feast_export: bool = flag_field("skip refreshing the Parquet snapshots Feast materializes from", False)
+    full: bool = flag_field(
+        "classify every user of user_sequences against every state instead of following "
+        "user_sequences' change feed since the last run", False)
+    repair_duplicates: bool = flag_field(
+        "if user_states holds a user twice (left by overlapping runs of an older version), "
+        "delete that user's states and re-encode it in this run (default: stop with an error "
+        "naming the users)", False)
 
 
 def inference_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="batch_inference",
-        description="Encode user histories with the bundle's encoder and MERGE them into "
-                    "user_states (incremental), then refresh the Feast snapshots.")
-    p.add_argument("--lake", required=True, help="lake root (local folder or Hadoop URI)")
-    p.add_argument("--bundle", required=True, help="exported model bundle folder (models.export)")
-    add_encoding_flags(p)
-    p.add_argument("--master", default=None, help="Spark master (default: spark-submit's or local[*])")
-    p.add_argument("--no-feast-export", action="store_true",
-                   help="skip refreshing the Parquet snapshots Feast materializes from")
-    p.add_argument("--full", action="store_true",
-                   help="classify every user of user_sequences against every state instead of "
-                        "following user_sequences' change feed since the last run")
-    p.add_argument("--repair-duplicates", action="store_true",
-                   help="if user_states holds a user twice (left by overlapping runs of an older "
-                        "version), delete that user's states and re-encode it in this run "
-                        "(default: stop with an error naming the users)")
-    return p
+    from pipelines.cli import SparkJob
+
+    return dataclass_parser(
+        "batch_inference", "Encode user histories with the bundle's encoder and MERGE them into "
+        "user_states (incremental), then refresh the Feast snapshots.",
+        (BatchInferenceConfig, ("lake", "bundle")), EncodingConfig, (SparkJob, ("master",)),
+        BatchInferenceConfig)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -594,23 +602,23 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    from pipelines.delta_io import tune_local_delta
-    from pipelines.spark import get_spark
+    from pipelines.cli import job_session
 
     args = parse_args(argv)
-    spark = get_spark("ctt-batch-inference", master=args.master)
-    tune_local_delta(spark)
+    cfg, encoding = from_args(BatchInferenceConfig, args), from_args(EncodingConfig, args)
+    spark = job_session(args, "ctt-batch-inference")
     try:
-        result = run_batch_inference(spark, args.lake, args.bundle, args.batch_size, args.partitions,
-                                     repair_duplicates=args.repair_duplicates, full=args.full)
+        result = run_batch_inference(spark, cfg.lake, cfg.bundle, encoding.batch_size,
+                                     encoding.partitions, repair_duplicates=cfg.repair_duplicates,
+                                     full=cfg.full)
     except RuntimeError as err:
         lease.exit_on_refusal("batch_inference", err)
         raise
     finally:
         spark.stop()  # a clean stop: local-cluster otherwise relaunches executors while exiting
     print(result.summary(), flush=True)
-    if not args.no_feast_export:
+    if not cfg.no_feast_export:
         from pipelines.feast_ops import export_feature_tables
 
-        for line in export_feature_tables(args.lake):
+        for line in export_feature_tables(cfg.lake):
             print(line.line(), flush=True)

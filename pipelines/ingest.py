@@ -58,7 +58,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 import ctt_contracts as C
-from pipelines.flags import comma_separated, described, key_value_pairs
+from ctt_contracts.flags import comma_separated, described, key_value_pairs
 from pipelines.delta_io import (RAW_ROW_JSON, WriteResult, raw_schema, read_table, table_exists,
                                 table_version, write_raw)
 
@@ -95,7 +95,7 @@ _DIGITS = re.compile(r"[0-9]+")
 @dataclass(frozen=True)
 class EventMapping:
     """Source columns of the event log. Exactly one of `event_type_col` / `event_type`. Each
-    field is a flag of ingest (``pipelines.flags``: ``--user-col`` for ``user_col``)."""
+    field is a flag of ingest (``ctt_contracts.flags``: ``--user-col`` for ``user_col``)."""
 
     user_col: str = field(metadata=described("user id column"))
     item_col: str = field(metadata=described("item id column"))
@@ -138,7 +138,7 @@ class EventMapping:
 @dataclass(frozen=True)
 class ItemMapping:
     """Source columns of the items file. Exactly one of `categories_col` / `category_flag_cols`.
-    The fields but `item_col` are flags of ingest as they are (``pipelines.flags``)."""
+    The fields but `item_col` are flags of ingest as they are (``ctt_contracts.flags``)."""
 
     item_col: str  # flag --item-id-col, default: the events' --item-col
     categories_col: Optional[str] = field(default=None, metadata=described(
@@ -164,7 +164,7 @@ class ItemMapping:
 @dataclass(frozen=True)
 class UserMapping:
     """Source columns of the users file; absent columns mean "unknown" for every user. The
-    fields but `user_col` and `gender_map` are flags of ingest as they are (``pipelines.flags``)."""
+    fields but `user_col` and `gender_map` are flags of ingest as they are (``ctt_contracts.flags``)."""
 
     user_col: str  # flag --users-user-col, default: the events' --user-col
     age_col: Optional[str] = field(default=None, metadata=described("age column (optional)"))

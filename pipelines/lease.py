@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
 
 import ctt_contracts as C
+from ctt_contracts.flags import add_dataclass_flags, dataclass_parser, flag_field, from_args, lake_field
 
 log = logging.getLogger(__name__)
 
@@ -358,26 +359,39 @@ def break_lease(lake: str, scope: str) -> Optional[Holder]:
     return current[0]
 
 
+@dataclass(frozen=True)
+class LeaseCommand:
+    """What ``python -m pipelines.lease`` does on which lake: show the leases, or break one
+    (exactly one of the two; the parser puts them in a required, mutually exclusive group)."""
+
+    lake: str = lake_field()
+    show: bool = flag_field("list the lake's writer leases and whether each is held", False)
+    scope: Optional[str] = flag_field(
+        f"remove the lease of SCOPE ({', '.join(SCOPES)}) whoever holds it (its holder known to "
+        "be dead)", None, flag="--break", choices=SCOPES, metavar="SCOPE")
+
+
+def lease_parser() -> argparse.ArgumentParser:
+    p = dataclass_parser("python -m pipelines.lease", "Show the writer leases of a lake, or break "
+                         "one whose holder is known to be dead.", (LeaseCommand, ("lake",)))
+    add_dataclass_flags(p.add_mutually_exclusive_group(required=True), LeaseCommand,
+                        only=("show", "scope"))
+    return p
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m pipelines.lease",
-                                description="Show the writer leases of a lake, or break one whose "
-                                            "holder is known to be dead.")
-    p.add_argument("--lake", required=True)
-    g = p.add_mutually_exclusive_group(required=True)
-    g.add_argument("--show", action="store_true")
-    g.add_argument("--break", dest="scope", choices=SCOPES)
-    args = p.parse_args(argv)
-    if args.show:
+    cmd = from_args(LeaseCommand, lease_parser().parse_args(argv))
+    if cmd.show:
         now = datetime.now(timezone.utc)
-        holders = _holders(lease_path(args.lake))
+        holders = _holders(lease_path(cmd.lake))
         for h in holders:
             state = "free (expired or dead)" if h.free(now) else "held"
             print(f"{h.scope:<16} {state:<22} {h.describe()}")
         if not holders:
             print("no leases held")
     else:
-        gone = break_lease(args.lake, args.scope)
-        print(f"removed: {gone.describe()}" if gone else f"{args.scope}: no lease held")
+        gone = break_lease(cmd.lake, cmd.scope)
+        print(f"removed: {gone.describe()}" if gone else f"{cmd.scope}: no lease held")
 
 
 if __name__ == "__main__":

@@ -49,14 +49,16 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
 
 import ctt_contracts as C
+from ctt_contracts.flags import (add_dataclass_flags, add_sections, bundle_field,
+                                 feature_repo_field, flag_field, from_args, help_of)
 from models.lake_read import open_table, snapshot_arrow
 from pipelines import feast_ops
 from pipelines.build_config import (BuildConfig, add_build_flags, flag_values,
                                     load_build_config, timestamp_arg, with_overrides)
 from pipelines.build import BuildResult, run_build_sequences
 from pipelines.delta_io import WriteResult
-from pipelines.inference import (DEFAULT_BATCH_SIZE, InferenceResult, add_encoding_flags,
-                                 run_batch_inference)
+from pipelines.inference import (DEFAULT_BATCH_SIZE, BatchInferenceConfig, EncodingConfig,
+                                 InferenceResult, run_batch_inference)
 
 VERSION_MARKER = "ctt_model_version"  # file in the Feast data folder: the version it serves
 # Key in a Redis online store's db: JSON {model_version, feast_data} of the store that filled it.
@@ -348,8 +350,33 @@ def run_refresh(spark: Any, lake: str, bundle: str | Path, feast_data: str | Pat
 # --------------------------------------------------------------------------------------
 # CLI: jobs/refresh.py (python or spark-submit)
 # --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RefreshConfig:
+    """The refresh's own settings (the lake and Spark: ``pipelines.cli.SparkJob``; the encoding
+    knobs: ``EncodingConfig``; the build: the lake's stored ``BuildConfig`` with the flags given
+    as overrides, and ``pipelines.cli.BuildRun``'s ``--full``)."""
+
+    bundle: str = bundle_field(note="the one being served")
+    feast_data: Optional[str] = flag_field(
+        f"Feast data folder of the online store (registry + SQLite file); default "
+        f"${C.ENV_FEAST_DATA}. One folder per model version", None)
+    feature_repo: Path = feature_repo_field(feast_ops.FEATURE_REPO)
+    fs_yaml: Optional[Path] = flag_field(
+        "Feast config file instead of <feature-repo>/feature_store.yaml "
+        "(e.g. feature_repo/redis.yaml)", None)
+    apply: bool = flag_field("run `feast apply` before materializing (needed once per new folder)", False)
+    new_model: bool = flag_field(
+        "the bundle differs from the states in the lake: re-encode everyone into a fresh "
+        "--feast-data folder (rollout)", False)
+    full_inference: bool = flag_field(
+        f"batch inference's --full: {help_of(BatchInferenceConfig, 'full')}", False)
+    now: Optional[datetime] = flag_field(
+        "reference time for validation and state_ts (default: wall clock, UTC)", None,
+        parse=timestamp_arg)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from pipelines.cli import job_parser
+    from pipelines.cli import BuildRun, job_parser
 
     p = job_parser(
         "refresh",
@@ -358,44 +385,25 @@ def build_parser() -> argparse.ArgumentParser:
         "materialize-incremental into the online store of --feast-data. Prints what "
         "each step touched. With --new-model: roll a new bundle out into a fresh "
         "Feast data folder (docs/operations.md).")
-    p.add_argument("--bundle", required=True, help="model bundle folder being served")
-    p.add_argument("--feast-data", default=None,
-                   help=f"Feast data folder of the online store (registry + SQLite file); "
-                        f"default ${C.ENV_FEAST_DATA}. One folder per model version")
-    p.add_argument("--feature-repo", type=Path, default=feast_ops.FEATURE_REPO,
-                   help="Feast repo folder (default: the project's feature_repo/)")
-    p.add_argument("--fs-yaml", type=Path, default=None,
-                   help="Feast config file instead of <feature-repo>/feature_store.yaml "
-                        "(e.g. feature_repo/redis.yaml)")
-    p.add_argument("--apply", action="store_true",
-                   help="run `feast apply` before materializing (needed once per new folder)")
-    p.add_argument("--new-model", action="store_true",
-                   help="the bundle differs from the states in the lake: re-encode everyone "
-                        "into a fresh --feast-data folder (rollout)")
-    add_encoding_flags(p)
-    p.add_argument("--full-inference", action="store_true",
-                   help="batch inference classifies every user instead of following "
-                        "user_sequences' change feed since its last run")
-    p.add_argument("--now", type=timestamp_arg, default=None,
-                   help="reference time for validation and state_ts (default: wall clock, UTC)")
+    add_sections(p, RefreshConfig, EncodingConfig)
     build = p.add_argument_group(
         "build_sequences (default: the configuration the lake's last build stored; a flag given "
         "here replaces that one value, and the refresh prints what it used)")
     add_build_flags(build, overrides=True)
-    build.add_argument("--full", action="store_true",
-                       help="rebuild every table from the raw tables instead of the incremental "
-                            "build (build_sequences --full)")
+    add_dataclass_flags(build, BuildRun, only=("full",))
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> RefreshResult:
     import os
 
-    from pipelines.cli import job_session
+    from pipelines.cli import BuildRun, job_session
 
     parser = build_parser()
     args = parser.parse_args(argv)
-    feast_data = args.feast_data or os.environ.get(C.ENV_FEAST_DATA)
+    cfg, encoding = from_args(RefreshConfig, args), from_args(EncodingConfig, args)
+    full = from_args(BuildRun, args).full
+    feast_data = cfg.feast_data or os.environ.get(C.ENV_FEAST_DATA)
     if not feast_data:
         raise SystemExit(f"give --feast-data or export {C.ENV_FEAST_DATA}")
     overrides = flag_values(args)
@@ -405,11 +413,11 @@ def main(argv: Optional[Sequence[str]] = None) -> RefreshResult:
         parser.error(str(err))
     spark = job_session(args, "ctt-refresh")
     try:
-        result = run_refresh(spark, args.lake, args.bundle, feast_data, new_model=args.new_model,
-                             apply=args.apply, batch_size=args.batch_size,
-                             partitions=args.partitions, repo_dir=args.feature_repo,
-                             fs_yaml_file=args.fs_yaml, now=args.now, build_overrides=overrides,
-                             full=args.full, full_inference=args.full_inference)
+        result = run_refresh(spark, args.lake, cfg.bundle, feast_data, new_model=cfg.new_model,
+                             apply=cfg.apply, batch_size=encoding.batch_size,
+                             partitions=encoding.partitions, repo_dir=cfg.feature_repo,
+                             fs_yaml_file=cfg.fs_yaml, now=cfg.now, build_overrides=overrides,
+                             full=full, full_inference=cfg.full_inference)
     finally:
         spark.stop()
     for line in result.lines():

@@ -187,7 +187,7 @@ import numpy as np
 import pandas as pd
 
 import ctt_contracts as C
-from pipelines.flags import described
+from ctt_contracts.flags import described
 
 COUNTRIES: Tuple[str, ...] = ("US", "GB", "DE", "FR", "BR", "IN", "JP", "MX", "CA", "AU")
 SURFACES: Tuple[str, ...] = ("related_items", "search", "home_feed")
@@ -235,7 +235,7 @@ ALL_KNOBS: Tuple[str, ...] = tuple(dict.fromkeys(k for p in PRESETS for k in PRE
 class SyntheticConfig:
     """One world: a preset plus its knobs. Knobs left at None take the preset's default;
     setting a knob the preset does not use is an error (it would silently do nothing). Each
-    field is a flag of generate_data (``pipelines.flags``)."""
+    field is a flag of generate_data (``ctt_contracts.flags``)."""
 
     preset: str = field(default=REALISTIC, metadata=described(
         "which world; every knob below overrides the preset's default, and a knob of the other "

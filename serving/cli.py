@@ -8,6 +8,11 @@ model version, a feature repo that does not load or was never applied, a registr
 feature service) are printed as ONE line on stderr, ``<prog>: error: <what and where>``, and exit
 with code 2 like argparse's own usage errors; a traceback would bury the one line that matters.
 Anything else is a bug and keeps its traceback.
+
+The flags are read from the config dataclasses below (``ctt_contracts.flags``), which each main
+builds from the parsed flags and passes on: ``IndexBuildConfig`` (ctt-build-index),
+``ModelSource`` + ``ResolverFlags`` + ``ServeConfig`` (ctt-serve); ``ResolverFlags`` (index,
+feature repo, skew policy) is ctt-replay's too.
 """
 from __future__ import annotations
 
@@ -15,11 +20,15 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Tuple
 
 import numpy as np
 
+from ctt_contracts.flags import (add_dataclass_flags, bundle_field, dataclass_parser,
+                                 feature_repo_field, flag_field, from_args, index_field,
+                                 tracking_uri_field)
 from serving.app import DEFAULT_MAX_BODY_BYTES
 from serving.index import (BACKENDS, DEFAULT_K, DEFAULT_N_QUERIES, DEFAULT_TARGET_RECALL,
                            build_index)
@@ -58,144 +67,188 @@ def report_startup_error(prog: str, exc: BaseException) -> int:
     return EXIT_STARTUP_ERROR
 
 
+@dataclass(frozen=True)
+class IndexBuildConfig:
+    """What ``ctt-build-index`` builds: the bundle's catalog, where to, and how it is tuned."""
+
+    bundle: Path = bundle_field()
+    out: Path = flag_field("index folder to write (<out>/scann + <out>/index_manifest.json)")
+    k: int = flag_field("k of the recall target", DEFAULT_K)
+    target_recall: float = flag_field("recall@k the tuned index must reach against brute force",
+                                      DEFAULT_TARGET_RECALL)
+    backend: Optional[str] = flag_field(
+        "default: by catalog size (brute force for tiny catalogs, else ScaNN)", None,
+        choices=BACKENDS)
+    queries: Optional[Path] = flag_field(
+        "optional .npy (Q, D) of real user-tower queries to tune/measure recall on; default: "
+        "perturbed catalog vectors", None)
+    n_queries: int = flag_field("queries drawn to tune and measure recall", DEFAULT_N_QUERIES)
+    seed: int = flag_field("seed of the perturbed queries", 0)
+
+
 def build_index_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ctt-build-index",
-        description="Embed-once ScaNN index of a bundle's catalog (item_embeddings.npy) with a "
-                    "manifest recording model_version, dims, parameters and measured recall@k.")
-    p.add_argument("--bundle", required=True, type=Path, help="model bundle folder (models.export)")
-    p.add_argument("--out", required=True, type=Path,
-                   help="index folder to write (<out>/scann + <out>/index_manifest.json)")
-    p.add_argument("--k", type=int, default=DEFAULT_K, help="k of the recall target (default 100)")
-    p.add_argument("--target-recall", type=float, default=DEFAULT_TARGET_RECALL)
-    p.add_argument("--backend", choices=BACKENDS, default=None,
-                   help="default: by catalog size (brute force for tiny catalogs, else ScaNN)")
-    p.add_argument("--queries", type=Path, default=None,
-                   help="optional .npy (Q, D) of real user-tower queries to tune/measure recall on; "
-                        "default: perturbed catalog vectors")
-    p.add_argument("--n-queries", type=int, default=DEFAULT_N_QUERIES)
-    p.add_argument("--seed", type=int, default=0)
-    return p
+    return dataclass_parser(
+        "ctt-build-index",
+        "Embed-once ScaNN index of a bundle's catalog (item_embeddings.npy) with a manifest "
+        "recording model_version, dims, parameters and measured recall@k.", IndexBuildConfig)
 
 
 def build_index_main(argv: Optional[List[str]] = None) -> int:
     """Load the bundle (checksums verified), build + tune + measure the index, print the manifest."""
     parser = build_index_parser()
-    args = parser.parse_args(argv)
+    cfg = from_args(IndexBuildConfig, parser.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from models.export import load_bundle
 
     try:
-        bundle = load_bundle(args.bundle)
+        bundle = load_bundle(cfg.bundle)
         queries = None
         source = "perturbed_catalog"
-        if args.queries is not None:
-            queries = np.load(args.queries, allow_pickle=False)
-            source = f"file:{args.queries.name}"
+        if cfg.queries is not None:
+            queries = np.load(cfg.queries, allow_pickle=False)
+            source = f"file:{cfg.queries.name}"
     except startup_errors() as exc:
         return report_startup_error(parser.prog, exc)
-    index = build_index(bundle.item_ids, bundle.item_embeddings, bundle.model_version, args.out,
-                        queries=queries, query_source=source, k=args.k,
-                        target_recall=args.target_recall, backend=args.backend,
-                        n_queries=args.n_queries, seed=args.seed)
+    index = build_index(bundle.item_ids, bundle.item_embeddings, bundle.model_version, cfg.out,
+                        queries=queries, query_source=source, k=cfg.k,
+                        target_recall=cfg.target_recall, backend=cfg.backend,
+                        n_queries=cfg.n_queries, seed=cfg.seed)
     print(index.manifest.to_json())
     return 0
 
 
+@dataclass(frozen=True, kw_only=True)
+class ResolverFlags:
+    """What a resolver is built from besides its bundle: the flags ctt-serve and ctt-replay
+    share."""
+
+    index: Optional[Path] = index_field("default: build one at start-up, in a temporary folder")
+    feature_repo: Path = feature_repo_field(note="its online store holds the bundle's user states")
+    skew_policy: str = flag_field(
+        "a cached state of another model version: refuse it (HTTP 409; a replay counts a "
+        "version_skew error) or serve the request as a cold start", SKEW_REFUSE,
+        choices=SKEW_POLICIES)
+
+    def resolver(self, bundle: Path, head: str = HEAD_NUMPY) -> Resolver:
+        return Resolver.from_paths(bundle, self.index, self.feature_repo,
+                                   skew_policy=self.skew_policy, head=head)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where ctt-serve loads its bundle from: a folder, or MLflow (exactly one of the first
+    three fields; the parser puts them in a required, mutually exclusive group)."""
+
+    bundle: Optional[Path] = bundle_field(None)
+    mlflow_run_id: Optional[str] = flag_field("load the bundle logged by this MLflow run", None)
+    mlflow_model: Optional[str] = flag_field("registered model name (with --mlflow-version)", None)
+    mlflow_version: Optional[str] = flag_field("version of --mlflow-model", None)
+    tracking_uri: Optional[str] = tracking_uri_field(
+        "where --mlflow-run-id / --mlflow-model are looked up; default $MLFLOW_TRACKING_URI")
+
+
+SOURCE_FIELDS = ("bundle", "mlflow_run_id", "mlflow_model")  # exactly one of them
+MLFLOW_FIELDS = ("mlflow_version", "tracking_uri")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """The HTTP server around the resolver: where it listens, its head, its processes, its
+    request log."""
+
+    host: str = flag_field("bind address", DEFAULT_HOST)
+    port: int = flag_field("port", DEFAULT_PORT)
+    head: str = flag_field(
+        "numpy: the head's weights copied to numpy at load (the fastest); torch: the model's own "
+        "query_from_state (same function)", HEAD_NUMPY, choices=HEAD_BACKENDS)
+    torch_threads: int = flag_field(
+        "intra-op threads of the torch head; 1 is fastest for one-row requests", 1)
+    max_body_bytes: int = flag_field(
+        "request bodies above this many bytes are answered 413 before parsing",
+        DEFAULT_MAX_BODY_BYTES)
+    workers: int = flag_field(
+        "worker processes (gunicorn + uvicorn workers forked after the bundle and index are "
+        "loaded, so they share them read-only); > 1 needs "
+        f"{MULTIPROC_ENV} (an existing folder) for /metrics to add up all workers", 1)
+    request_log: Optional[Path] = flag_field(
+        "folder of the structured request log (requests-<pid>.jsonl per worker)", None)
+    request_log_sample_rate: float = flag_field(
+        "share of answered recommendations written to --request-log (0 = off)", 0.0)
+    log_level: str = flag_field("log level of the server and the resolver", "info")
+
+    def __post_init__(self) -> None:
+        if self.max_body_bytes < 0:
+            raise ValueError(f"--max-body-bytes must be >= 0, got {self.max_body_bytes}")
+        if self.workers < 1:
+            raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if not 0.0 <= self.request_log_sample_rate <= 1.0:
+            raise ValueError(f"--request-log-sample-rate must be in [0, 1], "
+                             f"got {self.request_log_sample_rate}")
+        if self.request_log_sample_rate > 0 and self.request_log is None:
+            raise ValueError("--request-log-sample-rate needs --request-log FOLDER")
+
+
 def serve_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ctt-serve",
-        description="Online resolver over HTTP: POST /recommend, GET /health, GET /version.")
-    p.add_argument("--host", default=DEFAULT_HOST, help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=DEFAULT_PORT)
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--bundle", type=Path, help="model bundle folder")
-    src.add_argument("--mlflow-run-id", help="load the bundle logged by this MLflow run")
-    src.add_argument("--mlflow-model", help="registered model name (with --mlflow-version)")
-    p.add_argument("--mlflow-version", default=None)
-    p.add_argument("--tracking-uri", default=None)
-    p.add_argument("--index", type=Path, default=None,
-                   help="index folder from ctt-build-index (default: build one at start-up)")
-    p.add_argument("--feature-repo", type=Path, required=True,
-                   help="Feast repo folder (feature_store.yaml; `feast apply` done)")
-    p.add_argument("--skew-policy", choices=SKEW_POLICIES, default=SKEW_REFUSE,
-                   help="cached state of another model version: refuse (409) or serve as cold start")
-    p.add_argument("--head", choices=HEAD_BACKENDS, default=HEAD_NUMPY,
-                   help="numpy: the head's weights copied to numpy at load (default, fastest); "
-                        "torch: the model's own query_from_state (same function)")
-    p.add_argument("--torch-threads", type=int, default=1,
-                   help="intra-op threads of the torch head; 1 is fastest for one-row requests")
-    p.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
-                   help="request bodies above this many bytes are answered 413 before parsing "
-                        f"(default {DEFAULT_MAX_BODY_BYTES})")
-    p.add_argument("--workers", type=int, default=1,
-                   help="worker processes (gunicorn + uvicorn workers forked after the bundle and "
-                        "index are loaded, so they share them read-only); > 1 needs "
-                        f"{MULTIPROC_ENV} (an existing folder) for /metrics to add up all workers")
-    p.add_argument("--request-log", type=Path, default=None,
-                   help="folder of the structured request log (requests-<pid>.jsonl per worker)")
-    p.add_argument("--request-log-sample-rate", type=float, default=0.0,
-                   help="share of answered recommendations written to --request-log (0 = off)")
-    p.add_argument("--log-level", default="info")
+    p = dataclass_parser("ctt-serve", "Online resolver over HTTP: POST /recommend, GET /health, "
+                         "GET /version.", ServeConfig, ResolverFlags, (ModelSource, MLFLOW_FIELDS))
+    add_dataclass_flags(p.add_mutually_exclusive_group(required=True), ModelSource,
+                        only=SOURCE_FIELDS)
     return p
 
 
-def make_resolver(args: argparse.Namespace) -> Resolver:
-    if args.bundle is not None:
-        return Resolver.from_paths(args.bundle, args.index, args.feature_repo,
-                                   skew_policy=args.skew_policy, head=args.head)
-    return Resolver.from_mlflow(run_id=args.mlflow_run_id, model_name=args.mlflow_model,
-                                version=args.mlflow_version, index_dir=args.index,
-                                feature_repo_dir=args.feature_repo, tracking_uri=args.tracking_uri,
-                                skew_policy=args.skew_policy, head=args.head)
+def make_resolver(source: ModelSource, flags: ResolverFlags, head: str) -> Resolver:
+    if source.bundle is not None:
+        return flags.resolver(source.bundle, head)
+    return Resolver.from_mlflow(run_id=source.mlflow_run_id, model_name=source.mlflow_model,
+                                version=source.mlflow_version, index_dir=flags.index,
+                                feature_repo_dir=flags.feature_repo,
+                                tracking_uri=source.tracking_uri,
+                                skew_policy=flags.skew_policy, head=head)
 
 
 def serve_main(argv: Optional[List[str]] = None) -> int:
     """Load everything first (fail fast on a mismatched index/bundle), then run uvicorn."""
     parser = serve_parser()
     args = parser.parse_args(argv)
-    if args.max_body_bytes < 0:
-        parser.error(f"--max-body-bytes must be >= 0, got {args.max_body_bytes}")
-    if args.workers < 1:
-        parser.error(f"--workers must be >= 1, got {args.workers}")
-    if not 0.0 <= args.request_log_sample_rate <= 1.0:
-        parser.error(f"--request-log-sample-rate must be in [0, 1], got {args.request_log_sample_rate}")
-    if args.request_log_sample_rate > 0 and args.request_log is None:
-        parser.error("--request-log-sample-rate needs --request-log FOLDER")
-    if args.workers > 1 and not (values_in_files() and multiprocess_dir()):
-        parser.error(f"--workers {args.workers} needs {MULTIPROC_ENV} set to an existing folder in "
+    try:
+        cfg = from_args(ServeConfig, args)
+    except ValueError as err:
+        parser.error(str(err))
+    source, flags = from_args(ModelSource, args), from_args(ResolverFlags, args)
+    if cfg.workers > 1 and not (values_in_files() and multiprocess_dir()):
+        parser.error(f"--workers {cfg.workers} needs {MULTIPROC_ENV} set to an existing folder in "
                      f"the server's environment (each worker writes its metrics there)")
-    logging.basicConfig(level=args.log_level.upper(),
+    logging.basicConfig(level=cfg.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
     import uvicorn
 
     from serving.app import create_app
 
-    torch.set_num_threads(args.torch_threads)
+    torch.set_num_threads(cfg.torch_threads)
     try:
         if multiprocess_dir() is not None:
             removed = prepare_multiprocess_dir(Path(multiprocess_dir()))
             LOG.info("metrics folder %s: %d files of an earlier run removed", multiprocess_dir(),
                      removed)
-        resolver = make_resolver(args)
+        resolver = make_resolver(source, flags, cfg.head)
         metrics = ServingMetrics()
-        request_log = (RequestLog(args.request_log, args.request_log_sample_rate)
-                       if args.request_log is not None else None)
-    except startup_errors(with_mlflow=args.bundle is None) as exc:
+        request_log = (RequestLog(cfg.request_log, cfg.request_log_sample_rate)
+                       if cfg.request_log is not None else None)
+    except startup_errors(with_mlflow=source.bundle is None) as exc:
         return report_startup_error(parser.prog, exc)
     LOG.info("resolver ready: %s", json.dumps(resolver.version()))
-    app = create_app(resolver, max_body_bytes=args.max_body_bytes, metrics=metrics,
+    app = create_app(resolver, max_body_bytes=cfg.max_body_bytes, metrics=metrics,
                      request_log=request_log)
-    if args.workers == 1:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, workers=1)
+    if cfg.workers == 1:
+        uvicorn.run(app, host=cfg.host, port=cfg.port, log_level=cfg.log_level, workers=1)
     else:
-        run_workers(app, resolver, args)
+        run_workers(app, resolver, cfg)
     return 0
 
 
-def run_workers(app: object, resolver: Resolver, args: argparse.Namespace) -> None:
-    """gunicorn master + `args.workers` uvicorn workers forked from this process.
+def run_workers(app: object, resolver: Resolver, cfg: ServeConfig) -> None:
+    """gunicorn master + `cfg.workers` uvicorn workers forked from this process.
 
     The app (bundle, numpy head, ScaNN index) is built once here and inherited by every worker
     through fork: the read-only arrays stay shared copy-on-write pages instead of one copy per
@@ -205,12 +258,12 @@ def run_workers(app: object, resolver: Resolver, args: argparse.Namespace) -> No
     from gunicorn.app.base import BaseApplication
 
     settings = {
-        "bind": f"{args.host}:{args.port}",
-        "workers": args.workers,
+        "bind": f"{cfg.host}:{cfg.port}",
+        "workers": cfg.workers,
         "worker_class": "uvicorn_worker.UvicornWorker",
         "preload_app": True,
         "keepalive": 5,  # uvicorn's own default keep-alive (s)
-        "loglevel": args.log_level,
+        "loglevel": cfg.log_level,
         "post_fork": lambda _server, _worker: resolver.after_fork(),
         "child_exit": lambda _server, worker: mark_worker_dead(worker.pid),
     }

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ import ctt_contracts as C
 from models import evaluate as ev
 from models.lake_read import read_arrow
 from serving.resolver import Resolver
+
+if TYPE_CHECKING:  # the CLI (Lightning) is imported by evaluate_main only
+    from models.cli import EvaluateConfig
 
 REQ_NO_CONTEXT, REQ_SUBJECT_ITEM = "no_context", "subject_item"
 
@@ -156,24 +159,24 @@ def summarize_latency(samples: Sequence[LatencySample], k: int, warmup: int,
         machine=dict(machine or {}))
 
 
-def measure_serving_latency(args: Any) -> ev.LatencyReport:
-    """Time ``args.latency_requests`` requests per kind through the real in-process resolver.
+def measure_serving_latency(cfg: EvaluateConfig) -> ev.LatencyReport:
+    """Time ``cfg.latency_requests`` requests per kind through the real in-process resolver.
 
     The resolver serves the evaluated contextual bundle.
     """
-    resolver = Resolver.from_paths(args.contextual_bundle, args.index, args.feature_repo)
-    users = split_users(args.lake, args.split).tolist()
-    requests = latency_requests(users, resolver.bundle.item_ids, args.latency_requests)
+    resolver = Resolver.from_paths(cfg.contextual_bundle, cfg.index, cfg.feature_repo)
+    users = split_users(cfg.lake, cfg.split).tolist()
+    requests = latency_requests(users, resolver.bundle.item_ids, cfg.latency_requests)
     # Time the head as the server runs it: on a busy 2-core machine two intra-op threads made a
     # one-row head ~40x slower (11 ms vs 0.25 ms p50) than one.
     previous = torch.get_num_threads()
-    torch.set_num_threads(args.latency_torch_threads)
+    torch.set_num_threads(cfg.latency_torch_threads)
     try:
         machine = machine_facts()
-        samples = time_requests(resolver.recommend, requests, args.latency_k, args.latency_warmup)
+        samples = time_requests(resolver.recommend, requests, cfg.latency_k, cfg.latency_warmup)
     finally:
         torch.set_num_threads(previous)
-    return summarize_latency(samples, args.latency_k, args.latency_warmup, machine)
+    return summarize_latency(samples, cfg.latency_k, cfg.latency_warmup, machine)
 
 
 def evaluate_main(argv: Optional[List[str]] = None) -> ev.EvaluationResult:

@@ -26,15 +26,18 @@ import json
 import logging
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import numpy as np
 
 import ctt_contracts as C
+from ctt_contracts.flags import bundle_field, dataclass_parser, flag_field, from_args
+from serving.cli import ResolverFlags, report_startup_error, startup_errors
 from serving.errors import ServingError
 from serving.request_log import read_records
-from serving.resolver import SKEW_POLICIES, SKEW_REFUSE, Resolver
+from serving.resolver import Resolver
 
 LOG = logging.getLogger(__name__)
 PERCENTILES = (5, 25, 50, 75, 95)
@@ -129,47 +132,46 @@ def replay(resolver: Resolver, records: Iterable[Tuple[Path, int, Optional[Dict[
     return summarize(rows, problems, resolver), rows
 
 
+@dataclass(frozen=True)
+class ReplayConfig:
+    """What is replayed, through which candidate bundle, and where the report goes (the
+    candidate's index, feature repo and skew policy: ``serving.cli.ResolverFlags``)."""
+
+    log: Tuple[Path, ...] = flag_field(
+        "request log files or folders (requests-*.jsonl of ctt-serve --request-log)",
+        nargs="+", parse=Path)
+    bundle: Path = bundle_field(note="the candidate's")
+    exact: bool = flag_field("candidate top-k by brute force", False)
+    limit: Optional[int] = flag_field("replay at most this many requests", None)
+    out: Optional[Path] = flag_field("write the summary JSON here", None)
+    rows: Optional[Path] = flag_field("write one JSON line per request here", None)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="ctt-replay",
-        description="Re-score a request log with a candidate bundle + index: overlap@k and score "
-                    "shift per request (shadow evaluation before a rollout).")
-    p.add_argument("--log", type=Path, nargs="+", required=True,
-                   help="request log files or folders (requests-*.jsonl of ctt-serve --request-log)")
-    p.add_argument("--bundle", type=Path, required=True, help="candidate model bundle folder")
-    p.add_argument("--index", type=Path, default=None,
-                   help="candidate index folder (default: build one in a temporary folder)")
-    p.add_argument("--feature-repo", type=Path, required=True,
-                   help="Feast repo whose online store holds the candidate's user states")
-    p.add_argument("--skew-policy", choices=SKEW_POLICIES, default=SKEW_REFUSE,
-                   help="a state of another model version: count the request as a version_skew "
-                        "error (refuse, default) or replay it as a cold start")
-    p.add_argument("--exact", action="store_true", help="candidate top-k by brute force")
-    p.add_argument("--limit", type=int, default=None, help="replay at most this many requests")
-    p.add_argument("--out", type=Path, default=None, help="write the summary JSON here")
-    p.add_argument("--rows", type=Path, default=None, help="write one JSON line per request here")
-    return p
+    return dataclass_parser(
+        "ctt-replay", "Re-score a request log with a candidate bundle + index: overlap@k and score "
+        "shift per request (shadow evaluation before a rollout).",
+        (ReplayConfig, ("log", "bundle")), ResolverFlags, ReplayConfig)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from serving.cli import report_startup_error, startup_errors
-
     args = parser().parse_args(argv)
+    cfg, candidate = from_args(ReplayConfig, args), from_args(ResolverFlags, args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        resolver = Resolver.from_paths(args.bundle, args.index, args.feature_repo,
-                                       skew_policy=args.skew_policy)
-        summary, rows = replay(resolver, read_records(args.log), exact=args.exact, limit=args.limit)
+        resolver = candidate.resolver(cfg.bundle)
+        summary, rows = replay(resolver, read_records(list(cfg.log)), exact=cfg.exact,
+                               limit=cfg.limit)
     except startup_errors() as exc:
         return report_startup_error("ctt-replay", exc)
     text = json.dumps(summary, indent=2)
     print(text)
-    if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    if args.rows is not None:
-        args.rows.parent.mkdir(parents=True, exist_ok=True)
-        args.rows.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    if cfg.out is not None:
+        cfg.out.parent.mkdir(parents=True, exist_ok=True)
+        cfg.out.write_text(text + "\n")
+    if cfg.rows is not None:
+        cfg.rows.parent.mkdir(parents=True, exist_ok=True)
+        cfg.rows.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return 0
 
 

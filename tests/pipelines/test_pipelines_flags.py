@@ -1,69 +1,13 @@
-"""Flags declared from a config dataclass (pipelines/flags.py): names, types, defaults and help
-come from the fields, for a small dataclass and for BuildConfig on build and refresh."""
+"""The data jobs' flags declared from their config dataclasses (ctt_contracts/flags.py): BuildConfig
+on build and refresh, the ingest mappings, SyntheticConfig on generate."""
 from __future__ import annotations
 
-import argparse
-from dataclasses import dataclass, field, fields
-from datetime import datetime, timezone
-from typing import Optional, Tuple
+from dataclasses import fields
 
 import pytest
 
-from pipelines.build_config import BuildConfig, timestamp_arg
-from pipelines.flags import add_dataclass_flags, described, flag_name, given_fields
-
-
-@dataclass(frozen=True)
-class Knobs:
-    source_col: str = field(metadata=described("column to read"))
-    top_k: int = field(default=3, metadata=described("rows kept"))
-    share: Optional[float] = field(default=None, metadata=described("share of 100% kept"))
-    mode: str = field(default="fast", metadata=described("how", choices=("fast", "slow")))
-    since: Optional[datetime] = field(default=None, metadata=described("start", parse=timestamp_arg))
-
-
-def knobs_parser(overrides: bool = False) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="knobs")
-    add_dataclass_flags(p, Knobs, overrides=overrides, overrides_default="default: kept")
-    return p
-
-
-def test_flags_take_the_field_name_with_dashes_its_type_default_and_choices():
-    args = knobs_parser().parse_args(["--source-col", "c", "--share", "0.5",
-                                      "--since", "2024-01-02"])
-    assert Knobs(**given_fields(Knobs, args)) == Knobs(
-        "c", 3, 0.5, "fast", datetime(2024, 1, 2, tzinfo=timezone.utc))
-    assert knobs_parser().parse_args(["--source-col", "c", "--top-k", "5"]).top_k == 5
-    with pytest.raises(SystemExit):
-        knobs_parser().parse_args(["--source-col", "c", "--mode", "medium"])
-    with pytest.raises(SystemExit):
-        knobs_parser().parse_args([])  # a field without a default is a required flag
-    with pytest.raises(SystemExit):
-        knobs_parser().parse_args(["--source-col", "c", "--top-k", "many"])
-
-
-def test_help_shows_the_field_help_and_its_default_or_the_override_source():
-    text = " ".join(knobs_parser().format_help().split())
-    assert "--top-k TOP_K rows kept (default 3)" in text
-    assert "share of 100% kept" in text and "--share SHARE share of 100% kept (default" not in text
-    overriding = knobs_parser(overrides=True)
-    assert given_fields(Knobs, overriding.parse_args([])) == {}
-    assert "rows kept (default: kept)" in " ".join(overriding.format_help().split())
-
-
-def test_a_field_without_help_or_with_an_unknown_type_is_refused():
-    @dataclass
-    class Undocumented:
-        n: int = 1
-
-    @dataclass
-    class Pair:
-        both: Tuple[int, int] = field(default=(1, 2), metadata=described("two numbers"))
-
-    with pytest.raises(TypeError, match="Undocumented.n has no help"):
-        add_dataclass_flags(argparse.ArgumentParser(), Undocumented)
-    with pytest.raises(TypeError, match="Pair.both: type .* needs a `parse` function"):
-        add_dataclass_flags(argparse.ArgumentParser(), Pair)
+from ctt_contracts.flags import flag_name, given_fields
+from pipelines.build_config import BuildConfig
 
 
 @pytest.mark.parametrize("overrides", [False, True])
@@ -130,22 +74,6 @@ def test_items_and_users_flags_come_from_their_mappings_with_the_id_columns_fall
     assert users == I.UserMapping(user_col="uid")
 
 
-def test_a_bool_field_is_a_switch_that_defaults_to_false():
-    @dataclass
-    class Switches:
-        dry_run: bool = field(default=False, metadata=described("plan only"))
-
-    @dataclass
-    class OnByDefault:
-        fast: bool = field(default=True, metadata=described("go fast"))
-
-    p = argparse.ArgumentParser()
-    add_dataclass_flags(p, Switches)
-    assert p.parse_args([]).dry_run is False and p.parse_args(["--dry-run"]).dry_run is True
-    with pytest.raises(TypeError, match="must default to False"):
-        add_dataclass_flags(argparse.ArgumentParser(), OnByDefault)
-
-
 @pytest.mark.parametrize("extra, message", [
     (["--event-type-col", "k", "--event-type", "view"], "not allowed with argument"),
     ([], "one of the arguments --event-type-col --event-type is required"),
@@ -162,7 +90,7 @@ def test_ingest_refuses_a_bad_event_mapping_before_spark(extra, message, capsys)
 
 def test_every_synthetic_config_field_is_a_generate_flag_with_its_default_or_the_presets():
     from pipelines.cli import generate_parser
-    from pipelines.flags import flag_of
+    from ctt_contracts.flags import flag_of
     from pipelines.synthetic import ALL_KNOBS, PLANTED, PRESET_DEFAULTS, SyntheticConfig
 
     text = " ".join(generate_parser().format_help().split())

@@ -366,6 +366,9 @@ def _load_test_module():
     """benchmarks/load_test.py, imported as the benchmark runs it (its folder on sys.path)."""
     import importlib.util
 
+    folder = str(REPO_ROOT / "benchmarks")
+    if folder not in sys.path:  # its sibling benchlib, found when run as a script
+        sys.path.insert(0, folder)
     spec = importlib.util.spec_from_file_location("ctt_load_test", REPO_ROOT / "benchmarks" / "load_test.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # its dataclasses look their module up there
