@@ -311,9 +311,9 @@ FEAST_SNAPSHOT_SOURCES: Dict[str, str] = {
 
 
 def as_utc(ts: datetime) -> datetime:
-    """``ts`` as an aware UTC datetime. Every timestamp of the lake is UTC; a naive one (Spark's,
-    whose session zone ``get_spark`` pins to UTC; Feast's registry; an ISO string without an
-    offset) means UTC, so it gets that zone instead of the machine's."""
+    """``ts`` made aware: every timestamp of the lake is UTC, so a naive one (Spark's, whose
+    session zone ``get_spark`` pins to UTC; Feast's registry; an ISO string without an offset)
+    gets the UTC zone instead of the machine's; an aware one is returned as it is."""
     return ts if ts.tzinfo else ts.replace(tzinfo=timezone.utc)
 
 

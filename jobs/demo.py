@@ -192,6 +192,7 @@ class DemoConfig:
 
 
 def demo_parser() -> argparse.ArgumentParser:
+    """The demo's command line, read from ``DemoConfig``; its help is this module's docstring."""
     return dataclass_parser("demo", __doc__, DemoConfig,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
 

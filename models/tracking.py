@@ -48,6 +48,8 @@ class TrackingConfig:
     experiment_name: str = flag_field("MLflow experiment of the run", DEFAULT_EXPERIMENT)
     tracking_uri: Optional[str] = tracking_uri_field(
         f"default ${ENV_TRACKING_URI}, else SQLite (mlflow.db) in --out-dir")
+
+
 # Tags naming the process of a training run (see the module docstring).
 TAG_OUT_DIR = "ctt.out_dir"
 TAG_HOST = "ctt.host"

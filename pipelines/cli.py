@@ -18,13 +18,13 @@ from datetime import datetime, timezone
 from typing import Callable, Dict, List, Optional, Sequence, TypeVar
 
 import ctt_contracts as C
+from ctt_contracts.flags import (add_dataclass_flags, add_sections, dataclass_parser, flag_field,
+                                 flag_of, from_args, given_fields, key_value_pairs, lake_field)
 from pipelines import lease
 from pipelines.build import run_build_sequences
 from pipelines.build_config import BuildConfig, add_build_flags, flag_values, timestamp_arg
 from pipelines.delta_io import WriteResult, print_results
 from pipelines.ingest import FORMATS
-from ctt_contracts.flags import (add_dataclass_flags, add_sections, dataclass_parser, flag_field,
-                                 flag_of, from_args, given_fields, key_value_pairs, lake_field)
 from pipelines.validate import (DEFAULT_MAX_QUARANTINE_FRAC, ValidationReport, format_reports,
                                 report_from_reasons)
 
@@ -162,7 +162,8 @@ EVENT_TYPE_FIELDS = ("event_type_col", "event_type")
 # (--item-id-col, --users-user-col), and --gender-map adds pairs to the default map.
 ITEM_HAND_DECLARED = ("item_col",)
 USER_HAND_DECLARED = ("user_col", "gender_map")
-INGEST_MODES = ("overwrite", "append")
+MODE_OVERWRITE, MODE_APPEND = "overwrite", "append"  # ingest's modes (delta_io.write_raw's)
+INGEST_MODES = (MODE_OVERWRITE, MODE_APPEND)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,7 +173,7 @@ class IngestSources:
 
     mode: str = flag_field(
         "overwrite the raw tables, or append a new increment of the log (reports the rows each "
-        "append wrote)", "overwrite", choices=INGEST_MODES)
+        "append wrote)", MODE_OVERWRITE, choices=INGEST_MODES)
     max_quarantine_frac: float = flag_field(
         "stop without writing when more than this share of a source's rows fail the row checks "
         "(wrong field count, unparseable id or time, unknown event type...); usually a wrong "
@@ -298,7 +299,7 @@ def run_ingest(spark, args: argparse.Namespace, now: Optional[datetime] = None) 
     now = now or datetime.now(timezone.utc)
     ev_map, it_map, us_map = mappings_from_args(args)
     sources, lake = from_args(IngestSources, args), args.lake
-    base = I.load_vocabulary(spark, lake) if sources.mode == "append" else None
+    base = I.load_vocabulary(spark, lake) if sources.mode == MODE_APPEND else None
     src = I.read_source(spark, sources.events, sources.format, sources.sep)
     if sources.item_categories_from_events:  # read once for the names, the items and the events
         from pyspark import StorageLevel
@@ -315,7 +316,7 @@ def run_ingest(spark, args: argparse.Namespace, now: Optional[datetime] = None) 
         vocab = I.build_vocabulary(I.event_category_names(src, col, args.category_sep), base)
         items = I.items_from_events(src, ev_map, col, vocab, args.category_sep)
         frames[C.T_RAW_ITEMS] = (I.new_items_only(spark, lake, items)
-                                 if sources.mode == "append" else items)
+                                 if sources.mode == MODE_APPEND else items)
     if us_map is not None:
         frames[C.T_RAW_USERS] = I.ingest_users(spark, sources.users, sources.users_format,
                                                us_map, sources.sep)

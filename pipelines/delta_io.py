@@ -477,6 +477,8 @@ def _sync_once(spark: SparkSession, df: DataFrame, path: str, table: str, schema
         return (WriteResult(table, path, version, True, operation="create",
                             inserted=_metric(metrics, "numTargetRowsInserted")), 0)
 
+    if fence is not None:  # the two ALTERs below commit too (once per table, when needed)
+        fence()
     evolve_schema(spark, path, table, schema)
     ensure_properties(spark, path, properties)
     version = table_version(spark, path)

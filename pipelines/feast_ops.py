@@ -348,6 +348,8 @@ def materialize_window(store: Any, end: datetime,
 # CLI: ctt-export-feature-tables / python -m pipelines.feast_ops --lake <root>
 # --------------------------------------------------------------------------------------
 def _lake_of_environment() -> str:
+    """The export's default lake, read when the parser is built (not at import): the lake the
+    Feast repo is pointed at (``CTT_LAKE``), else the demo's."""
     return os.environ.get(C.ENV_LAKE, str(DEFAULT_LAKE))
 
 
@@ -362,6 +364,7 @@ class ExportConfig:
 
 
 def export_parser() -> argparse.ArgumentParser:
+    """The export's command line, read from ``ExportConfig``."""
     return dataclass_parser(
         "ctt-export-feature-tables",
         "Refresh the Parquet snapshots Feast materializes from (user_states, user profiles, item "

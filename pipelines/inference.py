@@ -460,7 +460,8 @@ def _stage(spark, classified, n_todo: int, n_del: int, bundle_path: str, model_v
 
 def _commit(spark, states_path: str, staged, has_states: bool, states_version: Optional[int],
             fence: Callable[[], None]) -> None:
-    """The run's one write: the keyed MERGE, only if user_states is still where it was read."""
+    """The run's write: the keyed MERGE, only if user_states is still where it was read (on a
+    table from a release before deletion vectors, preceded once by the ALTER enabling them)."""
     from pipelines.delta_io import (KEYED_PROPERTIES, ConcurrentWriteError, delta_conflicts,
                                     ensure_properties, ensure_table, merge_tagged, table_version)
 

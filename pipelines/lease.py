@@ -372,6 +372,7 @@ class LeaseCommand:
 
 
 def lease_parser() -> argparse.ArgumentParser:
+    """``--show`` or ``--break SCOPE`` (exactly one), read from ``LeaseCommand``."""
     p = dataclass_parser("python -m pipelines.lease", "Show the writer leases of a lake, or break "
                          "one whose holder is known to be dead.", (LeaseCommand, ("lake",)))
     add_dataclass_flags(p.add_mutually_exclusive_group(required=True), LeaseCommand,

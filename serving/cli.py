@@ -130,6 +130,8 @@ class ResolverFlags:
         choices=SKEW_POLICIES)
 
     def resolver(self, bundle: Path, head: str = HEAD_NUMPY) -> Resolver:
+        """The resolver these flags describe. The head is a parameter, not a flag here: serve
+        takes it from ``--head``, replay always scores with the serving default."""
         return Resolver.from_paths(bundle, self.index, self.feature_repo,
                                    skew_policy=self.skew_policy, head=head)
 
