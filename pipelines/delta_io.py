@@ -431,7 +431,9 @@ def sync_table(spark: SparkSession, df: DataFrame, path: str, table: str,
     conflicting one. A write that meets another writer's commit (a Delta conflict, or a newer
     version than the one it diffed against) is diffed again against the newest version, so the
     table ends holding exactly `df`; after SYNC_ATTEMPTS contested attempts ConcurrentWriteError.
-    `fence` is called right before each commit (the lake lease's check).
+    `fence` is called right before each commit of rows (the lake lease's check); the ALTERs that
+    bring an older table up to its contract (a missing nullable column, a missing property such as
+    deletion vectors) change no row and commit without it, once per table.
     """
     df = conform(df, schema, for_merge=True)
     properties = {**KEYED_PROPERTIES, **(properties or {})}
@@ -477,8 +479,6 @@ def _sync_once(spark: SparkSession, df: DataFrame, path: str, table: str, schema
         return (WriteResult(table, path, version, True, operation="create",
                             inserted=_metric(metrics, "numTargetRowsInserted")), 0)
 
-    if fence is not None:  # the two ALTERs below commit too (once per table, when needed)
-        fence()
     evolve_schema(spark, path, table, schema)
     ensure_properties(spark, path, properties)
     version = table_version(spark, path)
