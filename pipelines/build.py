@@ -21,7 +21,7 @@ from pipelines.build_config import BuildConfig, store_build_config
 from pipelines.build_progress import (FULL, OUTPUT_TABLES, RAW_INPUTS, BuildProgress, Plan,
                                       latest_mark, marked_commits, plan_build, store_progress)
 from pipelines.context import build_context_rows
-from pipelines.delta_io import (CDF_PROPERTIES, WriteResult, ensure_properties, raw_schema,
+from pipelines.delta_io import (CDF_PROPERTIES, WriteResult, raw_schema,
                                 read_table, sync_quarantine, sync_table, table_exists,
                                 table_version, ts_literal)
 from pipelines.sequences import (SplitCutoffs, build_sequences, conversions,
@@ -273,12 +273,10 @@ def _write_outputs(spark, paths: C.LakePaths, cfg: BuildConfig, conv, items, cut
                      paths.table(C.T_CONTEXT_ROWS), C.T_CONTEXT_ROWS,
                      C.spark_schema(C.T_CONTEXT_ROWS), C.CONTEXT_ROWS_KEY, **scoped),
         ]
-        us_path = paths.table(C.T_USER_SEQUENCES)
-        out.append(how.sync(spark, user_sequences_from_ranked(ranked, cfg.max_len), us_path,
-                            C.T_USER_SEQUENCES, C.spark_schema(C.T_USER_SEQUENCES), [C.USER_ID],
+        out.append(how.sync(spark, user_sequences_from_ranked(ranked, cfg.max_len),
+                            paths.table(C.T_USER_SEQUENCES), C.T_USER_SEQUENCES,
+                            C.spark_schema(C.T_USER_SEQUENCES), [C.USER_ID],
                             properties=CDF_PROPERTIES, **scoped))
-        how.fence()
-        ensure_properties(spark, us_path, CDF_PROPERTIES)
         return out
     finally:
         ranked.unpersist()
