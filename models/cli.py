@@ -274,7 +274,12 @@ def _best_checkpoint(trainer) -> Optional[str]:
 def finish_training(system: ContextualRetrievalSystem, dm: ContextualSequenceDataModule, trainer,
                     out_dir: Path, run_name: Optional[str], register_model: Optional[str],
                     tracking_uri: str) -> Dict[str, Any]:
-    """Best weights -> bundle -> test evaluation -> MLflow. Returns the run summary."""
+    """Best weights -> bundle -> test evaluation -> MLflow. Returns the run summary. Refused
+    when the fit ran no optimizer step: its bundle would be the random initial weights."""
+    if trainer.global_step == 0:
+        raise RuntimeError("training ran no optimizer step (no training batch within the limits "
+                           "given, e.g. trainer.max_epochs / max_steps / max_time / "
+                           "limit_train_batches): nothing to export")
     best = _best_checkpoint(trainer)
     if best:
         state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]

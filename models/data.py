@@ -324,6 +324,23 @@ def process_seed() -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
+def train_batch_size(n_rows: int, batch_size: int, world_size: int = 1) -> int:
+    """The training batch for ``n_rows`` examples dealt to ``world_size`` processes: the
+    configured one, or one batch of the whole shard when the shard is smaller.
+
+    Why: training batches of a full size only (the last short one is dropped, so in-batch
+    negatives always see a whole batch) would leave a training split smaller than one batch
+    -- a small real log, e.g. a few hundred conversions -- with no step at all, and the trainer
+    would export its untrained initial weights. Refused when a process would get no row."""
+    shard = n_rows // world_size
+    if shard < 1:
+        raise ValueError(f"{n_rows} training examples cannot be shared by {world_size} processes")
+    if shard < batch_size:
+        log.warning("the training split has %d examples per process, fewer than batch_size %d: "
+                    "training on batches of %d", shard, batch_size, shard)
+    return min(batch_size, shard)
+
+
 class SplitLoaders:
     """What a data module built of example tensors per split hands Lightning and the training
     system: the train / val loaders and the training item frequencies.
@@ -349,6 +366,8 @@ class SplitLoaders:
         seed = self.hparams.shuffle_seed if self.hparams.shuffle_seed is not None else process_seed()
         trainer = self.trainer  # (rank, world_size) of this process; (0, 1) outside a trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        if train and self.drop_last_train:
+            batch_size = train_batch_size(len(self.splits[split][LABEL_ROW]), batch_size, world)
         return batch_loader(self.splits[split], batch_size, shuffle=train,
                             drop_last=train and self.drop_last_train, seed=seed, rank=rank,
                             world_size=world)

@@ -97,3 +97,14 @@ def test_explicit_tracking_uri_wins_over_the_environment(tmp_path, monkeypatch):
     assert resolve_tracking_uri(tmp_path) == env
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert resolve_tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+
+
+def test_a_fit_without_a_step_exports_nothing(tiny_lake, tmp_path, monkeypatch):
+    """No optimizer step (here: no training batch allowed) would export the random initial
+    weights as a bundle; the trainer refuses instead."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(RuntimeError, match="no optimizer step"):
+        train_main(["--config", str(CONFIG), "--data.lake_root", str(tiny_lake),
+                    "--out-dir", str(tmp_path), "--run-name", "nostep",
+                    "--trainer.limit_train_batches", "0"])
+    assert not (tmp_path / "bundle").exists()

@@ -12,7 +12,7 @@ from deltalake import DeltaTable, write_deltalake
 from models import features
 from models.data import (HAS_REAL_CONTEXT, INPUT_TABLES, LABEL_ROW, NO_SUBJECT, REAL_CONTEXT_IDS,
                          REAL_CONTEXT_WEIGHTS, SUBJECT_ITEM_ID, SUBJECT_ROW,
-                         ContextualSequenceDataModule)
+                         ContextualSequenceDataModule, train_batch_size)
 import ctt_contracts as C
 
 
@@ -71,6 +71,21 @@ def test_train_loader_yields_whole_batches(tiny_lake):
     assert all(b[C.ITEM_IDS].shape == (64, 8) for b in batches)
     seen = torch.cat([b[C.USER_ID] for b in dm.val_dataloader()])
     assert torch.equal(seen, dm.splits[C.SPLIT_VAL][C.USER_ID])  # validation is not shuffled
+
+
+def test_a_training_split_smaller_than_a_batch_is_one_batch(tiny_lake):
+    """A small real log (a few hundred conversions) must still train: with whole batches only,
+    a split smaller than ``batch_size`` would give no step at all."""
+    dm = ContextualSequenceDataModule(str(tiny_lake), batch_size=100_000, max_len=8, max_ctx=3,
+                                      max_item_categories=4, country_buckets=8)
+    dm.setup("fit")
+    n_train = len(dm.splits[C.SPLIT_TRAIN][LABEL_ROW])
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 1 and batches[0][C.ITEM_IDS].shape == (n_train, 8)
+    assert train_batch_size(n_train, 64) == 64
+    assert train_batch_size(101, 64, world_size=2) == 50  # one batch per process: its shard
+    with pytest.raises(ValueError, match="cannot be shared"):
+        train_batch_size(1, 64, world_size=2)
 
 
 def _copy_lake(src, dst):
