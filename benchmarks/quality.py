@@ -403,22 +403,21 @@ def relation_lines(worlds: Sequence[Dict[str, Any]]) -> List[str]:
              "same parent; other), mean over the data seeds:", "",
              "| alignment | relation | examples (mean) | " + " | ".join(SLICE_VARIANTS) + " |",
              "|---|---|---|" + "---|" * len(SLICE_VARIANTS)]
-    for alignment in sorted({w["alignment"] for w in worlds}):
-        group = [w for w in worlds if w["alignment"] == alignment]
+    by_alignment = {a: [w for w in worlds if w["alignment"] == a]
+                    for a in sorted({w["alignment"] for w in worlds})}
+    for alignment, group in by_alignment.items():
         for relation in RELATIONS:
             n = slice_mean(group, relation, "contextual", "n_examples")
             if n is None:
                 continue
             cells = [_f(slice_mean(group, relation, v, "recall@100")) for v in SLICE_VARIANTS]
             lines.append(f"| {alignment:g} | {relation} | {n:.0f} | " + " | ".join(cells) + " |")
-    rooms = ", ".join(f"{_f(headroom([w for w in worlds if w['alignment'] == a]), 2)}x at alignment {a:g}"
-                      for a in sorted({w["alignment"] for w in worlds}))
+    rooms = ", ".join(f"{_f(headroom(g), 2)}x at alignment {a:g}" for a, g in by_alignment.items())
     sibling = ", ".join(
-        f"{_f(slice_mean(g, 'same_parent', 'contextual', 'recall@100'))} vs "
-        f"{_f(slice_mean(g, 'same_parent', 'top_category_popularity', 'recall@100'))} at alignment {a:g}"
-        for a in sorted({w["alignment"] for w in worlds})
-        if (g := [w for w in worlds if w["alignment"] == a])
-        and slice_mean(g, 'same_parent', 'contextual', 'recall@100') is not None)
+        f"{_f(model)} vs {_f(slice_mean(g, 'same_parent', 'top_category_popularity', 'recall@100'))} "
+        f"at alignment {a:g}"
+        for a, g in by_alignment.items()
+        if (model := slice_mean(g, "same_parent", "contextual", "recall@100")) is not None)
     lines += ["", f"Headroom: a scorer that found every `subject_is_label` and `same_leaf` example and "
               f"matched the best variant in the other slices would reach {rooms} the best baseline's "
               f"Recall@100 (mean over seeds). The Recall@100 bar (1.2x) needs more than that: a large "
