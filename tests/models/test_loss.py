@@ -76,3 +76,28 @@ def test_mixed_context_takes_real_context_and_subject_where_the_example_has_one(
     assert subject.tolist() == [4, -1]
     ids, w, subject = mixed_context(batch, fallback="none")
     assert ids.tolist() == [[7, -1], [-1, -1]] and w[1].tolist() == [0.0, 0.0]
+
+
+def test_both_modes_is_the_mean_of_the_served_and_no_context_passes():
+    from models.system import both_modes
+
+    no_context = {"val_no_context/recall@100": torch.tensor(0.06), "val_no_context/mrr": torch.tensor(0.02)}
+    served = {"val_served/recall@100": torch.tensor(0.62), "val_served/mrr": torch.tensor(0.10)}
+    both = both_modes(no_context, served)
+    assert both.keys() == {"val_both/recall_at_100", "val_both/mrr"}
+    assert both["val_both/recall_at_100"].item() == pytest.approx(0.34)
+    assert both["val_both/mrr"].item() == pytest.approx(0.06)
+
+
+def test_the_contextual_config_selects_on_both_serving_modes():
+    """The checkpoint and the early stop of configs/contextual.yaml read the metric both_modes logs."""
+    from pathlib import Path
+
+    import yaml
+
+    from models.metrics import metric_key
+    from models.system import BOTH_MODES_PREFIX
+
+    config = yaml.safe_load((Path(__file__).parents[2] / "configs" / "contextual.yaml").read_text())
+    monitors = {cb["init_args"]["monitor"] for cb in config["trainer"]["callbacks"]}
+    assert monitors == {metric_key(f"{BOTH_MODES_PREFIX}recall@100")}

@@ -162,7 +162,7 @@ def test_sigkill_after_a_checkpoint_then_rerun_resumes_to_the_uninterrupted_resu
         assert b["test"][row] == pytest.approx(metrics, abs=1e-9), row
 
     ca, cb = MlflowClient(a["tracking_uri"]), MlflowClient(b["tracking_uri"])
-    for key in (MONITOR, "val_served/recall_at_100", "val/mrr", "train/loss_step"):
+    for key in (MONITOR, "val_served/recall_at_100", "val_both/recall_at_100", "val/mrr", "train/loss_step"):
         ha, hb = history(ca, a["mlflow_run_id"], key), history(cb, b["mlflow_run_id"], key)
         assert len(ha) in (3, 30) and hb.keys() == ha.keys(), key  # 3 epochs x 10 steps
         assert [hb[k] for k in ha] == pytest.approx(list(ha.values()), abs=1e-9), key
