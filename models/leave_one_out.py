@@ -57,7 +57,8 @@ from models import features
 from models.cli import LINKED_DATA_FIELDS
 from models.data import (EXCLUDE_ROWS, HAS_REAL_CONTEXT, LABEL_ROW, REAL_CONTEXT_IDS, REAL_CONTEXT_WEIGHTS,
                          Catalog, SplitLoaders, build_catalog, demographics_by_user, take)
-from models.system import ContextualRetrievalSystem, next_item_targets
+from models.metrics import metric_key
+from models.system import NO_CONTEXT_PREFIX, ContextualRetrievalSystem, next_item_targets
 import ctt_contracts as C
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,8 @@ K = 10  # HR@K, NDCG@K
 TOP_N = 100  # items kept per ranked list
 HR, NDCG = f"hr@{K}", f"ndcg@{K}"
 # What early stopping and the checkpoint watch: NDCG@10 of the no-context user embedding (the
-# one top_item_lists ranks with), history excluded (metric_key("val_no_context/ndcg@10")).
-MONITOR = "val_no_context/ndcg_at_10"
+# one top_item_lists ranks with), history excluded.
+MONITOR = metric_key(f"{NO_CONTEXT_PREFIX}ndcg@{K}")
 MAX_TIES_PER_SECOND = 1000  # the ms tie-break holds up to this many events of a user in one second
 
 
