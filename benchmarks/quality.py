@@ -322,7 +322,6 @@ def render_readme(report: Dict[str, Any]) -> str:
         f"evaluated by the product's own jobs; ranks count ties at their expected position; ratios carry "
         f"paired bootstrap 95% intervals over the test examples; a bar pools its ratio over the data "
         f"seeds (mean numerator / mean denominator)."
-        + (f" {report['bars_note'][0].upper()}{report['bars_note'][1:]}." if report.get("bars_note") else "")
         + (" The worlds' bundles were trained by an earlier run and evaluated again (`--reevaluate`) "
            "with the current evaluation code." if res.get("reevaluated") else "")
         + (" The worlds' lakes were generated and built by an earlier run; both models were trained "
