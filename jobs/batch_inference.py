@@ -5,7 +5,8 @@
 
 Everything lives in pipelines/inference.py (main).
 """
+from ctt_contracts.process import run_job
 from pipelines.inference import main
 
 if __name__ == "__main__":
-    main()
+    run_job(main)

@@ -1,5 +1,6 @@
 """Thin entry point: `python jobs/build_sequences.py --help` or `spark-submit jobs/build_sequences.py --help`."""
+from ctt_contracts.process import run_job
 from pipelines.cli import build_sequences_main
 
 if __name__ == "__main__":
-    build_sequences_main()
+    run_job(build_sequences_main)

@@ -19,6 +19,7 @@ from typing import Dict, List, Optional, Sequence
 
 import httpx
 
+from ctt_contracts.process import run_job
 from ctt_contracts.flags import dataclass_parser, flag_field, from_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -217,4 +218,4 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main)

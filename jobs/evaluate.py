@@ -13,7 +13,8 @@ jobs/build_index.py; CTT_LAKE and CTT_FEAST_DATA exported) the report times real
 resolver requests; without them it says latency was not measured. See models/cli.py and
 serving/latency.py.
 """
+from ctt_contracts.process import run_job
 from serving.latency import evaluate_main as main
 
 if __name__ == "__main__":
-    main()
+    run_job(main)

@@ -6,7 +6,8 @@
 Everything lives in pipelines/refresh.py (main); docs/operations.md has the schedule and the
 model rollout procedure (--new-model).
 """
+from ctt_contracts.process import run_job
 from pipelines.refresh import main
 
 if __name__ == "__main__":
-    main()
+    run_job(main)

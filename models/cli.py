@@ -60,6 +60,7 @@ from models.data import ContextualSequenceDataModule
 from models.export import export_bundle, load_bundle
 from models.system import ContextualRetrievalSystem
 import ctt_contracts as C
+from ctt_contracts.process import entry_point
 
 log = logging.getLogger(__name__)
 
@@ -437,3 +438,7 @@ def evaluate_main(argv: Optional[List[str]] = None,
     client.set_terminated(run_id)
     print(ev.format_markdown(result, latency))
     return result
+
+
+# Console scripts (setup.cfg) and `python -m`: the exit code main chose (ctt_contracts.process).
+train_cli = entry_point(train_main)

@@ -60,6 +60,7 @@ from models.data import (EXCLUDE_ROWS, HAS_REAL_CONTEXT, LABEL_ROW, REAL_CONTEXT
 from models.metrics import metric_key
 from models.system import NO_CONTEXT_PREFIX, ContextualRetrievalSystem, next_item_targets
 import ctt_contracts as C
+from ctt_contracts.process import entry_point
 
 log = logging.getLogger(__name__)
 
@@ -504,5 +505,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return result
 
 
+# Console scripts (setup.cfg) and `python -m`: the exit code main chose (ctt_contracts.process).
+cli = entry_point(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -20,6 +20,7 @@ from typing import Callable, Dict, List, Optional, Sequence, TypeVar
 import ctt_contracts as C
 from ctt_contracts.flags import (add_dataclass_flags, add_sections, dataclass_parser, flag_field,
                                  flag_of, from_args, given_fields, key_value_pairs, lake_field)
+from ctt_contracts.process import entry_point
 from pipelines import lease
 from pipelines.build import run_build_sequences
 from pipelines.build_config import BuildConfig, add_build_flags, flag_values, timestamp_arg
@@ -436,3 +437,9 @@ def build_sequences_main(argv: Optional[Sequence[str]] = None) -> Dict[str, obje
     summary = result.summary()
     print("summary:", json.dumps(summary, sort_keys=True))
     return summary
+
+
+# Console scripts (setup.cfg) and `python -m`: the exit code main chose (ctt_contracts.process).
+generate_data_cli = entry_point(generate_data_main)
+build_sequences_cli = entry_point(build_sequences_main)
+ingest_cli = entry_point(ingest_main)

@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 
 import ctt_contracts as C
 from ctt_contracts.flags import dataclass_parser, flag_field, from_args, lake_field
+from ctt_contracts.process import entry_point
 from models.lake_read import open_table, snapshot_arrow
 
 # Snapshot names, paths and the environment variables are in ctt_contracts (feature_repo/
@@ -377,5 +378,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(result.line())
 
 
+# Console scripts (setup.cfg) and `python -m`: the exit code main chose (ctt_contracts.process).
+cli = entry_point(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -41,6 +41,7 @@ import pyarrow as pa
 
 import ctt_contracts as C
 from ctt_contracts.flags import bundle_field, dataclass_parser, flag_field, from_args, lake_field
+from ctt_contracts.process import entry_point
 from models.lake_read import read_arrow
 from pipelines import lease
 from pipelines.inference_worker import DEFAULT_BATCH_SIZE, make_encoder
@@ -623,3 +624,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
         for line in export_feature_tables(cfg.lake):
             print(line.line(), flush=True)
+
+
+# Console scripts (setup.cfg) and `python -m`: the exit code main chose (ctt_contracts.process).
+cli = entry_point(main)

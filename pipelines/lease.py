@@ -45,6 +45,7 @@ from typing import Iterator, List, Optional, Sequence
 
 import ctt_contracts as C
 from ctt_contracts.flags import add_dataclass_flags, dataclass_parser, flag_field, from_args, lake_field
+from ctt_contracts.process import entry_point
 
 log = logging.getLogger(__name__)
 
@@ -395,5 +396,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"removed: {gone.describe()}" if gone else f"{cmd.scope}: no lease held")
 
 
+# Console scripts (setup.cfg) and `python -m`: the exit code main chose (ctt_contracts.process).
+cli = entry_point(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -51,6 +51,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Set
 import ctt_contracts as C
 from ctt_contracts.flags import (add_dataclass_flags, add_sections, bundle_field,
                                  feature_repo_field, flag_field, from_args, help_of)
+from ctt_contracts.process import entry_point
 from models.lake_read import open_table, snapshot_arrow
 from pipelines import feast_ops
 from pipelines.build_config import (BuildConfig, add_build_flags, flag_values,
@@ -425,5 +426,9 @@ def main(argv: Optional[Sequence[str]] = None) -> RefreshResult:
     return result
 
 
+# Console scripts (setup.cfg) and `python -m`: the exit code main chose (ctt_contracts.process).
+cli = entry_point(main)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -29,6 +29,7 @@ import numpy as np
 from ctt_contracts.flags import (add_dataclass_flags, bundle_field, dataclass_parser,
                                  feature_repo_field, flag_field, from_args, index_field,
                                  tracking_uri_field)
+from ctt_contracts.process import entry_point
 from serving.app import DEFAULT_MAX_BODY_BYTES
 from serving.index import (BACKENDS, DEFAULT_K, DEFAULT_N_QUERIES, DEFAULT_TARGET_RECALL,
                            build_index)
@@ -281,5 +282,10 @@ def run_workers(app: object, resolver: Resolver, cfg: ServeConfig) -> None:
     _Server().run()
 
 
-if __name__ == "__main__":  # pragma: no cover - use the console scripts or jobs/
-    sys.exit(serve_main())
+# Console scripts (setup.cfg) and `python -m`: the exit code main chose (ctt_contracts.process).
+serve_cli = entry_point(serve_main)
+build_index_cli = entry_point(build_index_main)
+
+
+if __name__ == "__main__":
+    serve_cli()

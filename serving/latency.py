@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import ctt_contracts as C
+from ctt_contracts.process import entry_point
 from models import evaluate as ev
 from models.lake_read import read_arrow
 from serving.resolver import Resolver
@@ -185,3 +186,7 @@ def evaluate_main(argv: Optional[List[str]] = None) -> ev.EvaluationResult:
     from models.cli import evaluate_main as evaluate
 
     return evaluate(argv, measure_latency=measure_serving_latency)
+
+
+# Console scripts (setup.cfg) and `python -m`: the exit code main chose (ctt_contracts.process).
+evaluate_cli = entry_point(evaluate_main)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import numpy as np
 
 import ctt_contracts as C
 from ctt_contracts.flags import bundle_field, dataclass_parser, flag_field, from_args
+from ctt_contracts.process import entry_point
 from serving.cli import ResolverFlags, report_startup_error, startup_errors
 from serving.errors import ServingError
 from serving.request_log import read_records
@@ -175,5 +175,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":  # pragma: no cover - use jobs/replay.py or the console script
-    sys.exit(main())
+# Console scripts (setup.cfg) and `python -m`: the exit code main chose (ctt_contracts.process).
+cli = entry_point(main)
+
+
+if __name__ == "__main__":
+    cli()
