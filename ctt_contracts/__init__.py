@@ -308,6 +308,12 @@ FEAST_SNAPSHOT_SOURCES: Dict[str, str] = {
     T_USER_PROFILE_FEATURES: T_USERS,
     T_ITEM_CATEGORY_FEATURES: T_ITEMS,
 }
+# snapshot name -> its event-time column (the Feast source's timestamp_field)
+FEAST_SNAPSHOT_TS: Dict[str, str] = {
+    T_USER_STATES: STATE_TS,
+    T_USER_PROFILE_FEATURES: FEATURE_TS,
+    T_ITEM_CATEGORY_FEATURES: FEATURE_TS,
+}
 
 
 def as_utc(ts: datetime) -> datetime:

@@ -69,17 +69,17 @@ item = Entity(name=C.FEAST_ITEM_ENTITY, join_keys=[C.ITEM_ID], value_type=ValueT
 
 user_states_source = FileSource(
     name=f"{C.T_USER_STATES}_snapshot", path=C.feast_snapshot_path(LAKE, C.T_USER_STATES),
-    file_format=ParquetFormat(), timestamp_field=C.STATE_TS,
+    file_format=ParquetFormat(), timestamp_field=C.FEAST_SNAPSHOT_TS[C.T_USER_STATES],
     description="Parquet snapshot of the user_states Delta table (batch inference output)")
 user_profile_source = FileSource(
     name=f"{C.T_USER_PROFILE_FEATURES}_snapshot",
     path=C.feast_snapshot_path(LAKE, C.T_USER_PROFILE_FEATURES),
-    file_format=ParquetFormat(), timestamp_field=C.FEATURE_TS,
+    file_format=ParquetFormat(), timestamp_field=C.FEAST_SNAPSHOT_TS[C.T_USER_PROFILE_FEATURES],
     description="Parquet snapshot of the users Delta table with feature_ts")
 item_categories_source = FileSource(
     name=f"{C.T_ITEM_CATEGORY_FEATURES}_snapshot",
     path=C.feast_snapshot_path(LAKE, C.T_ITEM_CATEGORY_FEATURES),
-    file_format=ParquetFormat(), timestamp_field=C.FEATURE_TS,
+    file_format=ParquetFormat(), timestamp_field=C.FEAST_SNAPSHOT_TS[C.T_ITEM_CATEGORY_FEATURES],
     description="Parquet snapshot of the items Delta table with feature_ts")
 
 user_sequence_state = FeatureView(

@@ -32,7 +32,7 @@ columns are enforced by Delta on every later write, whatever nullability Spark i
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from pyspark import StorageLevel
@@ -474,7 +474,7 @@ def _sync_once(spark: SparkSession, df: DataFrame, path: str, table: str, schema
         if fence is not None:
             fence()
         ensure_table(spark, path, schema, properties, partition_by)
-        _insert_new_keys(spark, path, key_cols, df)
+        insert_new_keys(spark, path, key_cols, df)
         version, metrics = _last_commit(spark, path)
         return (WriteResult(table, path, version, True, operation="create",
                             inserted=_metric(metrics, "numTargetRowsInserted")), 0)
@@ -506,7 +506,7 @@ def _sync_once(spark: SparkSession, df: DataFrame, path: str, table: str, schema
         if table_version(spark, path) != version:
             raise _StaleRead()
         if n_del == 0 and n_upd == 0:
-            _insert_new_keys(spark, path, key_cols, changed.select(*cols))
+            insert_new_keys(spark, path, key_cols, changed.select(*cols))
             op = "insert"
         else:
             _merge_changes(spark, path, schema, key_cols, changed)
@@ -528,7 +528,7 @@ def ensure_table(spark: SparkSession, path: str, schema: T.StructType,
             raise
 
 
-def _insert_new_keys(spark: SparkSession, path: str, key_cols: Sequence[str],
+def insert_new_keys(spark: SparkSession, path: str, key_cols: Sequence[str],
                      rows: DataFrame) -> None:
     """Insert-only MERGE keyed on `key_cols`: a key the table already has is not inserted again.
 
@@ -539,9 +539,50 @@ def _insert_new_keys(spark: SparkSession, path: str, key_cols: Sequence[str],
     """
     from delta.tables import DeltaTable
 
+    condition = F.expr(_null_safe_match(key_cols))
+    for bound in key_ranges(rows, key_cols):
+        condition = condition & bound
     (DeltaTable.forPath(spark, path).alias("t")
-     .merge(rows.alias("s"), _null_safe_match(key_cols))
+     .merge(rows.alias("s"), condition)
      .whenNotMatchedInsertAll().execute())
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_RANGE_TYPES = (T.NumericType, T.StringType, T.DateType, T.TimestampType, T.TimestampNTZType)
+
+
+def key_ranges(rows: DataFrame, key_cols: Sequence[str], target: str = "t") -> List[Column]:
+    """``target.k BETWEEN min(k) AND max(k)`` over ``rows``, for each key column of an ordered
+    type that is never null in ``rows``: conditions a keyed MERGE can add without changing what
+    matches (a target row equal to a source row on every key lies in the source's ranges).
+
+    Why: Delta prunes the files whose column statistics fall outside such target-only
+    conditions. The events a day adds are newer than every file already in ``events``, so the
+    insert of a day's events reads the day's files instead of the whole table (on a 1M-user lake
+    the insert-only MERGE of 17k new events took 16.5 s, 2.9 s on a 100k-user one;
+    benchmarks/refresh.py). A column with a null in ``rows`` gets no range: a null key matches
+    a null key (``<=>``), which no BETWEEN admits. One aggregation over ``rows``. Timestamps
+    travel as epoch microseconds and come back as aware UTC datetimes: pyspark hands a collected
+    TimestampType value over as a naive local time, which is ambiguous in a DST fall-back hour.
+    """
+    types = {f.name: f.dataType for f in rows.schema.fields}
+    ordered = [k for k in key_cols if isinstance(types[k], _RANGE_TYPES)]
+    if not ordered:
+        return []
+
+    def exact(agg: Column, k: str) -> Column:
+        return F.unix_micros(agg) if isinstance(types[k], T.TimestampType) else agg
+
+    stats = rows.agg(*[a for k in ordered for a in (
+        exact(F.min(k), k).alias(f"lo_{k}"), exact(F.max(k), k).alias(f"hi_{k}"),
+        F.count(F.when(F.col(k).isNull(), 1)).alias(f"nulls_{k}"))]).first()
+
+    def value(k: str, side: str) -> object:
+        v = stats[f"{side}_{k}"]
+        return _EPOCH + timedelta(microseconds=v) if isinstance(types[k], T.TimestampType) else v
+
+    return [F.col(f"{target}.`{k}`").between(F.lit(value(k, "lo")), F.lit(value(k, "hi")))
+            for k in ordered if stats[f"nulls_{k}"] == 0 and stats[f"lo_{k}"] is not None]
 
 
 def _check_unique(df: DataFrame, key_cols: Sequence[str], table: str) -> None:

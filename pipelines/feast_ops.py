@@ -45,6 +45,7 @@ from models.lake_read import open_table, snapshot_arrow
 # Snapshot names, paths and the environment variables are in ctt_contracts (feature_repo/
 # reads them too); what follows is local to writing the snapshots.
 SOURCE_VERSION_KEY = b"ctt.delta_version"  # Parquet schema metadata: Delta version exported
+SNAPSHOT_ROW_GROUP = 65_536  # rows per Parquet row group of a snapshot (see by_event_time)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FEATURE_REPO = REPO_ROOT / "feature_repo"
@@ -164,7 +165,7 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, row_group_size=SNAPSHOT_ROW_GROUP)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -198,8 +199,39 @@ def export_snapshot(lake_root: str | Path, snapshot: str, now: Optional[datetime
         previous = pq.read_table(target).to_pandas() if target.is_file() else None
         out = stable_feature_ts(table.to_pandas(), previous, key, now)
         changed = int((out[C.FEATURE_TS] == pd.Timestamp(now).tz_convert("UTC")).sum())
-    _write_atomic(_conform(out, schema, version), target)
+    _write_atomic(by_event_time(_conform(out, schema, version), C.FEAST_SNAPSHOT_TS[snapshot]),
+                  target)
     return ExportResult(snapshot, str(target), version, len(out), changed, True)
+
+
+def by_event_time(table: pa.Table, ts_field: str) -> pa.Table:
+    """The snapshot's rows oldest first (by ``ts_field``, then key order kept).
+
+    Why: a refresh materializes only the rows newer than the last materialization, and these
+    are then the last rows of the file; written in row groups of ``SNAPSHOT_ROW_GROUP`` rows,
+    :func:`window_rows` reads the row groups whose timestamp statistics reach the window and
+    skips the others (a day of 800 new states on a 1M-user lake: one group of 64k rows, not
+    the whole 1M x 64 floats)."""
+    import pyarrow.compute as pc
+
+    order = pc.sort_indices(table.column(ts_field))  # stable: key order kept within a time
+    return pa.table([_take(table.column(name), order) for name in table.column_names],
+                    schema=table.schema)
+
+
+def _take(column: pa.ChunkedArray, order: pa.Array) -> pa.Array:
+    """``column`` reordered. A list column whose rows all have one length (the user states) is
+    moved as a fixed-size list: Arrow takes variable-size lists row by row (``Table.sort_by``
+    spent 2.4 s on 1M states of 64 floats), fixed-size ones as one block (0.15 s)."""
+    import pyarrow.compute as pc
+
+    data = column.combine_chunks()
+    if pa.types.is_list(data.type) and len(data) and data.null_count == 0:
+        lengths = pc.min_max(pc.list_value_length(data)).as_py()
+        if lengths["min"] == lengths["max"]:
+            fixed = data.cast(pa.list_(data.type.value_type, lengths["min"]))
+            return fixed.take(order).cast(data.type)
+    return data.take(order)
 
 
 def export_feature_tables(lake_root: str | Path,
@@ -306,14 +338,16 @@ def window_mask(path: str | Path, timestamp_field: str, start: datetime,
 
 
 def window_rows(path: str | Path, timestamp_field: str, start: datetime, end: datetime) -> pa.Table:
-    """The rows of the Parquet snapshot at ``path`` with start < timestamp <= end; the other
-    columns are read only when a row is inside (``window_mask``)."""
-    import pyarrow.compute as pc
+    """The rows of the Parquet snapshot at ``path`` with start < timestamp <= end. Row groups
+    whose timestamp statistics lie outside the window are not read (the export writes the rows
+    oldest first: ``by_event_time``); a snapshot written in another order is read whole."""
+    import pyarrow.dataset as ds
 
-    inside = window_mask(path, timestamp_field, start, end)
-    if not pc.any(inside).as_py():
-        return pq.read_schema(path).empty_table()
-    return pq.read_table(path).filter(inside)
+    data = ds.dataset(str(path), format="parquet")
+    ts_type = data.schema.field(timestamp_field).type
+    lo, hi = (pa.scalar(t, type=ts_type) for t in (start, end))
+    column = ds.field(timestamp_field)
+    return data.to_table(filter=(column > lo) & (column <= hi))
 
 
 def materialize_window(store: Any, end: datetime,
