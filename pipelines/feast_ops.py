@@ -205,7 +205,7 @@ def export_snapshot(lake_root: str | Path, snapshot: str, now: Optional[datetime
 
 
 def by_event_time(table: pa.Table, ts_field: str) -> pa.Table:
-    """The snapshot's rows oldest first (by ``ts_field``, then key order kept).
+    """The snapshot's rows oldest first by ``ts_field`` (rows of one time keep their order).
 
     Why: a refresh materializes only the rows newer than the last materialization, and these
     are then the last rows of the file; written in row groups of ``SNAPSHOT_ROW_GROUP`` rows,
@@ -214,7 +214,7 @@ def by_event_time(table: pa.Table, ts_field: str) -> pa.Table:
     the whole 1M x 64 floats)."""
     import pyarrow.compute as pc
 
-    order = pc.sort_indices(table.column(ts_field))  # stable: key order kept within a time
+    order = pc.sort_indices(table.column(ts_field))  # (N,) a stable sort
     return pa.table([_take(table.column(name), order) for name in table.column_names],
                     schema=table.schema)
 
