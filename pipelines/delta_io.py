@@ -474,7 +474,7 @@ def _sync_once(spark: SparkSession, df: DataFrame, path: str, table: str, schema
         if fence is not None:
             fence()
         ensure_table(spark, path, schema, properties, partition_by)
-        insert_new_keys(spark, path, key_cols, df)
+        insert_new_keys(spark, path, key_cols, df, prune=False)  # empty: no file to skip
         version, metrics = _last_commit(spark, path)
         return (WriteResult(table, path, version, True, operation="create",
                             inserted=_metric(metrics, "numTargetRowsInserted")), 0)
@@ -529,8 +529,11 @@ def ensure_table(spark: SparkSession, path: str, schema: T.StructType,
 
 
 def insert_new_keys(spark: SparkSession, path: str, key_cols: Sequence[str],
-                     rows: DataFrame) -> None:
+                    rows: DataFrame, prune: bool = True) -> None:
     """Insert-only MERGE keyed on `key_cols`: a key the table already has is not inserted again.
+    ``prune``: add the rows' key ranges (:func:`key_ranges`, one aggregation over `rows`); off
+    for a table just created, which has no file to skip, where `rows` may be a whole build's
+    output that the aggregation would compute once more.
 
     Why not ``mode("append")``: an append is a blind write that Delta never conflict-checks, so two
     runs that both computed the same new rows would both add them (the duplicated events and
@@ -540,7 +543,7 @@ def insert_new_keys(spark: SparkSession, path: str, key_cols: Sequence[str],
     from delta.tables import DeltaTable
 
     condition = F.expr(_null_safe_match(key_cols))
-    for bound in key_ranges(rows, key_cols):
+    for bound in key_ranges(rows, key_cols) if prune else ():
         condition = condition & bound
     (DeltaTable.forPath(spark, path).alias("t")
      .merge(rows.alias("s"), condition)
