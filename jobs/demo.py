@@ -19,8 +19,8 @@ from typing import Dict, List, Optional, Sequence
 
 import httpx
 
-from ctt_contracts.process import run_job
 from ctt_contracts.flags import dataclass_parser, flag_field, from_args
+from ctt_contracts.process import run_job
 
 REPO = Path(__file__).resolve().parents[1]
 

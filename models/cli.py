@@ -440,5 +440,5 @@ def evaluate_main(argv: Optional[List[str]] = None,
     return result
 
 
-# Console scripts (setup.cfg) and `python -m`: the exit code main chose (ctt_contracts.process).
+# Command-line entry point: the process ends with the exit code main chose (ctt_contracts.process).
 train_cli = entry_point(train_main)

@@ -439,7 +439,7 @@ def build_sequences_main(argv: Optional[Sequence[str]] = None) -> Dict[str, obje
     return summary
 
 
-# Console scripts (setup.cfg) and `python -m`: the exit code main chose (ctt_contracts.process).
+# Command-line entry point: the process ends with the exit code main chose (ctt_contracts.process).
 generate_data_cli = entry_point(generate_data_main)
 build_sequences_cli = entry_point(build_sequences_main)
 ingest_cli = entry_point(ingest_main)

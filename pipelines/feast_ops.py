@@ -412,7 +412,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(result.line())
 
 
-# Console scripts (setup.cfg) and `python -m`: the exit code main chose (ctt_contracts.process).
+# Command-line entry point: the process ends with the exit code main chose (ctt_contracts.process).
 cli = entry_point(main)
 
 

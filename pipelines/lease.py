@@ -396,7 +396,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         print(f"removed: {gone.describe()}" if gone else f"{cmd.scope}: no lease held")
 
 
-# Console scripts (setup.cfg) and `python -m`: the exit code main chose (ctt_contracts.process).
+# Command-line entry point: the process ends with the exit code main chose (ctt_contracts.process).
 cli = entry_point(main)
 
 

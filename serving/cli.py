@@ -282,7 +282,7 @@ def run_workers(app: object, resolver: Resolver, cfg: ServeConfig) -> None:
     _Server().run()
 
 
-# Console scripts (setup.cfg) and `python -m`: the exit code main chose (ctt_contracts.process).
+# Command-line entry point: the process ends with the exit code main chose (ctt_contracts.process).
 serve_cli = entry_point(serve_main)
 build_index_cli = entry_point(build_index_main)
 

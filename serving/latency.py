@@ -188,5 +188,5 @@ def evaluate_main(argv: Optional[List[str]] = None) -> ev.EvaluationResult:
     return evaluate(argv, measure_latency=measure_serving_latency)
 
 
-# Console scripts (setup.cfg) and `python -m`: the exit code main chose (ctt_contracts.process).
+# Command-line entry point: the process ends with the exit code main chose (ctt_contracts.process).
 evaluate_cli = entry_point(evaluate_main)

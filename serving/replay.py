@@ -175,7 +175,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
 
 
-# Console scripts (setup.cfg) and `python -m`: the exit code main chose (ctt_contracts.process).
+# Command-line entry point: the process ends with the exit code main chose (ctt_contracts.process).
 cli = entry_point(main)
 
 
