@@ -294,6 +294,16 @@ def project_context(category_ids: Optional[Sequence[int]], weights: Optional[Seq
 
 
 # --------------------------------------------------------------------------------------
+# Delta's change data feed: the table property and the feed's own columns and change types
+# (Delta's names, not contract columns; read by the incremental build, batch inference and
+# the Feast export)
+# --------------------------------------------------------------------------------------
+CDF_PROPERTY = "delta.enableChangeDataFeed"
+CDF_TYPE, CDF_VERSION = "_change_type", "_commit_version"
+CDF_INSERT, CDF_DELETE, CDF_PREIMAGE = "insert", "delete", "update_preimage"
+
+
+# --------------------------------------------------------------------------------------
 # Feast offline snapshots (pipelines/feast_ops.py writes them, feature_repo/ reads them)
 # --------------------------------------------------------------------------------------
 ENV_LAKE = "CTT_LAKE"  # lake root whose snapshots the Feast sources read
@@ -324,7 +334,8 @@ def as_utc(ts: datetime) -> datetime:
 
 
 def feast_snapshot_path(lake_root: str, snapshot: str) -> str:
-    """Path of one Parquet snapshot: ``<lake>/feast_export/<snapshot>.parquet``."""
+    """Path of one Parquet snapshot, ``<lake>/feast_export/<snapshot>.parquet``: a folder of
+    Parquet parts (pipelines/feast_ops.py), read as one table by Feast and pyarrow."""
     if snapshot not in FEAST_SNAPSHOT_SOURCES:
         raise ValueError(f"unknown snapshot {snapshot!r}; known: "
                          f"{', '.join(FEAST_SNAPSHOT_SOURCES)}")

@@ -30,8 +30,10 @@ Feast 0.67 (read in feast/infra/offline_stores, then run from the CLI):
     materialized and served (likewise after an overwrite both versions' rows are read). Wrong
     answers, silently. (The duckdb store would read Delta via ibis, which is not installed.)
 (c) Parquet snapshots written from the Delta tables with deltalake (Delta-aware, no JVM) by
-    ``pipelines/feast_ops.py:export_feature_tables``: one file per view, replaced atomically,
-    carrying the Delta version it came from; ``feast materialize`` runs in seconds with no JVM.
+    ``pipelines/feast_ops.py:export_feature_tables``: one folder of Parquet parts per view,
+    each part written atomically and carrying the Delta version it came from (user_states
+    gains one part of changed states per refresh); ``feast materialize`` runs in seconds with
+    no JVM.
 Chosen: (c). The price is one export step, which jobs/batch_inference.py runs after every MERGE
 (and ``ctt-export-feature-tables --lake LAKE`` runs it alone). The users/items tables have no event
 timestamp, so their snapshots add ``feature_ts`` (kept unchanged for unchanged rows, so

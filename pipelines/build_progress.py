@@ -297,7 +297,7 @@ def appended_events(spark, lake: str, after: int, until: int):
     feed = (spark.read.format("delta").option("readChangeFeed", "true")
             .option("startingVersion", after + 1).option("endingVersion", until)
             .load(C.LakePaths(lake).table(C.T_RAW_EVENTS)))
-    feed = feed.where(F.col("_change_type") == "insert")
+    feed = feed.where(F.col(C.CDF_TYPE) == C.CDF_INSERT)
     for f in schema.fields:
         if f.name not in feed.columns:
             feed = feed.withColumn(f.name, F.lit(None).cast(f.dataType))

@@ -252,8 +252,11 @@ KEYED_PROPERTIES = {"delta.enableDeletionVectors": "true"}
 
 # The change data feed of raw_events gives an incremental build the rows appended since the
 # version it last consumed (pipelines/build_progress.py); the other raw tables are read whole.
-CDF_PROPERTIES = {"delta.enableChangeDataFeed": "true"}
+# That of user_sequences gives batch inference the users to re-encode, and that of user_states
+# gives the Feast export the states to append (pipelines/feast_ops.py).
+CDF_PROPERTIES = {C.CDF_PROPERTY: "true"}
 RAW_PROPERTIES = {C.T_RAW_EVENTS: CDF_PROPERTIES}
+STATES_PROPERTIES = {**KEYED_PROPERTIES, **CDF_PROPERTIES}
 
 
 def write_raw(spark: SparkSession, df: DataFrame, lake: str, table: str,

@@ -6,9 +6,17 @@ store. Its file (dask) store ignores ``DeltaFormat`` and reads every Parquet fil
 folder, including files that MERGE/DELETE/overwrite removed (a deleted user stays served; an
 updated state appears twice); its Spark store reads Delta correctly but starts a JVM for every
 ``feast apply`` and ``feast materialize``. So :func:`export_feature_tables` reads each Delta
-table at one version with ``deltalake`` (Delta-aware, no JVM) and writes one Parquet file per
-feature view, atomically, recording the Delta version it came from. It is the ONE place that
-knows the snapshot layout; definitions.py only points the sources at :func:`export_path`.
+table at one version with ``deltalake`` (Delta-aware, no JVM) and writes each feature view's
+snapshot, a folder of Parquet parts that each record the Delta version they came from. It is
+the ONE place that writes the layout; definitions.py points the sources at
+``ctt_contracts.feast_snapshot_path``.
+
+A snapshot folder holds one part with every row (a full export), then one part per later export
+of user_states with the states written since (read from the table's change data feed): a day's
+refresh of a 1M-user lake writes its ~1k new states, not the 1M (256 MB) again. Feast reads the
+folder as one table and keeps each user's newest row, as it does for any offline log. A removed
+user, too many parts, or increments outgrowing a quarter of the first part make the next export
+a full one again (a part adds rows; it cannot remove any).
 
 The users and items tables carry no event timestamp, which Feast needs. The snapshot adds
 ``feature_ts`` = when the row's content was first exported in its current form: a row whose
@@ -40,12 +48,15 @@ import pyarrow.parquet as pq
 import ctt_contracts as C
 from ctt_contracts.flags import dataclass_parser, flag_field, from_args, lake_field
 from ctt_contracts.process import entry_point
-from models.lake_read import open_table, snapshot_arrow
+from models.lake_read import at_least, change_feed_arrow, open_table, snapshot_arrow
 
 # Snapshot names, paths and the environment variables are in ctt_contracts (feature_repo/
 # reads them too); what follows is local to writing the snapshots.
 SOURCE_VERSION_KEY = b"ctt.delta_version"  # Parquet schema metadata: Delta version exported
 SNAPSHOT_ROW_GROUP = 65_536  # rows per Parquet row group of a snapshot (see by_event_time)
+PART_PREFIX = "v"  # a snapshot part: v<Delta version, 12 digits>.parquet
+MAX_PARTS = 16  # parts of a snapshot folder before an export compacts it to one
+COMPACT_FRACTION = 0.25  # rows of a folder's increments, as a share of its first part, ditto
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FEATURE_REPO = REPO_ROOT / "feature_repo"
@@ -81,30 +92,55 @@ def _local_dir(lake_root: str | Path) -> Path:
 # --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ExportResult:
-    """One snapshot: where, from which Delta version, how many rows, what changed."""
+    """One snapshot: where, from which Delta version, what the export wrote."""
 
     snapshot: str
     path: str
     source_version: int
-    rows: int
+    rows: int  # rows of the part written (a full export: every row); up to date: 0
     changed_rows: int  # rows with a new feature_ts / state (all rows on a first export)
-    written: bool  # False: the snapshot already matched this Delta version (no rewrite)
+    mode: str  # MODE_FULL, MODE_INCREMENT or MODE_UP_TO_DATE
+
+    @property
+    def written(self) -> bool:
+        """False: the snapshot already matched this Delta version (nothing written)."""
+        return self.mode != MODE_UP_TO_DATE
 
     def line(self) -> str:
-        state = "written" if self.written else "up to date"
         return (f"{self.snapshot:<24} from Delta v{self.source_version:<4} rows {self.rows:>9} "
-                f"changed {self.changed_rows:>9}  {state}")
+                f"changed {self.changed_rows:>9}  {self.mode}")
+
+
+MODE_FULL, MODE_INCREMENT, MODE_UP_TO_DATE = "full", "increment", "up to date"
+
+
+def part_path(folder: str | Path, version: int) -> Path:
+    """The part of a snapshot folder exported from Delta version ``version``."""
+    return Path(folder) / f"{PART_PREFIX}{version:012d}.parquet"
+
+
+def snapshot_parts(path: str | Path) -> List[Path]:
+    """The parts of the snapshot at ``path``, oldest first (a snapshot of an earlier release
+    is one Parquet file: its only part; no snapshot: none)."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    return sorted(path.glob(f"{PART_PREFIX}*.parquet")) if path.is_dir() else []
+
+
+def _part_version(part: Path) -> int:
+    meta = pq.read_schema(part).metadata or {}
+    if SOURCE_VERSION_KEY not in meta:
+        raise ValueError(f"{part}: a Parquet file without {SOURCE_VERSION_KEY.decode()} metadata "
+                         f"is not a snapshot of this project; delete it and export again")
+    return int(meta[SOURCE_VERSION_KEY])
 
 
 def snapshot_source_version(path: str | Path) -> Optional[int]:
-    """Delta version recorded in an existing snapshot (None if there is no snapshot)."""
-    if not Path(path).is_file():
-        return None
-    meta = pq.read_schema(path).metadata or {}
-    if SOURCE_VERSION_KEY not in meta:
-        raise ValueError(f"{path}: a Parquet file without {SOURCE_VERSION_KEY.decode()} metadata "
-                         f"is not a snapshot of this project; delete it and export again")
-    return int(meta[SOURCE_VERSION_KEY])
+    """Delta version the snapshot at ``path`` is at: that of its newest part (None: no
+    snapshot)."""
+    versions = [_part_version(part) for part in snapshot_parts(path)]
+    return max(versions) if versions else None
 
 
 def _hashable(value: Any) -> Any:
@@ -161,7 +197,8 @@ def _conform(data: pd.DataFrame | pa.Table, schema: pa.Schema, version: int) -> 
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
-    """Write next to the target, then rename: a reader never sees a half-written snapshot."""
+    """Write next to the target, then rename: a reader never sees a half-written part (the
+    temporary name starts with a dot, which Feast's and pyarrow's folder readers skip)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
@@ -172,36 +209,114 @@ def _write_atomic(table: pa.Table, path: Path) -> None:
             tmp.unlink()
 
 
+def _replace_parts(target: Path, table: pa.Table, version: int) -> None:
+    """A full export: ``table`` becomes the snapshot's one part, then the older parts go (a
+    reader in between sees both: duplicate rows of one time, or an older row beside its
+    newer one, which Feast resolves to the newest). A one-file snapshot of an earlier release
+    is replaced by the folder."""
+    if target.is_file():
+        target.unlink()
+    old = snapshot_parts(target)
+    new = part_path(target, version)
+    _write_atomic(table, new)
+    for part in old:
+        if part != new:
+            part.unlink()
+
+
+def _feed_on(table) -> bool:
+    return table.metadata().configuration.get(C.CDF_PROPERTY) == "true"
+
+
+def changed_states(source: str, delta, since: Optional[int]) -> Optional[pa.Table]:
+    """The user_states rows written after Delta version ``since`` (each user's newest), as the
+    table's change data feed says; None when the feed cannot say: no earlier export, a table
+    behind it (recreated), the feed off at either end or its files gone, or a user removed (a
+    part can add rows, not remove one: the export then rewrites the snapshot).
+
+    The feed gives who changed and when; the rows are read from the table at its current
+    version (a changed user's row there is its newest image), where ``state_ts`` is at least
+    the oldest new image's: the files and row groups of earlier days are skipped. (Spark
+    writes the feed's state vectors as lists of nullable floats, the table declares them
+    non-null, and delta-rs refuses that cast.)"""
+    import pyarrow.compute as pc
+    from deltalake.exceptions import DeltaError
+
+    version = int(delta.version())
+    if since is None or since >= version or not _feed_on(delta) \
+            or not _feed_on(open_table(source, since)):
+        return None
+    try:
+        feed = change_feed_arrow(delta, since + 1, version, [C.USER_ID, C.STATE_TS],
+                                 [(C.CDF_TYPE, pa.string()), (C.CDF_VERSION, pa.int64())])
+    except (DeltaError, OSError, ValueError):  # its files vacuumed, its versions expired
+        return None
+    kinds = feed.column(C.CDF_TYPE)
+    if pc.any(pc.equal(kinds, C.CDF_DELETE)).as_py():
+        return None
+    images = feed.filter(pc.not_equal(kinds, C.CDF_PREIMAGE))  # inserts + update post-images
+    names = SNAPSHOT_SCHEMAS[C.T_USER_STATES].names
+    if not images.num_rows:
+        return SNAPSHOT_SCHEMAS[C.T_USER_STATES].empty_table()
+    oldest = pc.min(images.column(C.STATE_TS)).as_py()
+    rows = snapshot_arrow(delta, names, where=at_least(C.STATE_TS, oldest))
+    return rows.filter(pc.is_in(rows.column(C.USER_ID), value_set=images.column(C.USER_ID)))
+
+
+def _increment_fits(target: Path, rows: int) -> bool:
+    """Whether a part of ``rows`` rows may be added to the snapshot at ``target``: it is a
+    folder, under MAX_PARTS parts, whose increments (the parts after the first, whose rows
+    newer parts may supersede) stay within COMPACT_FRACTION of its first part's rows; else the
+    export compacts it to one part (readers scan every part: superseded rows cost them)."""
+    parts = snapshot_parts(target)
+    if not target.is_dir() or not parts or len(parts) >= MAX_PARTS:
+        return False
+    counts = [pq.read_metadata(part).num_rows for part in parts]
+    return sum(counts[1:]) + rows <= COMPACT_FRACTION * counts[0]
+
+
+def _changed_state_count(target: Path, current: pa.Table) -> int:
+    """Rows of ``current`` (user, state_ts) that the snapshot at ``target`` does not hold."""
+    if not snapshot_parts(target):
+        return current.num_rows
+    prev = pq.read_table(target, columns=[C.USER_ID, C.STATE_TS]).to_pandas().drop_duplicates()
+    cur = current.select([C.USER_ID, C.STATE_TS]).to_pandas()
+    return int((~cur.merge(prev, how="left", indicator=True)["_merge"].eq("both")).sum())
+
+
 def export_snapshot(lake_root: str | Path, snapshot: str, now: Optional[datetime] = None) -> ExportResult:
-    """Export one Delta table to its Parquet snapshot (no rewrite if already at this version)."""
+    """Export one Delta table to its Parquet snapshot folder: nothing when it is at this
+    version already; user_states changed since the last export as one more part (read from
+    the table's change data feed: a day's states, not the lake's); otherwise the whole table
+    as the one part."""
     now = now or datetime.now(timezone.utc)
     source = C.LakePaths(str(lake_root)).table(C.FEAST_SNAPSHOT_SOURCES[snapshot])
     target = _local_dir(lake_root) / C.FEAST_EXPORT_DIR / f"{snapshot}.parquet"
-    schema, key = SNAPSHOT_SCHEMAS[snapshot], _KEYS[snapshot]
-    value_cols = [n for n in schema.names if n != C.FEATURE_TS]
+    schema, key, ts = SNAPSHOT_SCHEMAS[snapshot], _KEYS[snapshot], C.FEAST_SNAPSHOT_TS[snapshot]
     delta = open_table(source)  # one version for the check and the read
     version = int(delta.version())
-    if snapshot_source_version(target) == version:
-        return ExportResult(snapshot, str(target), version, pq.read_metadata(target).num_rows, 0, False)
-    table = snapshot_arrow(delta, value_cols)
+    exported = snapshot_source_version(target)
+    if exported == version:
+        return ExportResult(snapshot, str(target), version, 0, 0, MODE_UP_TO_DATE)
+    if snapshot == C.T_USER_STATES:
+        changes = changed_states(source, delta, exported)
+        if changes is not None and _increment_fits(target, changes.num_rows):
+            _write_atomic(by_event_time(_conform(changes, schema, version), ts),
+                          part_path(target, version))
+            return ExportResult(snapshot, str(target), version, changes.num_rows,
+                                changes.num_rows, MODE_INCREMENT)
+    table = snapshot_arrow(delta, [n for n in schema.names if n != C.FEATURE_TS])
     if snapshot == C.T_USER_STATES:
         # Arrow end to end: the vectors are the bulk of the data, pandas would box every row.
-        keys = table.column(key).to_numpy()
-        if len(np.unique(keys)) != len(keys):
+        if len(np.unique(table.column(key).to_numpy())) != table.num_rows:
             raise ValueError(f"{source}: duplicate {key} rows; user_states must have one row per user")
-        out = table
-        changed = table.num_rows
-        if target.is_file():
-            prev = pq.read_table(target, columns=[key, C.STATE_TS]).to_pandas()
-            cur = table.select([key, C.STATE_TS]).to_pandas()
-            changed = int((~cur.merge(prev, how="left", indicator=True)["_merge"].eq("both")).sum())
+        out, changed = table, _changed_state_count(target, table)
     else:
-        previous = pq.read_table(target).to_pandas() if target.is_file() else None
+        previous = pq.read_table(target).to_pandas() if snapshot_parts(target) else None
         out = stable_feature_ts(table.to_pandas(), previous, key, now)
         changed = int((out[C.FEATURE_TS] == pd.Timestamp(now).tz_convert("UTC")).sum())
-    _write_atomic(by_event_time(_conform(out, schema, version), C.FEAST_SNAPSHOT_TS[snapshot]),
-                  target)
-    return ExportResult(snapshot, str(target), version, len(out), changed, True)
+    _replace_parts(target, by_event_time(_conform(out, schema, version), ts), version)
+    return ExportResult(snapshot, str(target), version, len(out), changed, MODE_FULL)
 
 
 def by_event_time(table: pa.Table, ts_field: str) -> pa.Table:
@@ -350,6 +465,13 @@ def window_rows(path: str | Path, timestamp_field: str, start: datetime, end: da
     return data.to_table(filter=(column > lo) & (column <= hi))
 
 
+def newest_per_key(rows: pa.Table, keys: Sequence[str], timestamp_field: str) -> pd.DataFrame:
+    """Each key's newest row of ``rows`` (a window of a snapshot folder holds one row per part
+    that wrote the key: an online store keeps whichever row it is given last)."""
+    frame = rows.to_pandas().sort_values(timestamp_field, kind="stable")
+    return frame.drop_duplicates(list(keys), keep="last")
+
+
 def materialize_window(store: Any, end: datetime,
                        start: Optional[datetime] = None) -> Dict[str, int]:
     """``feast materialize-incremental END`` for the Parquet snapshot sources, at the cost of
@@ -373,7 +495,9 @@ def materialize_window(store: Any, end: datetime,
         source = view.batch_source
         rows = window_rows(source.path, source.timestamp_field, since, end)
         if rows.num_rows:
-            store.write_to_online_store(view.name, rows.to_pandas())
+            keys = [column.name for column in view.entity_columns]
+            store.write_to_online_store(view.name,
+                                        newest_per_key(rows, keys, source.timestamp_field))
         store.registry.apply_materialization(view, store.project, since, end)
         counts[view.name] = rows.num_rows
     return counts

@@ -53,9 +53,6 @@ REASON_NEW, REASON_CHANGED, REASON_MODEL = "new_user", "sequence_changed", "mode
 REASON_ORPHAN, REASON_SAME = "orphan_state", "up_to_date"
 TO_ENCODE = (REASON_NEW, REASON_CHANGED, REASON_MODEL)
 MODE_FULL, MODE_INCREMENTAL = "full", "incremental"
-# Delta's change data feed columns and change types (Delta's names, not contract columns).
-_CDF_TYPE, _CDF_VERSION = "_change_type", "_commit_version"
-_CDF_DELETE, _CDF_PREIMAGE = "delete", "update_preimage"
 _DELETED = "__deleted"  # a touched user whose newest change removed its row
 # user_sequences operations after which its change feed is not a diff worth following (the
 # whole table rewritten, or moved to another version): the next run classifies everyone.
@@ -101,9 +98,9 @@ def latest_changes(changes):  # DataFrame -> DataFrame
     from pyspark.sql import functions as F
     from pyspark.sql.window import Window
 
-    rows = (changes.where(F.col(_CDF_TYPE) != _CDF_PREIMAGE)
-            .withColumn(_DELETED, F.col(_CDF_TYPE) == _CDF_DELETE))
-    w = Window.partitionBy(C.USER_ID).orderBy(F.col(_CDF_VERSION).desc(), F.col(_DELETED).asc(),
+    rows = (changes.where(F.col(C.CDF_TYPE) != C.CDF_PREIMAGE)
+            .withColumn(_DELETED, F.col(C.CDF_TYPE) == C.CDF_DELETE))
+    w = Window.partitionBy(C.USER_ID).orderBy(F.col(C.CDF_VERSION).desc(), F.col(_DELETED).asc(),
                                               F.col(C.AS_OF_TS).desc(), F.col(C.SEQUENCE_HASH).desc())
     return (rows.withColumn("__rn", F.row_number().over(w)).where(F.col("__rn") == 1)
             .select(C.USER_ID, C.ITEM_IDS, C.EVENT_TS, C.SEQUENCE_HASH, _DELETED))
@@ -462,13 +459,14 @@ def _stage(spark, classified, n_todo: int, n_del: int, bundle_path: str, model_v
 def _commit(spark, states_path: str, staged, has_states: bool, states_version: Optional[int],
             fence: Callable[[], None]) -> None:
     """The run's write: the keyed MERGE, only if user_states is still where it was read (on a
-    table from a release before deletion vectors, preceded once by the ALTER enabling them)."""
-    from pipelines.delta_io import (KEYED_PROPERTIES, ConcurrentWriteError, delta_conflicts,
+    table from a release before deletion vectors or its change data feed, preceded once by the
+    ALTER enabling them)."""
+    from pipelines.delta_io import (STATES_PROPERTIES, ConcurrentWriteError, delta_conflicts,
                                     ensure_properties, ensure_table, merge_tagged, table_version)
 
     fence()
     if not has_states:  # first run: create, then the same keyed MERGE into the empty table
-        ensure_table(spark, states_path, C.spark_schema(C.T_USER_STATES), KEYED_PROPERTIES)
+        ensure_table(spark, states_path, C.spark_schema(C.T_USER_STATES), STATES_PROPERTIES)
         states_version = 0
     now_at = table_version(spark, states_path)
     if now_at != states_version:
@@ -476,7 +474,7 @@ def _commit(spark, states_path: str, staged, has_states: bool, states_version: O
             f"{C.T_USER_STATES} moved from v{states_version} to v{now_at} while this run "
             f"encoded against v{states_version} (a writer that does not hold the lake's "
             f"lease); this run wrote nothing. Run it again")
-    ensure_properties(spark, states_path, KEYED_PROPERTIES)  # a table from an older release
+    ensure_properties(spark, states_path, STATES_PROPERTIES)  # a table from an older release
     try:
         merge_tagged(spark, states_path, C.spark_schema(C.T_USER_STATES), [C.USER_ID], staged)
     except delta_conflicts() as err:

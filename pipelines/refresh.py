@@ -243,7 +243,7 @@ def _states_in_window(lake: str, start: datetime, end: datetime) -> int:
     import pyarrow.compute as pc
 
     path = C.feast_snapshot_path(lake, C.T_USER_STATES)
-    if not Path(path).is_file():
+    if not feast_ops.snapshot_parts(path):
         return 0
     return int(pc.sum(feast_ops.window_mask(path, C.STATE_TS, start, end)).as_py() or 0)
 

@@ -72,14 +72,15 @@ def feast_definitions(lake: Path):
 
 
 def write_snapshot(lake: Path, snapshot: str, frame: pd.DataFrame) -> None:
-    """One Parquet snapshot where the production sources read it (the export's schema)."""
+    """One Parquet snapshot where the production sources read it (the export's schema and
+    folder layout)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipelines.feast_ops import SNAPSHOT_SCHEMAS
+    from pipelines.feast_ops import SNAPSHOT_SCHEMAS, part_path
 
     schema = SNAPSHOT_SCHEMAS[snapshot]
-    path = Path(C.feast_snapshot_path(str(lake), snapshot))
+    path = part_path(C.feast_snapshot_path(str(lake), snapshot), 0)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pandas(frame[schema.names], preserve_index=False).cast(schema), path)
 

@@ -13,24 +13,57 @@ from deltalake import DeltaTable, write_deltalake
 from offline_lake import write_users_items
 
 import ctt_contracts as C
+from models.lake_read import read_arrow
 from pipelines import feast_ops
 
 NOW = datetime(2030, 1, 1, tzinfo=timezone.utc)  # any aware time; the snapshots store it
 
 
-def _write_states(lake: str, users, dim: int = 8, version: str = "run-0badc0de", seed: int = 0,
-                  ts: datetime | None = None) -> pd.DataFrame:
+FEED = {C.CDF_PROPERTY: "true", "delta.enableDeletionVectors": "true"}  # user_states' own
+
+
+def _states(users, dim: int = 8, version: str = "run-0badc0de", seed: int = 0,
+            ts: datetime | None = None) -> pa.Table:
     rng = np.random.default_rng(seed)
     ts = ts or datetime.now(timezone.utc) - timedelta(minutes=5)
-    table = pa.table({
+    return pa.table({
         C.USER_ID: pa.array([int(u) for u in users], pa.int64()),
         C.HIDDEN_STATE: pa.array([rng.normal(size=dim).astype(np.float32).tolist() for _ in users],
                                  pa.list_(pa.float32())),
         C.MODEL_VERSION: pa.array([version] * len(users)),
         C.STATE_TS: pa.array([ts] * len(users), pa.timestamp("us", tz="UTC")),
         C.SEQUENCE_HASH: pa.array([f"h{u}" for u in users])})
-    write_deltalake(C.LakePaths(lake).table(C.T_USER_STATES), table, mode="overwrite")
+
+
+def _write_states(lake: str, users, dim: int = 8, version: str = "run-0badc0de", seed: int = 0,
+                  ts: datetime | None = None, feed: bool = False) -> pd.DataFrame:
+    table = _states(users, dim, version, seed, ts)
+    write_deltalake(C.LakePaths(lake).table(C.T_USER_STATES), table, mode="overwrite",
+                    configuration=FEED if feed else None)
     return table.to_pandas()
+
+
+def _merge_states(lake: str, table: pa.Table) -> None:
+    """Upsert by user, as batch inference's keyed MERGE does."""
+    (DeltaTable(C.LakePaths(lake).table(C.T_USER_STATES))
+     .merge(table, f"t.{C.USER_ID} = s.{C.USER_ID}", source_alias="s", target_alias="t")
+     .when_matched_update_all().when_not_matched_insert_all().execute())
+
+
+def _served(path: str) -> pd.DataFrame:
+    """The snapshot folder as Feast serves it: each user's newest row."""
+    return (feast_ops.newest_per_key(pq.read_table(path), [C.USER_ID], C.STATE_TS)
+            .set_index(C.USER_ID).sort_index())
+
+
+def _assert_serves_the_table(lake: str, path: str) -> None:
+    got = _served(path)
+    want = read_arrow(C.LakePaths(lake).table(C.T_USER_STATES))[0].to_pandas()
+    want = want.set_index(C.USER_ID).sort_index()
+    assert got.index.tolist() == want.index.tolist()
+    for col in (C.MODEL_VERSION, C.SEQUENCE_HASH, C.STATE_TS):
+        assert got[col].tolist() == want[col].tolist(), col
+    np.testing.assert_array_equal(np.stack(got[C.HIDDEN_STATE]), np.stack(want[C.HIDDEN_STATE]))
 
 
 # ------------------------------------------------------------------ feature_ts stability
@@ -105,7 +138,8 @@ def test_snapshots_are_oldest_first_and_a_window_reads_only_its_row_groups(tmp_p
     snap = pq.read_table(res.path)
     stamps = snap.column(C.STATE_TS).to_pylist()
     assert stamps == sorted(stamps) and snap.num_rows == 12
-    assert pq.ParquetFile(res.path).metadata.num_row_groups == 3
+    (part,) = feast_ops.snapshot_parts(res.path)
+    assert pq.ParquetFile(part).metadata.num_row_groups == 3
 
     since = NOW - timedelta(hours=1)
     got = feast_ops.window_rows(res.path, C.STATE_TS, since, NOW)
@@ -124,3 +158,87 @@ def test_export_refuses_a_foreign_parquet_file(tmp_path):
     pq.write_table(pa.table({"x": [1]}), target)
     with pytest.raises(ValueError, match="not a snapshot"):
         feast_ops.export_feature_tables(lake, [C.T_USER_STATES])
+
+
+# ------------------------------------------------------------------ increments
+def test_states_written_since_the_last_export_are_one_more_part_read_from_the_change_feed(tmp_path):
+    lake = str(tmp_path / "lake")
+    _write_states(lake, range(1, 41), ts=NOW - timedelta(days=1), feed=True)
+    first = feast_ops.export_snapshot(lake, C.T_USER_STATES, now=NOW)
+    assert (first.mode, first.rows, first.changed_rows) == (feast_ops.MODE_FULL, 40, 40)
+
+    # a day: two users re-encoded, one new, in two commits (user 3 twice: its newest state)
+    _merge_states(lake, _states([3, 4, 50], seed=1, ts=NOW))
+    _merge_states(lake, _states([3], seed=2, ts=NOW + timedelta(minutes=1)))
+    second = feast_ops.export_snapshot(lake, C.T_USER_STATES, now=NOW)
+    assert (second.mode, second.rows, second.changed_rows, second.source_version) == (
+        feast_ops.MODE_INCREMENT, 3, 3, 2)
+    parts = feast_ops.snapshot_parts(second.path)
+    assert [feast_ops.snapshot_source_version(p) for p in parts] == [0, 2]
+    assert sorted(pq.read_table(parts[1]).column(C.USER_ID).to_pylist()) == [3, 4, 50]
+    assert feast_ops.snapshot_source_version(second.path) == 2
+    _assert_serves_the_table(lake, second.path)
+    again = feast_ops.export_snapshot(lake, C.T_USER_STATES, now=NOW)
+    assert (again.mode, again.written, len(feast_ops.snapshot_parts(again.path))) == (
+        feast_ops.MODE_UP_TO_DATE, False, 2)
+
+    # a removed user: a part cannot remove a row, so the export rewrites the folder as one part
+    DeltaTable(C.LakePaths(lake).table(C.T_USER_STATES)).delete(f"{C.USER_ID} = 7")
+    third = feast_ops.export_snapshot(lake, C.T_USER_STATES, now=NOW)
+    assert (third.mode, third.rows, third.changed_rows) == (feast_ops.MODE_FULL, 40, 0)
+    assert feast_ops.snapshot_parts(third.path) == [feast_ops.part_path(third.path, 3)]
+    _assert_serves_the_table(lake, third.path)
+
+
+def test_an_export_compacts_when_increments_outgrow_the_first_part_or_the_feed_is_gone(
+        tmp_path, monkeypatch):
+    lake = str(tmp_path / "lake")
+    _write_states(lake, range(1, 21), ts=NOW - timedelta(days=1), feed=True)
+    feast_ops.export_snapshot(lake, C.T_USER_STATES, now=NOW)
+    _merge_states(lake, _states([1, 2, 3, 4], seed=1, ts=NOW))  # 4 rows <= 0.25 x 20
+    assert feast_ops.export_snapshot(lake, C.T_USER_STATES).mode == feast_ops.MODE_INCREMENT
+    _merge_states(lake, _states([5, 6], seed=2, ts=NOW))  # 4 + 2 > 5: compacted
+    res = feast_ops.export_snapshot(lake, C.T_USER_STATES)
+    assert (res.mode, len(feast_ops.snapshot_parts(res.path))) == (feast_ops.MODE_FULL, 1)
+    assert res.changed_rows == 2
+    _assert_serves_the_table(lake, res.path)
+
+    monkeypatch.setattr(feast_ops, "MAX_PARTS", 2)
+    modes = []
+    for day in (1, 2):
+        _merge_states(lake, _states([day], seed=day, ts=NOW + timedelta(days=day)))
+        modes.append(feast_ops.export_snapshot(lake, C.T_USER_STATES).mode)
+    assert modes == [feast_ops.MODE_INCREMENT, feast_ops.MODE_FULL]  # no third part: compacted
+
+    # the feed's files vacuumed away: the export cannot follow it and reads the table
+    _merge_states(lake, _states([10], seed=10, ts=NOW + timedelta(days=4)))
+    for cdc in (Path(C.LakePaths(lake).table(C.T_USER_STATES)) / "_change_data").glob("*"):
+        cdc.unlink()
+    res = feast_ops.export_snapshot(lake, C.T_USER_STATES)
+    assert (res.mode, res.changed_rows) == (feast_ops.MODE_FULL, 1)
+    _assert_serves_the_table(lake, res.path)
+
+
+def test_a_table_without_the_feed_and_a_snapshot_of_the_one_file_layout_get_full_exports(tmp_path):
+    lake = str(tmp_path / "lake")
+    _write_states(lake, range(1, 11), ts=NOW - timedelta(days=1))  # no change feed
+    target = Path(C.feast_snapshot_path(lake, C.T_USER_STATES))
+    target.parent.mkdir(parents=True)
+    old = feast_ops._conform(pq.read_table(DeltaTable(C.LakePaths(lake).table(
+        C.T_USER_STATES)).file_uris()[0]), feast_ops.SNAPSHOT_SCHEMAS[C.T_USER_STATES], 0)
+    pq.write_table(old, target)  # an earlier release's snapshot: one file at the folder's path
+    assert feast_ops.snapshot_source_version(target) == 0
+    _merge_states(lake, _states([2], seed=1, ts=NOW))
+    res = feast_ops.export_snapshot(lake, C.T_USER_STATES)
+    assert (res.mode, res.changed_rows) == (feast_ops.MODE_FULL, 1) and target.is_dir()
+    _assert_serves_the_table(lake, res.path)
+    _merge_states(lake, _states([3], seed=2, ts=NOW))
+    assert feast_ops.export_snapshot(lake, C.T_USER_STATES).mode == feast_ops.MODE_FULL
+
+
+def test_newest_per_key_keeps_each_keys_newest_row_whatever_the_part_order():
+    ts = [NOW, NOW - timedelta(hours=1), NOW + timedelta(hours=1), NOW]
+    rows = pa.table({C.USER_ID: [1, 1, 2, 2], "v": ["new", "old", "newer", "older"],
+                     C.STATE_TS: pa.array(ts, pa.timestamp("us", tz="UTC"))})
+    got = feast_ops.newest_per_key(rows, [C.USER_ID], C.STATE_TS).set_index(C.USER_ID)
+    assert got["v"].to_dict() == {1: "new", 2: "newer"}

@@ -13,6 +13,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from offline_lake import delta_version, histories, read_states, write_user_sequences
 
@@ -208,6 +209,41 @@ def test_incremental_runs_equal_a_full_classification(spark, tmp_path, bundles):
     assert delta_version(lake, C.T_USER_STATES) == states_at
     # the record was written once per run that consumed something, never by the idle ones
     assert len(DeltaTable(inference.progress_path(lake)).history()) == 3
+
+
+@pytest.mark.spark
+@pytest.mark.usefixtures("small_delta_snapshots")
+def test_the_feast_export_appends_what_a_run_wrote_read_from_the_states_change_feed(
+        spark, tmp_path, bundles):
+    """Spark's MERGE (deletion vectors, change data files) read back by deltalake: the export
+    after an incremental run writes the run's states alone, and the folder serves the table."""
+    from pipelines import feast_ops
+
+    lake = str(tmp_path / "lake")
+    hist = histories(n_users=20)
+    users = sorted(hist)
+    sync_sequences(spark, lake, hist)
+    run_batch_inference(spark, lake, str(bundles.first), batch_size=16)
+    (first,) = feast_ops.export_feature_tables(lake, [C.T_USER_STATES])
+    assert (first.mode, first.rows) == (feast_ops.MODE_FULL, 20)
+
+    for u in users[:2]:
+        hist[u] = grown(hist, u)
+    hist[2001] = histories(n_users=1, seed=5)[10]
+    sync_sequences(spark, lake, hist)
+    run = run_batch_inference(spark, lake, str(bundles.first), batch_size=16)
+    assert (run.mode, run.encoded) == (MODE_INCREMENTAL, 3)
+    (second,) = feast_ops.export_feature_tables(lake, [C.T_USER_STATES])
+    assert (second.mode, second.rows, second.changed_rows) == (feast_ops.MODE_INCREMENT, 3, 3)
+    newest = pd.read_parquet(feast_ops.snapshot_parts(second.path)[-1])
+    assert sorted(newest[C.USER_ID]) == sorted([*users[:2], 2001])
+    served = feast_ops.newest_per_key(pq.read_table(second.path), [C.USER_ID], C.STATE_TS)
+    want = read_states(lake).set_index(C.USER_ID).sort_index()
+    served = served.set_index(C.USER_ID).sort_index()
+    assert served.index.tolist() == want.index.tolist()
+    assert served[C.SEQUENCE_HASH].tolist() == want[C.SEQUENCE_HASH].tolist()
+    assert served[C.STATE_TS].tolist() == want[C.STATE_TS].tolist()
+    np.testing.assert_array_equal(np.stack(served[C.HIDDEN_STATE]), np.stack(want[C.HIDDEN_STATE]))
 
 
 @pytest.mark.spark

@@ -50,7 +50,8 @@ def test_spark_submit_local_cluster_then_feast_cli(spark, tmp_path, bundles):
                 "--lake", lake, "--bundle", bundles.first,
                 "--batch-size", "8"], env)
     assert f"encoded {len(hist)} (new {len(hist)}" in out and "committed" in out
-    assert "user_states" in out and "written" in out  # the Feast snapshot was refreshed
+    exported = [ln.split() for ln in out.splitlines() if ln.strip().startswith(C.T_USER_STATES + " ")]
+    assert exported and exported[-1][-1] == feast_ops.MODE_FULL  # a first export of the snapshot
     states = read_states(str(lake)).set_index(C.USER_ID)
     expected = reference_states(bundles.first, hist)
     for user, state in expected.items():
