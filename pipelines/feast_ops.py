@@ -441,15 +441,18 @@ def materialize_incremental(store: Any, end: Optional[datetime] = None,
     store.materialize_incremental(end_date=end or datetime.now(timezone.utc), feature_views=views)
 
 
-def window_mask(path: str | Path, timestamp_field: str, start: datetime,
-                end: datetime) -> pa.ChunkedArray:
-    """Which rows of the Parquet snapshot at ``path`` have start < timestamp <= end, from its
-    timestamp column alone (8 bytes per row, not the 64 floats of a user state)."""
+def keys_in_window(path: str | Path, key: str, timestamp_field: str, start: datetime,
+                   end: datetime) -> int:
+    """How many distinct ``key`` values of the Parquet snapshot at ``path`` have a row with
+    start < timestamp <= end, from those two columns alone (16 bytes per row, not the 64
+    floats of a user state); a key that two parts wrote within the window counts once."""
     import pyarrow.compute as pc
 
-    ts = pq.read_table(path, columns=[timestamp_field]).column(timestamp_field)
+    rows = pq.read_table(path, columns=[key, timestamp_field])
+    ts = rows.column(timestamp_field)
     lo, hi = (pa.scalar(t, type=ts.type) for t in (start, end))
-    return pc.and_(pc.greater(ts, lo), pc.less_equal(ts, hi))
+    inside = rows.filter(pc.and_(pc.greater(ts, lo), pc.less_equal(ts, hi)))
+    return len(pc.unique(inside.column(key)))
 
 
 def window_rows(path: str | Path, timestamp_field: str, start: datetime, end: datetime) -> pa.Table:
@@ -478,7 +481,8 @@ def materialize_window(store: Any, end: datetime,
     the window's rows: each view's rows newer than its last materialization (or than
     ``start``, if earlier) go online with ``FeatureStore.write_to_online_store``, and the
     interval is recorded in the registry as a materialization, so a later
-    ``feast materialize-incremental`` starts where this one ended. Returns rows per view.
+    ``feast materialize-incremental`` starts where this one ended. Returns the keys written
+    per view.
 
     Why not ``store.materialize_incremental``: Feast's file (dask) offline store reads,
     normalises and sorts the whole snapshot for any window; on a lake of 1M users that was
@@ -496,10 +500,12 @@ def materialize_window(store: Any, end: datetime,
         rows = window_rows(source.path, source.timestamp_field, since, end)
         if rows.num_rows:
             keys = [column.name for column in view.entity_columns]
-            store.write_to_online_store(view.name,
-                                        newest_per_key(rows, keys, source.timestamp_field))
+            newest = newest_per_key(rows, keys, source.timestamp_field)
+            store.write_to_online_store(view.name, newest)
+            counts[view.name] = len(newest)
+        else:
+            counts[view.name] = 0
         store.registry.apply_materialization(view, store.project, since, end)
-        counts[view.name] = rows.num_rows
     return counts
 
 

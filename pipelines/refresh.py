@@ -84,7 +84,7 @@ class MaterializeResult:
     start: datetime
     end: datetime
     full: bool
-    states_in_window: int  # user_states snapshot rows with state_ts in (start, end]
+    states_in_window: int  # users with a user_states snapshot row of state_ts in (start, end]
     applied: bool  # `feast apply` ran first
 
     def line(self) -> str:
@@ -240,12 +240,11 @@ def mark_store(feast_data: str | Path, model_version: str) -> None:
 # Feast step
 # --------------------------------------------------------------------------------------
 def _states_in_window(lake: str, start: datetime, end: datetime) -> int:
-    import pyarrow.compute as pc
-
+    """Users whose state the window put online (once each, whatever parts hold it)."""
     path = C.feast_snapshot_path(lake, C.T_USER_STATES)
     if not feast_ops.snapshot_parts(path):
         return 0
-    return int(pc.sum(feast_ops.window_mask(path, C.STATE_TS, start, end)).as_py() or 0)
+    return feast_ops.keys_in_window(path, C.USER_ID, C.STATE_TS, start, end)
 
 
 def materialize_step(lake: str, feast_data: str | Path, end: datetime,

@@ -242,3 +242,18 @@ def test_newest_per_key_keeps_each_keys_newest_row_whatever_the_part_order():
                      C.STATE_TS: pa.array(ts, pa.timestamp("us", tz="UTC"))})
     got = feast_ops.newest_per_key(rows, [C.USER_ID], C.STATE_TS).set_index(C.USER_ID)
     assert got["v"].to_dict() == {1: "new", 2: "newer"}
+
+
+def test_keys_in_window_counts_a_key_two_parts_wrote_once(tmp_path):
+    folder = tmp_path / "user_states.parquet"
+    folder.mkdir()
+    stamp = pa.timestamp("us", tz="UTC")
+    first = pa.table({C.USER_ID: [1, 2, 3],
+                      C.STATE_TS: pa.array([NOW - timedelta(days=2), NOW, NOW], stamp)})
+    later = pa.table({C.USER_ID: [2, 4], C.STATE_TS: pa.array([NOW + timedelta(hours=1)] * 2, stamp)})
+    pq.write_table(first, feast_ops.part_path(folder, 1))
+    pq.write_table(later, feast_ops.part_path(folder, 2))
+    count = feast_ops.keys_in_window(folder, C.USER_ID, C.STATE_TS, NOW - timedelta(days=1),
+                                     NOW + timedelta(days=1))
+    assert count == 3  # users 2, 3, 4; user 2 is in both parts, user 1 before the window
+    assert feast_ops.keys_in_window(folder, C.USER_ID, C.STATE_TS, NOW, NOW + timedelta(days=1)) == 2
