@@ -444,28 +444,28 @@ def materialize_incremental(store: Any, end: Optional[datetime] = None,
 def keys_in_window(path: str | Path, key: str, timestamp_field: str, start: datetime,
                    end: datetime) -> int:
     """How many distinct ``key`` values of the Parquet snapshot at ``path`` have a row with
-    start < timestamp <= end, from those two columns alone (16 bytes per row, not the 64
-    floats of a user state); a key that two parts wrote within the window counts once."""
+    start < timestamp <= end (:func:`window_rows` of those two columns, not the 64 floats of a
+    user state); a key that two parts wrote within the window counts once."""
     import pyarrow.compute as pc
 
-    rows = pq.read_table(path, columns=[key, timestamp_field])
-    ts = rows.column(timestamp_field)
-    lo, hi = (pa.scalar(t, type=ts.type) for t in (start, end))
-    inside = rows.filter(pc.and_(pc.greater(ts, lo), pc.less_equal(ts, hi)))
-    return len(pc.unique(inside.column(key)))
+    rows = window_rows(path, timestamp_field, start, end, columns=[key])
+    return len(pc.unique(rows.column(key)))
 
 
-def window_rows(path: str | Path, timestamp_field: str, start: datetime, end: datetime) -> pa.Table:
-    """The rows of the Parquet snapshot at ``path`` with start < timestamp <= end. Row groups
-    whose timestamp statistics lie outside the window are not read (the export writes the rows
-    oldest first: ``by_event_time``); a snapshot written in another order is read whole."""
+def window_rows(path: str | Path, timestamp_field: str, start: datetime, end: datetime,
+                columns: Optional[Sequence[str]] = None) -> pa.Table:
+    """The rows of the Parquet snapshot at ``path`` with start < timestamp <= end (``columns``
+    only, all when None). Row groups whose timestamp statistics lie outside the window are not
+    read (the export writes the rows oldest first: ``by_event_time``); a snapshot written in
+    another order is read whole."""
     import pyarrow.dataset as ds
 
     data = ds.dataset(str(path), format="parquet")
     ts_type = data.schema.field(timestamp_field).type
     lo, hi = (pa.scalar(t, type=ts_type) for t in (start, end))
     column = ds.field(timestamp_field)
-    return data.to_table(filter=(column > lo) & (column <= hi))
+    return data.to_table(columns=None if columns is None else list(columns),
+                         filter=(column > lo) & (column <= hi))
 
 
 def newest_per_key(rows: pa.Table, keys: Sequence[str], timestamp_field: str) -> pd.DataFrame:
