@@ -29,7 +29,10 @@ validates, so an appended file that is mostly quarantined (usually a wrong impor
 that file) stops the build, where the same rows diluted in the whole log would not.
 
 Commits of a build are recognisable in each table's history: the build sets Delta's commit
-``userMetadata`` to ``MARKER`` while it runs.
+``userMetadata`` to ``MARKER`` while it runs. A commit is recorded as its version and commit
+time (``Mark``); tables created by the project's sessions keep that time in their log
+(in-commit timestamps, ``pipelines.spark``), so a lake copied by a tool that resets the files'
+modification times still builds incrementally.
 """
 from __future__ import annotations
 
@@ -64,6 +67,12 @@ NOT_IN_OUTPUTS = ("max_quarantine_frac",)
 _APPEND = "WRITE"
 _APPEND_MODE = "Append"
 _NO_ROW_CHANGE = ("SET TBLPROPERTIES", "OPTIMIZE", "REORG", "VACUUM START", "VACUUM END")
+
+
+# Why a recorded Mark no longer matches its table.
+_REWRITTEN = ("the table was recreated, restored or written again since; or the lake was copied "
+              "by a tool that did not keep the log files' modification times and the table "
+              "predates in-commit timestamps (pipelines/spark.py)")
 
 
 @dataclass(frozen=True)
@@ -247,6 +256,9 @@ def _input_change(spark, lake: str, table: str, progress: BuildProgress,
         return None
     if before is None or now is None:
         return f"{table} {'appeared' if before is None else 'disappeared'} since the last build"
+    if before.version == now.version:
+        return (f"{table} v{now.version} is not the commit the last build read (its commit time "
+                f"differs: {_REWRITTEN})")
     return f"{table} changed since the last build (v{before.version} -> v{now.version})"
 
 
@@ -258,7 +270,8 @@ def _events_change(spark, lake: str, progress: BuildProgress,
         return "the last build read no raw_events"
     commits = commits_after(spark, C.LakePaths(lake).table(C.T_RAW_EVENTS), before)
     if commits is None:
-        return f"raw_events was recreated or restored since the last build read v{before.version}"
+        return (f"raw_events v{before.version} is not the commit the last build read "
+                f"({_REWRITTEN})")
     for c in commits:
         if not (c.is_append or c.operation in _NO_ROW_CHANGE):
             return f"raw_events {c.describe()} is not an append"
@@ -277,7 +290,7 @@ def _outputs_change(spark, lake: str, progress: BuildProgress) -> Optional[str]:
             return f"{table} is missing"
         commits = commits_after(spark, path, before)
         if commits is None:
-            return f"{table} was recreated or restored since the last build"
+            return f"{table} is not as the last build left it ({_REWRITTEN})"
         foreign = [c for c in commits
                    if c.user_metadata != MARKER and c.operation not in _NO_ROW_CHANGE]
         if foreign:

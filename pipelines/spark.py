@@ -25,6 +25,8 @@ DELTA_PACKAGES = (
 DEFAULT_MASTER = "local[*]"
 DELTA_EXTENSION = "io.delta.sql.DeltaSparkSessionExtension"
 DELTA_CATALOG = "org.apache.spark.sql.delta.catalog.DeltaCatalog"
+DEFAULT_PROPERTY_CONF = "spark.databricks.delta.properties.defaults."  # + property without "delta."
+ICT_PROPERTY = "delta.enableInCommitTimestamps"
 
 
 def delta_jars_dir() -> Path:
@@ -52,6 +54,11 @@ def session_conf(app_name: str, shuffle_partitions: Optional[int] = None) -> Dic
         # Arrow makes mapInPandas / toPandas cheap; batch inference depends on it.
         "spark.sql.execution.arrow.pyspark.enabled": "true",
         "spark.databricks.delta.schema.autoMerge.enabled": "false",
+        # Every table this session creates keeps its commit times in its log (in-commit
+        # timestamps), not in the log files' modification times: a lake copied or restored
+        # without them (cp -r, an object-store copy) keeps the commit times the incremental
+        # build recorded (pipelines/build_progress.py) and is not rebuilt in full.
+        DEFAULT_PROPERTY_CONF + ICT_PROPERTY.removeprefix("delta."): "true",
         "spark.ui.showConsoleProgress": "false",
     }
     if shuffle_partitions is not None:

@@ -11,6 +11,7 @@ later run accepts, and a crash between the outputs and the progress record.
 """
 from __future__ import annotations
 
+import os
 import shutil
 from datetime import datetime, timedelta, timezone
 
@@ -23,8 +24,9 @@ from pipelines.build import run_build_sequences
 from pipelines.build_config import BuildConfig
 from pipelines.build_progress import FULL, INCREMENTAL, load_progress, progress_path
 from pipelines.cli import build_sequences_main
-from pipelines.delta_io import read_table, table_version, write_raw
+from pipelines.delta_io import read_table, table_properties, table_version, write_raw
 from pipelines.sequences import load_cutoffs
+from pipelines.spark import ICT_PROPERTY
 from pipelines.subjects import load_coverage
 
 pytestmark = pytest.mark.spark
@@ -260,6 +262,24 @@ def test_fallbacks_to_a_full_build_say_why(spark, base_lake, tmp_path, capsys):
     assert "build mode: full (--full given)" in out
     again = run_build_sequences(spark, lake, BUILD, now=NOW1)
     assert again.mode == INCREMENTAL and not any(w.changed for w in again.writes)
+
+
+def test_a_lake_copied_without_modification_times_stays_incremental(spark, base_lake, tmp_path):
+    """`cp -r` and object-store copies give every file a new modification time, which is what a
+    Delta table without in-commit timestamps reports as its commit times; the copy must still
+    be recognised as the lake the last build read."""
+    lake = tmp_path / "lake"
+    shutil.copytree(base_lake, lake, copy_function=shutil.copyfile)
+    later = datetime.now().timestamp() + 3600
+    for f in lake.rglob("*"):
+        os.utime(f, (later, later))
+    path = C.LakePaths(str(lake)).table(C.T_RAW_ITEMS)
+    assert table_properties(spark, path).get(ICT_PROPERTY) == "true"
+    _write(spark, str(lake), C.T_RAW_EVENTS, [ev(6, 3, CONV, day(175))], "append")
+    res = run_build_sequences(spark, str(lake), BUILD, now=NOW1)
+    assert res.mode == INCREMENTAL, res.mode_reason
+    assert res.users_recomputed == 1
+    _assert_equals_full_rebuild(spark, str(lake), tmp_path, NOW1, "copied")
 
 
 def test_users_only_change_resyncs_the_users_table(spark, base_lake, tmp_path):
