@@ -21,7 +21,7 @@ from pipelines.build_config import BuildConfig, store_build_config
 from pipelines.build_progress import (FULL, OUTPUT_TABLES, RAW_INPUTS, BuildProgress, Plan,
                                       latest_mark, marked_commits, plan_build, store_progress)
 from pipelines.context import build_context_rows
-from pipelines.delta_io import (CDF_PROPERTIES, WriteResult, raw_schema,
+from pipelines.delta_io import (CDF_PROPERTIES, KnownRows, WriteResult, raw_schema,
                                 read_table, sync_quarantine, sync_table, table_exists,
                                 table_version, ts_literal)
 from pipelines.sequences import (SplitCutoffs, build_sequences, conversions,
@@ -474,7 +474,8 @@ def _build_increment(spark, lake: str, cfg: BuildConfig, now: datetime, how: _Wr
             persisted.append(events_of_touched)
             writes.append(how.sync(spark, events_of_touched, paths.table(C.T_EVENTS), C.T_EVENTS,
                                    C.spark_schema(C.T_EVENTS), C.RAW_EVENTS_COLUMNS,
-                                   scope=touched, check_table_duplicates=False))
+                                   scope=touched, check_table_duplicates=False,
+                                   known=KnownRows(prog.outputs[C.T_EVENTS].version, before)))
         else:
             writes.append(_unchanged(spark, paths, C.T_EVENTS))
 

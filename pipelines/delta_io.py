@@ -292,23 +292,32 @@ def diff_rows(new: DataFrame, old: DataFrame, key_cols: Sequence[str]) -> DataFr
 
     Output: key columns, new value columns, _STATUS, _DUPS (rows of this key in `new`; > 1 means
     the key is not unique). One shuffle per side; arrays are compared by value (`<=>`).
+
+    Every old column is renamed and columns are referred to by name only, so `new` may be built
+    from `old` itself (the incremental build's events: the known old rows plus the increment's),
+    which a join of Dataset-qualified columns refuses as an ambiguous self-join.
     """
     value_cols = [c for c in new.columns if c not in key_cols]
     n = new.withColumn(_IN_NEW, F.lit(True)).withColumn(
         _DUPS, F.count(F.lit(1)).over(Window.partitionBy(*key_cols)))
-    o = old.select(*key_cols, *[F.col(c).alias(f"__old_{c}") for c in value_cols]).withColumn(
+    o = old.select(*[F.col(c).alias(_old(c)) for c in (*key_cols, *value_cols)]).withColumn(
         _IN_OLD, F.lit(True))
-    cond = [n[k].eqNullSafe(o[k]) for k in key_cols]
+    cond = [F.col(k).eqNullSafe(F.col(_old(k))) for k in key_cols]
     j = n.join(o, cond, "full_outer")
     same = F.lit(True)
     for c in value_cols:
-        same = same & F.col(c).eqNullSafe(F.col(f"__old_{c}"))
+        same = same & F.col(c).eqNullSafe(F.col(_old(c)))
     status = (F.when(F.col(_IN_OLD).isNull(), F.lit("I"))
               .when(F.col(_IN_NEW).isNull(), F.lit("D"))
               .when(same, F.lit("S")).otherwise(F.lit("U")))
-    keys = [F.coalesce(n[k], o[k]).alias(k) for k in key_cols]
-    return j.select(*keys, *[n[c] for c in value_cols], status.alias(_STATUS),
+    keys = [F.coalesce(F.col(k), F.col(_old(k))).alias(k) for k in key_cols]
+    return j.select(*keys, *value_cols, status.alias(_STATUS),
                     F.coalesce(F.col(_DUPS), F.lit(0)).alias(_DUPS))
+
+
+def _old(column: str) -> str:
+    """The name of an old-content column in :func:`diff_rows`' join."""
+    return f"__old_{column}"
 
 
 def _last_commit(spark: SparkSession, path: str) -> Tuple[int, Dict[str, str]]:
@@ -342,6 +351,18 @@ class DuplicateKeyError(RuntimeError):
 
 class ConcurrentWriteError(RuntimeError):
     """Another writer kept changing a table while this run synchronised it."""
+
+
+@dataclass(frozen=True)
+class KnownRows:
+    """The rows a table held within a sync's `scope` at `version`, which the caller has already
+    read (the incremental build reads the touched users' clean events to validate the increment
+    against them). A sync whose table is still at `version` diffs against these rather than
+    scanning the table again, the one scan whose cost grows with the lake; at any other version
+    (another writer, or a retry after a conflict) it reads the table as usual."""
+
+    version: int
+    rows: DataFrame
 
 
 # Optimistic concurrency: a write whose snapshot went stale (another commit landed between the
@@ -411,7 +432,8 @@ def sync_table(spark: SparkSession, df: DataFrame, path: str, table: str,
                partition_by: Sequence[str] = (), fence: Optional[Callable[[], None]] = None,
                repair_duplicates: bool = False, repair_hint: str = REPAIR_HINT,
                scope: Optional[DataFrame] = None,
-               check_table_duplicates: bool = True) -> WriteResult:
+               check_table_duplicates: bool = True,
+               known: Optional[KnownRows] = None) -> WriteResult:
     """Make the Delta table at `path` hold exactly the rows of `df`, with at most one commit.
 
     `scope` (a DataFrame of distinct values of some key columns, e.g. the user ids an
@@ -421,7 +443,8 @@ def sync_table(spark: SparkSession, df: DataFrame, path: str, table: str,
     ``check_table_duplicates=False`` skips the check of the table's own keys (the new content's
     keys are still checked): for a caller that has verified that every commit since a checked
     state was one of this function's keyed MERGEs, which cannot repeat a key (the incremental
-    build, ``pipelines.build_progress``).
+    build, ``pipelines.build_progress``). `known`: the table's rows within `scope` as the caller
+    read them (:class:`KnownRows`), used while the table is still at that version.
 
     `key_cols` must identify a row uniquely in `df` (checked) and in the table (checked:
     DuplicateKeyError, or with `repair_duplicates` the duplicated keys are deleted and rewritten):
@@ -446,7 +469,7 @@ def sync_table(spark: SparkSession, df: DataFrame, path: str, table: str,
         try:
             result, read_version = _sync_once(spark, df, path, table, schema, key_cols, properties,
                                               partition_by, fence, repair_duplicates, repair_hint,
-                                              scope, check_table_duplicates)
+                                              scope, check_table_duplicates, known)
         except (_StaleRead, *delta_conflicts()) as err:
             last = err
             continue
@@ -468,7 +491,8 @@ def _sync_once(spark: SparkSession, df: DataFrame, path: str, table: str, schema
                partition_by: Sequence[str], fence: Optional[Callable[[], None]],
                repair_duplicates: bool, repair_hint: str,
                scope: Optional[DataFrame] = None,
-               check_table_duplicates: bool = True) -> Tuple[WriteResult, int]:
+               check_table_duplicates: bool = True,
+               known: Optional[KnownRows] = None) -> Tuple[WriteResult, int]:
     """One diff + at most one commit. Returns (result, version the diff was made against; 0
     for a table this attempt created, whose insert is then version 1 if nobody interfered)."""
     cols = [f.name for f in schema.fields]
@@ -485,9 +509,7 @@ def _sync_once(spark: SparkSession, df: DataFrame, path: str, table: str, schema
     evolve_schema(spark, path, table, schema)
     ensure_properties(spark, path, properties)
     version = table_version(spark, path)
-    old = read_table(spark, path, version)
-    if scope is not None:
-        old = old.join(scope, scope.columns, "left_semi")
+    old = _scoped_rows(spark, path, version, scope, known)
     if check_table_duplicates and check_duplicates(spark, table, path, old, key_cols,
                                                    repair_duplicates, repair_hint, fence):
         raise _StaleRead()  # the repair committed: diff again against the repaired table
@@ -519,6 +541,16 @@ def _sync_once(spark: SparkSession, df: DataFrame, path: str, table: str, schema
     after = table_version(spark, path)
     return (WriteResult(table, path, after, True, inserted=n_ins, deleted=n_del, updated=n_upd,
                         operation=op), version)
+
+
+def _scoped_rows(spark: SparkSession, path: str, version: int, scope: Optional[DataFrame],
+                 known: Optional[KnownRows]) -> DataFrame:
+    """The table's rows at `version` within `scope` (all rows without one): `known`'s when it
+    was read at that version, else read."""
+    if known is not None and known.version == version:
+        return known.rows
+    old = read_table(spark, path, version)
+    return old if scope is None else old.join(scope, scope.columns, "left_semi")
 
 
 def ensure_table(spark: SparkSession, path: str, schema: T.StructType,
