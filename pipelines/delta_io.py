@@ -358,8 +358,9 @@ class KnownRows:
     """The rows a table held within a sync's `scope` at `version`, which the caller has already
     read (the incremental build reads the touched users' clean events to validate the increment
     against them). A sync whose table is still at `version` diffs against these rather than
-    scanning the table again, the one scan whose cost grows with the lake; at any other version
-    (another writer, or a retry after a conflict) it reads the table as usual."""
+    scanning the table a second time (a scan whose cost grows with the lake, not the increment);
+    at any other version (another writer, maintenance, or a retry after a conflict) it reads the
+    table as usual."""
 
     version: int
     rows: DataFrame
