@@ -11,6 +11,7 @@ give the same tables.
 """
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Dict, List, Optional, Tuple
@@ -28,6 +29,8 @@ from pipelines.sequences import (SplitCutoffs, build_sequences, conversions,
                                  example_keys_from_ranked, examples_from_ranked,
                                  rank_conversions, resolve_cutoffs,
                                  user_sequences_from_ranked)
+from pipelines.spark import (ADAPTIVE_CONF, SHUFFLE_PARTITIONS_CONF, session_settings,
+                            small_input_settings)
 from pipelines.subjects import (DERIVE_NONE, SubjectCoverage, derive_subjects, store_coverage,
                                 subject_coverage)
 from pipelines.validate import (ValidationReport, event_reasons, format_reports, item_reasons,
@@ -399,6 +402,18 @@ def _validate_increment(spark, lake: str, now: datetime, plan: Plan, items,
         candidates.unpersist()  # the reasoned rows are persisted
 
 
+def _increment_settings(spark, reports: List[ValidationReport], ev: _Validated) -> Dict[str, str]:
+    """The session settings for the rest of an incremental build, which shuffles the increment
+    and its users' earlier events, not the lake (``spark.small_input_settings``); printed,
+    since they differ from the job's own."""
+    shuffled = sum(r.n_input for r in reports) + (ev.prior.count() if ev.prior is not None else 0)
+    settings = small_input_settings(shuffled, spark.sparkContext.defaultParallelism)
+    print(f"increment: {shuffled:,} rows with its users' earlier events: " + (
+        f"{ADAPTIVE_CONF}=false, {SHUFFLE_PARTITIONS_CONF}={settings[SHUFFLE_PARTITIONS_CONF]}"
+        if settings else "the session's settings"), flush=True)
+    return settings
+
+
 def users_to_recompute(passed, derive_subject: str):
     """The users whose sequences, context rows and user_sequences rows an increment can change:
     ``passed`` holds the increment's rows that passed validation (DataFrame -> user ids).
@@ -431,6 +446,7 @@ def _build_increment(spark, lake: str, cfg: BuildConfig, now: datetime, how: _Wr
     reports: List[ValidationReport] = []
     writes: List[WriteResult] = [_unchanged(spark, paths, C.T_ITEMS)]
     persisted = []
+    small = ExitStack()
     try:
         reasoned_by_source = {}
         if plan.users_changed:
@@ -447,6 +463,7 @@ def _build_increment(spark, lake: str, cfg: BuildConfig, now: datetime, how: _Wr
             reasoned_by_source[C.T_RAW_EVENTS] = ev.reasoned
         print(format_reports(reports))
         _fail_fast(reasoned_by_source, reports, cfg.max_quarantine_frac)
+        small.enter_context(session_settings(spark, _increment_settings(spark, reports, ev)))
 
         if plan.users_changed:
             writes.append(how.sync(spark, users, paths.table(C.T_USERS), C.T_USERS,
@@ -496,6 +513,7 @@ def _build_increment(spark, lake: str, cfg: BuildConfig, now: datetime, how: _Wr
         store_coverage(spark, lake, coverage)
         store_build_config(spark, lake, cfg, now)  # differs at most in a field no row depends on
     finally:
+        small.close()
         for df in persisted:
             df.unpersist()
     result = BuildResult({w.table: w.version for w in writes}, writes, reports, prog.cutoffs,

@@ -37,14 +37,14 @@ modification times still builds incrementally.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
-from typing import Dict, Iterator, List, Optional
+from typing import ContextManager, Dict, List, Optional
 
 import ctt_contracts as C
 from pipelines.build_config import BuildConfig, load_build_config
 from pipelines.sequences import SplitCutoffs, load_cutoffs
+from pipelines.spark import session_settings
 from pipelines.subjects import SubjectCoverage
 
 MARKER = "ctt:build_sequences"
@@ -131,18 +131,9 @@ def commits_after(spark, path: str, mark: Mark) -> Optional[List[Commit]]:
     return commits[1:]
 
 
-@contextmanager
-def marked_commits(spark) -> Iterator[None]:
+def marked_commits(spark) -> ContextManager[None]:
     """Every Delta commit of the session carries MARKER while the block runs."""
-    before = spark.conf.get(USER_METADATA_CONF, None)
-    spark.conf.set(USER_METADATA_CONF, MARKER)
-    try:
-        yield
-    finally:
-        if before is None:
-            spark.conf.unset(USER_METADATA_CONF)
-        else:
-            spark.conf.set(USER_METADATA_CONF, before)
+    return session_settings(spark, {USER_METADATA_CONF: MARKER})
 
 
 # --------------------------------------------------------------------------------------

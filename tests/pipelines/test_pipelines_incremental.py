@@ -26,7 +26,7 @@ from pipelines.build_progress import FULL, INCREMENTAL, load_progress, progress_
 from pipelines.cli import build_sequences_main
 from pipelines.delta_io import read_table, table_properties, table_version, write_raw
 from pipelines.sequences import load_cutoffs
-from pipelines.spark import ICT_PROPERTY
+from pipelines.spark import ADAPTIVE_CONF, ICT_PROPERTY, SHUFFLE_PARTITIONS_CONF, session_settings
 from pipelines.subjects import load_coverage
 
 pytestmark = pytest.mark.spark
@@ -280,6 +280,27 @@ def test_a_lake_copied_without_modification_times_stays_incremental(spark, base_
     assert res.mode == INCREMENTAL, res.mode_reason
     assert res.users_recomputed == 1
     _assert_equals_full_rebuild(spark, str(lake), tmp_path, NOW1, "copied")
+
+
+def test_a_small_increment_under_adaptive_execution_runs_without_it_and_restores_it(
+        spark, base_lake, tmp_path, capsys):
+    """A job's session has adaptive execution on and Spark's 200 shuffle partitions (the
+    suite's session turns it off): after validation a small increment runs with it off and
+    one shuffle partition per core, and the job's settings are back afterwards. (The other
+    tests here prove incremental == full with adaptive execution off.)"""
+    lake = str(tmp_path / "lake")
+    shutil.copytree(base_lake, lake)
+    _write(spark, lake, C.T_RAW_EVENTS, [ev(6, 3, CONV, day(175)), ev(1, 6, CONV, day(176))],
+           "append")
+    job = {ADAPTIVE_CONF: "true", SHUFFLE_PARTITIONS_CONF: "200"}
+    with session_settings(spark, job):
+        res = run_build_sequences(spark, lake, BUILD, now=NOW1)
+        assert {k: spark.conf.get(k) for k in job} == job
+    assert res.mode == INCREMENTAL and res.users_recomputed == 2
+    n = spark.sparkContext.defaultParallelism
+    # the 2 appended events and user 1's 5 events of the first load (user 6 is new)
+    assert (f"increment: 7 rows with its users' earlier events: {ADAPTIVE_CONF}=false, "
+            f"{SHUFFLE_PARTITIONS_CONF}={n}") in capsys.readouterr().out
 
 
 def test_users_only_change_resyncs_the_users_table(spark, base_lake, tmp_path):
