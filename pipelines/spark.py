@@ -117,8 +117,9 @@ def small_input_settings(n_rows: int, parallelism: int) -> Dict[str, str]:
     1M-user benchmark lake (2 cores) an incremental build's recomputation of the touched
     users' sequences, context rows and user_sequences ran 97 Spark jobs in 51 s with it and
     46 in 40 s without for a day of 16,927 events, and 80 in 41 s against 44 in 29 s for
-    169,349 events (2.7M rows with the users' earlier events, 3 partitions). Its partition coalescing is what makes Spark's default of 200
-    shuffle partitions cheap on small data, so the partition count is set with it.
+    169,349 events (2.7M rows with the users' earlier events, 3 partitions). Its partition
+    coalescing is what makes Spark's default of 200 shuffle partitions cheap on small data,
+    so the partition count is set with it.
     """
     if n_rows > SMALL_INPUT_MAX_ROWS:
         return {}

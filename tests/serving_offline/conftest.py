@@ -45,12 +45,8 @@ def small_delta_snapshots(spark):
     tiny test tables 50 tasks cost ~30 s per version on a loaded 2-core machine, 2 tasks ~1 s.
     (pipelines.delta_io.tune_local_delta does the same for the jobs; this restores the value.)
     """
-    from pipelines.delta_io import LOCAL_SNAPSHOT_PARTITIONS, SNAPSHOT_PARTITIONS_CONF as key
+    from pipelines.delta_io import LOCAL_SNAPSHOT_PARTITIONS, SNAPSHOT_PARTITIONS_CONF
+    from pipelines.spark import session_settings
 
-    previous = spark.conf.get(key, None)
-    spark.conf.set(key, LOCAL_SNAPSHOT_PARTITIONS)
-    yield
-    if previous is None:
-        spark.conf.unset(key)
-    else:
-        spark.conf.set(key, previous)
+    with session_settings(spark, {SNAPSHOT_PARTITIONS_CONF: LOCAL_SNAPSHOT_PARTITIONS}):
+        yield

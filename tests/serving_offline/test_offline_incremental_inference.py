@@ -21,6 +21,7 @@ import ctt_contracts as C
 from pipelines import inference
 from pipelines.inference import (MODE_FULL, MODE_INCREMENTAL, Progress, TableAt, load_progress,
                                  plan_run, rewrite_reason, run_batch_inference)
+from pipelines.spark import session_settings
 
 History = Dict[int, Tuple[List[int], List[int]]]
 
@@ -318,12 +319,9 @@ def test_an_unavailable_change_feed_falls_back_to_full_with_the_reason(spark, tm
     # the feed's files vacuumed away
     hist[users[2]] = grown(hist, users[2])
     sync_sequences(spark, lake, hist)
-    key = "spark.databricks.delta.retentionDurationCheck.enabled"
-    spark.conf.set(key, "false")
-    try:
+    retention_check = "spark.databricks.delta.retentionDurationCheck.enabled"
+    with session_settings(spark, {retention_check: "false"}):
         DeltaTable.forPath(spark, seq_path).vacuum(0)
-    finally:
-        spark.conf.unset(key)
     gone = run_batch_inference(spark, lake, str(bundles.first), batch_size=16)
     assert gone.mode == MODE_FULL and "unavailable" in gone.mode_reason, gone.mode_reason
     assert (gone.encoded, gone.changed) == (1, 1)
