@@ -492,7 +492,8 @@ def _build_increment(spark, lake: str, cfg: BuildConfig, now: datetime, how: _Wr
             writes.append(how.sync(spark, events_of_touched, paths.table(C.T_EVENTS), C.T_EVENTS,
                                    C.spark_schema(C.T_EVENTS), C.RAW_EVENTS_COLUMNS,
                                    scope=touched, check_table_duplicates=False,
-                                   known=KnownRows(prog.outputs[C.T_EVENTS].version, before)))
+                                   known=KnownRows(prog.outputs[C.T_EVENTS].version, before,
+                                                   added=ev.clean)))
         else:
             writes.append(_unchanged(spark, paths, C.T_EVENTS))
 

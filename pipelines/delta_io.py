@@ -360,10 +360,18 @@ class KnownRows:
     against them). A sync whose table is still at `version` diffs against these rather than
     scanning the table a second time (a scan whose cost grows with the lake, not the increment);
     at any other version (another writer, maintenance, or a retry after a conflict) it reads the
-    table as usual."""
+    table as usual.
+
+    `added`: the rows the new content adds to `rows`, when the caller knows them: the new content
+    is exactly `rows` plus `added`, and no key of `added` is repeated or among `rows` (the
+    incremental build's events: validation marks every copy of an earlier or repeated event a
+    duplicate_event). The sync then inserts `added` without diffing the new content against
+    `rows`, a join whose cost follows the touched users' whole history rather than the day's
+    events; a violated promise raises after the insert, naming the rows already present."""
 
     version: int
     rows: DataFrame
+    added: Optional[DataFrame] = None
 
 
 # Optimistic concurrency: a write whose snapshot went stale (another commit landed between the
@@ -514,6 +522,9 @@ def _sync_once(spark: SparkSession, df: DataFrame, path: str, table: str, schema
     if check_table_duplicates and check_duplicates(spark, table, path, old, key_cols,
                                                    repair_duplicates, repair_hint, fence):
         raise _StaleRead()  # the repair committed: diff again against the repaired table
+    if known is not None and known.version == version and known.added is not None:
+        added = conform(known.added, schema, for_merge=True)
+        return _insert_added(spark, path, table, key_cols, added, version, fence), version
     # Keep changed rows, and unchanged ones whose key is repeated (to fail on them below).
     changed = (diff_rows(df, old, key_cols)
                .where((F.col(_STATUS) != "S") | (F.col(_DUPS) > 1))
@@ -542,6 +553,36 @@ def _sync_once(spark: SparkSession, df: DataFrame, path: str, table: str, schema
     after = table_version(spark, path)
     return (WriteResult(table, path, after, True, inserted=n_ins, deleted=n_del, updated=n_upd,
                         operation=op), version)
+
+
+def _insert_added(spark: SparkSession, path: str, table: str, key_cols: Sequence[str],
+                  added: DataFrame, version: int,
+                  fence: Optional[Callable[[], None]]) -> WriteResult:
+    """The sync of a known change (:class:`KnownRows` ``added``): its rows inserted by one
+    keyed insert-only MERGE, or nothing for none. Their keys are checked unique among
+    themselves; that none is already in the table is the caller's promise, checked by the
+    MERGE's own count of inserted rows (a key present is not inserted again)."""
+    added = added.persist(StorageLevel.MEMORY_AND_DISK)
+    try:
+        n = added.count()
+        if n == 0:
+            return WriteResult(table, path, version, False, operation="noop")
+        _check_unique(added, key_cols, table)
+        if fence is not None:
+            fence()
+        if table_version(spark, path) != version:
+            raise _StaleRead()
+        insert_new_keys(spark, path, key_cols, added)
+    finally:
+        added.unpersist()
+    after, metrics = _last_commit(spark, path)
+    inserted = _metric(metrics, "numTargetRowsInserted")
+    if after == version + 1 and inserted != n:
+        raise ValueError(f"{table} ({path}): {n - inserted} of the {n} rows the caller gave as "
+                         f"new were already in the table at version {version}; the other "
+                         f"{inserted} were inserted (v{after}). The caller's KnownRows.added is "
+                         f"wrong: build the new content without it to diff it instead")
+    return WriteResult(table, path, after, True, inserted=inserted, operation="insert")
 
 
 def _scoped_rows(spark: SparkSession, path: str, version: int, scope: Optional[DataFrame],
