@@ -367,7 +367,8 @@ class KnownRows:
     incremental build's events: validation marks every copy of an earlier or repeated event a
     duplicate_event). The sync then inserts `added` without diffing the new content against
     `rows`, a join whose cost follows the touched users' whole history rather than the day's
-    events; a violated promise raises after the insert, naming the rows already present."""
+    events; a violated promise raises after the insert, saying how many rows were already
+    present."""
 
     version: int
     rows: DataFrame
