@@ -58,6 +58,41 @@ def load_avg() -> List[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+PROBE_ADDS = 10_000_000  # integer additions timed by cpu_probe_s
+
+
+def cpu_probe_s() -> float:
+    """Seconds one core takes for PROBE_ADDS additions in a Python loop, recorded before and
+    after every run. Why: this machine is a shared VM whose speed varies from day to day (other
+    tenants' steal, which the load average does not show); the same code and data took twice as
+    long on one day as on another, so a run's figures are only comparable with a run of a
+    similar probe (about 0.6 s on a quiet day here)."""
+    import time
+
+    t0, total = time.perf_counter(), 0
+    for i in range(PROBE_ADDS):
+        total += i
+    return round(time.perf_counter() - t0, 3)
+
+
+def cpu_times() -> Dict[str, int]:
+    """The machine's cumulative CPU ticks from /proc/stat (empty elsewhere): ``steal_pct``
+    compares two readings."""
+    stat = Path("/proc/stat")
+    if not stat.exists():
+        return {}
+    fields = stat.read_text().splitlines()[0].split()[1:]
+    ticks = [int(x) for x in fields[:8]]  # user nice system idle iowait irq softirq steal
+    return {"total": sum(ticks), "steal": ticks[7] if len(ticks) > 7 else 0}
+
+
+def steal_pct(before: Dict[str, int], after: Dict[str, int]) -> Optional[float]:
+    """Share of CPU time the hypervisor gave to other guests between two ``cpu_times``."""
+    if not before or not after or after["total"] <= before["total"]:
+        return None
+    return round(100.0 * (after["steal"] - before["steal"]) / (after["total"] - before["total"]), 1)
+
+
 def percentiles(samples_ms: Sequence[float]) -> Dict[str, float]:
     """p50 / p90 / p99 / p99.9 / mean / n of latency samples (ms), the one summary every
     latency benchmark writes."""
@@ -132,15 +167,19 @@ def run_and_report(name: str, run: Callable[[], Dict[str, Any]], machine_info: C
                    bars: Optional[Callable[[Dict[str, Any]], List[Dict[str, Any]]]] = None) -> None:
     """Run the benchmark with the load average recorded before and after, print its table and
     write ``out`` as {"benchmark", "date", "machine", "load_avg_before", "load_avg_after",
-    "bars", "result"}: the load says how far the figures can be trusted on a shared machine, and
+    "cpu_probe_s_before", "cpu_probe_s_after", "cpu_steal_pct", "bars", "result"}: the load, the
+    probe and the steal say how far the figures can be trusted on a shared machine, and
     ``bars`` (computed from the result) lists {"name", "value", "target", "met"} per target.
     ``machine_info`` is called after the run, so it can record settings the run made."""
-    load_before = load_avg()
+    load_before = load_avg()  # before the probe, which is load itself
+    probe_before, ticks = cpu_probe_s(), cpu_times()
     started = datetime.now(timezone.utc)
     result = run()
+    steal, load_after = steal_pct(ticks, cpu_times()), load_avg()
     report = {"benchmark": name, "date": started.isoformat(timespec="seconds"),
-              "machine": machine_info(), "load_avg_before": load_before, "load_avg_after": load_avg(),
-              "bars": bars(result) if bars else [], "result": result}
+              "machine": machine_info(), "load_avg_before": load_before, "load_avg_after": load_after,
+              "cpu_probe_s_before": probe_before, "cpu_probe_s_after": cpu_probe_s(),
+              "cpu_steal_pct": steal, "bars": bars(result) if bars else [], "result": result}
     print_table(result)
     write_json(out, report)
     print(f"\nwrote {out}")

@@ -90,7 +90,11 @@ def provenance(file: str, report: Report) -> str:
             else "load average not recorded")
     cores = (report.get("machine") or {}).get("cores")
     where = f"{cores} cores, " if cores else ""
-    return f"`benchmarks/results/{file}`, measured {str(report.get('date', '?'))[:10]} ({where}{load})."
+    probe = (report.get("cpu_probe_s_before"), report.get("cpu_probe_s_after"))
+    speed = (f"; CPU probe {num(probe[0], 2)} s before, {num(probe[1], 2)} s after, "
+             f"steal {num(report.get('cpu_steal_pct'), 1)} %" if probe[0] is not None else "")
+    return (f"`benchmarks/results/{file}`, measured {str(report.get('date', '?'))[:10]} "
+            f"({where}{load}{speed}).")
 
 
 def bar_rows(file: str, report: Report) -> List[List[str]]:

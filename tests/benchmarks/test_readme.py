@@ -72,3 +72,12 @@ def test_missing_results_file_and_missing_markers_are_clear_errors(tmp_path: Pat
         readme.read_reports(tmp_path, ["nothing.json"])
     with pytest.raises(readme.ReadmeError, match="exactly one"):
         readme.replace_block("no markers here", "bars", "body")
+
+
+def test_provenance_shows_the_cpu_probe_and_steal_when_recorded():
+    report = {"date": "2026-12-04T02:00:00+00:00", "machine": {"cores": 2},
+              "load_avg_before": [0.1, 0.0, 0.0], "load_avg_after": [2.0, 1.0, 0.5]}
+    assert "probe" not in readme.provenance("x.json", report)
+    line = readme.provenance("x.json", {**report, "cpu_probe_s_before": 0.61,
+                                        "cpu_probe_s_after": 0.64, "cpu_steal_pct": 3.5})
+    assert "CPU probe 0.61 s before, 0.64 s after, steal 3.5 %" in line

@@ -34,3 +34,16 @@ def test_quick_run_never_writes_the_committed_results():
     assert bench.parse_args([]).out == bench.RESULTS
     with pytest.raises(SystemExit):
         bench.parse_args(["--quick", "--out", str(bench.RESULTS)])
+
+
+def test_steal_is_the_share_of_cpu_ticks_between_two_readings():
+    assert benchlib.steal_pct({"total": 1000, "steal": 100}, {"total": 3000, "steal": 600}) == 25.0
+    assert benchlib.steal_pct({}, {"total": 1, "steal": 0}) is None
+    assert benchlib.steal_pct({"total": 5, "steal": 0}, {"total": 5, "steal": 0}) is None
+    now = benchlib.cpu_times()
+    assert now["total"] > 0 and 0 <= now["steal"] <= now["total"]
+
+
+def test_the_bars_take_the_median_of_the_repeated_days():
+    assert bench.median([30.0, 13.0, 14.0]) == 14.0
+    assert bench.median([10.0, 12.0]) == 11.0
