@@ -200,7 +200,8 @@ def test_metrics_add_up_every_worker(server, traffic, serving_env):
 
 def test_request_log_holds_every_ok_answer(server, traffic, serving_env):
     files = sorted(server.log_dir.glob("requests-*.jsonl"))
-    assert len(files) == 2, "both workers answered and each wrote its own file"
+    # one file per worker that answered (the kernel may hand every connection to one of them)
+    assert 1 <= len(files) <= 2, files
     records = [rec for _, _, rec, problem in read_records([server.log_dir]) if problem is None]
     assert len(records) == 11
     by_request = {json.dumps(r["request"], sort_keys=True): r for r in records}
