@@ -9,6 +9,10 @@ subprocess, while this process samples the RSS of that subprocess's whole proces
 Python + JVM + Python workers) with psutil every 50 ms; (4) check that both produced the same rows;
 (5) print a table and write benchmarks/results/build_sequences.json.
 
+Steps (2) and (3) are repeated (``--repeats``, default 3), Spark and pandas alternating so that a
+drift of this shared machine hits both sides: the same pandas build took 41 s and 66 s within
+an hour of one day. Throughput is the median run's, peak memory the highest run's.
+
 Both sides read the same Delta tables and write Parquet, use the same explicit split cutoffs
 (exact quantiles computed at preparation) and the same cap / top-k, so their outputs are
 compared row for row (arrays, float weights and hashes included). Timings exclude interpreter /
@@ -297,8 +301,20 @@ def bars(results: List[Dict]) -> List[Dict]:
                          row and round(row["ratio_peak_rss_spark_over_pandas"], 3), 1.0, at_most=True)]
 
 
+def summarise(runs: List[Dict]) -> Dict:
+    """One side's repeated runs -> median seconds (and JVM start), the highest peak RSS, the
+    mean load, and every run's figures."""
+    out = {"seconds": float(np.median([r["seconds"] for r in runs])),
+           "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+           "mean_load_avg_1m": round(float(np.mean([r["mean_load_avg_1m"] or 0 for r in runs])), 2),
+           "runs": runs}
+    if "startup_s" in runs[0]:
+        out["startup_s"] = float(np.median([r["startup_s"] for r in runs]))
+    return out
+
+
 def bench_one(n_events: int, master: str, driver_memory: str, partitions: int,
-              reuse: bool) -> Dict:
+              reuse: bool, repeats: int = 1) -> Dict:
     work = WORK / f"events_{n_events}"
     lake = str(work / "lake")
     if not (reuse and (Path(lake) / "bench_meta.json").exists()):
@@ -306,13 +322,17 @@ def bench_one(n_events: int, master: str, driver_memory: str, partitions: int,
         run_measured(["--phase", "prepare", "--lake", lake, "--events", str(n_events),
                       "--master", master, "--driver-memory", driver_memory])
     meta = json.loads((Path(lake) / "bench_meta.json").read_text())
-    print(f"[{n_events}] spark build ...", flush=True)
-    spark_res = run_measured(["--phase", "spark", "--lake", lake, "--out", str(work / "spark_out"),
-                              "--master", master, "--driver-memory", driver_memory,
-                              "--partitions", str(partitions)])
-    print(f"[{n_events}] pandas build ...", flush=True)
-    pandas_res = run_measured(["--phase", "pandas", "--lake", lake,
-                               "--out", str(work / "pandas_out")])
+    spark_runs, pandas_runs = [], []
+    for r in range(repeats):
+        print(f"[{n_events}] spark build {r + 1}/{repeats} ...", flush=True)
+        spark_runs.append(run_measured(["--phase", "spark", "--lake", lake,
+                                        "--out", str(work / "spark_out"), "--master", master,
+                                        "--driver-memory", driver_memory,
+                                        "--partitions", str(partitions)]))
+        print(f"[{n_events}] pandas build {r + 1}/{repeats} ...", flush=True)
+        pandas_runs.append(run_measured(["--phase", "pandas", "--lake", lake,
+                                         "--out", str(work / "pandas_out")]))
+    spark_res, pandas_res = summarise(spark_runs), summarise(pandas_runs)
     equal = compare_outputs(str(work / "spark_out"), str(work / "pandas_out"))
     n = meta["n_events"]
     for res in (spark_res, pandas_res):
@@ -349,6 +369,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--partitions", type=int, default=8, help="spark.sql.shuffle.partitions")
     p.add_argument("--out", default=str(RESULTS), help="results JSON (default %(default)s)")
     p.add_argument("--no-reuse", action="store_true", help="regenerate the lakes")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="measured runs per side and size, Spark and pandas alternating")
     p.add_argument("--phase", choices=("prepare", "spark", "pandas"), help=argparse.SUPPRESS)
     p.add_argument("--lake", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -363,20 +385,24 @@ def main(argv: Optional[List[str]] = None) -> None:
         print("RESULT " + json.dumps(res))
         return
     info, load_before = machine(), benchlib.load_avg()
+    probe_before, ticks = benchlib.cpu_probe_s(), benchlib.cpu_times()
     rows = []
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
     by_size = {r["events_requested"]: r for r in previous.get("results", [])}
     for n in args.events:
         rows.append(bench_one(n, args.master, args.driver_memory, args.partitions,
-                              reuse=not args.no_reuse))
+                              reuse=not args.no_reuse, repeats=args.repeats))
         by_size[n] = rows[-1]
         results = [by_size[k] for k in sorted(by_size)]
         doc = {"benchmark": "build_sequences", "date": datetime.now(timezone.utc).isoformat(),
                "machine": info, "load_avg_before": load_before, "load_avg_after": benchlib.load_avg(),
+               "cpu_probe_s_before": probe_before, "cpu_probe_s_after": benchlib.cpu_probe_s(),
+               "cpu_steal_pct": benchlib.steal_pct(ticks, benchlib.cpu_times()),
                "bars": bars(results), "config": {"cap": CAP, "context_top_k": TOP_K,
                                            "master": args.master,
                                            "driver_memory": args.driver_memory,
-                                           "shuffle_partitions": args.partitions},
+                                           "shuffle_partitions": args.partitions,
+                                           "repeats": args.repeats},
                "results": results}
         benchlib.write_json(Path(args.out), doc)
     print_table(rows)

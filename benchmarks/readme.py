@@ -112,6 +112,13 @@ def render_bars(reports: Dict[str, Report]) -> List[str]:
     return table(("bar", "value", "target", "met", "results file"), rows)
 
 
+def _build_seconds(side: Dict[str, Any]) -> str:
+    """The median run's seconds, and every run's when the side was repeated."""
+    runs = side.get("runs") or []
+    each = "; runs " + " / ".join(f"{r['seconds']:.1f}" for r in runs) if len(runs) > 1 else ""
+    return f"{side['seconds']:.1f} s{each}"
+
+
 def render_build(reports: Dict[str, Report]) -> List[str]:
     (file, r), = reports.items()
     rows = []
@@ -120,13 +127,17 @@ def render_build(reports: Dict[str, Report]) -> List[str]:
         equal = x.get("outputs_equal", {})
         rows.append([
             f"{x['events']:,} ({x['users']:,} users, {x['items']:,} items)",
-            f"{s['events_per_s']:,.0f} ({s['seconds']:.1f} s + {s.get('startup_s', 0):.1f} s JVM start)",
-            f"{s['peak_rss_mb']:,.0f} MB", f"{p['events_per_s']:,.0f} ({p['seconds']:.1f} s)",
+            f"{s['events_per_s']:,.0f} ({_build_seconds(s)}; + {s.get('startup_s', 0):.1f} s JVM "
+            f"start)",
+            f"{s['peak_rss_mb']:,.0f} MB", f"{p['events_per_s']:,.0f} ({_build_seconds(p)})",
             f"{p['peak_rss_mb']:,.0f} MB", f"{x['ratio_events_per_s_spark_over_pandas']:.2f}x",
             f"{x['ratio_peak_rss_spark_over_pandas']:.2f}x",
             "yes" if equal and all(equal.values()) else "**no**",
             num(s.get("mean_load_avg_1m"), 1)])
-    return [provenance(file, r), ""] + table(
+    repeats = (r.get("config") or {}).get("repeats", 1)
+    how = ([f"Each side ran {repeats} times, alternating: events/s from the median run, peak RSS "
+            "the highest run's.", ""] if repeats > 1 else [])
+    return [provenance(file, r), ""] + how + table(
         ("events", "Spark events/s", "Spark peak RSS", "pandas events/s", "pandas peak RSS",
          "Spark / pandas throughput", "Spark / pandas peak RSS", "outputs equal",
          "load during run"), rows)
