@@ -14,6 +14,9 @@ from serving.index import (BACKEND_BRUTE_FORCE, BACKEND_SCANN, BRUTE_FORCE_MAX_I
                            load_index, recall_at_k, sample_queries, sha256_array)
 
 N_ITEMS, DIM = 6000, 32
+# build_index's default: with 400 the held-out half (200 queries) scattered about +-0.005
+# around the tuned recall and a CI run saw 0.9493 < 0.95 (a false failure of the build).
+N_QUERIES = 1000
 
 
 def _catalog(n: int, dim: int, seed: int = 0):
@@ -35,7 +38,7 @@ def catalog():
 def scann_dir(tmp_path_factory, catalog):
     ids, emb = catalog
     out = tmp_path_factory.mktemp("idx") / "index"
-    build_index(ids, emb, "run-a-0123abcd", out, backend=BACKEND_SCANN, n_queries=400)
+    build_index(ids, emb, "run-a-0123abcd", out, backend=BACKEND_SCANN, n_queries=N_QUERIES)
     return out
 
 
@@ -113,9 +116,9 @@ def test_tuning_keeps_the_fastest_setting_that_reaches_the_target(scann_dir, cat
     assert manifest["scann"]["pre_reorder_num_neighbors"] == chosen["pre_reorder_num_neighbors"]
     assert manifest["search_ms"] == {k: chosen[k] for k in ("p50", "p99", "mean")}
     assert manifest["recall_tune_at_k"] == chosen["recall"]
-    # The tuning half of build_index's default queries (n_queries=400, seed 0).
+    # The tuning half of the fixture's queries (seed 0).
     index = load_index(scann_dir, "run-a-0123abcd", ids, emb)
-    tune_q = sample_queries(emb, 400, seed=0)[:200]
+    tune_q = sample_queries(emb, N_QUERIES, seed=0)[:N_QUERIES // 2]
     got = recall_at_k(index.search_batch_positions(tune_q, 100), brute_force_topk(emb, tune_q, 100)[0],
                       tune_q, emb)  # the tuner counts ties at the k-th score as hits
     assert got == pytest.approx(chosen["recall"], abs=1e-4)
