@@ -303,10 +303,11 @@ def bars(results: List[Dict]) -> List[Dict]:
 
 def summarise(runs: List[Dict]) -> Dict:
     """One side's repeated runs -> median seconds (and JVM start), the highest peak RSS, the
-    mean load, and every run's figures."""
+    mean of the recorded loads (None if no run recorded one), and every run's figures."""
+    loads = [r["mean_load_avg_1m"] for r in runs if r["mean_load_avg_1m"] is not None]
     out = {"seconds": float(np.median([r["seconds"] for r in runs])),
            "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
-           "mean_load_avg_1m": round(float(np.mean([r["mean_load_avg_1m"] or 0 for r in runs])), 2),
+           "mean_load_avg_1m": round(float(np.mean(loads)), 2) if loads else None,
            "runs": runs}
     if "startup_s" in runs[0]:
         out["startup_s"] = float(np.median([r["startup_s"] for r in runs]))
@@ -314,7 +315,7 @@ def summarise(runs: List[Dict]) -> Dict:
 
 
 def bench_one(n_events: int, master: str, driver_memory: str, partitions: int,
-              reuse: bool, repeats: int = 1) -> Dict:
+              reuse: bool, repeats: int) -> Dict:
     work = WORK / f"events_{n_events}"
     lake = str(work / "lake")
     if not (reuse and (Path(lake) / "bench_meta.json").exists()):

@@ -25,6 +25,12 @@ def test_a_side_without_jvm_start_has_no_startup_figure():
     assert "startup_s" not in bench.summarise([run(30.0, 2500.0)])
 
 
+def test_a_run_without_load_samples_does_not_count_as_load_zero():
+    assert bench.summarise([run(30.0, 2500.0, 2.0), run(31.0, 2500.0, None)])[
+        "mean_load_avg_1m"] == 2.0
+    assert bench.summarise([run(30.0, 2500.0, None)])["mean_load_avg_1m"] is None
+
+
 def test_bars_read_the_10m_row_only():
     row = {"events_requested": bench.BAR_EVENTS, "ratio_events_per_s_spark_over_pandas": 1.04,
            "ratio_peak_rss_spark_over_pandas": 1.1}
