@@ -30,6 +30,12 @@ DEFAULT_PROPERTY_CONF = "spark.databricks.delta.properties.defaults."  # + prope
 ICT_PROPERTY = "delta.enableInCommitTimestamps"
 ADAPTIVE_CONF = "spark.sql.adaptive.enabled"
 SHUFFLE_PARTITIONS_CONF = "spark.sql.shuffle.partitions"
+# The JVMs' garbage collector: the throughput collector for batch jobs. Set through the
+# *default* Java options, which Spark prepends to `spark.{driver,executor}.extraJavaOptions`,
+# so a job's or a user's own extra options still apply; a launcher (spark-submit, spark-defaults)
+# that sets the default options itself keeps them.
+GC_JAVA_OPTIONS = "-XX:+UseParallelGC"
+DEFAULT_JAVA_OPTIONS_CONFS = ("spark.driver.defaultJavaOptions", "spark.executor.defaultJavaOptions")
 # small_input_settings: the largest input it applies to, and the rows per shuffle partition
 # it sizes the partition count by (a sort or join of 1M event rows fits a task's memory).
 SMALL_INPUT_MAX_ROWS = 8_000_000
@@ -67,6 +73,10 @@ def session_conf(app_name: str, shuffle_partitions: Optional[int] = None) -> Dic
         # build recorded (pipelines/build_progress.py) and is not rebuilt in full.
         DEFAULT_PROPERTY_CONF + ICT_PROPERTY.removeprefix("delta."): "true",
         "spark.ui.showConsoleProgress": "false",
+        # Parallel GC instead of G1: the sequence build benchmark at 10M events ran 11-12 %
+        # faster (48-60 s vs 55-70 s, runs alternating, 2026-12-04); a batch job wants
+        # throughput, not G1's short pauses.
+        **{key: GC_JAVA_OPTIONS for key in DEFAULT_JAVA_OPTIONS_CONFS},
     }
     if shuffle_partitions is not None:
         conf[SHUFFLE_PARTITIONS_CONF] = str(shuffle_partitions)
@@ -100,6 +110,8 @@ def get_spark(app_name: str = "ctt", master: Optional[str] = None,
     for key, value in {**conf, **(extra_conf or {})}.items():
         if key in ("spark.jars", "spark.jars.packages") and launched.get(key, None):
             continue  # spark-submit already shipped jars (--jars / --packages / defaults)
+        if key in DEFAULT_JAVA_OPTIONS_CONFS and launched.get(key, None):
+            continue  # the launcher's (an administrator's) JVM defaults win
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("CTT_SPARK_LOG_LEVEL", "WARN"))
