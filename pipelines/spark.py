@@ -9,11 +9,17 @@ only when it runs the default local master, and finds the Delta jars in one of t
    ``~/.cache/ctt/jars/delta-<version>``), passed as ``spark.jars`` so Spark ships them to
    executors on any cluster; or
 2. Ivy coordinates in ``spark.jars.packages`` when no such folder exists.
+
+The JVMs run the parallel garbage collector (GC_JAVA_OPTIONS) through Spark's *default* Java
+options: `make setup` writes them into the venv's spark-defaults.conf (which `spark-submit` and
+PySpark's own launcher read before the driver JVM exists); the builder adds them only where
+neither that file, the launcher nor the job chose (``jvm_default_options``).
 """
 from __future__ import annotations
 
 import glob
 import os
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Dict, Iterator, Optional
@@ -30,16 +36,32 @@ DEFAULT_PROPERTY_CONF = "spark.databricks.delta.properties.defaults."  # + prope
 ICT_PROPERTY = "delta.enableInCommitTimestamps"
 ADAPTIVE_CONF = "spark.sql.adaptive.enabled"
 SHUFFLE_PARTITIONS_CONF = "spark.sql.shuffle.partitions"
-# The JVMs' garbage collector: the throughput collector for batch jobs. Set through the
-# *default* Java options, which Spark prepends to `spark.{driver,executor}.extraJavaOptions`,
-# so a job's or a user's own extra options still apply; a launcher (spark-submit, spark-defaults)
-# that sets the default options itself keeps them.
+# The JVMs' garbage collector: HotSpot's parallel (throughput) collector instead of G1, since a
+# batch job wants throughput, not short pauses (measured on the sequence build: README,
+# "Sequence build"). Set through the *default* Java options, which Spark puts before
+# `spark.{driver,executor}.extraJavaOptions` (see `jvm_default_options` for who wins).
 GC_JAVA_OPTIONS = "-XX:+UseParallelGC"
-DEFAULT_JAVA_OPTIONS_CONFS = ("spark.driver.defaultJavaOptions", "spark.executor.defaultJavaOptions")
+ROLES = ("driver", "executor")
+# A collector choice in a JVM option string (a second one makes the JVM refuse to start).
+_GC_FLAG = re.compile(r"-XX:[+-]Use\w*GC\b")
+# Option strings the driver JVM reads from the environment besides its command line.
+JAVA_OPTION_ENV_VARS = ("JAVA_TOOL_OPTIONS", "JDK_JAVA_OPTIONS", "SPARK_SUBMIT_OPTS")
+SPARK_DEFAULTS_FILE = "spark-defaults.conf"
+_PROPERTY_LINE = re.compile(r"([^\s=:]+)\s*[=:]?\s*(.*)$")  # key, value of a properties line
+
+
 # small_input_settings: the largest input it applies to, and the rows per shuffle partition
 # it sizes the partition count by (a sort or join of 1M event rows fits a task's memory).
 SMALL_INPUT_MAX_ROWS = 8_000_000
 ROWS_PER_SHUFFLE_PARTITION = 1_000_000
+
+
+def default_java_options_key(role: str) -> str:
+    return f"spark.{role}.defaultJavaOptions"
+
+
+def extra_java_options_key(role: str) -> str:
+    return f"spark.{role}.extraJavaOptions"
 
 
 def delta_jars_dir() -> Path:
@@ -73,15 +95,66 @@ def session_conf(app_name: str, shuffle_partitions: Optional[int] = None) -> Dic
         # build recorded (pipelines/build_progress.py) and is not rebuilt in full.
         DEFAULT_PROPERTY_CONF + ICT_PROPERTY.removeprefix("delta."): "true",
         "spark.ui.showConsoleProgress": "false",
-        # Parallel GC instead of G1: the sequence build benchmark at 10M events ran 11-12 %
-        # faster (48-60 s vs 55-70 s, runs alternating, 2026-12-04); a batch job wants
-        # throughput, not G1's short pauses.
-        **{key: GC_JAVA_OPTIONS for key in DEFAULT_JAVA_OPTIONS_CONFS},
     }
     if shuffle_partitions is not None:
         conf[SHUFFLE_PARTITIONS_CONF] = str(shuffle_partitions)
     conf.update(delta_jar_conf())
     return conf
+
+
+def jvm_default_options(launcher: Dict[str, str], requested: Dict[str, str], env_options: str,
+                        driver_running: bool) -> Dict[str, str]:
+    """The `spark.<role>.defaultJavaOptions` the builder sets (pure): GC_JAVA_OPTIONS where
+    nobody chose, and never a second collector.
+
+    - A launcher's default options (spark-submit's conf, or the spark-defaults.conf it will
+      read: an administrator's choice) win; an empty value counts as a choice.
+    - A role whose own extra options (`requested` = the job's extra_conf, else the launcher's;
+      for the driver also `env_options`) name a collector gets no collector from the defaults:
+      the launcher's defaults minus their collector flag, or nothing.
+    - The driver's key is left alone once its JVM runs (under spark-submit): too late to apply,
+      and the session's conf would then report a collector the driver does not run.
+    """
+    out: Dict[str, str] = {}
+    for role in ROLES:
+        key = default_java_options_key(role)
+        if key in requested or (role == "driver" and driver_running):
+            continue
+        extra = requested.get(extra_java_options_key(role),
+                              launcher.get(extra_java_options_key(role), ""))
+        own_collector = _GC_FLAG.search(extra + (" " + env_options if role == "driver" else ""))
+        base = launcher.get(key)
+        if base is None:
+            if not own_collector:
+                out[key] = GC_JAVA_OPTIONS
+        elif own_collector and _GC_FLAG.search(base):
+            out[key] = " ".join(_GC_FLAG.sub("", base).split())
+    return out
+
+
+def spark_defaults_file() -> Dict[str, str]:
+    """The spark-defaults.conf spark-submit will read ($SPARK_CONF_DIR, else $SPARK_HOME/conf,
+    the pip pyspark's folder when SPARK_HOME is unset) as a dict; {} when there is none.
+
+    A Java properties file: `key value`, `key=value` or `key:value` per line, `#`/`!` comments
+    (line continuations are not used by Spark's conf files and not read here)."""
+    conf_dir = os.environ.get("SPARK_CONF_DIR")
+    if not conf_dir:
+        home = os.environ.get("SPARK_HOME")
+        if not home:
+            import pyspark
+            home = os.path.dirname(pyspark.__file__)
+        conf_dir = os.path.join(home, "conf")
+    path = Path(conf_dir) / SPARK_DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    out: Dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and line[0] not in "#!":
+            key, value = _PROPERTY_LINE.match(line).groups()
+            out[key] = value.strip()
+    return out
 
 
 def get_spark(app_name: str = "ctt", master: Optional[str] = None,
@@ -91,7 +164,8 @@ def get_spark(app_name: str = "ctt", master: Optional[str] = None,
 
     `master` wins if given; otherwise a master set by spark-submit (`spark.master` in the
     launcher's conf) is kept; otherwise `local[*]`. Only in local mode is the driver bound to
-    127.0.0.1, so that on a cluster executors can still reach it.
+    127.0.0.1, so that on a cluster executors can still reach it. The JVMs get the parallel
+    collector unless the launcher or the job chose one (`jvm_default_options`).
     """
     from pyspark import SparkConf, SparkContext
     from pyspark.sql import SparkSession
@@ -99,6 +173,7 @@ def get_spark(app_name: str = "ctt", master: Optional[str] = None,
     if "PYSPARK_GATEWAY_PORT" in os.environ:
         # Under spark-submit the JVM already runs; connect to it so SparkConf sees --master etc.
         SparkContext._ensure_initialized()
+    running = SparkContext._gateway is not None  # the driver JVM is up (spark-submit, or earlier)
     launched = SparkConf()  # holds spark-submit's settings when run under it
     chosen = master or launched.get("spark.master", None) or os.environ.get("CTT_SPARK_MASTER")
     chosen = chosen or DEFAULT_MASTER
@@ -107,11 +182,12 @@ def get_spark(app_name: str = "ctt", master: Optional[str] = None,
     if chosen.startswith("local"):
         conf.setdefault("spark.driver.host", "127.0.0.1")
         conf.setdefault("spark.driver.bindAddress", "127.0.0.1")
+    launcher = dict(launched.getAll()) if running else spark_defaults_file()
+    env_options = " ".join(os.environ.get(v, "") for v in JAVA_OPTION_ENV_VARS)
+    conf.update(jvm_default_options(launcher, extra_conf or {}, env_options, running))
     for key, value in {**conf, **(extra_conf or {})}.items():
         if key in ("spark.jars", "spark.jars.packages") and launched.get(key, None):
             continue  # spark-submit already shipped jars (--jars / --packages / defaults)
-        if key in DEFAULT_JAVA_OPTIONS_CONFS and launched.get(key, None):
-            continue  # the launcher's (an administrator's) JVM defaults win
         builder = builder.config(key, value)
     spark = builder.getOrCreate()
     spark.sparkContext.setLogLevel(os.environ.get("CTT_SPARK_LOG_LEVEL", "WARN"))

@@ -1,4 +1,4 @@
-"""Session settings a step changes for its own duration (pipelines.spark), on a real session."""
+"""Session settings a step changes for its own duration, and the JVMs' collector (pipelines.spark)."""
 from __future__ import annotations
 
 import json
@@ -9,16 +9,23 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.spark import (ADAPTIVE_CONF, DEFAULT_JAVA_OPTIONS_CONFS, GC_JAVA_OPTIONS,
-                             ROWS_PER_SHUFFLE_PARTITION, SHUFFLE_PARTITIONS_CONF,
-                             SMALL_INPUT_MAX_ROWS, session_settings, small_input_settings)
+from pipelines.spark import (ADAPTIVE_CONF, GC_JAVA_OPTIONS, ROLES, ROWS_PER_SHUFFLE_PARTITION,
+                             SHUFFLE_PARTITIONS_CONF, SMALL_INPUT_MAX_ROWS, SPARK_DEFAULTS_FILE,
+                             default_java_options_key, extra_java_options_key,
+                             jvm_default_options, session_settings, small_input_settings,
+                             spark_defaults_file)
 
 REPO = Path(__file__).resolve().parents[2]
-# Prints the driver JVM's collectors and the session's default Java options (run by spark-submit).
+DRIVER_KEY, EXECUTOR_KEY = (default_java_options_key(r) for r in ROLES)
+PARALLEL_GCS = {"PS Scavenge", "PS MarkSweep"}
+SERIAL_GCS = {"Copy", "MarkSweepCompact"}
+SERIAL = "-XX:+UseSerialGC"
+# Run by `python` (PySpark launches the driver JVM): the driver's collectors and the session's
+# default Java options. argv[1]: the session's extra conf as JSON.
 _PROBE = """
-import json
+import json, sys
 from pipelines.spark import get_spark
-s = get_spark("gc-probe")
+s = get_spark("gc-probe", extra_conf=json.loads(sys.argv[1]))
 mx = s.sparkContext._jvm.java.lang.management.ManagementFactory
 print("PROBE " + json.dumps({"gcs": [g.getName() for g in mx.getGarbageCollectorMXBeans()],
       "conf": {k: s.conf.get(k, None) for k in %r}}))
@@ -26,8 +33,10 @@ s.stop()
 """
 
 
-def _jvm(spark):
-    return spark.sparkContext._jvm.java.lang.management.ManagementFactory
+def _collectors(spark) -> set:
+    mx = spark.sparkContext._jvm.java.lang.management.ManagementFactory
+    return {g.getName() for g in mx.getGarbageCollectorMXBeans()}
+
 
 UNSET_KEY = "spark.ctt.test.unset"
 
@@ -59,32 +68,80 @@ def test_session_settings_are_restored_or_unset_after_the_block_even_when_it_rai
         assert spark.conf.get(SHUFFLE_PARTITIONS_CONF) == before
 
 
+def test_jvm_defaults_where_nobody_chose_and_never_a_second_collector():
+    both = {DRIVER_KEY: GC_JAVA_OPTIONS, EXECUTOR_KEY: GC_JAVA_OPTIONS}
+    assert jvm_default_options({}, {}, "", driver_running=False) == both
+    # under spark-submit the driver runs already: only the executors' default is still open
+    assert jvm_default_options({}, {}, "", driver_running=True) == {EXECUTOR_KEY: GC_JAVA_OPTIONS}
+    # a launcher's defaults win, an empty one too
+    assert jvm_default_options({DRIVER_KEY: SERIAL, EXECUTOR_KEY: ""}, {}, "", False) == {}
+    # the job's own default options are its choice
+    assert jvm_default_options({}, {DRIVER_KEY: "-Dx=1"}, "", False) == {
+        EXECUTOR_KEY: GC_JAVA_OPTIONS}
+    # a collector in a role's extra options (the job's, else the launcher's; for the driver the
+    # environment's too): no collector from the defaults, the launcher's other options kept
+    g1 = "-XX:+UseG1GC"
+    assert jvm_default_options({}, {extra_java_options_key("executor"): g1}, "", False) == {
+        DRIVER_KEY: GC_JAVA_OPTIONS}
+    assert jvm_default_options({extra_java_options_key("driver"): g1}, {}, "", False) == {
+        EXECUTOR_KEY: GC_JAVA_OPTIONS}
+    assert jvm_default_options({}, {}, f"-Xss4m {g1}", False) == {EXECUTOR_KEY: GC_JAVA_OPTIONS}
+    launcher = {DRIVER_KEY: f"{GC_JAVA_OPTIONS} -Dadmin=1", EXECUTOR_KEY: GC_JAVA_OPTIONS}
+    assert jvm_default_options(launcher, {extra_java_options_key("driver"): g1,
+                                          extra_java_options_key("executor"): g1}, "", False) == {
+        DRIVER_KEY: "-Dadmin=1", EXECUTOR_KEY: ""}
+    # the job's extra options replace the launcher's, collector and all
+    assert jvm_default_options({extra_java_options_key("driver"): g1},
+                               {extra_java_options_key("driver"): "-Dx=1"}, "", False) == both
+
+
+def test_spark_defaults_file_is_read_where_spark_submit_reads_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARK_CONF_DIR", str(tmp_path))
+    assert spark_defaults_file() == {}
+    (tmp_path / SPARK_DEFAULTS_FILE).write_text(
+        "# admin\n! also a comment\n\nspark.a  x y\nspark.b=1\nspark.c : two words\nspark.d\n")
+    assert spark_defaults_file() == {"spark.a": "x y", "spark.b": "1", "spark.c": "two words",
+                                     "spark.d": ""}
+
+
 @pytest.mark.spark
 def test_sessions_run_the_parallel_collector_and_keep_their_own_java_options(spark):
     """The suite's session passes its own -D option in extraJavaOptions: both apply."""
-    args = list(_jvm(spark).getRuntimeMXBean().getInputArguments())
-    assert GC_JAVA_OPTIONS in args
-    assert any(a.startswith("-Ddelta.log.cacheSize=") for a in args)
-    assert {g.getName() for g in _jvm(spark).getGarbageCollectorMXBeans()} == {
-        "PS Scavenge", "PS MarkSweep"}
+    mx = spark.sparkContext._jvm.java.lang.management.ManagementFactory
+    args = list(mx.getRuntimeMXBean().getInputArguments())
+    assert set(GC_JAVA_OPTIONS.split()) <= set(args)
+    extra = spark.conf.get(extra_java_options_key("driver"))
+    assert extra and set(extra.split()) <= set(args)
+    assert _collectors(spark) == PARALLEL_GCS
+    assert spark.conf.get(DRIVER_KEY) == spark.conf.get(EXECUTOR_KEY) == GC_JAVA_OPTIONS
+
+
+def _probe(tmp_path: Path, extra_conf: dict, conf_dir: Path) -> dict:
+    script = tmp_path / "probe.py"
+    script.write_text(_PROBE % ((DRIVER_KEY, EXECUTOR_KEY),))
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYSPARK_PYTHON=sys.executable,
+               SPARK_LOCAL_IP="127.0.0.1", SPARK_CONF_DIR=str(conf_dir))
+    done = subprocess.run([sys.executable, str(script), json.dumps(extra_conf)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    line = next((x for x in done.stdout.splitlines() if x.startswith("PROBE ")), None)
+    assert done.returncode == 0 and line, (done.stdout[-2000:], done.stderr[-3000:])
+    return json.loads(line[len("PROBE "):])
 
 
 @pytest.mark.slow
-def test_a_launchers_default_java_options_win(tmp_path):
-    """spark-submit with its own default Java options (an administrator's collector): the
-    driver runs that collector and the session does not overwrite the executors' setting."""
-    script = tmp_path / "probe.py"
-    script.write_text(_PROBE % (DEFAULT_JAVA_OPTIONS_CONFS,))
-    serial = "-XX:+UseSerialGC"
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYSPARK_PYTHON=sys.executable,
-               SPARK_LOCAL_IP="127.0.0.1")
-    argv = [str(Path(sys.executable).parent / "spark-submit"), "--master", "local[1]"]
-    for key in DEFAULT_JAVA_OPTIONS_CONFS:
-        argv += ["--conf", f"{key}={serial}"]
-    done = subprocess.run(argv + [str(script)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    probe = json.loads(next(line for line in done.stdout.splitlines()
-                            if line.startswith("PROBE "))[len("PROBE "):])
-    assert set(probe["gcs"]) == {"Copy", "MarkSweepCompact"}
-    assert probe["conf"] == {key: serial for key in DEFAULT_JAVA_OPTIONS_CONFS}
+def test_an_administrators_collector_wins_and_a_jobs_own_collector_starts(tmp_path):
+    """Started by `python`: (1) a spark-defaults.conf choosing the serial collector -> the driver
+    runs it, the session keeps the file's settings; (2) no file, the job's extraJavaOptions
+    choose the serial collector -> the JVM starts (no second collector) and runs it."""
+    admin = tmp_path / "admin_conf"
+    admin.mkdir()
+    (admin / SPARK_DEFAULTS_FILE).write_text(f"{DRIVER_KEY} {SERIAL}\n{EXECUTOR_KEY} {SERIAL}\n")
+    probe = _probe(tmp_path, {}, admin)
+    assert set(probe["gcs"]) == SERIAL_GCS
+    assert probe["conf"] == {DRIVER_KEY: SERIAL, EXECUTOR_KEY: SERIAL}
+
+    empty = tmp_path / "no_conf"
+    empty.mkdir()
+    probe = _probe(tmp_path, {extra_java_options_key("driver"): SERIAL}, empty)
+    assert set(probe["gcs"]) == SERIAL_GCS
+    assert probe["conf"] == {DRIVER_KEY: None, EXECUTOR_KEY: GC_JAVA_OPTIONS}
