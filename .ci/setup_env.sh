@@ -38,13 +38,12 @@ fi
 # Make plain `spark-submit` from the venv Delta-ready: the pip pyspark reads
 # $SPARK_HOME/conf/spark-defaults.conf. Rewritten each run (the jars folder may have moved).
 spark_home=$("$venv/bin/python" -c 'import os, pyspark; print(os.path.dirname(pyspark.__file__))')
-gc_options=$("$venv/bin/python" -c 'from pipelines.spark import GC_JAVA_OPTIONS; print(GC_JAVA_OPTIONS)')
 mkdir -p "$spark_home/conf"
 {
   echo "spark.jars $(ls "$jars"/*.jar | paste -sd, -)"
-  # The driver JVM of spark-submit starts before any job code: its collector is set here.
-  echo "spark.driver.defaultJavaOptions $gc_options"
-  echo "spark.executor.defaultJavaOptions $gc_options"
+  # The JVMs' collector (pipelines.spark.GC_JAVA_OPTIONS): spark-submit's driver JVM starts
+  # before any job code, so it is set here.
+  "$venv/bin/python" -c 'from pipelines.spark import spark_defaults_lines as l; print(*l(), sep="\n")'
   echo "spark.sql.extensions io.delta.sql.DeltaSparkSessionExtension"
   echo "spark.sql.catalog.spark_catalog org.apache.spark.sql.delta.catalog.DeltaCatalog"
   echo "spark.sql.session.timeZone UTC"

@@ -22,7 +22,7 @@ import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, List, Mapping, Optional
 
 DELTA_VERSION = "4.4.0"  # newest Delta jars on Maven Central built for Spark 4.2
 SCALA_BINARY = "2.13"
@@ -43,12 +43,16 @@ SHUFFLE_PARTITIONS_CONF = "spark.sql.shuffle.partitions"
 GC_JAVA_OPTIONS = "-XX:+UseParallelGC"
 ROLES = ("driver", "executor")
 # A collector choice in a JVM option string (a second one makes the JVM refuse to start).
-_GC_FLAG = re.compile(r"-XX:[+-]Use\w*GC\b")
-# Option strings the driver JVM reads from the environment besides its command line.
-JAVA_OPTION_ENV_VARS = ("JAVA_TOOL_OPTIONS", "JDK_JAVA_OPTIONS", "SPARK_SUBMIT_OPTS")
+_GC_FLAG = re.compile(r"-XX:[+-]Use(?:Serial|Parallel|ParallelOld|G1|Z|Shenandoah|Epsilon|"
+                      r"ConcMarkSweep)GC\b")
+# Option strings every JVM started here reads from its environment (executors of a local-cluster
+# master inherit it), and the one spark-submit's launcher adds to the driver's command line.
+JVM_OPTION_ENV_VARS = ("JAVA_TOOL_OPTIONS", "JDK_JAVA_OPTIONS", "_JAVA_OPTIONS")
+LAUNCHER_OPTION_ENV_VAR = "SPARK_SUBMIT_OPTS"
 SPARK_DEFAULTS_FILE = "spark-defaults.conf"
-_PROPERTY_LINE = re.compile(r"([^\s=:]+)\s*[=:]?\s*(.*)$")  # key, value of a properties line
-
+_PROPERTY_ESCAPES = {"t": "\t", "n": "\n", "r": "\r", "f": "\f"}
+# key (up to the first unescaped blank, = or :), separator, value of a logical properties line
+_PROPERTY_LINE = re.compile(r"((?:[^\\\s=:]|\\.)*)[ \t\f]*[=:]?[ \t\f]*(.*)$", re.S)
 
 # small_input_settings: the largest input it applies to, and the rows per shuffle partition
 # it sizes the partition count by (a sort or join of 1M event rows fits a task's memory).
@@ -102,16 +106,16 @@ def session_conf(app_name: str, shuffle_partitions: Optional[int] = None) -> Dic
     return conf
 
 
-def jvm_default_options(launcher: Dict[str, str], requested: Dict[str, str], env_options: str,
-                        driver_running: bool) -> Dict[str, str]:
+def jvm_default_options(launcher: Dict[str, str], requested: Dict[str, str],
+                        env_options: Dict[str, str], driver_running: bool) -> Dict[str, str]:
     """The `spark.<role>.defaultJavaOptions` the builder sets (pure): GC_JAVA_OPTIONS where
     nobody chose, and never a second collector.
 
-    - A launcher's default options (spark-submit's conf, or the spark-defaults.conf it will
-      read: an administrator's choice) win; an empty value counts as a choice.
-    - A role whose own extra options (`requested` = the job's extra_conf, else the launcher's;
-      for the driver also `env_options`) name a collector gets no collector from the defaults:
-      the launcher's defaults minus their collector flag, or nothing.
+    - A launcher's default options (spark-submit's conf, or the spark-defaults.conf PySpark's
+      launcher will read: `make setup`'s or an administrator's) win; an empty value counts.
+    - A role whose own extra options (`requested` = the job's extra_conf, else the launcher's)
+      or environment options (`env_options` per role) name a collector gets none from the
+      defaults: the launcher's defaults minus their collector flag, or nothing.
     - The driver's key is left alone once its JVM runs (under spark-submit): too late to apply,
       and the session's conf would then report a collector the driver does not run.
     """
@@ -122,7 +126,7 @@ def jvm_default_options(launcher: Dict[str, str], requested: Dict[str, str], env
             continue
         extra = requested.get(extra_java_options_key(role),
                               launcher.get(extra_java_options_key(role), ""))
-        own_collector = _GC_FLAG.search(extra + (" " + env_options if role == "driver" else ""))
+        own_collector = _GC_FLAG.search(f"{extra} {env_options.get(role, '')}")
         base = launcher.get(key)
         if base is None:
             if not own_collector:
@@ -132,29 +136,61 @@ def jvm_default_options(launcher: Dict[str, str], requested: Dict[str, str], env
     return out
 
 
-def spark_defaults_file() -> Dict[str, str]:
-    """The spark-defaults.conf spark-submit will read ($SPARK_CONF_DIR, else $SPARK_HOME/conf,
-    the pip pyspark's folder when SPARK_HOME is unset) as a dict; {} when there is none.
+def spark_defaults_lines() -> List[str]:
+    """The spark-defaults.conf lines `make setup` writes for the collector (see the module doc)."""
+    return [f"{default_java_options_key(role)} {GC_JAVA_OPTIONS}" for role in ROLES]
 
-    A Java properties file: `key value`, `key=value` or `key:value` per line, `#`/`!` comments
-    (line continuations are not used by Spark's conf files and not read here)."""
-    conf_dir = os.environ.get("SPARK_CONF_DIR")
-    if not conf_dir:
-        home = os.environ.get("SPARK_HOME")
-        if not home:
-            import pyspark
-            home = os.path.dirname(pyspark.__file__)
-        conf_dir = os.path.join(home, "conf")
-    path = Path(conf_dir) / SPARK_DEFAULTS_FILE
-    if not path.is_file():
-        return {}
+
+def env_java_options(environ: Mapping[str, str]) -> Dict[str, str]:
+    """Per role, the JVM options the environment adds (for `jvm_default_options`)."""
+    jvm = " ".join(environ.get(v, "") for v in JVM_OPTION_ENV_VARS)
+    return {"driver": f"{jvm} {environ.get(LAUNCHER_OPTION_ENV_VAR, '')}", "executor": jvm}
+
+
+def _unescape_property(text: str) -> str:
+    return re.sub(r"\\u([0-9a-fA-F]{4})|\\(.)",
+                  lambda m: chr(int(m.group(1), 16)) if m.group(1)
+                  else _PROPERTY_ESCAPES.get(m.group(2), m.group(2)), text)
+
+
+def _logical_lines(text: str) -> Iterator[str]:
+    """Lines of a properties text with comments and blank lines dropped and continuations joined
+    (a line ending in an odd number of backslashes goes on, minus the next line's leading blanks)."""
+    pending = None
+    for raw in text.splitlines():
+        line = raw.lstrip(" \t\f")
+        if pending is None and (not line or line[0] in "#!"):
+            continue
+        line = line if pending is None else pending + line
+        if (len(line) - len(line.rstrip("\\"))) % 2:
+            pending = line[:-1]
+            continue
+        pending = None
+        yield line
+    if pending is not None:
+        yield pending
+
+
+def parse_properties(text: str) -> Dict[str, str]:
+    """A Java properties text as Spark loads spark-defaults.conf (``java.util.Properties``):
+    `#`/`!` comments, continuation lines, the key ends at the first unescaped blank, `=` or `:`,
+    escapes (``\\t``, ``\\uXXXX``, ``\\=``, ...) are undone."""
     out: Dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if line and line[0] not in "#!":
-            key, value = _PROPERTY_LINE.match(line).groups()
-            out[key] = value.strip()
+    for line in _logical_lines(text):
+        key, value = _PROPERTY_LINE.match(line).groups()
+        out[_unescape_property(key)] = _unescape_property(value)
     return out
+
+
+def spark_defaults_file() -> Dict[str, str]:
+    """The spark-defaults.conf PySpark's launcher will read ($SPARK_CONF_DIR, else the conf folder
+    of the Spark home PySpark finds) as a dict; {} when there is none. Options passed in
+    PYSPARK_SUBMIT_ARGS (e.g. ``--properties-file``) are not looked at."""
+    from pyspark.find_spark_home import _find_spark_home
+
+    conf_dir = os.environ.get("SPARK_CONF_DIR") or os.path.join(_find_spark_home(), "conf")
+    path = Path(conf_dir) / SPARK_DEFAULTS_FILE
+    return parse_properties(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
 
 def get_spark(app_name: str = "ctt", master: Optional[str] = None,
@@ -183,8 +219,8 @@ def get_spark(app_name: str = "ctt", master: Optional[str] = None,
         conf.setdefault("spark.driver.host", "127.0.0.1")
         conf.setdefault("spark.driver.bindAddress", "127.0.0.1")
     launcher = dict(launched.getAll()) if running else spark_defaults_file()
-    env_options = " ".join(os.environ.get(v, "") for v in JAVA_OPTION_ENV_VARS)
-    conf.update(jvm_default_options(launcher, extra_conf or {}, env_options, running))
+    conf.update(jvm_default_options(launcher, extra_conf or {}, env_java_options(os.environ),
+                                    running))
     for key, value in {**conf, **(extra_conf or {})}.items():
         if key in ("spark.jars", "spark.jars.packages") and launched.get(key, None):
             continue  # spark-submit already shipped jars (--jars / --packages / defaults)
