@@ -35,9 +35,13 @@ s.stop()
 """
 
 
+def _management(spark):
+    """The driver JVM's java.lang.management.ManagementFactory."""
+    return spark.sparkContext._jvm.java.lang.management.ManagementFactory
+
+
 def _collectors(spark) -> set:
-    mx = spark.sparkContext._jvm.java.lang.management.ManagementFactory
-    return {g.getName() for g in mx.getGarbageCollectorMXBeans()}
+    return {g.getName() for g in _management(spark).getGarbageCollectorMXBeans()}
 
 
 UNSET_KEY = "spark.ctt.test.unset"
@@ -137,8 +141,7 @@ def test_spark_defaults_file_is_read_where_the_launcher_reads_it(tmp_path, monke
 @pytest.mark.spark
 def test_sessions_run_the_parallel_collector_and_keep_their_own_java_options(spark):
     """The suite's session passes its own -D option in extraJavaOptions: both apply."""
-    mx = spark.sparkContext._jvm.java.lang.management.ManagementFactory
-    args = list(mx.getRuntimeMXBean().getInputArguments())
+    args = list(_management(spark).getRuntimeMXBean().getInputArguments())
     assert set(GC_JAVA_OPTIONS.split()) <= set(args)
     extra = spark.conf.get(extra_java_options_key("driver"))
     assert extra and set(extra.split()) <= set(args)

@@ -10,8 +10,9 @@ import pytest
 import ctt_contracts as C
 from serving.errors import IndexMismatchError
 from serving.index import (BACKEND_BRUTE_FORCE, BACKEND_SCANN, BRUTE_FORCE_MAX_ITEMS,
-                           DEFAULT_N_QUERIES, INDEX_ITEM_IDS, brute_force_topk, build_index, choose_scann_params,
-                           load_index, recall_at_k, sample_queries, sha256_array)
+                           DEFAULT_N_QUERIES, INDEX_ITEM_IDS, brute_force_topk, build_index,
+                           choose_scann_params, load_index, recall_at_k, sample_queries,
+                           sha256_array)
 
 N_ITEMS, DIM = 6000, 32
 # build_index's default: with 400 the held-out half (200 queries) scattered about +-0.005
