@@ -9,12 +9,16 @@ that defaults to False is a switch); its default is the field's; its help is the
 uses. A field without help is refused, so a new field cannot slip in undocumented. A main reads
 the parsed flags back into the dataclass with :func:`from_args` and passes that on.
 
-Why not jsonargparse's ``add_class_arguments``: it names each flag after its field
-(``--max_len``), which would bring back the underscore spelling the commands left, and the
-Spark jobs' parsers are argparse parsers (``spark-submit`` passes their flags through) with
-groups and shared flags that a jsonargparse parser would have to re-declare. The commands that
-are jsonargparse parsers (ctt-evaluate, ctt-train's top level under LightningCLI) take the same
-declarations with ``typed=True``: the parser reads the annotations itself.
+Every command's parser is a jsonargparse parser (:func:`dataclass_parser`), as ctt-train's
+LightningCLI is: each takes ``--config FILE`` (YAML or JSON whose keys are the field names,
+e.g. ``max_len: 50``; flags after it win) and ``--print_config`` prints the configuration a run
+would use, so every command is configured the same two ways, a file or flags. The flags are
+added from the fields here rather than by jsonargparse's ``add_class_arguments``, because that
+names each flag after its field (``--max_len``), which would bring back the underscore
+spelling the commands left, and cannot put some fields of a class in a mutually exclusive group.
+The commands whose flags are plain jsonargparse flags (ctt-evaluate, ctt-train's top level
+under LightningCLI) take the same declarations with ``typed=True``: the parser reads the
+annotations itself.
 
 Why in ``ctt_contracts``: every package's commands declare their flags this way (the Spark
 jobs, the trainer and the evaluation, the resolver), and ``ctt_contracts`` is the one package
@@ -28,13 +32,16 @@ spellings of ctt-train and ctt-evaluate are derived from the same fields
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import types
 import typing
 import warnings
 from dataclasses import MISSING, Field, field, fields
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import jsonargparse
 
 HELP = "help"  # field metadata keys
 PARSE = "parse"
@@ -94,9 +101,20 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
+def _text_only(parse: Callable[[str], Any]) -> Callable[[Any], Any]:
+    """``parse`` applied to text only: a jsonargparse parser also runs a flag's type over its
+    default and over the values of a ``--config`` file, which are already parsed (a datetime,
+    a mapping, a list) when they are not strings."""
+    @functools.wraps(parse)
+    def parse_text(value: Any) -> Any:
+        return parse(value) if isinstance(value, str) else value
+
+    return parse_text
+
+
 def _parse_of(cls: type, f: Field, hint: Any) -> Callable[[str], Any]:
     if PARSE in f.metadata:
-        return f.metadata[PARSE]
+        return _text_only(f.metadata[PARSE])
     if NARGS in f.metadata:
         return str
     tp = _unwrap_optional(hint)
@@ -182,6 +200,8 @@ def add_dataclass_flags(parser: Any, cls: type, overrides: bool = False,
         kwargs["type"] = _parse_of(cls, f, hints[f.name])
         if NARGS in f.metadata:
             kwargs["nargs"] = f.metadata[NARGS]
+            if isinstance(default, tuple):  # jsonargparse parses a default list in place
+                default = list(default)
         if overrides:
             kwargs["default"] = None
             said = overrides_default if isinstance(overrides_default, str) else \
@@ -218,11 +238,103 @@ def add_sections(parser: Any, *sections: Section) -> Any:
     return parser
 
 
+CONFIG_HELP = ("YAML or JSON file of this command's settings, keyed by field name (e.g. "
+               "max_len: 50); flags given after it win")
+
+
+class FieldHelpFormatter(jsonargparse.DefaultHelpFormatter):
+    """A flag's help as its field says it: the field's help already names the default where a
+    run without the flag uses one (jsonargparse would add ``(type: str, default: null)`` to
+    every flag)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if isinstance(action, argparse._HelpAction):
+            return super()._get_help_string(action)
+        return (action.help or "").replace("%%", "%")  # jsonargparse expands no %% itself
+
+
+class RawDescriptionFieldHelpFormatter(argparse.RawDescriptionHelpFormatter, FieldHelpFormatter):
+    """:class:`FieldHelpFormatter` that keeps the description's own line breaks."""
+
+
+class CommandParser(jsonargparse.ArgumentParser):
+    """A command's jsonargparse parser that also checks its exclusive flags after a
+    ``--config`` file is merged: argparse checks a mutually exclusive group on the command line
+    alone, so a required group would refuse a value the file gives, and two values from the
+    file would pass. The groups are added by :func:`add_exclusive_flags`."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.exclusive: List[Tuple[Tuple[Tuple[str, str], ...], bool]] = []
+
+    def parse_args(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
+        parsed = super().parse_args(*args, **kwargs)
+        for members, required in self.exclusive:
+            given = [flag for dest, flag in members if self._given(parsed, dest)]
+            names = ", ".join(flag for _, flag in members)
+            if len(given) > 1:
+                self.error(f"give at most one of {names} (given: {', '.join(given)})")
+            if required and not given:
+                self.error(f"one of {names} is required (as a flag or in --config)")
+        return parsed
+
+    def _given(self, parsed: Any, dest: str) -> bool:
+        value = flag_value(parsed, dest)
+        return value is not None and value != self.get_default(dest)
+
+    def dump(self, namespace: Any, *args: Any, **kwargs: Any) -> str:
+        """The configuration as text (``--print_config``) with paths as strings and tuples as
+        lists: the flags read by argparse's own ``type`` (in an exclusive group, several values)
+        hold values jsonargparse's YAML dump cannot represent; the check runs on the values as
+        parsed."""
+        if not kwargs.get("skip_validation"):
+            self.validate(namespace.clone())
+        plain = namespace.clone()
+        for key, value in plain.items():
+            plain[key] = _plain(value)
+        return super().dump(plain, *args, **{**kwargs, "skip_validation": True})
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with every path as a string and every tuple as a list (YAML-safe)."""
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 def dataclass_parser(prog: str, description: str, *sections: Section,
-                     **parser_kwargs: Any) -> argparse.ArgumentParser:
-    """A command's argparse parser whose flags are those of ``sections`` (:func:`add_sections`)."""
-    parser = argparse.ArgumentParser(prog=prog, description=description, **parser_kwargs)
+                     **parser_kwargs: Any) -> CommandParser:
+    """A command's jsonargparse parser: ``--config FILE`` (and jsonargparse's
+    ``--print_config``) first, then the flags of ``sections`` (:func:`add_sections`)."""
+    parser_kwargs.setdefault("formatter_class", FieldHelpFormatter)
+    parser = CommandParser(prog=prog, description=description, **parser_kwargs)
+    parser.add_argument("--config", action=jsonargparse.ActionConfigFile, help=CONFIG_HELP)
     return add_sections(parser, *sections)
+
+
+def add_exclusive_flags(parser: CommandParser, *sections: Tuple[type, Sequence[str]],
+                        container: Any = None, required: bool = False) -> None:
+    """The flags of ``sections`` (``(dataclass, field names)``) as a mutually exclusive group
+    of ``container`` (default ``parser``; or one of its argument groups); ``required``: exactly
+    one of them must be given. ``parser`` checks the group again after merging ``--config``
+    (:class:`CommandParser`)."""
+    group = (container or parser).add_mutually_exclusive_group()
+    members = []
+    for cls, names in sections:
+        add_dataclass_flags(group, cls, only=names)
+        members += [(name, flag_of(cls, name)) for name in names]
+    parser.exclusive.append((tuple(members), required))
+
+
+def flag_value(args: Any, name: str) -> Any:
+    """The parsed value of the flag whose destination is ``name`` (None = not given). A
+    jsonargparse namespace is read by key: a field named like one of its methods (``items``,
+    ``values``) would read as the method."""
+    if isinstance(args, jsonargparse.Namespace):
+        return args.get(name)
+    return getattr(args, name, None)
 
 
 def given_fields(cls: type, args: Any, skip: Sequence[str] = ()) -> Dict[str, Any]:
@@ -230,7 +342,7 @@ def given_fields(cls: type, args: Any, skip: Sequence[str] = ()) -> Dict[str, An
     values of a several-values flag as a tuple."""
     return {f.name: tuple(v) if isinstance(v, list) else v
             for f in fields(cls) if f.name not in skip
-            for v in (getattr(args, f.name, None),) if v is not None}
+            for v in (flag_value(args, f.name),) if v is not None}
 
 
 def from_args(cls: type, args: Any, **fixed: Any) -> Any:

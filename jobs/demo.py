@@ -19,7 +19,8 @@ from typing import Dict, List, Optional, Sequence
 
 import httpx
 
-from ctt_contracts.flags import dataclass_parser, flag_field, from_args
+from ctt_contracts.flags import (RawDescriptionFieldHelpFormatter, dataclass_parser, flag_field,
+                                 from_args)
 from ctt_contracts.process import run_job
 
 REPO = Path(__file__).resolve().parents[1]
@@ -195,7 +196,7 @@ class DemoConfig:
 def demo_parser() -> argparse.ArgumentParser:
     """The demo's command line, read from ``DemoConfig``; its help is this module's docstring."""
     return dataclass_parser("demo", __doc__, DemoConfig,
-                            formatter_class=argparse.RawDescriptionHelpFormatter)
+                            formatter_class=RawDescriptionFieldHelpFormatter)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

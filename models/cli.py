@@ -50,10 +50,11 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import MLFlowLogger
 
-from ctt_contracts.flags import (add_dataclass_flags, bundle_field, current_flags,
+from ctt_contracts.flags import (CONFIG_HELP, add_dataclass_flags, bundle_field, current_flags,
                                  feature_repo_field, flag_field, from_args, index_field,
                                  lake_field, underscore_aliases)
 from models import evaluate as ev
+from models import report as rp
 from models import tracking
 from models.tracking import TrackingConfig
 from models.data import ContextualSequenceDataModule
@@ -367,9 +368,9 @@ class EvaluateConfig:
         None, note="with materialized features (CTT_LAKE / CTT_FEAST_DATA exported for "
         "feature_repo/)")
     latency_requests: int = flag_field("timed requests per kind (no context / subject item)",
-                                       ev.DEFAULT_LATENCY_REQUESTS)
-    latency_warmup: int = flag_field("untimed requests first", ev.DEFAULT_LATENCY_WARMUP)
-    latency_k: int = flag_field("k of the timed requests", ev.DEFAULT_LATENCY_K)
+                                       rp.DEFAULT_LATENCY_REQUESTS)
+    latency_warmup: int = flag_field("untimed requests first", rp.DEFAULT_LATENCY_WARMUP)
+    latency_k: int = flag_field("k of the timed requests", rp.DEFAULT_LATENCY_K)
     latency_torch_threads: int = flag_field(
         "torch intra-op threads while timing; 1 = ctt-serve's default (--torch-threads), the "
         "fastest for one-row heads", 1)
@@ -389,14 +390,14 @@ def evaluate_parser() -> ArgumentParser:
                             "sequence-only model and the baselines (popularity, top category "
                             "popularity, co-occurrence, category popularity) on the same examples, "
                             "with bootstrap intervals on the quality checks.")
-    parser.add_argument("--config", action=ActionConfigFile)
+    parser.add_argument("--config", action=ActionConfigFile, help=CONFIG_HELP)
     add_dataclass_flags(parser, EvaluateConfig, typed=True)
     add_dataclass_flags(parser, TrackingConfig, typed=True)
     return parser
 
 
 def evaluate_main(argv: Optional[List[str]] = None,
-                  measure_latency: Optional[Callable[[EvaluateConfig], ev.LatencyReport]] = None
+                  measure_latency: Optional[Callable[[EvaluateConfig], rp.LatencyReport]] = None
                   ) -> ev.EvaluationResult:
     """The evaluation table from saved bundles -> report folder + MLflow run.
 
@@ -422,7 +423,7 @@ def evaluate_main(argv: Optional[List[str]] = None,
     latency = None
     if cfg.index is not None:
         latency = measure_latency(cfg)
-    report_files = ev.write_report(result, cfg.out_dir, latency)
+    report_files = rp.write_report(result, cfg.out_dir, latency)
     client, run_id = tracking.start_run(cfg.out_dir, cfg.run_name, where.experiment_name,
                                         where.tracking_uri)
     tracking.log_input_versions(client, run_id, result.input_versions)
@@ -433,10 +434,10 @@ def evaluate_main(argv: Optional[List[str]] = None,
     if latency is not None:
         client.log_param(run_id, "latency.index_backend", latency.index_backend)
         client.log_param(run_id, "latency.k", latency.k)
-        table.update(ev.latency_table(latency))
+        table.update(rp.latency_table(latency))
     tracking.log_report(client, run_id, report_files, table)
     client.set_terminated(run_id)
-    print(ev.format_markdown(result, latency))
+    print(rp.format_markdown(result, latency))
     return result
 
 

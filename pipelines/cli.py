@@ -18,8 +18,9 @@ from datetime import datetime, timezone
 from typing import Callable, Dict, List, Optional, Sequence, TypeVar
 
 import ctt_contracts as C
-from ctt_contracts.flags import (add_dataclass_flags, add_sections, dataclass_parser, flag_field,
-                                 flag_of, from_args, given_fields, key_value_pairs, lake_field)
+from ctt_contracts.flags import (add_dataclass_flags, add_exclusive_flags, add_sections,
+                                 dataclass_parser, flag_field, flag_of, flag_value, from_args,
+                                 given_fields, key_value_pairs, lake_field)
 from ctt_contracts.process import entry_point
 from pipelines import lease
 from pipelines.build import run_build_sequences
@@ -98,9 +99,7 @@ def generate_parser() -> argparse.ArgumentParser:
         "(see pipelines/synthetic.py: a realistic world calibrated to real logs, or "
         "the planted world of the first quality bars). Overwrites them.")
     add_dataclass_flags(p, SyntheticConfig, only=WORLD_FIELDS)
-    size = p.add_mutually_exclusive_group()
-    add_dataclass_flags(size, SyntheticConfig, only=(SIZE_FIELD,))
-    add_dataclass_flags(size, GenerateRun, only=("events",))
+    add_exclusive_flags(p, (SyntheticConfig, (SIZE_FIELD,)), (GenerateRun, ("events",)))
     knobs = p.add_argument_group("knobs (default: the preset's)")
     add_dataclass_flags(knobs, SyntheticConfig, only=ALL_KNOBS, overrides=True,
                         overrides_default=_preset_defaults)
@@ -118,7 +117,7 @@ def config_from_args(args: argparse.Namespace):
         cfg = SyntheticConfig(**given_fields(SyntheticConfig, args))
     except ValueError as err:
         flags = ", ".join(flag_of(SyntheticConfig, k) for k in ALL_KNOBS
-                          if getattr(args, k, None) is not None)
+                          if flag_value(args, k) is not None)
         raise SystemExit(f"generate_data: {err}" + (f" (flags given: {flags})" if flags else ""))
     events = from_args(GenerateRun, args).events
     if events is not None:
@@ -223,8 +222,7 @@ def ingest_parser() -> argparse.ArgumentParser:
     add_dataclass_flags(ev, IngestSources, only=("events", "format", "sep"))
     # EVENT_TYPE_FIELDS: exactly one of the column or the constant (EventMapping checks it too)
     add_dataclass_flags(ev, I.EventMapping, skip=EVENT_TYPE_FIELDS)
-    add_dataclass_flags(ev.add_mutually_exclusive_group(required=True), I.EventMapping,
-                        only=EVENT_TYPE_FIELDS)
+    add_exclusive_flags(p, (I.EventMapping, EVENT_TYPE_FIELDS), container=ev, required=True)
     it = p.add_argument_group(
         "items (optional)",
         "Category ids are array<int>: names that are all canonical integers of at most 9 digits "
@@ -232,8 +230,7 @@ def ingest_parser() -> argparse.ArgumentParser:
         "2053013555631882655) are re-indexed densely 0..n-1 in sorted order. The vocabulary "
         "is stored under <lake>/_meta/category_vocabulary and extended by --mode append, so "
         "ids keep their meaning; only counts are printed.")
-    add_dataclass_flags(it.add_mutually_exclusive_group(), IngestSources,
-                        only=("items", "item_categories_from_events"))
+    add_exclusive_flags(p, (IngestSources, ("items", "item_categories_from_events")), container=it)
     add_dataclass_flags(it, IngestSources, only=("items_format", "item_id_col"))
     add_dataclass_flags(it, I.ItemMapping, skip=ITEM_HAND_DECLARED)
     add_dataclass_flags(it, IngestSources, only=("vocabulary_out",))

@@ -44,7 +44,7 @@ from pathlib import Path
 from typing import Iterator, List, Optional, Sequence
 
 import ctt_contracts as C
-from ctt_contracts.flags import add_dataclass_flags, dataclass_parser, flag_field, from_args, lake_field
+from ctt_contracts.flags import add_exclusive_flags, dataclass_parser, flag_field, from_args, lake_field
 from ctt_contracts.process import entry_point
 
 log = logging.getLogger(__name__)
@@ -376,8 +376,7 @@ def lease_parser() -> argparse.ArgumentParser:
     """``--show`` or ``--break SCOPE`` (exactly one), read from ``LeaseCommand``."""
     p = dataclass_parser("python -m pipelines.lease", "Show the writer leases of a lake, or break "
                          "one whose holder is known to be dead.", (LeaseCommand, ("lake",)))
-    add_dataclass_flags(p.add_mutually_exclusive_group(required=True), LeaseCommand,
-                        only=("show", "scope"))
+    add_exclusive_flags(p, (LeaseCommand, ("show", "scope")), required=True)
     return p
 
 

@@ -26,7 +26,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
-from ctt_contracts.flags import (add_dataclass_flags, bundle_field, dataclass_parser,
+from ctt_contracts.flags import (add_exclusive_flags, bundle_field, dataclass_parser,
                                  feature_repo_field, flag_field, from_args, index_field,
                                  tracking_uri_field)
 from ctt_contracts.process import entry_point
@@ -194,8 +194,7 @@ class ServeConfig:
 def serve_parser() -> argparse.ArgumentParser:
     p = dataclass_parser("ctt-serve", "Online resolver over HTTP: POST /recommend, GET /health, "
                          "GET /version.", ServeConfig, ResolverFlags, (ModelSource, MLFLOW_FIELDS))
-    add_dataclass_flags(p.add_mutually_exclusive_group(required=True), ModelSource,
-                        only=SOURCE_FIELDS)
+    add_exclusive_flags(p, (ModelSource, SOURCE_FIELDS), required=True)
     return p
 
 

@@ -144,9 +144,50 @@ def test_sections_place_some_fields_of_a_class_around_another_and_aliases_name_t
 
     p = dataclass_parser("report", "a report", (Report, ("source",)), Output, Report)
     text = " ".join(p.format_help().split())
-    assert "usage: report [-h] --source SOURCE [--out FILE] [--parts" in text
+    assert "usage: report [--config CONFIG] --source SOURCE [--out FILE] [--parts" in text
     assert "--out FILE, --output-file FILE write here" in text
     args = p.parse_args(["--source", "s", "--output-file", "o.json"])
     assert from_args(Output, args) == Output("o.json") and from_args(Report, args) == Report(Path("s"))
     with pytest.raises(ValueError, match=r"Report has no fields \['sauce'\]"):
         add_sections(argparse.ArgumentParser(), (Report, ("sauce",)))
+
+
+def test_a_command_parser_reads_a_config_file_and_the_flags_after_it_win(tmp_path):
+    from ctt_contracts.flags import dataclass_parser
+
+    config = tmp_path / "knobs.yaml"
+    config.write_text("source_col: c\ntop_k: 5\nsince: '2024-01-02'\nshare: 0.25\n")
+    p = dataclass_parser("knobs", "knobs from a file", Knobs)
+    args = p.parse_args(["--config", str(config), "--top-k", "7"])
+    assert from_args(Knobs, args) == Knobs("c", 7, 0.25, "fast",
+                                           datetime(2024, 1, 2, tzinfo=timezone.utc))
+    config.write_text("source_col: c\nmode: medium\n")
+    with pytest.raises(SystemExit):
+        p.parse_args(["--config", str(config)])  # the file's values meet the flags' choices
+    text = " ".join(p.format_help().split())
+    assert "--top-k TOP_K rows kept (default 3)" in text  # the field's help, once
+    assert "type: int" not in text and "share of 100% kept" in text
+
+
+@dataclass(frozen=True)
+class Source:
+    items: Optional[str] = flag_field("items file", None)  # a name jsonargparse's namespace has
+    url: Optional[str] = flag_field("items URL", None)
+    limit: int = flag_field("rows read", 10)
+
+
+def test_exclusive_flags_are_checked_after_the_config_file_is_merged(tmp_path):
+    from ctt_contracts.flags import add_exclusive_flags, dataclass_parser
+
+    def parsed(*argv):
+        p = dataclass_parser("source", "one source", (Source, ("limit",)))
+        add_exclusive_flags(p, (Source, ("items", "url")), required=True)
+        return from_args(Source, p.parse_args(list(argv)))
+
+    config = tmp_path / "source.yaml"
+    config.write_text("url: u\n")
+    assert parsed("--items", "a") == Source(items="a")
+    assert parsed("--config", str(config), "--limit", "3") == Source(url="u", limit=3)
+    for argv in ([], ["--config", str(config), "--items", "a"], ["--items", "a", "--url", "u"]):
+        with pytest.raises(SystemExit):
+            parsed(*argv)

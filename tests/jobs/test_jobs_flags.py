@@ -187,6 +187,49 @@ def test_a_minimal_command_line_gives_each_config_its_field_defaults(command):
         assert F.from_args(type(cfg), args) == cfg
 
 
+def as_settings(parser: argparse.ArgumentParser, argv: List[str]) -> Dict[str, object]:
+    """A command line of ``--flag value`` pairs and switches as the settings of a --config
+    file that say the same: ``{field name: value}``, a list for a several-values flag."""
+    action_of = {s: a for a in parser._actions for s in a.option_strings}
+    settings, rest = {}, list(argv)
+    while rest:
+        action = action_of[rest.pop(0)]
+        value = True if action.nargs == 0 else rest.pop(0)
+        settings[action.dest] = [value] if action.nargs in ("+", "*") else value
+    return settings
+
+
+@pytest.mark.parametrize("command", sorted(PARSERS))
+def test_every_command_reads_the_same_settings_from_a_config_file(command, tmp_path):
+    make, argv, expected = PARSERS[command]
+    config = tmp_path / f"{command}.yaml"
+    config.write_text(yaml.safe_dump(as_settings(make(), argv)))
+    args = make().parse_args(["--config", str(config)])
+    for cfg in expected:
+        assert F.from_args(type(cfg), args) == cfg
+    assert "--config" in flags_of(HELP_TEXTS[command]())
+
+
+@pytest.mark.parametrize("command", sorted(PARSERS))
+def test_the_printed_config_of_a_command_reads_back_as_its_config_file(command, tmp_path, capsys):
+    make, argv, expected = PARSERS[command]
+    config = tmp_path / f"{command}.yaml"
+    config.write_text(yaml.safe_dump(printed_config(make().parse_args, argv, capsys)))
+    args = make().parse_args(["--config", str(config)])
+    for cfg in expected:
+        assert F.from_args(type(cfg), args) == cfg
+
+
+def test_a_config_file_names_the_bundle_source_of_serve_and_a_flag_cannot_add_another(tmp_path):
+    config = tmp_path / "serve.yaml"
+    config.write_text("mlflow_model: m\nmlflow_version: '3'\nfeature_repo: R\nport: 9000\n")
+    args = serve_parser().parse_args(["--config", str(config), "--port", "9001"])
+    assert F.from_args(ModelSource, args) == ModelSource(mlflow_model="m", mlflow_version="3")
+    assert F.from_args(ServeConfig, args).port == 9001
+    with pytest.raises(SystemExit):
+        serve_parser().parse_args(["--config", str(config), "--bundle", "B"])
+
+
 @pytest.mark.parametrize("command", sorted(PARSERS))
 def test_every_field_of_a_command_config_is_one_of_its_flags_with_its_help(command):
     make, _, expected = PARSERS[command]

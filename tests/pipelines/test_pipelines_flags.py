@@ -76,7 +76,7 @@ def test_items_and_users_flags_come_from_their_mappings_with_the_id_columns_fall
 
 @pytest.mark.parametrize("extra, message", [
     (["--event-type-col", "k", "--event-type", "view"], "not allowed with argument"),
-    ([], "one of the arguments --event-type-col --event-type is required"),
+    ([], "one of --event-type-col, --event-type is required"),
     (["--event-type", "purchase"], "invalid choice"),
     (["--event-type-col", "k", "--event-type-map", "cart"], "expected key=value, got 'cart'"),
 ])
