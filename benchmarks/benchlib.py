@@ -18,6 +18,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
+from ctt_contracts.files import atomic_write
+
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -115,12 +117,10 @@ def bar(name: str, value: Optional[float], target: float, at_most: bool = False,
 
 def write_json(path: Path, report: Dict[str, Any],
                default: Optional[Callable[[Any], Any]] = None) -> None:
-    """Write via a temporary file and an atomic rename: a killed benchmark never leaves half a
-    results file behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, default=default))
-    tmp.replace(path)
+    """Whole or not at all (``ctt_contracts.files.atomic_write``): a killed benchmark never
+    leaves half a results file behind."""
+    text = json.dumps(report, indent=2, default=default)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
 def stop_process(proc: subprocess.Popen, log: Any = None, timeout: float = 60) -> None:

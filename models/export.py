@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from models.data import build_catalog
 from models.manifest import HASHED_FILES, BundleError, sha256_file, verified_manifest
 from models.two_tower import ContextualTwoTower, ModelConfig
 import ctt_contracts as C
+from ctt_contracts.files import swap_in_dir
 
 FORMAT_VERSION = 1
 BUNDLE_ARTIFACT_PATH = "bundle"  # folder name of the bundle among a run's MLflow artifacts
@@ -147,9 +147,7 @@ def export_bundle(model: ContextualTwoTower, config: ModelConfig, catalog: pd.Da
         })
         manifest.setdefault("input_versions", {})
         (tmp / C.BUNDLE_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
+        swap_in_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)

@@ -71,29 +71,20 @@ def pad_context(category_ids: Optional[Sequence[int]], weights: Optional[Sequenc
                 max_ctx: int) -> Tuple[np.ndarray, np.ndarray]:
     """Pad a weighted category list to ``max_ctx`` slots (pad id -1, weight 0).
 
-    Keeps the ``max_ctx`` highest-weight categories and renormalises their weights to sum to 1,
-    because the context layer pools category embeddings by these weights and must see the same
-    scale at training (pseudo context) and serving (real context). Empty input = no context.
+    Keeps the ``max_ctx`` strongest categories in the contract order and renormalises their
+    weights to sum to 1 (``C.project_context``, the one projection the build and the resolver
+    also apply), because the context layer pools category embeddings by these weights and must
+    see the same categories in the same order and scale at training (pseudo context, item
+    categories) and serving (real context). Empty input = no context.
     """
     if max_ctx <= 0:
         raise ValueError(f"max_ctx must be positive, got {max_ctx}")
     ids, w = _parallel(category_ids, weights, np.int64, np.float64, "category ids and weights")
+    top_ids, top_w = C.project_context(ids.tolist(), w.tolist(), max_ctx)  # (n,), (n,), n <= max_ctx
     out_ids = np.full(max_ctx, PAD_CATEGORY, dtype=np.int64)
     out_w = np.zeros(max_ctx, dtype=np.float32)
-    if ids.shape[0] == 0:
-        return out_ids, out_w
-    if (ids < 0).any():
-        raise ValueError("category ids must be non-negative (-1 is reserved for padding)")
-    if not np.isfinite(w).all() or (w < 0).any():
-        raise ValueError(f"category weights must be finite and >= 0, got {w.tolist()}")
-    order = np.argsort(-w, kind="stable")[:max_ctx]  # highest confidence first
-    ids, w = ids[order], w[order]
-    total = w.sum()
-    if total <= 0:
-        raise ValueError("category weights sum to 0: cannot pool a context with no confidence")
-    n = ids.shape[0]
-    out_ids[:n] = ids
-    out_w[:n] = (w / total).astype(np.float32)
+    out_ids[:len(top_ids)] = top_ids
+    out_w[:len(top_w)] = top_w
     return out_ids, out_w
 
 

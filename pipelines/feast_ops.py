@@ -46,6 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import ctt_contracts as C
+from ctt_contracts.files import atomic_write
 from ctt_contracts.flags import dataclass_parser, flag_field, from_args, lake_field
 from ctt_contracts.process import entry_point
 from models.lake_read import at_least, change_feed_arrow, open_table, snapshot_arrow
@@ -197,16 +198,8 @@ def _conform(data: pd.DataFrame | pa.Table, schema: pa.Schema, version: int) -> 
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
-    """Write next to the target, then rename: a reader never sees a half-written part (the
-    temporary name starts with a dot, which Feast's and pyarrow's folder readers skip)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        pq.write_table(table, tmp, row_group_size=SNAPSHOT_ROW_GROUP)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """One snapshot part, whole or not at all (a reader never sees a half-written part)."""
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp, row_group_size=SNAPSHOT_ROW_GROUP))
 
 
 def _replace_parts(target: Path, table: pa.Table, version: int) -> None:

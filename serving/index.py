@@ -43,6 +43,7 @@ from typing import Dict, List, Optional, Set, Tuple
 import numpy as np
 
 import ctt_contracts as C
+from ctt_contracts.files import swap_in_dir
 from models.manifest import sha256_file
 from serving.errors import IndexMismatchError
 
@@ -500,18 +501,9 @@ def save_index(index: ItemIndex, out_dir: Path) -> None:
             raise RuntimeError(f"the index build wrote pickle files {pickles}; refusing to save")
         index.manifest.files_sha256 = {name: sha256_file(tmp / name) for name in sorted(files)}
         (tmp / C.INDEX_MANIFEST).write_text(index.manifest.to_json())
-        _swap_in(tmp, out_dir)
+        swap_in_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _swap_in(tmp: Path, out_dir: Path) -> None:
-    """Replace `out_dir` by `tmp` (two renames; the old copy is removed only after the swap)."""
-    old = out_dir.with_name(out_dir.name + f".old-{os.getpid()}")
-    if out_dir.exists():
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------

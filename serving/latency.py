@@ -24,6 +24,7 @@ import torch
 import ctt_contracts as C
 from ctt_contracts.process import entry_point
 from models import evaluate as ev
+from models import report as rp
 from models.lake_read import read_arrow
 from serving.resolver import Resolver
 
@@ -50,7 +51,7 @@ class LatencySample:
     """What one real answer reported about itself, plus the caller's own clock."""
 
     kind: str
-    timings: Dict[str, float]  # ms, as the resolver measured them (ev.LATENCY_STAGES)
+    timings: Dict[str, float]  # ms, as the resolver measured them (rp.LATENCY_STAGES)
     wall_ms: float
     cold_start: bool
     n_items: int
@@ -91,7 +92,7 @@ def latency_requests(user_ids: Sequence[int], item_ids: Sequence[int], n_per_kin
 
 
 def time_requests(recommend: Callable[..., Any], requests: Sequence[LatencyRequest],
-                  k: int = ev.DEFAULT_LATENCY_K, warmup: int = ev.DEFAULT_LATENCY_WARMUP) -> List[LatencySample]:
+                  k: int = rp.DEFAULT_LATENCY_K, warmup: int = rp.DEFAULT_LATENCY_WARMUP) -> List[LatencySample]:
     """Call ``recommend(user_id=, subject_item_id=, k=)`` once per request, in this process.
 
     ``recommend`` is a resolver's method (serving.resolver.Resolver.recommend); each answer must
@@ -113,11 +114,11 @@ def time_requests(recommend: Callable[..., Any], requests: Sequence[LatencyReque
         start = time.perf_counter()
         answer = recommend(user_id=req.user_id, subject_item_id=req.subject_item_id, k=k)
         wall_ms = (time.perf_counter() - start) * 1000.0
-        missing = [s for s in ev.LATENCY_STAGES if s not in answer.timings]
+        missing = [s for s in rp.LATENCY_STAGES if s not in answer.timings]
         if missing:
             raise ValueError(f"the resolver's answer has no timings for {missing} (got "
                              f"{sorted(answer.timings)})")
-        samples.append(LatencySample(req.kind, {s: float(answer.timings[s]) for s in ev.LATENCY_STAGES},
+        samples.append(LatencySample(req.kind, {s: float(answer.timings[s]) for s in rp.LATENCY_STAGES},
                                      wall_ms, bool(answer.cold_start), len(answer.items),
                                      str(answer.index_backend), str(answer.model_version)))
     return samples
@@ -136,7 +137,7 @@ def _describe(values_ms: np.ndarray) -> Dict[str, float]:
 
 
 def summarize_latency(samples: Sequence[LatencySample], k: int, warmup: int,
-                      machine: Optional[Dict[str, Any]] = None) -> ev.LatencyReport:
+                      machine: Optional[Dict[str, Any]] = None) -> rp.LatencyReport:
     """Per kind and stage: p50/p99/mean/max (linear-interpolated percentiles of the samples)."""
     if not samples:
         raise ValueError("no latency samples")
@@ -148,10 +149,10 @@ def summarize_latency(samples: Sequence[LatencySample], k: int, warmup: int,
     stats: Dict[str, Dict[str, Dict[str, float]]] = {}
     for kind in kinds:
         group = [s for s in samples if s.kind == kind]
-        columns = {stage: np.array([s.timings[stage] for s in group]) for stage in ev.LATENCY_STAGES}
-        columns[ev.CALLER_WALL] = np.array([s.wall_ms for s in group])
+        columns = {stage: np.array([s.timings[stage] for s in group]) for stage in rp.LATENCY_STAGES}
+        columns[rp.CALLER_WALL] = np.array([s.wall_ms for s in group])
         stats[kind] = {stage: _describe(v) for stage, v in columns.items()}
-    return ev.LatencyReport(
+    return rp.LatencyReport(
         k=int(k), warmup=int(warmup), index_backend=samples[0].index_backend,
         model_version=samples[0].model_version,
         n_requests={kd: sum(s.kind == kd for s in samples) for kd in kinds},
@@ -160,7 +161,7 @@ def summarize_latency(samples: Sequence[LatencySample], k: int, warmup: int,
         machine=dict(machine or {}))
 
 
-def measure_serving_latency(cfg: EvaluateConfig) -> ev.LatencyReport:
+def measure_serving_latency(cfg: EvaluateConfig) -> rp.LatencyReport:
     """Time ``cfg.latency_requests`` requests per kind through the real in-process resolver.
 
     The resolver serves the evaluated contextual bundle.

@@ -9,6 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 from models import evaluate as ev
+from models import report as rp
 from models.cli import SUMMARY_FILE, evaluate_main, train_main
 from models.data import INPUT_TABLES
 from models.export import load_bundle, load_bundle_from_mlflow
@@ -65,11 +66,11 @@ def test_evaluate_cli_writes_report_and_logs_it(trained, tiny_lake, tmp_path):
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         result = evaluate_main(["--lake", str(tiny_lake), "--contextual-bundle", summary["bundle"],
                                 "--sequence-only-bundle", summary["bundle"], "--out-dir", str(report)])
-    for name in (ev.REPORT_MD, ev.REPORT_JSON, ev.REPORT_PNG):
+    for name in (rp.REPORT_MD, rp.REPORT_JSON, rp.REPORT_PNG):
         assert (report / name).stat().st_size > 0
     variants = {(r["group"], r["variant"]) for r in result.rows}
     assert (ev.GROUP_REAL, ev.CONTEXTUAL) in variants and (ev.GROUP_ALL, ev.CATEGORY_POPULARITY) in variants
-    saved = json.loads((report / ev.REPORT_JSON).read_text())
+    saved = json.loads((report / rp.REPORT_JSON).read_text())
     # all: 3 models + 3 baselines; real: the same + co-occurrence (it needs the subject item)
     assert len(saved["rows"]) == len(result.rows) == 6 + 7
     assert (ev.GROUP_REAL, ev.COOCCURRENCE) in variants and (ev.GROUP_ALL, ev.COOCCURRENCE) not in variants
@@ -83,7 +84,7 @@ def test_evaluate_cli_writes_report_and_logs_it(trained, tiny_lake, tmp_path):
     check = result.checks["real_context_vs_best_baseline_recall"]
     assert metrics["check.real_context_vs_best_baseline_recall.passed"] == float(check["passed"])
     assert {a.path for a in client.list_artifacts(runs[0].info.run_id, "report")} == {
-        f"report/{n}" for n in (ev.REPORT_MD, ev.REPORT_JSON, ev.REPORT_PNG, ev.REPORT_COVERAGE_PNG)}
+        f"report/{n}" for n in (rp.REPORT_MD, rp.REPORT_JSON, rp.REPORT_PNG, rp.REPORT_COVERAGE_PNG)}
 
 
 def test_explicit_tracking_uri_wins_over_the_environment(tmp_path, monkeypatch):

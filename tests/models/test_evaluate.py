@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from models import evaluate as ev
+from models import report as rp
 from models.metrics import TiedRanks
 
 SPEC = ev.CheckSpec("x", ev.GROUP_REAL, "recall@100", ev.CONTEXTUAL,
@@ -88,7 +89,7 @@ def test_few_examples_or_a_zero_denominator_is_not_enough_data():
     out = ev.ratio_check(SPEC, ones, [zeros, zeros], names)
     assert out["ratio"] is None and out["ci_low"] is None and out["ci_high"] is None
     assert out["status"] == ev.STATUS_NOT_ENOUGH_DATA and out["passed"] is False
-    row = ev.format_check("x", out)
+    row = rp.format_check("x", out)
     assert "**not enough data**" in row and "inf" not in row and "True" not in row
 
 
@@ -125,7 +126,7 @@ def test_report_prints_intervals_and_checks_serialise_as_json():
     real = [(ev.GROUP_REAL, v) for v in (ev.CONTEXTUAL, ev.TOP_CATEGORY_POPULARITY, ev.COOCCURRENCE)]
     result = _result(150, real)
     result.checks = ev.quality_checks(result, n_resamples=200, seed=1)
-    md = ev.format_markdown(result)
+    md = rp.format_markdown(result)
     c = result.checks["real_context_vs_best_baseline_recall"]
     assert f"[{c['ci_low']:.2f}, {c['ci_high']:.2f}]" in md and "200 resamples" in md
     assert json.loads(json.dumps(result.checks, allow_nan=False)) == result.checks
@@ -165,5 +166,5 @@ def test_relation_slices_recompute_metrics_from_the_stored_ranks():
     assert rows[ev.SAME_PARENT]["recall@100"] == 0.0
     assert rows[ev.OTHER]["ndcg@10"] == pytest.approx(
         float(ev.per_query_metrics(TiedRanks(torch.tensor([0]), torch.tensor([3])))["ndcg@10"][0]))
-    table = "\n".join(ev.format_slices(list(rows.values())))
+    table = "\n".join(rp.format_slices(list(rows.values())))
     assert "| same_parent | 1 | 0.000 / 0.000 |" in table

@@ -33,7 +33,9 @@ def test_pad_history_rejects_bad_input():
 
 def test_pad_context_keeps_highest_weights_and_renormalises():
     ids, w = F.pad_context([3, 9, 4], [0.2, 0.6, 0.2], max_ctx=2)
-    assert ids.tolist() == [9, 3]  # highest first, stable among ties
+    assert ids.tolist() == [9, 3]  # highest first, ties by category id (the contract order)
+    ids, w = F.pad_context([4, 9, 3], [0.2, 0.6, 0.2], max_ctx=2)
+    assert ids.tolist() == [9, 3]  # whatever order the source listed them in
     np.testing.assert_allclose(w, [0.75, 0.25], rtol=1e-6)
     ids, w = F.pad_context([1], [0.5], max_ctx=3)
     assert ids.tolist() == [1, F.PAD_CATEGORY, F.PAD_CATEGORY]

@@ -13,6 +13,7 @@ from mlflow import MlflowClient
 from tiny_demo import LATENCY_REQUESTS, demo_environment, environment, evaluate_argv
 
 from models import evaluate as ev
+from models import report as rp
 from serving import latency as lat
 from serving.latency import evaluate_main
 from models.export import load_bundle
@@ -38,21 +39,21 @@ def _evaluation_run(tracking_uri: str, run_name: str):
 
 
 def test_report_has_every_variant_plots_and_measured_latency(demo):
-    files = {name: demo.report / name for name in (ev.REPORT_MD, ev.REPORT_JSON, ev.REPORT_PNG,
-                                                     ev.REPORT_COVERAGE_PNG, ev.REPORT_LATENCY_PNG)}
+    files = {name: demo.report / name for name in (rp.REPORT_MD, rp.REPORT_JSON, rp.REPORT_PNG,
+                                                     rp.REPORT_COVERAGE_PNG, rp.REPORT_LATENCY_PNG)}
     for path in files.values():
         assert path.stat().st_size > 0, path
-    for png in (ev.REPORT_PNG, ev.REPORT_COVERAGE_PNG, ev.REPORT_LATENCY_PNG):
+    for png in (rp.REPORT_PNG, rp.REPORT_COVERAGE_PNG, rp.REPORT_LATENCY_PNG):
         assert files[png].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    md = files[ev.REPORT_MD].read_text()
+    md = files[rp.REPORT_MD].read_text()
     for group, variants in VARIANTS.items():
         for variant in variants:
             assert f"| {group} | {variant} |" in md
-    for png in (ev.REPORT_PNG, ev.REPORT_COVERAGE_PNG, ev.REPORT_LATENCY_PNG):
+    for png in (rp.REPORT_PNG, rp.REPORT_COVERAGE_PNG, rp.REPORT_LATENCY_PNG):
         assert f"]({png})" in md  # self-contained: the plots are linked beside the Markdown
     assert "not measured" not in md
 
-    saved = json.loads(files[ev.REPORT_JSON].read_text())
+    saved = json.loads(files[rp.REPORT_JSON].read_text())
     assert {(r["group"], r["variant"]) for r in saved["rows"]} == {
         (g, v) for g, variants in VARIANTS.items() for v in variants}
     # every check of the design, each with its interval or "not enough data", printed as such
@@ -63,7 +64,7 @@ def test_report_has_every_variant_plots_and_measured_latency(demo):
         assert c["passed"] == (c["status"] == ev.STATUS_PASSED)
         if c["denominator"] > 0:
             assert c["ci_low"] <= c["ratio"] <= c["ci_high"], (name, c)
-        assert ev.format_check(name, c) in md
+        assert rp.format_check(name, c) in md
     lat = saved["latency"]
     assert lat["model_version"] == load_bundle(demo.contextual_bundle).model_version
     assert lat["index_backend"] == "scann"
@@ -72,11 +73,11 @@ def test_report_has_every_variant_plots_and_measured_latency(demo):
     assert lat["machine"]["torch_threads"] == 1  # timed as ctt-serve runs the head
     for kind in KINDS:
         stats = lat["stats"][kind]
-        for stage in (*ev.LATENCY_STAGES, ev.CALLER_WALL):
+        for stage in (*rp.LATENCY_STAGES, rp.CALLER_WALL):
             s = stats[stage]
             assert 0 < s["p50"] <= s["p99"] <= s["max"], (kind, stage, s)
         # the caller's own clock wraps the resolver's total: both came from the same calls
-        assert stats[ev.CALLER_WALL]["p50"] >= stats["total"]["p50"]
+        assert stats[rp.CALLER_WALL]["p50"] >= stats["total"]["p50"]
         assert stats["total"]["p50"] >= stats["feast"]["p50"]
         totals = np.asarray(lat["totals_ms"][kind])
         assert len(totals) == LATENCY_REQUESTS and len(np.unique(totals)) > 1  # measured, not constant
@@ -87,12 +88,12 @@ def test_report_has_every_variant_plots_and_measured_latency(demo):
 def test_mlflow_run_has_the_report_and_latency_metrics(demo):
     client, run = _evaluation_run(demo.tracking_uri, "evaluation")
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
-    assert artifacts == {f"report/{n}" for n in (ev.REPORT_MD, ev.REPORT_JSON, ev.REPORT_PNG,
-                                                 ev.REPORT_COVERAGE_PNG, ev.REPORT_LATENCY_PNG)}
-    saved = json.loads((demo.report / ev.REPORT_JSON).read_text())
+    assert artifacts == {f"report/{n}" for n in (rp.REPORT_MD, rp.REPORT_JSON, rp.REPORT_PNG,
+                                                 rp.REPORT_COVERAGE_PNG, rp.REPORT_LATENCY_PNG)}
+    saved = json.loads((demo.report / rp.REPORT_JSON).read_text())
     metrics = run.data.metrics
     for kind in KINDS:
-        for stage in ev.LATENCY_STAGES:
+        for stage in rp.LATENCY_STAGES:
             assert metrics[f"latency.{kind}.{stage}_p99_ms"] == pytest.approx(
                 saved["latency"]["stats"][kind][stage]["p99"])
     real = next(r for r in saved["rows"] if r["group"] == ev.GROUP_REAL and r["variant"] == ev.CONTEXTUAL)
@@ -103,15 +104,15 @@ def test_mlflow_run_has_the_report_and_latency_metrics(demo):
 
 def test_without_serving_artifacts_the_report_says_latency_was_not_measured(demo, tmp_path):
     out = tmp_path / "report"
-    stale = out / ev.REPORT_LATENCY_PNG
+    stale = out / rp.REPORT_LATENCY_PNG
     out.mkdir()
     stale.write_bytes(b"from an earlier run")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"  # the shared demo output stays untouched
     with environment(demo_environment(demo)):
         evaluate_main(evaluate_argv(demo, out, with_latency=False) + ["--tracking-uri", uri])
-    md = (out / ev.REPORT_MD).read_text()
+    md = (out / rp.REPORT_MD).read_text()
     assert "Latency was **not measured**" in md and "--index" in md and "ms |" not in md
-    assert json.loads((out / ev.REPORT_JSON).read_text())["latency"] is None
+    assert json.loads((out / rp.REPORT_JSON).read_text())["latency"] is None
     assert not stale.exists()  # no plot of another run beside a report that measured nothing
     client, run = _evaluation_run(uri, "evaluation")
     assert run.data.tags["latency_measured"] == "false"
@@ -159,7 +160,7 @@ def test_latency_requests_interleave_kinds_and_cycle_users():
 
 def test_summarize_refuses_answers_from_mixed_serving_setups():
     def sample(version: str) -> lat.LatencySample:
-        return lat.LatencySample(lat.REQ_NO_CONTEXT, {s: 1.0 for s in ev.LATENCY_STAGES}, 1.5, False,
+        return lat.LatencySample(lat.REQ_NO_CONTEXT, {s: 1.0 for s in rp.LATENCY_STAGES}, 1.5, False,
                                 10, "scann", version)
 
     with pytest.raises(ValueError, match="model_versions"):
