@@ -197,8 +197,10 @@ BUNDLE_CONFIG = "config.json"
 BUNDLE_ITEM_EMBEDDINGS = "item_embeddings.npy"  # (N, D) float32, row i <-> item_ids[i]
 BUNDLE_ITEM_IDS = "item_ids.npy"  # (N,) int64
 BUNDLE_MANIFEST = "manifest.json"
+BUNDLE_CREATED_AT = "created_at"  # manifest key: when the bundle was exported (UTC, ISO 8601)
 INDEX_DIR = "scann"
 INDEX_MANIFEST = "index_manifest.json"
+INDEX_ITEM_IDS = "item_ids.npy"  # (N,) int64 doc ids of an index folder: row i <-> item_ids[i]
 
 
 # --------------------------------------------------------------------------------------

@@ -138,7 +138,7 @@ def export_bundle(model: ContextualTwoTower, config: ModelConfig, catalog: pd.Da
         manifest.update({
             "format_version": FORMAT_VERSION,
             C.MODEL_VERSION: version,
-            "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+            C.BUNDLE_CREATED_AT: dt.datetime.now(dt.timezone.utc).isoformat(),
             "dim": config.dim,
             "state_dim": config.state_dim,
             "n_items": int(item_ids.shape[0]),

@@ -63,7 +63,6 @@ DEFAULT_N_QUERIES = 1_000  # half tunes the search knobs, half measures the repo
 TUNE_MARGIN = 0.01
 # v2: every file listed by its path relative to the index folder, doc ids in item_ids.npy.
 MANIFEST_VERSION = 2
-INDEX_ITEM_IDS = "item_ids.npy"  # (N,) int64 doc ids: row i of the index is item_ids[i]
 SCANN_ASSETS = "scann_assets.pbtxt"  # ScaNN's list of its asset files (text protobuf)
 # Formats that execute code when loaded (pickle, and torch / joblib files, which are pickles).
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".pt", ".pth", ".ckpt")
@@ -490,7 +489,7 @@ def save_index(index: ItemIndex, out_dir: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        np.save(tmp / INDEX_ITEM_IDS, index.item_ids, allow_pickle=False)
+        np.save(tmp / C.INDEX_ITEM_IDS, index.item_ids, allow_pickle=False)
         if index.searcher is not None:
             scann_dir = tmp / C.INDEX_DIR
             scann_dir.mkdir()
@@ -628,9 +627,9 @@ def _verify_hashes(folder: Path, expected: Dict[str, str]) -> None:
 
 def _load_doc_ids(index_dir: Path, listed: Dict[str, str], item_ids: np.ndarray) -> np.ndarray:
     """The index's own row -> item id array (never pickled), which must equal the bundle's."""
-    if INDEX_ITEM_IDS not in listed:
-        raise IndexMismatchError(f"{index_dir}: the manifest lists no {INDEX_ITEM_IDS}")
-    path = index_dir / INDEX_ITEM_IDS
+    if C.INDEX_ITEM_IDS not in listed:
+        raise IndexMismatchError(f"{index_dir}: the manifest lists no {C.INDEX_ITEM_IDS}")
+    path = index_dir / C.INDEX_ITEM_IDS
     try:
         doc_ids = np.load(path, allow_pickle=False)
     except ValueError as exc:  # numpy's refusal of an object (pickled) array, or a bad header

@@ -319,7 +319,7 @@ class Resolver:
         manifest = getattr(self.bundle, "manifest", {}) or {}
         return {"model_version": self.model_version, "state_dim": int(self.model.state_dim),
                 "dim": int(self.config.dim), "fusion": self.config.fusion,
-                "bundle_created_at": manifest.get("created_at"),
+                "bundle_created_at": manifest.get(C.BUNDLE_CREATED_AT),
                 "index_backend": self.index.backend, "index_size": self.index.size,
                 "head": self.head_backend, "feature_service": C.FEATURE_SERVICE}
 

@@ -10,7 +10,7 @@ import pytest
 import ctt_contracts as C
 from serving.errors import IndexMismatchError
 from serving.index import (BACKEND_BRUTE_FORCE, BACKEND_SCANN, BRUTE_FORCE_MAX_ITEMS,
-                           DEFAULT_N_QUERIES, INDEX_ITEM_IDS, brute_force_topk, build_index,
+                           DEFAULT_N_QUERIES, brute_force_topk, build_index,
                            choose_scann_params, load_index, recall_at_k, sample_queries,
                            sha256_array)
 
@@ -190,9 +190,9 @@ def test_manifest_lists_every_file_and_other_formats_are_refused(scann_dir, cata
     manifest = json.loads((scann_dir / C.INDEX_MANIFEST).read_text())
     on_disk = {p.relative_to(scann_dir).as_posix() for p in scann_dir.rglob("*") if p.is_file()}
     assert set(manifest["files_sha256"]) == on_disk - {C.INDEX_MANIFEST}
-    assert {INDEX_ITEM_IDS, f"{C.INDEX_DIR}/scann_assets.pbtxt"} <= on_disk
+    assert {C.INDEX_ITEM_IDS, f"{C.INDEX_DIR}/scann_assets.pbtxt"} <= on_disk
     assert not any(name.endswith(".pkl") for name in on_disk)
-    np.testing.assert_array_equal(np.load(scann_dir / INDEX_ITEM_IDS, allow_pickle=False), ids)
+    np.testing.assert_array_equal(np.load(scann_dir / C.INDEX_ITEM_IDS, allow_pickle=False), ids)
 
     old = tmp_path / "old"
     shutil.copytree(scann_dir, old)

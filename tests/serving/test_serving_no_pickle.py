@@ -21,7 +21,7 @@ import pytest
 from models.export import BundleError, load_bundle, sha256_file
 import ctt_contracts as C
 from serving.errors import IndexMismatchError
-from serving.index import INDEX_ITEM_IDS, SCANN_ASSETS, _load_scann, load_index
+from serving.index import SCANN_ASSETS, _load_scann, load_index
 from serving.resolver import Resolver
 
 SCANN_DOCIDS = "scann_docids.pkl"  # the file scann_ops_pybind.load_searcher unpickles if present
@@ -84,7 +84,7 @@ def test_untouched_artifacts_load(artifacts, serving_env):
     bundle, index = artifacts
     resolver = _load(bundle, index, serving_env)
     assert resolver.index.backend == "scann"
-    np.testing.assert_array_equal(resolver.index.item_ids, np.load(index / INDEX_ITEM_IDS))
+    np.testing.assert_array_equal(resolver.index.item_ids, np.load(index / C.INDEX_ITEM_IDS))
 
 
 @pytest.mark.parametrize("folder", ["index", "index/scann"])
@@ -128,8 +128,8 @@ def test_pickled_doc_ids_are_refused_and_never_run(artifacts, serving_env, tmp_p
     """The index's own doc-id file swapped for a pickled object array, manifest re-signed."""
     bundle, index = artifacts
     marker = tmp_path / "pwned"
-    pickled_npy(index / INDEX_ITEM_IDS, marker)
-    _list_in_index_manifest(index, INDEX_ITEM_IDS)
+    pickled_npy(index / C.INDEX_ITEM_IDS, marker)
+    _list_in_index_manifest(index, C.INDEX_ITEM_IDS)
     with pytest.raises(IndexMismatchError, match="not a plain int64 array.*allow_pickle"):
         _load(bundle, index, serving_env)
     assert not marker.exists()
