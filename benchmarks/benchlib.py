@@ -1,7 +1,9 @@
 """What the plain-script benchmarks share: the machine record and the run -> table -> JSON report.
 
 Imported by sibling scripts run as ``python benchmarks/NAME.py`` (their folder is first on
-sys.path). Every results JSON then records the machine and the load the same way.
+sys.path). Every results JSON is one envelope (``Measurement.envelope``, keys ``ENVELOPE_KEYS``):
+the machine, the load and the CPU speed around the run, the ``bars`` and the script's own
+``result``, so that the README's renderer and the tests read every file the same way.
 """
 from __future__ import annotations
 
@@ -95,13 +97,22 @@ def steal_pct(before: Dict[str, int], after: Dict[str, int]) -> Optional[float]:
     return round(100.0 * (after["steal"] - before["steal"]) / (after["total"] - before["total"]), 1)
 
 
+PERCENTILES = (50, 90, 99, 99.9)
+
+
+def percentile_key(p: float) -> str:
+    """``p50``, ``p999`` for 99.9: one spelling in every results JSON, whether the percentile
+    was computed here or by a load generator (load_test's wrk)."""
+    return f"p{p:g}".replace(".", "")
+
+
 def percentiles(samples_ms: Sequence[float]) -> Dict[str, float]:
     """p50 / p90 / p99 / p99.9 / mean / n of latency samples (ms), the one summary every
     latency benchmark writes."""
     import numpy as np
 
     a = np.asarray(samples_ms, dtype=float)
-    out = {f"p{p:g}".replace(".", ""): round(float(np.percentile(a, p)), 4) for p in (50, 90, 99, 99.9)}
+    out = {percentile_key(p): round(float(np.percentile(a, p)), 4) for p in PERCENTILES}
     return {**out, "mean": round(float(a.mean()), 4), "n": int(a.size)}
 
 
@@ -113,6 +124,17 @@ def bar(name: str, value: Optional[float], target: float, at_most: bool = False,
     if note:
         out["note"] = note
     return out
+
+
+def args_record(args: argparse.Namespace) -> Dict[str, Any]:
+    """The parsed flags as JSON values (paths as text): the run's provenance in its result."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+def print_bars(bars: Sequence[Dict[str, Any]]) -> None:
+    """One line per bar after a run's table, so a run says at once which targets it met."""
+    for b in bars:
+        print(f"bar {b['name']}: {b['value']} (target {b['target']}) {'met' if b['met'] else 'NOT met'}")
 
 
 def write_json(path: Path, report: Dict[str, Any],
@@ -162,24 +184,47 @@ def parse_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], o
     return args
 
 
+ENVELOPE_KEYS = ("benchmark", "date", "machine", "load_avg_before", "load_avg_after",
+                 "cpu_probe_s_before", "cpu_probe_s_after", "cpu_steal_pct", "bars", "result")
+
+
+class Measurement:
+    """The readings around one benchmark run: made when the run starts (load average, CPU probe,
+    CPU ticks), made again by ``envelope`` when its report is written. A script that writes its
+    file more than once (after each size, after each training run) calls ``envelope`` each
+    time, so the file always says how loaded the machine was up to what it holds."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.load_before = load_avg()  # before the probe, which is load itself
+        self.probe_before, self._ticks = cpu_probe_s(), cpu_times()
+        self.started = datetime.now(timezone.utc)
+
+    def envelope(self, machine_info: Dict[str, Any], bars: List[Dict[str, Any]],
+                 result: Any) -> Dict[str, Any]:
+        """{"benchmark", "date" (the start), "machine", "load_avg_before", "load_avg_after",
+        "cpu_probe_s_before", "cpu_probe_s_after", "cpu_steal_pct", "bars", "result"}: the load,
+        the probe and the steal say how far the figures can be trusted on a shared machine,
+        ``bars`` lists {"name", "value", "target", "met"} per target and ``result`` is the
+        script's own payload (its settings included)."""
+        steal, load_after = steal_pct(self._ticks, cpu_times()), load_avg()
+        return {"benchmark": self.name, "date": self.started.isoformat(timespec="seconds"),
+                "machine": machine_info, "load_avg_before": self.load_before,
+                "load_avg_after": load_after, "cpu_probe_s_before": self.probe_before,
+                "cpu_probe_s_after": cpu_probe_s(), "cpu_steal_pct": steal, "bars": bars,
+                "result": result}
+
+
 def run_and_report(name: str, run: Callable[[], Dict[str, Any]], machine_info: Callable[[], Dict[str, Any]],
                    print_table: Callable[[Dict[str, Any]], None], out: Path,
-                   bars: Optional[Callable[[Dict[str, Any]], List[Dict[str, Any]]]] = None) -> None:
-    """Run the benchmark with the load average recorded before and after, print its table and
-    write ``out`` as {"benchmark", "date", "machine", "load_avg_before", "load_avg_after",
-    "cpu_probe_s_before", "cpu_probe_s_after", "cpu_steal_pct", "bars", "result"}: the load, the
-    probe and the steal say how far the figures can be trusted on a shared machine, and
-    ``bars`` (computed from the result) lists {"name", "value", "target", "met"} per target.
-    ``machine_info`` is called after the run, so it can record settings the run made."""
-    load_before = load_avg()  # before the probe, which is load itself
-    probe_before, ticks = cpu_probe_s(), cpu_times()
-    started = datetime.now(timezone.utc)
+                   bars: Optional[Callable[[Dict[str, Any]], List[Dict[str, Any]]]] = None) -> Dict[str, Any]:
+    """Run the benchmark inside a ``Measurement``, print its table, write ``out`` as its envelope
+    (``bars`` computed from the result) and return that envelope. ``machine_info`` is called
+    after the run, so it can record settings the run made."""
+    measurement = Measurement(name)
     result = run()
-    steal, load_after = steal_pct(ticks, cpu_times()), load_avg()
-    report = {"benchmark": name, "date": started.isoformat(timespec="seconds"),
-              "machine": machine_info(), "load_avg_before": load_before, "load_avg_after": load_after,
-              "cpu_probe_s_before": probe_before, "cpu_probe_s_after": cpu_probe_s(),
-              "cpu_steal_pct": steal, "bars": bars(result) if bars else [], "result": result}
+    report = measurement.envelope(machine_info(), bars(result) if bars else [], result)
     print_table(result)
     write_json(out, report)
     print(f"\nwrote {out}")
+    return report

@@ -301,6 +301,12 @@ def bars(results: List[Dict]) -> List[Dict]:
                          row and round(row["ratio_peak_rss_spark_over_pandas"], 3), 1.0, at_most=True)]
 
 
+def report(measurement: benchlib.Measurement, info: Dict, config: Dict, by_size: List[Dict]) -> Dict:
+    """The results JSON: every size measured so far (this run's and, for sizes it did not run,
+    the previous file's) under ``result`` with the settings, the bars read from them."""
+    return measurement.envelope(info, bars(by_size), {"config": config, "by_size": by_size})
+
+
 def summarise(runs: List[Dict]) -> Dict:
     """One side's repeated runs -> median seconds (and JVM start), the highest peak RSS, the
     mean of the recorded loads (None if no run recorded one), and every run's figures."""
@@ -385,27 +391,19 @@ def main(argv: Optional[List[str]] = None) -> None:
             res = phase_pandas(args.lake, out)
         print("RESULT " + json.dumps(res))
         return
-    info, load_before = machine(), benchlib.load_avg()
-    probe_before, ticks = benchlib.cpu_probe_s(), benchlib.cpu_times()
+    info, measurement = machine(), benchlib.Measurement("build_sequences")
+    config = {"cap": CAP, "context_top_k": TOP_K, "master": args.master,
+              "driver_memory": args.driver_memory, "shuffle_partitions": args.partitions,
+              "repeats": args.repeats}
     rows = []
     previous = json.loads(Path(args.out).read_text()) if Path(args.out).exists() else {}
-    by_size = {r["events_requested"]: r for r in previous.get("results", [])}
+    by_size = {r["events_requested"]: r for r in previous.get("result", {}).get("by_size", [])}
     for n in args.events:
         rows.append(bench_one(n, args.master, args.driver_memory, args.partitions,
                               reuse=not args.no_reuse, repeats=args.repeats))
         by_size[n] = rows[-1]
-        results = [by_size[k] for k in sorted(by_size)]
-        doc = {"benchmark": "build_sequences", "date": datetime.now(timezone.utc).isoformat(),
-               "machine": info, "load_avg_before": load_before, "load_avg_after": benchlib.load_avg(),
-               "cpu_probe_s_before": probe_before, "cpu_probe_s_after": benchlib.cpu_probe_s(),
-               "cpu_steal_pct": benchlib.steal_pct(ticks, benchlib.cpu_times()),
-               "bars": bars(results), "config": {"cap": CAP, "context_top_k": TOP_K,
-                                           "master": args.master,
-                                           "driver_memory": args.driver_memory,
-                                           "shuffle_partitions": args.partitions,
-                                           "repeats": args.repeats},
-               "results": results}
-        benchlib.write_json(Path(args.out), doc)
+        benchlib.write_json(Path(args.out), report(measurement, info, config,
+                                                   [by_size[k] for k in sorted(by_size)]))
     print_table(rows)
     print(f"wrote {args.out}")
 

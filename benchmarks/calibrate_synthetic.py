@@ -17,9 +17,9 @@ What it measures, side by side, with ONE function per statistic applied to both 
   world (the same knobs, ``p_repeat`` 0.98: ~50 conversions per user).
 
 Bars (``bars`` in the JSON: name, value, target, met) say whether the world is where its
-docstring says it is; ``stats`` lists every statistic with both values and what it means. Scale-
-dependent statistics (items seen per category, unseen test items) depend on the number of users:
-run with the size you mean to use.
+docstring says it is; ``result.stats`` lists every statistic with both values and what it means.
+Scale-dependent statistics (items seen per category, unseen test items) depend on the number of
+users: run with the size you mean to use.
 
 Usage: python benchmarks/calibrate_synthetic.py [--users 100000] [--seed 0] [--data-root DIR]
 Prints the table and writes benchmarks/results/calibration.json. Pandas only, no Spark.
@@ -29,10 +29,8 @@ GroupLens MovieLens (Harper and Konstan, ACM TiiS 2015), read in place, never co
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
-from datetime import datetime, timezone
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -376,7 +374,9 @@ def bars_for(cfg: SyntheticConfig, real: Dict[str, Any], gen: Dict[str, Any],
     ]
 
 
-def run(args: argparse.Namespace) -> Dict[str, Any]:
+def run(args: argparse.Namespace) -> Tuple[SyntheticConfig, Dict[str, Any], Dict[str, Any],
+                                           Dict[str, Any]]:
+    """(world config, REES46 statistics, generated statistics, interest kappas) of one run."""
     data = args.data_root
     cfg = SyntheticConfig(n_users=args.users, seed=args.seed)
     real_events, real_items = load_rees46(data / "rees46-2019oct-head")
@@ -392,13 +392,21 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     gen["generate_seconds_pandas"] = round(gen_seconds, 2)
     kappa_real, n_real = interest_kappa(*movielens_genre_rows(data / "ml-1m-u2999"))
     kappa_gen, n_gen = generated_interest_kappa(cfg)
+    interest = {"movielens_1m_genres": kappa_real, "movielens_users": n_real,
+                "generated_long_history": kappa_gen, "generated_users": n_gen}
+    return cfg, real, gen, interest
+
+
+def report(measurement: benchlib.Measurement, cfg: SyntheticConfig, real: Dict[str, Any],
+           gen: Dict[str, Any], interest: Dict[str, Any]) -> Dict[str, Any]:
+    """The results JSON: the bars, and under ``result`` the world's config and every statistic
+    with both values (interest kappa on MovieLens and on the long-history world)."""
     stats = [{"name": k, "rees46": real.get(k), "generated": gen.get(k)}
              for k in dict.fromkeys([*real, *gen])]
-    stats.append({"name": "interest_kappa", "movielens_1m_genres": kappa_real,
-                  "movielens_users": n_real, "generated_long_history": kappa_gen,
-                  "generated_users": n_gen})
-    return {"config": cfg.to_dict(), "bars": bars_for(cfg, real, gen, kappa_real, kappa_gen),
-            "stats": stats}
+    stats.append({"name": "interest_kappa", **interest})
+    bars = bars_for(cfg, real, gen, interest["movielens_1m_genres"], interest["generated_long_history"])
+    return measurement.envelope(machine(["numpy", "pandas"]), bars,
+                                {"config": cfg.to_dict(), "stats": stats})
 
 
 def _json_default(v: Any) -> Any:
@@ -417,16 +425,16 @@ def _fmt(v: Any) -> str:
     return "-" if v is None else str(v)
 
 
-def print_table(result: Dict[str, Any]) -> None:
+def print_table(report: Dict[str, Any]) -> None:
     print(f"{'statistic':45s} {'REES46 head':>14s} {'generated':>14s}")
-    for s in result["stats"]:
+    for s in report["result"]["stats"]:
         if "rees46" in s:
             print(f"{s['name']:45s} {_fmt(s['rees46']):>14s} {_fmt(s['generated']):>14s}")
         else:
             print(f"{s['name']:45s} {'ML-1M ' + _fmt(s['movielens_1m_genres']):>14s} "
                   f"{_fmt(s['generated_long_history']):>14s}")
     print(f"\n{'bar':40s} {'value':>10s} {'target':>10s}  met")
-    for b in result["bars"]:
+    for b in report["bars"]:
         print(f"{b['name']:40s} {_fmt(b['value']):>10s} {_fmt(b['target']):>10s}  {b['met']}")
 
 
@@ -437,14 +445,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--data-root", type=Path, default=DEFAULT_DATA_ROOT)
     p.add_argument("--out", type=Path, default=OUT)
     args = p.parse_args(argv)
-    load_before = benchlib.load_avg()
-    started = datetime.now(timezone.utc)
-    result = run(args)
-    report = {"benchmark": "calibrate_synthetic", "date": started.isoformat(timespec="seconds"),
-              "machine": machine(["numpy", "pandas"]),
-              "load_avg_before": load_before, "load_avg_after": benchlib.load_avg(), **result}
-    print_table(result)
-    benchlib.write_json(args.out, report, default=_json_default)
+    measurement = benchlib.Measurement("calibrate_synthetic")
+    out = report(measurement, *run(args))
+    print_table(out)
+    benchlib.write_json(args.out, out, default=_json_default)
     print(f"\nwrote {args.out}")
 
 

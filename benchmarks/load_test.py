@@ -41,7 +41,6 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Dict, List, Optional, Tuple
@@ -65,7 +64,8 @@ WRK_TIMEOUT_S = 5
 PHASES = (("single_client", 1, 1), ("conn32", 2, 32))  # (name, wrk threads, connections)
 
 # Lua for wrk: POST bodies round-robin from a pool, statuses counted per thread, and a JSON
-# summary (latency percentiles in microseconds) printed by done() between markers.
+# summary (latency in microseconds, the percentiles of benchlib.PERCENTILES as a list in that
+# order) printed by done() between markers.
 WRK_LUA = r"""
 local bodies = {
 %(bodies)s
@@ -102,18 +102,21 @@ function done(summary, latency, requests)
   end
   local parts = {}
   for code, n in pairs(codes) do table.insert(parts, string.format('"%%s": %%d', code, n)) end
+  local pcts = {}
+  for _, p in ipairs({%(percentiles)s}) do
+    table.insert(pcts, string.format("%%d", latency:percentile(p)))
+  end
   local e = summary.errors
   io.write("WRK_JSON_BEGIN\n")
   io.write(string.format(
     '{"duration_us": %%d, "requests": %%d, "bytes": %%d, ' ..
     '"errors": {"connect": %%d, "read": %%d, "write": %%d, "status": %%d, "timeout": %%d}, ' ..
-    '"latency_us": {"min": %%d, "mean": %%.1f, "stdev": %%.1f, "max": %%d, ' ..
-    '"p50": %%d, "p90": %%d, "p99": %%d, "p99.9": %%d}, "statuses": {%%s}}\n',
+    '"latency_us": {"min": %%d, "mean": %%.1f, "stdev": %%.1f, "max": %%d}, ' ..
+    '"percentiles_us": [%%s], "statuses": {%%s}}\n',
     summary.duration, summary.requests, summary.bytes,
     e.connect, e.read, e.write, e.status, e.timeout,
     latency.min, latency.mean, latency.stdev, latency.max,
-    latency:percentile(50), latency:percentile(90), latency:percentile(99),
-    latency:percentile(99.9), table.concat(parts, ", ")))
+    table.concat(pcts, ", "), table.concat(parts, ", ")))
   io.write("WRK_JSON_END\n")
 end
 """
@@ -242,18 +245,22 @@ def wait_healthy(base: str, proc: subprocess.Popen, log: Any, workers: int,
 def wrk_script(requests: List[Dict[str, Any]], path: Path, offset: int = 0) -> Path:
     """The Lua script with the request pool inlined (long brackets: no escaping of the JSON)."""
     bodies = ",\n".join(f"[==[{json.dumps(r, separators=(',', ':'))}]==]" for r in requests)
-    path.write_text(WRK_LUA % {"bodies": bodies, "offset": offset})
+    percentiles = ", ".join(f"{p:g}" for p in benchlib.PERCENTILES)
+    path.write_text(WRK_LUA % {"bodies": bodies, "offset": offset, "percentiles": percentiles})
     return path
 
 
 def parse_wrk(stdout: str) -> Dict[str, Any]:
-    """The JSON done() printed -> figures in ms and req/s."""
+    """The JSON done() printed -> figures in ms (percentiles keyed as benchlib.percentiles keys
+    them: p50 ... p999) and req/s."""
     try:
         raw = json.loads(stdout.split("WRK_JSON_BEGIN\n", 1)[1].split("WRK_JSON_END", 1)[0])
     except (IndexError, json.JSONDecodeError) as exc:
         raise RuntimeError(f"wrk printed no summary:\n{stdout[-2000:]}") from exc
     seconds = raw["duration_us"] / 1e6
-    lat = {k.replace(".", ""): round(v / 1000.0, 3) for k, v in raw["latency_us"].items()}
+    lat = {k: round(v / 1000.0, 3) for k, v in raw["latency_us"].items()}
+    lat.update({benchlib.percentile_key(p): round(v / 1000.0, 3)
+                for p, v in zip(benchlib.PERCENTILES, raw["percentiles_us"], strict=True)})
     n_errors = sum(raw["errors"].values())
     return {"requests": raw["requests"], "seconds": round(seconds, 2),
             "throughput_rps": round(raw["requests"] / seconds, 1), "latency_ms": lat,
@@ -341,6 +348,13 @@ def bars(result: Dict[str, Any]) -> List[Dict[str, Any]]:
     return out
 
 
+def report(measurement: benchlib.Measurement, args: argparse.Namespace,
+           result: Dict[str, Any]) -> Dict[str, Any]:
+    """The results JSON: the bars, and under ``result`` the run's figures and its flags."""
+    return measurement.envelope(_serving_bench().machine(), bars(result),
+                                {**result, "args": benchlib.args_record(args)})
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--items", type=int, default=BAR_ITEMS)
@@ -358,7 +372,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error("wrk is not installed (.ci/services.sh installs it: apt-get install wrk)")
     bench = _serving_bench()
     torch.set_num_threads(1)
-    load_before = benchlib.load_avg()
+    measurement = benchlib.Measurement("load_test")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="ctt-load-test-"))
     try:
         t0 = time.perf_counter()
@@ -406,14 +420,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         "phases": phases, "server_memory": memory,
         "server_alive_after": alive,
     }
-    report = {"benchmark": "load_test", "date": datetime.now(timezone.utc).isoformat(),
-              "machine": bench.machine(), "load_avg_before": load_before,
-              "load_avg_after": benchlib.load_avg(),
-              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "bars": bars(result), "results": result}
-    for b in report["bars"]:
-        print(f"bar {b['name']}: {b['value']} (target {b['target']}) {'met' if b['met'] else 'NOT met'}")
-    benchlib.write_json(args.out, report)
+    out = report(measurement, args, result)
+    benchlib.print_bars(out["bars"])
+    benchlib.write_json(args.out, out)
     print(f"wrote {args.out}")
     errors = sum(ph["error_count"] for ph in phases.values())
     return 0 if (errors == 0 and alive) else 1

@@ -474,12 +474,12 @@ BARS = (
 )
 
 
-def bars(report: Dict[str, Any]) -> List[Dict[str, Any]]:
+def bars(result: Dict[str, Any]) -> List[Dict[str, Any]]:
     """Ours (ids only) over SASRec (cap 200) per bar, from the seed summaries; value and met
     are None while either summary is missing."""
     out = []
     for name, dataset, key, target, at_least in BARS:
-        models = report.get("datasets", {}).get(dataset, {}).get("models", {})
+        models = result.get("datasets", {}).get(dataset, {}).get("models", {})
         ours = models.get(OURS_H2H, {}).get("summary")
         base = models.get(SASREC_H2H, {}).get("summary")
         value = met = None
@@ -490,30 +490,34 @@ def bars(report: Dict[str, Any]) -> List[Dict[str, Any]]:
     return out
 
 
-def load_report(path: Path) -> Dict[str, Any]:
+def load_result(path: Path) -> Dict[str, Any]:
+    """What earlier stages wrote to ``path`` (its ``result``), for this stage to merge into."""
     if path.exists():
-        return json.loads(path.read_text())
-    return {"benchmark": "movielens", "datasets": {}, "stages_run": []}
+        return json.loads(path.read_text())["result"]
+    return {"datasets": {}, "stages_run": []}
 
 
-def save_report(report: Dict[str, Any], path: Path) -> None:
-    report["bars"] = bars(report)
+def save_report(measurement: benchlib.Measurement, result: Dict[str, Any], path: Path) -> Dict[str, Any]:
+    """Write the envelope of this stage's run (its load and probe at the top, every run's own
+    load inside ``result``) and return it."""
+    report = measurement.envelope(machine_info(), bars(result), result)
     benchlib.write_json(path, report)
+    return report
 
 
-def model_entry(report: Dict[str, Any], inputs: Inputs, spec: ModelSpec) -> Dict[str, Any]:
-    ds = report["datasets"].setdefault(inputs.name, {"models": {}})
+def model_entry(result: Dict[str, Any], inputs: Inputs, spec: ModelSpec) -> Dict[str, Any]:
+    ds = result["datasets"].setdefault(inputs.name, {"models": {}})
     ds["import"], ds["split"] = inputs.counts, split_info(inputs.split)
     entry = ds["models"].setdefault(spec.name, {"grid": {}, "seeds": {}})
     entry["label"], entry["library"] = spec.label, spec.library
     return entry
 
 
-def run_stage(stage: str, report: Dict[str, Any], inputs: Inputs, spec: ModelSpec, lrs: Sequence[float],
+def run_stage(stage: str, result: Dict[str, Any], inputs: Inputs, spec: ModelSpec, lrs: Sequence[float],
               seeds: Sequence[int], max_epochs: int, python: Optional[Path], redo: bool,
               save) -> None:
     """Run what ``stage`` needs for one (data set, model), saving after every run."""
-    entry = model_entry(report, inputs, spec)
+    entry = model_entry(result, inputs, spec)
     if stage in ("grid", "all"):
         for lr in lrs:
             if lr_key(lr) in entry["grid"] and not redo:
@@ -589,31 +593,32 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     max_epochs = QUICK["max_epochs"] if args.quick else MAX_EPOCHS
     torch.set_num_threads(THREADS)
 
-    started, load_before = time.perf_counter(), benchlib.load_avg()
+    measurement = benchlib.Measurement("movielens")
+    started, load_before = time.perf_counter(), measurement.load_before
     needs_rectools = any(MODELS[m].library == RECTOOLS for m in args.models)
     venv = venv_dir()
     venv_proc = start_venv_build(venv) if needs_rectools else None
     imported = import_all(datasets, args.data_root)
     python = finish_venv_build(venv, venv_proc) if needs_rectools else None
     # A smoke run starts afresh; the real one merges into what earlier stages wrote.
-    report = {"datasets": {}, "stages_run": []} if args.quick else load_report(out)
-    report.update({"benchmark": "movielens", "machine": machine_info(), "protocol": PROTOCOL,
-                   "quick": bool(args.quick), "head_to_head": [OURS_H2H, SASREC_H2H],
-                   "note": "one run at a time; load averages per run show how busy the machine was",
-                   "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")})
-    save = lambda: save_report(report, out)  # noqa: E731
+    result = {"datasets": {}, "stages_run": []} if args.quick else load_result(out)
+    result.update({"protocol": PROTOCOL, "quick": bool(args.quick),
+                   "head_to_head": [OURS_H2H, SASREC_H2H],
+                   "note": "one run at a time; load averages per run show how busy the machine was"})
+    save = lambda: save_report(measurement, result, out)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="ctt-movielens-inputs-") as tmp:
         for name in datasets:
             inputs = prepare(name, imported[name], Path(tmp) / name)
             for model in args.models:
-                run_stage(args.stage, report, inputs, MODELS[model], lrs, seeds, max_epochs, python,
+                run_stage(args.stage, result, inputs, MODELS[model], lrs, seeds, max_epochs, python,
                           args.redo, save)
-    report["stages_run"].append({
+    result["stages_run"].append({
         "stage": args.stage, "datasets": datasets, "models": args.models, "quick": bool(args.quick),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "wall_s": time.perf_counter() - started, "load_before": load_before, "load_after": benchlib.load_avg(),
+        "wall_s": time.perf_counter() - started, "load_before": load_before,
+        "load_after": benchlib.load_avg(),
         "command": " ".join(["movielens.py", *(argv if argv is not None else sys.argv[1:])])})
-    save()
+    report = save()
     print("\n".join(readme.render_movielens({out.name: report})))
     print(f"wrote {out} (python benchmarks/readme.py puts its table in the README)")
     return report

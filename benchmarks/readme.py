@@ -8,9 +8,10 @@ committed without its table fails the test suite.
 
 Every block starts with where its figures come from: the results file, the date, and the load
 average before and after the run (the machine is shared; the load says how far to trust a
-timing). The renderers are pure functions of the parsed JSON, so they are tested on hand-made
-reports. Benchmarks that write several JSONs for one table (serving at two weight kinds) list
-them all.
+timing). Every results file is benchlib's envelope (``benchlib.ENVELOPE_KEYS``): the run's
+provenance at the top, the script's figures under ``result``. The renderers are pure functions
+of the parsed JSON, so they are tested on hand-made reports. Benchmarks that write several JSONs
+for one table (serving at two weight kinds) list them all.
 
 Usage: python benchmarks/readme.py [--check] [--readme README.md] [--results benchmarks/results]
 """
@@ -122,7 +123,7 @@ def _build_seconds(side: Dict[str, Any]) -> str:
 def render_build(reports: Dict[str, Report]) -> List[str]:
     (file, r), = reports.items()
     rows = []
-    for x in r["results"]:
+    for x in r["result"]["by_size"]:
         s, p = x["spark"], x["pandas"]
         equal = x.get("outputs_equal", {})
         rows.append([
@@ -134,7 +135,7 @@ def render_build(reports: Dict[str, Report]) -> List[str]:
             f"{x['ratio_peak_rss_spark_over_pandas']:.2f}x",
             "yes" if equal and all(equal.values()) else "**no**",
             num(s.get("mean_load_avg_1m"), 1)])
-    repeats = (r.get("config") or {}).get("repeats", 1)
+    repeats = (r["result"].get("config") or {}).get("repeats", 1)
     how = ([f"Each side ran {repeats} times, alternating: events/s from the median run, peak RSS "
             "the highest run's.", ""] if repeats > 1 else [])
     return [provenance(file, r), ""] + how + table(
@@ -148,15 +149,16 @@ def _mean_std(summary: Dict[str, Any], key: str) -> str:
     return f"{mean:.4f}" + (f" ± {std:.4f}" if std is not None else "")
 
 
-def stage_lines(report: Report) -> List[str]:
+def stage_lines(result: Dict[str, Any]) -> List[str]:
     """One line per stage a staged benchmark ran: when, the load around it, its wall time."""
     return [f"- `{s['command']}` on {s['date'][:10]}: load average {num(s['load_before'][0], 2)} "
             f"before, {num(s['load_after'][0], 2)} after, {s['wall_s'] / 60:.0f} min wall."
-            for s in report.get("stages_run", [])]
+            for s in result.get("stages_run", [])]
 
 
 def render_movielens(reports: Dict[str, Report]) -> List[str]:
-    (file, r), = reports.items()
+    (file, report), = reports.items()
+    r = report["result"]
     rows = []
     for dataset, ds in r.get("datasets", {}).items():
         for name, entry in ds.get("models", {}).items():
@@ -179,10 +181,10 @@ def render_movielens(reports: Dict[str, Report]) -> List[str]:
          "CPU s to best", "epochs run (best)", "seeds"), rows) + runs
 
 
-def run_rows(report: Report) -> List[List[str]]:
+def run_rows(result: Dict[str, Any]) -> List[List[str]]:
     """One row per finished MovieLens run (grid and seeds), in the order the JSON holds them."""
     out = []
-    for dataset, ds in report.get("datasets", {}).items():
+    for dataset, ds in result.get("datasets", {}).items():
         for name, entry in ds.get("models", {}).items():
             for x in list(entry.get("grid", {}).values()) + list(entry.get("seeds", {}).values()):
                 out.append([dataset, entry.get("label", name), f"{x['lr']:g}", str(x["seed"]),
@@ -193,13 +195,14 @@ def run_rows(report: Report) -> List[List[str]]:
 
 
 def render_training(reports: Dict[str, Report]) -> List[str]:
-    (file, r), = reports.items()
+    (file, report), = reports.items()
+    r = report["result"]
     rows = []
     for label, fig in (("plain torch", r["baseline"]["plain_torch"]),
                        ("Lightning", r["figures"]["lightning"])):
         runs = " / ".join(f"{x['examples_per_s']:,.0f}" for x in fig["runs"])
         rows.append([label, f"{fig['median_examples_per_s']:,.0f}", runs])
-    return ([provenance(file, r), ""] + table(("loop", "examples/s (median)", "runs"), rows)
+    return ([provenance(file, report), ""] + table(("loop", "examples/s (median)", "runs"), rows)
             + ["", f"Time ratio Lightning / plain: {r['ratio_time_lightning_over_plain']:.2f} "
                    f"(bar <= {r['max_ratio']:g}: {met_cell(r['passed'])})."])
 
@@ -235,13 +238,13 @@ def _ms(stage: Optional[Dict[str, Any]], *keys: str) -> str:
 def render_serving(reports: Dict[str, Report]) -> List[str]:
     rows = []
     for file, r in reports.items():
-        for x in r["results"]:
+        for x in r["result"]["by_size"]:
             inproc = x.get("in_process_scann", {})
             search = x.get("search_only", {})
             head = x.get("head_only", {})
             http = x.get("http") or {}
             rows.append([
-                f"{x['n_items']:,}", r.get("model_weights", "-").split(" (")[0],
+                f"{x['n_items']:,}", r["result"].get("model_weights", "-").split(" (")[0],
                 _ms(inproc.get("total_ms"), "p50", "p99", "p999"),
                 " / ".join(_ms(inproc.get(f"{s}_ms"), "p50") for s in ("feast", "head", "search")),
                 _ms(head.get("numpy_ms"), "p50"),
@@ -258,9 +261,9 @@ def render_serving(reports: Dict[str, Report]) -> List[str]:
 
 def render_load_test(reports: Dict[str, Report]) -> List[str]:
     (file, r), = reports.items()
-    setup = r["results"]["setup"]
+    setup = r["result"]["setup"]
     rows = []
-    for phase, x in r["results"]["phases"].items():
+    for phase, x in r["result"]["phases"].items():
         lat = x["latency_ms"]
         rss = x.get("server_rss", {})
         rows.append([phase, f"`{x['command']}`", f"{x['requests']:,}", str(x["error_count"]),

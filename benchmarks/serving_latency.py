@@ -29,9 +29,7 @@ load (recorded in the json); they are measurements, nothing here is hard-coded.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import json
 import shutil
 import socket
 import subprocess
@@ -40,7 +38,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
@@ -260,11 +258,11 @@ def bench_head(resolver: Resolver, reqs: List[Dict[str, Any]], repeats: int = 5,
     return out
 
 
-def bars(report: Dict[str, Any]) -> List[Dict[str, Any]]:
-    """The issue's bars from a report's results (value None and met False when not measured)."""
-    trained = report.get("model_weights", "").startswith("bundle")
-    at_scale = next((r for r in report["results"] if r["n_items"] == BAR_SCALE), None)
-    head_run = next((r for r in report["results"] if r["dim"] == HEAD_BAR_DIM), None)
+def bars(result: Dict[str, Any]) -> List[Dict[str, Any]]:
+    """The issue's bars from a run's result (value None and met None when not measured)."""
+    trained = result.get("model_weights", "").startswith("bundle")
+    at_scale = next((r for r in result["by_size"] if r["n_items"] == BAR_SCALE), None)
+    head_run = next((r for r in result["by_size"] if r["dim"] == HEAD_BAR_DIM), None)
     values: Dict[str, Optional[float]] = {
         "inprocess_p99_ms_1m_trained": None, "inprocess_p99_ms_1m_random": None,
         "scann_speedup_1m": None, "scann_recall100_1m": None,
@@ -403,6 +401,17 @@ def print_table(results: List[Dict[str, Any]]) -> None:
     print("-" * 108)
 
 
+def report(measurement: benchlib.Measurement, args: argparse.Namespace, weights: str,
+           by_size: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """The results JSON: the bars, and under ``result`` one entry per catalog size with what
+    the figures were measured on (weights, item embeddings, baseline, targets, flags)."""
+    result = {"model_weights": weights,
+              "item_embeddings": "model item tower over a synthetic catalog (ids + 1-5 categories)",
+              "baseline": "brute force (numpy matmul + argpartition, exact)",
+              "targets": TARGETS, "args": benchlib.args_record(args), "by_size": by_size}
+    return measurement.envelope(machine(), bars(result), result)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--scales", type=int, nargs="+", default=[100_000, 1_000_000])
@@ -426,7 +435,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "20k items, few requests (smoke run)", "folder for the run's files (default: temp)")
     torch.set_num_threads(1)  # as ctt-serve does: one-row heads are fastest single-threaded
     torch.manual_seed(0)
-    load_before = benchlib.load_avg()
+    measurement = benchlib.Measurement("serving")
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="ctt-bench-serving-"))
     try:
         if args.train:
@@ -447,21 +456,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     finally:
         if args.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
-    report = {
-        "benchmark": "serving", "date": datetime.now(timezone.utc).isoformat(),
-        "machine": machine(), "load_avg_before": load_before,
-        "load_avg_after": benchlib.load_avg(), "model_weights": weights,
-        "item_embeddings": "model item tower over a synthetic catalog (ids + 1-5 categories)",
-        "baseline": "brute force (numpy matmul + argpartition, exact)",
-        "targets": TARGETS, "args": {k: (str(v) if isinstance(v, Path) else v)
-                                     for k, v in vars(args).items()},
-        "results": results,
-    }
-    report["bars"] = bars(report)
+    out = report(measurement, args, weights, results)
     print_table(results)
-    for b in report["bars"]:
-        print(f"bar {b['name']}: {b['value']} (target {b['target']}) {'met' if b['met'] else 'NOT met'}")
-    benchlib.write_json(args.out, report)
+    benchlib.print_bars(out["bars"])
+    benchlib.write_json(args.out, out)
     print(f"wrote {args.out}")
     return 0
 

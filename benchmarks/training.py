@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -40,6 +39,7 @@ WORK = REPO_ROOT / "benchmarks" / "work"
 CLIP = 1.0
 SEED = 0
 MAX_RATIO = 1.3
+BENCHMARK = "training loop throughput (Lightning vs plain torch, same model/batches/optimizer)"
 # The demo's catalogue shape (jobs/demo.py: 10k items, 20 categories, 5 styles); fewer users
 # than the demo because only a few hundred steps are timed.
 DEMO_LIKE = dict(n_users=10_000, n_items=10_000, n_categories=20, n_styles=5)
@@ -108,6 +108,36 @@ def machine() -> Dict[str, Any]:
     return {**benchlib.machine(("torch", "pytorch-lightning")), "torch_threads": torch.get_num_threads()}
 
 
+def report(measurement: benchlib.Measurement, runs: Dict[str, List[Dict[str, float]]],
+           settings: Dict[str, Any]) -> Dict[str, Any]:
+    """The results JSON: the time-ratio bar, and under ``result`` the settings, each loop's
+    median examples/s with every run's figures, and the ratio against MAX_RATIO."""
+    median = {k: statistics.median(r["examples_per_s"] for r in v) for k, v in runs.items()}
+    ratio = median["plain_torch"] / median["lightning"]  # time ratio Lightning / plain
+    result = {
+        "settings": settings,
+        "figures": {"lightning": {"median_examples_per_s": median["lightning"], "runs": runs["lightning"]}},
+        "baseline": {"plain_torch": {"median_examples_per_s": median["plain_torch"],
+                                     "runs": runs["plain_torch"]}},
+        "ratio_time_lightning_over_plain": ratio,
+        "max_ratio": MAX_RATIO,
+        "passed": ratio <= MAX_RATIO,
+    }
+    return measurement.envelope(
+        machine(), [benchlib.bar("training_time_lightning_vs_plain_torch", ratio, MAX_RATIO, at_most=True)],
+        result)
+
+
+def print_table(result: Dict[str, Any]) -> None:
+    print(f"{'loop':<12} {'median examples/s':>18} {'runs (examples/s)':>40}")
+    for name, fig in (("plain_torch", result["baseline"]["plain_torch"]),
+                      ("lightning", result["figures"]["lightning"])):
+        per_run = ", ".join(f"{r['examples_per_s']:.0f}" for r in fig["runs"])
+        print(f"{name:<12} {fig['median_examples_per_s']:>18.0f} {per_run:>40}")
+    print(f"time ratio Lightning / plain torch = {result['ratio_time_lightning_over_plain']:.3f} "
+          f"(bar <= {result['max_ratio']})")
+
+
 def main(argv: List[str] | None = None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lake", type=str, default=None, help="Delta lake root (default: fixture)")
@@ -134,36 +164,18 @@ def main(argv: List[str] | None = None) -> Dict[str, Any]:
                                       max_item_categories=config.max_item_categories,
                                       max_val_examples=100)
     dm.setup("fit")
-    load_before = benchlib.load_avg()
+    measurement = benchlib.Measurement(BENCHMARK)
 
     runs: Dict[str, List[Dict[str, float]]] = {"lightning": [], "plain_torch": []}
     for _ in range(args.repeats):  # alternate so both see the same machine load
         runs["plain_torch"].append(run_plain(dm, config, args.steps, args.warmup))
         runs["lightning"].append(run_lightning(dm, config, args.steps, args.warmup))
-    median = {k: statistics.median(r["examples_per_s"] for r in v) for k, v in runs.items()}
-    ratio = median["plain_torch"] / median["lightning"]  # time ratio Lightning / plain
-    report = {
-        "benchmark": "training loop throughput (Lightning vs plain torch, same model/batches/optimizer)",
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(), "load_avg_before": load_before, "load_avg_after": benchlib.load_avg(),
-        "settings": {"lake": lake, "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
-                     "batch_size": args.batch_size, "model_config": config.to_dict(),
-                     "gradient_clip_val": CLIP},
-        "figures": {"lightning": {"median_examples_per_s": median["lightning"], "runs": runs["lightning"]}},
-        "baseline": {"plain_torch": {"median_examples_per_s": median["plain_torch"],
-                                     "runs": runs["plain_torch"]}},
-        "ratio_time_lightning_over_plain": ratio,
-        "max_ratio": MAX_RATIO,
-        "passed": ratio <= MAX_RATIO,
-        "bars": [benchlib.bar("training_time_lightning_vs_plain_torch", ratio, MAX_RATIO, at_most=True)],
-    }
-    print(f"{'loop':<12} {'median examples/s':>18} {'runs (examples/s)':>40}")
-    for name in ("plain_torch", "lightning"):
-        per_run = ", ".join(f"{r['examples_per_s']:.0f}" for r in runs[name])
-        print(f"{name:<12} {median[name]:>18.0f} {per_run:>40}")
-    print(f"time ratio Lightning / plain torch = {ratio:.3f} (bar <= {MAX_RATIO})")
-    benchlib.write_json(args.out, report)
-    return report
+    out = report(measurement, runs, {"lake": lake, "steps": args.steps, "warmup": args.warmup,
+                                     "repeats": args.repeats, "batch_size": args.batch_size,
+                                     "model_config": config.to_dict(), "gradient_clip_val": CLIP})
+    print_table(out["result"])
+    benchlib.write_json(args.out, out)
+    return out
 
 
 if __name__ == "__main__":

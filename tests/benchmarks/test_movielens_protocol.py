@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+import benchlib
 import movielens as bench
 import movielens_rectools as rt
 import readme
@@ -141,22 +142,24 @@ def test_lr_choice_summary_bars_and_readme_table():
     assert got["ml-1m-u2999_time_to_best_ours_vs_sasrec"]["value"] == pytest.approx(20 / 80)
     assert got["ml-1m-u2999_time_to_best_ours_vs_sasrec"]["met"] is True
     assert got["ml-100k_hr10_ours_vs_sasrec"]["value"] is None  # not run
-    report["bars"] = bench.bars(report)
-    table = "\n".join(readme.render_movielens({"movielens.json": report})
-                      + readme.render_bars({"movielens.json": report}))
+    envelope = {"result": report, "bars": bench.bars(report)}
+    table = "\n".join(readme.render_movielens({"movielens.json": envelope})
+                      + readme.render_bars({"movielens.json": envelope}))
     assert "| ml-1m-u2999 | ours | 0.001 | 0.3000 ± 0.1000 |" in table
     assert "| `ml-100k_hr10_ours_vs_sasrec` | - | 1 | not measured | movielens.json |" in table
     assert "| `ml-1m-u2999_time_to_best_ours_vs_sasrec` | 0.25 | 0.5 | yes | movielens.json |" in table
 
 
-def test_report_merges_stages_and_quick_never_overwrites_the_results(tmp_path):
+def test_report_merges_stages_and_quick_never_overwrites_the_results(tmp_path, measurement):
     path = tmp_path / "r.json"
-    report = bench.load_report(path)
+    result = bench.load_result(path)
     grid = {"0.001": run(1e-3, 0, 0.1, 0.1, 0.1, 1)}
-    report["datasets"]["ml-100k"] = {"models": {"ours_ids": {"grid": grid}}}
-    bench.save_report(report, path)
-    again = bench.load_report(path)
+    result["datasets"]["ml-100k"] = {"models": {"ours_ids": {"grid": grid}}}
+    written = bench.save_report(measurement, result, path)
+    assert json.loads(path.read_text()) == written
+    assert list(written) == list(benchlib.ENVELOPE_KEYS) and written["result"] == result
+    again = bench.load_result(path)
     assert again["datasets"]["ml-100k"]["models"]["ours_ids"]["grid"]["0.001"][loo.HR] == 0.1
-    assert len(json.loads(path.read_text())["bars"]) == len(bench.BARS)
+    assert len(written["bars"]) == len(bench.BARS)
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--out", str(bench.DEFAULT_OUT)])

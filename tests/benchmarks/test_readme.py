@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+import benchlib
 import readme
 
 
@@ -19,16 +20,24 @@ def test_committed_readme_matches_committed_results():
         "python benchmarks/readme.py")
 
 
-def test_every_block_has_markers_and_every_results_file_has_bars():
+def test_every_block_has_markers():
     text = readme.README.read_text()
     for block in readme.BLOCKS + (readme.Block(readme.BARS_BLOCK, (), lambda r: []),):
         assert text.count(readme.begin_marker(block.name)) == 1, block.name
         assert text.count(readme.end_marker(block.name)) == 1, block.name
-    for path in readme.RESULTS.glob("*.json"):
-        bars = json.loads(path.read_text()).get("bars")
+
+
+def test_every_results_file_is_the_envelope_with_a_bars_list():
+    paths = sorted(readme.RESULTS.glob("*.json"))
+    assert paths
+    for path in paths:
+        report = json.loads(path.read_text())
+        assert list(report) == list(benchlib.ENVELOPE_KEYS), path.name
+        assert isinstance(report["result"], dict), path.name
+        bars = report["bars"]
         assert isinstance(bars, list) and bars, f"{path.name} has no bars list"
         for bar in bars:
-            assert {"name", "value", "target", "met"} <= set(bar), (path.name, bar)
+            assert isinstance(bar, dict) and {"name", "value", "target", "met"} <= set(bar), (path.name, bar)
 
 
 def test_check_fails_on_a_hand_edited_figure(tmp_path: Path, capsys):
@@ -56,10 +65,10 @@ def test_movielens_table_from_seed_summaries():
                "epochs_run_mean": 30.0, "best_epoch_mean": 25.0, "n_seeds": 3}
     stage = {"command": "movielens.py --stage grid", "date": "2026-12-01T00:00:00",
              "load_before": [0.5, 0, 0], "load_after": [1.5, 0, 0], "wall_s": 600.0}
-    report = {"stages_run": [stage],
-              "datasets": {"ml-100k": {"models": {
-                  "ours_ids": {"label": "ours", "summary": summary},
-                  "sasrec": {"label": "SASRec"}}}}}  # no summary yet: no row
+    report = {"result": {"stages_run": [stage],
+                         "datasets": {"ml-100k": {"models": {
+                             "ours_ids": {"label": "ours", "summary": summary},
+                             "sasrec": {"label": "SASRec"}}}}}}  # no summary yet: no row
     lines = readme.render_movielens({"movielens.json": report})
     assert lines[1] == ("- `movielens.py --stage grid` on 2026-12-01: load average 0.50 before, "
                         "1.50 after, 10 min wall.")
