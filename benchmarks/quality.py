@@ -505,7 +505,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return {"worlds": worlds, "rees46": rees, "users": args.users, "max_time": args.max_time,
                 "wall_minutes": (time.perf_counter() - started) / 60.0}
 
-    result = benchlib.run_and_report(
+    benchlib.run_and_report(
         "quality", run_all, lambda: benchlib.machine(("torch", "pytorch-lightning", "pyspark", "delta-spark")),
         lambda res: print("\n".join(summary_line(w) for w in res["worlds"])), out,
         bars=lambda res: bars(res["worlds"], res["rees46"]))

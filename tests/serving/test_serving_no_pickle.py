@@ -124,25 +124,23 @@ def test_any_unlisted_file_is_refused(artifacts, serving_env, tmp_path, where):
         _load(bundle, index, serving_env)
 
 
-def test_pickled_doc_ids_are_refused_and_never_run(artifacts, serving_env, tmp_path):
-    """The index's own doc-id file swapped for a pickled object array, manifest re-signed."""
+@pytest.mark.parametrize("where", ["index", "bundle"])
+def test_pickled_item_ids_are_refused_and_never_run(artifacts, serving_env, tmp_path, where):
+    """The index's own doc-id file, or the bundle's item_ids.npy, swapped for a pickled object
+    array with the manifest re-signed: np.load with allow_pickle=False refuses it."""
     bundle, index = artifacts
     marker = tmp_path / "pwned"
-    pickled_npy(index / C.INDEX_ITEM_IDS, marker)
-    _list_in_index_manifest(index, C.INDEX_ITEM_IDS)
-    with pytest.raises(IndexMismatchError, match="not a plain int64 array.*allow_pickle"):
-        _load(bundle, index, serving_env)
-    assert not marker.exists()
-
-
-def test_pickled_bundle_ids_are_refused_and_never_run(artifacts, serving_env, tmp_path):
-    """Same for the bundle's item_ids.npy (np.load with allow_pickle=False)."""
-    bundle, _ = artifacts
-    marker = tmp_path / "pwned"
-    pickled_npy(bundle / C.BUNDLE_ITEM_IDS, marker)
-    _list_in_bundle_manifest(bundle, C.BUNDLE_ITEM_IDS)
-    with pytest.raises(ValueError, match="allow_pickle"):
-        load_bundle(bundle)
+    if where == "index":
+        pickled_npy(index / C.INDEX_ITEM_IDS, marker)
+        _list_in_index_manifest(index, C.INDEX_ITEM_IDS)
+        error, match, load = IndexMismatchError, "not a plain int64 array.*allow_pickle", \
+            lambda: _load(bundle, index, serving_env)
+    else:
+        pickled_npy(bundle / C.BUNDLE_ITEM_IDS, marker)
+        _list_in_bundle_manifest(bundle, C.BUNDLE_ITEM_IDS)
+        error, match, load = ValueError, "allow_pickle", lambda: load_bundle(bundle)
+    with pytest.raises(error, match=match):
+        load()
     assert not marker.exists()
 
 
