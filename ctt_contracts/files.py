@@ -1,11 +1,12 @@
 """How every artifact reaches its place: whole or not at all.
 
 A reader (Feast's folder reader, a resolver loading a bundle or an index, the README renderer)
-must never see a half-written file or folder, and a killed writer must leave no temporary
-behind. Both helpers write next to the target (same file system, so the final step is one
-atomic rename) under a name starting with a dot, which Feast's and pyarrow's folder readers
-skip. Standard library only, so the pipelines, the trainer's export, the index builder and the
-benchmarks all use these two.
+must never see a half-written file or folder. The helpers write next to the target (same file
+system, so the final step is one atomic rename) under a fresh name starting with a dot, which
+Feast's and pyarrow's folder readers skip and two concurrent writers never share; a writer that
+fails removes its temporary, one killed outright leaves only such a hidden temporary. Standard
+library only, so the pipelines, the trainer's export, the index builder and the benchmarks all
+use them.
 """
 from __future__ import annotations
 
@@ -34,13 +35,35 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             tmp.unlink()
 
 
+def new_sibling_dir(out_dir: Path) -> Path:
+    """A fresh empty hidden folder beside ``out_dir`` to write a whole artifact into before
+    :func:`swap_in_dir`."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_sibling(out_dir)
+    tmp.mkdir()
+    return tmp
+
+
 def swap_in_dir(tmp: Path, out_dir: Path) -> None:
     """Replace the folder ``out_dir`` by the finished folder ``tmp`` (written beside it): the
     old copy is renamed aside first and removed only after the new one is in place, so
     ``out_dir`` is at every moment either the whole old folder or the whole new one (absent
-    for an instant between the two renames, never partial)."""
+    for an instant between the two renames, never partial). A symbolic link or a file at
+    ``out_dir`` is refused (replacing a link would leave its target stale). If the new folder
+    cannot be put in place (another writer's folder took the name meanwhile), the old one goes
+    back where the name is free, else it is removed (the other writer's stands)."""
+    if out_dir.is_symlink() or (out_dir.exists() and not out_dir.is_dir()):
+        kind = "a symbolic link" if out_dir.is_symlink() else "a file"
+        raise FileExistsError(f"{out_dir} is {kind}, not a folder: refusing to replace it")
     old = temporary_sibling(out_dir)
-    if out_dir.exists():
+    moved = out_dir.exists()
+    if moved:
         os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
+    try:
+        os.replace(tmp, out_dir)
+    except OSError:
+        if moved and not out_dir.exists():
+            os.replace(old, out_dir)
+        raise
+    finally:
+        shutil.rmtree(old, ignore_errors=True)

@@ -39,7 +39,7 @@ import typing
 import warnings
 from dataclasses import MISSING, Field, field, fields
 from pathlib import Path, PurePath
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import jsonargparse
 
@@ -101,20 +101,27 @@ def _unwrap_optional(tp: Any) -> Any:
     return tp
 
 
-def _text_only(parse: Callable[[str], Any]) -> Callable[[Any], Any]:
-    """``parse`` applied to text only: a jsonargparse parser also runs a flag's type over its
-    default and over the values of a ``--config`` file, which are already parsed (a datetime,
-    a mapping, a list) when they are not strings."""
+def _accepting_values(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``parse`` over every value a flag can receive: a jsonargparse parser runs a flag's type
+    over the command line's text, over the values of a ``--config`` file (YAML gives numbers,
+    mappings and lists) and over the field's default. A number is read as its text (an epoch
+    timestamp in a file means what it means on the command line); anything else goes to
+    ``parse`` as it is, so each parse function also takes its own result (a datetime, a
+    mapping, a tuple) and the YAML form of it."""
     @functools.wraps(parse)
-    def parse_text(value: Any) -> Any:
-        return parse(value) if isinstance(value, str) else value
+    def parse_value(value: Any) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)
+        return parse(value)
 
-    return parse_text
+    return parse_value
 
 
 def _parse_of(cls: type, f: Field, hint: Any) -> Callable[[str], Any]:
     if PARSE in f.metadata:
-        return _text_only(f.metadata[PARSE])
+        return _accepting_values(f.metadata[PARSE])
     if NARGS in f.metadata:
         return str
     tp = _unwrap_optional(hint)
@@ -132,8 +139,11 @@ def field_default(f: Field) -> Any:
     return MISSING
 
 
-def key_value_pairs(text: str) -> Dict[str, str]:
-    """``'a=b,c=d'`` -> ``{'a': 'b', 'c': 'd'}`` (the parse of a mapping flag)."""
+def key_value_pairs(text: Union[str, Mapping[Any, Any]]) -> Dict[str, str]:
+    """``'a=b,c=d'`` -> ``{'a': 'b', 'c': 'd'}`` (the parse of a mapping flag); a mapping (a
+    config file's) gets text keys and values the same way."""
+    if isinstance(text, Mapping):
+        return {str(k).strip(): str(v).strip() for k, v in text.items()}
     out = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         if "=" not in part:
@@ -143,9 +153,11 @@ def key_value_pairs(text: str) -> Dict[str, str]:
     return out
 
 
-def comma_separated(text: str) -> Tuple[str, ...]:
-    """``'a, b,c'`` -> ``('a', 'b', 'c')`` (the parse of a list flag)."""
-    return tuple(part.strip() for part in text.split(",") if part.strip())
+def comma_separated(text: Union[str, Sequence[Any]]) -> Tuple[str, ...]:
+    """``'a, b,c'`` -> ``('a', 'b', 'c')`` (the parse of a list flag); a list (a config
+    file's) the same way."""
+    parts = text.split(",") if isinstance(text, str) else [str(part) for part in text]
+    return tuple(part.strip() for part in parts if part.strip())
 
 
 def _shown(default: Any) -> bool:
@@ -238,8 +250,9 @@ def add_sections(parser: Any, *sections: Section) -> Any:
     return parser
 
 
-CONFIG_HELP = ("YAML or JSON file of this command's settings, keyed by field name (e.g. "
-               "max_len: 50); flags given after it win")
+CONFIG_HELP = ("YAML or JSON file of this command's settings, keyed by the flags' names with "
+               "underscores (--feature-repo as feature_repo; a several-values flag takes a "
+               "list); flags given after it win")
 
 
 class FieldHelpFormatter(jsonargparse.DefaultHelpFormatter):
@@ -257,6 +270,9 @@ class RawDescriptionFieldHelpFormatter(argparse.RawDescriptionHelpFormatter, Fie
     """:class:`FieldHelpFormatter` that keeps the description's own line breaks."""
 
 
+REQUIRED_PREFIX = "the following arguments are required: "  # argparse's and jsonargparse's
+
+
 class CommandParser(jsonargparse.ArgumentParser):
     """A command's jsonargparse parser that also checks its exclusive flags after a
     ``--config`` file is merged: argparse checks a mutually exclusive group on the command line
@@ -267,10 +283,16 @@ class CommandParser(jsonargparse.ArgumentParser):
         super().__init__(*args, **kwargs)
         self.exclusive: List[Tuple[Tuple[Tuple[str, str], ...], bool]] = []
 
-    def parse_args(self, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-        parsed = super().parse_args(*args, **kwargs)
+    def parse_args(self, args: Optional[Sequence[str]] = None, namespace: Any = None,
+                   **kwargs: Any) -> Any:  # type: ignore[override]
+        parsed = super().parse_args(args, namespace, **kwargs)
+        if not self.exclusive or not kwargs.get("defaults", True):
+            return parsed
+        # the same arguments without defaults: exactly what the command line and files set
+        explicit = super().parse_args(args, **{**kwargs, "defaults": False})
+        typed = list(sys.argv[1:] if args is None else args)
         for members, required in self.exclusive:
-            given = [flag for dest, flag in members if self._given(parsed, dest)]
+            given = [flag for dest, flag in members if self._given(explicit, dest, typed)]
             names = ", ".join(flag for _, flag in members)
             if len(given) > 1:
                 self.error(f"give at most one of {names} (given: {', '.join(given)})")
@@ -278,9 +300,24 @@ class CommandParser(jsonargparse.ArgumentParser):
                 self.error(f"one of {names} is required (as a flag or in --config)")
         return parsed
 
-    def _given(self, parsed: Any, dest: str) -> bool:
-        value = flag_value(parsed, dest)
-        return value is not None and value != self.get_default(dest)
+    def _given(self, explicit: Any, dest: str, typed: Sequence[str]) -> bool:
+        """Whether ``dest`` was set on the command line, or by a file to other than its default
+        (a file written by ``--print_config`` lists every default: those choose nothing)."""
+        value = flag_value(explicit, dest)
+        if value is None:
+            return False
+        options = next(a.option_strings for a in self._actions if a.dest == dest)
+        on_line = any(t == o or t.startswith(o + "=") for t in typed for o in options)
+        return on_line or value != self.get_default(dest)
+
+    def error(self, message: str, ex: Optional[Exception] = None) -> Any:  # type: ignore[override]
+        """jsonargparse names a missing required argument by its destination (``feature_repo``):
+        say the flag the user types (``--feature-repo``), as argparse did."""
+        if message.startswith(REQUIRED_PREFIX):
+            flags = {a.dest: a.option_strings[0] for a in self._actions if a.option_strings}
+            names = [name.strip() for name in message[len(REQUIRED_PREFIX):].split(",")]
+            message = REQUIRED_PREFIX + ", ".join(flags.get(name, name) for name in names)
+        return super().error(message, ex)
 
     def dump(self, namespace: Any, *args: Any, **kwargs: Any) -> str:
         """The configuration as text (``--print_config``) with paths as strings and tuples as
@@ -338,8 +375,9 @@ def flag_value(args: Any, name: str) -> Any:
 
 
 def given_fields(cls: type, args: Any, skip: Sequence[str] = ()) -> Dict[str, Any]:
-    """The fields of ``cls`` given on the command line (None = not given), but ``skip``; the
-    values of a several-values flag as a tuple."""
+    """The fields of ``cls`` given on the command line or in a ``--config`` file, or set by
+    the field's default (None = none of these), but ``skip``; the values of a several-values
+    flag as a tuple."""
     return {f.name: tuple(v) if isinstance(v, list) else v
             for f in fields(cls) if f.name not in skip
             for v in (flag_value(args, f.name),) if v is not None}

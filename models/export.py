@@ -21,7 +21,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -36,7 +35,7 @@ from models.data import build_catalog
 from models.manifest import HASHED_FILES, BundleError, sha256_file, verified_manifest
 from models.two_tower import ContextualTwoTower, ModelConfig
 import ctt_contracts as C
-from ctt_contracts.files import swap_in_dir
+from ctt_contracts.files import new_sibling_dir, swap_in_dir
 
 FORMAT_VERSION = 1
 BUNDLE_ARTIFACT_PATH = "bundle"  # folder name of the bundle among a run's MLflow artifacts
@@ -121,8 +120,7 @@ def export_bundle(model: ContextualTwoTower, config: ModelConfig, catalog: pd.Da
         raise BundleError(f"refusing to export a model with non-finite weights (a diverged run): "
                           f"{_describe_non_finite(state, bad)}")
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    tmp = new_sibling_dir(out_dir)
     try:
         save_file(state, str(tmp / C.BUNDLE_WEIGHTS))
         weights_sha = sha256_file(tmp / C.BUNDLE_WEIGHTS)

@@ -75,7 +75,8 @@ def format_markdown(result: EvaluationResult, latency: Optional[LatencyReport] =
     how = checks_how(int(first.get("n_resamples", BOOTSTRAP_RESAMPLES)),
                      int(first.get("seed", BOOTSTRAP_SEED)))
     lines += ["", "## Quality checks", "", how, "",
-              "| check | examples | metric | numerator / denominator | ratio | 95% interval | target | status |",
+              "| check | examples | metric | numerator / denominator | ratio | 95% interval | target "
+              "| status |",
               "|---|---|---|---|---:|---|---|---|"]
     lines += [format_check(name, c) for name, c in result.checks.items()]
     meta = [f"- model versions: {json.dumps(result.model_versions, sort_keys=True)}",
@@ -137,8 +138,8 @@ def format_check(name: str, c: Dict[str, object]) -> str:
     target = f">= {c['target']}"
     if c["ci_low_above"] is not None:
         target += f", interval above {c['ci_low_above']}"
-    interval = ("-" if c["ratio"] is None
-                else f"[{_number(c['ci_low'])}, {'unbounded' if c['ci_high'] is None else _number(c['ci_high'])}]")
+    high = "unbounded" if c["ci_high"] is None else _number(c["ci_high"])
+    interval = "-" if c["ratio"] is None else f"[{_number(c['ci_low'])}, {high}]"
     status = f"**{c['status']}**" if c["status"] == STATUS_NOT_ENOUGH_DATA else c["status"]
     return (f"| {name} | {c['group']} ({c['n_examples']}) | {c['metric']} | "
             f"{c['numerator_variant']} {c['numerator']:.4f} / {c['denominator_variant']} "

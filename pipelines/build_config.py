@@ -19,7 +19,7 @@ import argparse
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
 from datetime import datetime, timezone
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import ctt_contracts as C
 from ctt_contracts.flags import add_dataclass_flags, described, given_fields
@@ -30,8 +30,13 @@ from pipelines.validate import DEFAULT_MAX_QUARANTINE_FRAC
 NOT_STORED = ("val_start", "test_start")  # the split cutoffs: stored in their own table
 
 
-def timestamp_arg(text: str) -> datetime:
-    """ISO-8601 date/time or epoch seconds; naive values are UTC."""
+def timestamp_arg(text: Union[str, datetime]) -> datetime:
+    """ISO-8601 date/time or epoch seconds, or a datetime (a default, or a value already read);
+    naive values are UTC."""
+    if isinstance(text, datetime):
+        return C.as_utc(text)
+    if not isinstance(text, str):
+        raise argparse.ArgumentTypeError(f"not an ISO timestamp or epoch seconds: {text!r}")
     try:
         ts = (datetime.fromtimestamp(float(text), tz=timezone.utc)
               if text.replace(".", "", 1).isdigit() else datetime.fromisoformat(text))

@@ -43,7 +43,7 @@ from typing import Dict, List, Optional, Set, Tuple
 import numpy as np
 
 import ctt_contracts as C
-from ctt_contracts.files import swap_in_dir
+from ctt_contracts.files import new_sibling_dir, swap_in_dir
 from models.manifest import sha256_file
 from serving.errors import IndexMismatchError
 
@@ -485,9 +485,7 @@ def save_index(index: ItemIndex, out_dir: Path) -> None:
     Written into a sibling temp folder and swapped in, so a rerun replaces the previous index and
     a crash never leaves a half-written one.
     """
-    tmp = out_dir.with_name(out_dir.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = new_sibling_dir(out_dir)
     try:
         np.save(tmp / C.INDEX_ITEM_IDS, index.item_ids, allow_pickle=False)
         if index.searcher is not None:

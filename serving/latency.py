@@ -92,7 +92,8 @@ def latency_requests(user_ids: Sequence[int], item_ids: Sequence[int], n_per_kin
 
 
 def time_requests(recommend: Callable[..., Any], requests: Sequence[LatencyRequest],
-                  k: int = rp.DEFAULT_LATENCY_K, warmup: int = rp.DEFAULT_LATENCY_WARMUP) -> List[LatencySample]:
+                  k: int = rp.DEFAULT_LATENCY_K,
+                  warmup: int = rp.DEFAULT_LATENCY_WARMUP) -> List[LatencySample]:
     """Call ``recommend(user_id=, subject_item_id=, k=)`` once per request, in this process.
 
     ``recommend`` is a resolver's method (serving.resolver.Resolver.recommend); each answer must

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ctt_contracts.files import atomic_write, swap_in_dir
+from ctt_contracts.files import atomic_write, new_sibling_dir, swap_in_dir
 
 
 def test_atomic_write_replaces_the_file_and_a_failed_write_leaves_the_old_one(tmp_path):
@@ -35,3 +35,18 @@ def test_swap_in_dir_puts_the_whole_new_folder_in_place_and_removes_the_old(tmp_
     assert sorted(p.name for p in out.iterdir()) == ["manifest", "weights"]
     assert (out / "weights").read_text() == "new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
+
+
+def test_swap_in_dir_refuses_a_link_or_a_file_at_the_target(tmp_path):
+    target = tmp_path / "real_bundle"
+    target.mkdir()
+    link, file = tmp_path / "bundle", tmp_path / "index"
+    link.symlink_to(target, target_is_directory=True)
+    file.write_text("not a folder")
+    for out in (link, file):
+        tmp = new_sibling_dir(out)
+        with pytest.raises(FileExistsError, match="not a folder"):
+            swap_in_dir(tmp, out)
+        tmp.rmdir()
+    assert link.is_symlink() and file.read_text() == "not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "index", "real_bundle"]

@@ -16,8 +16,10 @@ from ctt_contracts.flags import (add_dataclass_flags, current_flags, described, 
                                  from_args, given_fields, underscore_aliases)
 
 
-def timestamp(text: str) -> datetime:
-    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
+def timestamp(text) -> datetime:
+    """A parse function takes its own result too (jsonargparse checks parsed values again)."""
+    parsed = text if isinstance(text, datetime) else datetime.fromisoformat(text)
+    return parsed.replace(tzinfo=timezone.utc)
 
 
 @dataclass(frozen=True)

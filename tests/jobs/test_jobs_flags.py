@@ -361,3 +361,32 @@ def test_ingest_refuses_a_quarantine_share_outside_zero_one_before_spark(capsys)
         ingest_main([*INGEST_ARGV, "--max-quarantine-frac", "1.5"])
     assert done.value.code == 2
     assert "--max-quarantine-frac must be within [0, 1]" in capsys.readouterr().err
+
+
+def test_config_file_values_go_through_the_flags_parse_functions(tmp_path):
+    config = tmp_path / "build.yaml"
+    config.write_text("now: 1700000000\n")  # epoch seconds, as on the command line
+    assert F.from_args(BuildRun, build_parser().parse_args(["--config", str(config)])).now == \
+        build_parser().parse_args(["--now", "1700000000"]).get("now")
+    config = tmp_path / "ingest.yaml"
+    config.write_text("events: e.csv\nuser_col: u\nitem_col: i\nts_col: t\nevent_type: view\n"
+                      "gender_map: {1: m, 2: f}\ncategory_flag_cols: [a, 2]\n")
+    args = ingest_parser().parse_args(["--config", str(config)])
+    assert F.from_args(IngestSources, args).gender_map == {"1": "m", "2": "f"}
+    assert args.get("category_flag_cols") == ("a", "2")
+
+
+def test_an_exclusive_flag_typed_on_the_command_line_counts_even_at_its_default(tmp_path, capsys):
+    config = tmp_path / "generate.yaml"
+    config.write_text("events: 5000\n")
+    default_users = generate_parser().get_default("n_users")
+    with pytest.raises(SystemExit):
+        generate_parser().parse_args(["--users", str(default_users), "--config", str(config)])
+    assert "give at most one of --users, --events" in capsys.readouterr().err
+    assert generate_parser().parse_args(["--config", str(config)]).get("events") == 5000
+
+
+def test_a_missing_required_flag_is_named_as_typed(capsys):
+    with pytest.raises(SystemExit):
+        serve_parser().parse_args(["--bundle", "B"])
+    assert "the following arguments are required: --feature-repo" in capsys.readouterr().err
