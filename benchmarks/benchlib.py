@@ -133,8 +133,9 @@ def args_record(args: argparse.Namespace) -> Dict[str, Any]:
 
 def print_bars(bars: Sequence[Dict[str, Any]]) -> None:
     """One line per bar after a run's table, so a run says at once which targets it met."""
+    verdict = {True: "met", False: "NOT met", None: "not measured by this run"}
     for b in bars:
-        print(f"bar {b['name']}: {b['value']} (target {b['target']}) {'met' if b['met'] else 'NOT met'}")
+        print(f"bar {b['name']}: {b['value']} (target {b['target']}) {verdict[b['met']]}")
 
 
 def write_json(path: Path, report: Dict[str, Any],
