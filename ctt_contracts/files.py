@@ -13,8 +13,9 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 
 def temporary_sibling(path: Path) -> Path:
@@ -35,13 +36,19 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
             tmp.unlink()
 
 
-def new_sibling_dir(out_dir: Path) -> Path:
-    """A fresh empty hidden folder beside ``out_dir`` to write a whole artifact into before
-    :func:`swap_in_dir`."""
+@contextmanager
+def replacing_dir(out_dir: Path) -> Iterator[Path]:
+    """``with replacing_dir(out) as tmp:`` write a whole artifact into ``tmp``, a fresh empty
+    hidden folder beside ``out``; when the block ends normally it replaces ``out``
+    (:func:`swap_in_dir`), and in every case nothing of ``tmp`` is left behind."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_sibling(out_dir)
     tmp.mkdir()
-    return tmp
+    try:
+        yield tmp
+        swap_in_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def swap_in_dir(tmp: Path, out_dir: Path) -> None:

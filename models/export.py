@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -35,7 +34,7 @@ from models.data import build_catalog
 from models.manifest import HASHED_FILES, BundleError, sha256_file, verified_manifest
 from models.two_tower import ContextualTwoTower, ModelConfig
 import ctt_contracts as C
-from ctt_contracts.files import new_sibling_dir, swap_in_dir
+from ctt_contracts.files import replacing_dir
 
 FORMAT_VERSION = 1
 BUNDLE_ARTIFACT_PATH = "bundle"  # folder name of the bundle among a run's MLflow artifacts
@@ -120,8 +119,7 @@ def export_bundle(model: ContextualTwoTower, config: ModelConfig, catalog: pd.Da
         raise BundleError(f"refusing to export a model with non-finite weights (a diverged run): "
                           f"{_describe_non_finite(state, bad)}")
     out_dir = Path(out_dir)
-    tmp = new_sibling_dir(out_dir)
-    try:
+    with replacing_dir(out_dir) as tmp:
         save_file(state, str(tmp / C.BUNDLE_WEIGHTS))
         weights_sha = sha256_file(tmp / C.BUNDLE_WEIGHTS)
         version = make_model_version(model_version, weights_sha)
@@ -145,10 +143,6 @@ def export_bundle(model: ContextualTwoTower, config: ModelConfig, catalog: pd.Da
         })
         manifest.setdefault("input_versions", {})
         (tmp / C.BUNDLE_MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
-        swap_in_dir(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out_dir
 
 

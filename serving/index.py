@@ -32,7 +32,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -43,7 +42,7 @@ from typing import Dict, List, Optional, Set, Tuple
 import numpy as np
 
 import ctt_contracts as C
-from ctt_contracts.files import new_sibling_dir, swap_in_dir
+from ctt_contracts.files import replacing_dir
 from models.manifest import sha256_file
 from serving.errors import IndexMismatchError
 
@@ -485,8 +484,7 @@ def save_index(index: ItemIndex, out_dir: Path) -> None:
     Written into a sibling temp folder and swapped in, so a rerun replaces the previous index and
     a crash never leaves a half-written one.
     """
-    tmp = new_sibling_dir(out_dir)
-    try:
+    with replacing_dir(out_dir) as tmp:
         np.save(tmp / C.INDEX_ITEM_IDS, index.item_ids, allow_pickle=False)
         if index.searcher is not None:
             scann_dir = tmp / C.INDEX_DIR
@@ -498,9 +496,6 @@ def save_index(index: ItemIndex, out_dir: Path) -> None:
             raise RuntimeError(f"the index build wrote pickle files {pickles}; refusing to save")
         index.manifest.files_sha256 = {name: sha256_file(tmp / name) for name in sorted(files)}
         (tmp / C.INDEX_MANIFEST).write_text(index.manifest.to_json())
-        swap_in_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from ctt_contracts.files import atomic_write, new_sibling_dir, swap_in_dir
+from ctt_contracts.files import atomic_write, replacing_dir, swap_in_dir
 
 
 def test_atomic_write_replaces_the_file_and_a_failed_write_leaves_the_old_one(tmp_path):
@@ -44,9 +44,20 @@ def test_swap_in_dir_refuses_a_link_or_a_file_at_the_target(tmp_path):
     link.symlink_to(target, target_is_directory=True)
     file.write_text("not a folder")
     for out in (link, file):
-        tmp = new_sibling_dir(out)
         with pytest.raises(FileExistsError, match="not a folder"):
-            swap_in_dir(tmp, out)
-        tmp.rmdir()
+            with replacing_dir(out) as tmp:
+                (tmp / "weights").write_text("new")
     assert link.is_symlink() and file.read_text() == "not a folder"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "index", "real_bundle"]
+
+
+def test_a_failed_replacing_dir_block_leaves_the_old_folder_and_no_temporary(tmp_path):
+    out = tmp_path / "index"
+    with replacing_dir(out) as tmp:
+        (tmp / "item_ids.npy").write_text("old")
+    with pytest.raises(RuntimeError, match="pickle"):
+        with replacing_dir(out) as tmp:
+            (tmp / "item_ids.npy").write_text("half")
+            raise RuntimeError("the build wrote pickle files")
+    assert (out / "item_ids.npy").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["index"]
