@@ -21,6 +21,8 @@ Per data set (``../shared/data/ml-100k`` and ``../shared/data/ml-1m-u2999``):
 5. Converged on both sides: each run trains until validation NDCG@10 has not improved for 5
    epochs (at most 200), the best epoch's weights are tested; 2 torch threads; one run at a time,
    the load average recorded before and after each.
+6. Both sides run under the same glibc malloc thresholds (``models.allocator``: the script
+   re-executes itself with them, RecTools' child process inherits them); each run records them.
 
 Models (``MODELS``): the head-to-head is ``ours_ids`` vs ``sasrec`` (item ids and positions only
 on both sides, sequence cap 200); ``sasrec_cap100`` is SASRec at RecTools' default cap;
@@ -66,7 +68,7 @@ import torch
 import benchlib  # sibling modules: benchmarks/ is first on sys.path when run as a script
 import readme
 
-from models import leave_one_out as loo
+from models import allocator, leave_one_out as loo
 from models.leave_one_out import HR, NDCG, TS_MS, Split
 import ctt_contracts as C
 
@@ -436,7 +438,8 @@ def run_one(inputs: Inputs, spec: ModelSpec, lr: float, seed: int, max_epochs: i
             raise RuntimeError("the RecTools venv was not built")
         record = run_sasrec(inputs, spec, lr, seed, max_epochs, python)
     return {"lr": lr, "seed": seed, **record, "process_wall_s": time.perf_counter() - started,
-            "load_before": before, "load_after": benchlib.load_avg()}
+            "load_before": before, "load_after": benchlib.load_avg(),
+            "glibc_tunables": os.environ.get(allocator.ENV)}
 
 
 # ======================================================================================
@@ -625,4 +628,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
+    # Both sides under the allocator settings of the leave-one-out trainer (models.allocator): our
+    # run in this process, RecTools' in a child that inherits the environment.
+    allocator.reexec_with_tunables()
     main()

@@ -53,7 +53,7 @@ from pytorch_lightning import Callback
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
-from models import features
+from models import allocator, features
 from models.cli import LINKED_DATA_FIELDS
 from models.data import (EXCLUDE_ROWS, HAS_REAL_CONTEXT, LABEL_ROW, REAL_CONTEXT_IDS, REAL_CONTEXT_WEIGHTS,
                          Catalog, SplitLoaders, build_catalog, demographics_by_user, take)
@@ -505,8 +505,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     return result
 
 
+def process_main() -> Dict[str, Any]:
+    """``main`` as a process of its own: first re-executed with the allocator settings the
+    full-catalog softmax needs (``models.allocator``)."""
+    allocator.reexec_with_tunables()
+    return main()
+
+
 # Command-line entry point: the process ends with the exit code main chose (ctt_contracts.process).
-cli = entry_point(main)
+cli = entry_point(process_main)
 
 
 if __name__ == "__main__":
