@@ -95,6 +95,19 @@ def sampled_softmax_loss(user_emb: torch.Tensor, cand_emb: torch.Tensor, cand_ro
     return F.cross_entropy(logits, pos_col)
 
 
+def full_softmax_loss(user_emb: torch.Tensor, item_emb: torch.Tensor, pos_rows: torch.Tensor,
+                      temperature: torch.Tensor | float) -> torch.Tensor:
+    """Softmax over the whole catalog: user_emb (P, D), item_emb (N, D), pos_rows (P,) -> mean loss.
+
+    The temperature divides the (P, D) queries, not the (P, N) logits: the same scores, one pass
+    over P x D numbers instead of two over P x N (forward and backward). With P in the tens of
+    thousands (every position of a batch) and N in the thousands, the logits are the step's
+    largest tensor and most of its memory traffic.
+    """
+    logits = (user_emb / temperature) @ item_emb.T  # (P, N)
+    return F.cross_entropy(logits, pos_rows)
+
+
 def next_item_targets(history_rows: torch.Tensor, label_rows: torch.Tensor) -> torch.Tensor:
     """What each position of a history predicts: the next history event, the label at the last.
 
@@ -276,8 +289,7 @@ class ContextualRetrievalSystem(pl.LightningModule):
             state = torch.where(drop, self.model.cold_start_state(b), state)
         user = self.user_embeddings(batch, "train", state=state)  # (B, D)
         if hp.full_softmax:
-            logits = user @ self.catalog_embeddings().T / self.temperature  # (B, N)
-            return F.cross_entropy(logits, batch[LABEL_ROW])
+            return full_softmax_loss(user, self.catalog_embeddings(), batch[LABEL_ROW], self.temperature)
         n_items = len(self.catalog)
         uniform = torch.randint(0, n_items, (hp.n_uniform_negatives,))  # (U,)
         cand_rows = torch.cat([batch[LABEL_ROW].cpu(), uniform])  # (M,) = (B + U,)
@@ -319,8 +331,7 @@ class ContextualRetrievalSystem(pl.LightningModule):
                                            batch[C.COUNTRY][row], batch[C.GENDER][row])  # (P, D)
         pos_rows = target[where]  # (P,)
         if hp.full_softmax:
-            logits = user @ self.catalog_embeddings().T / self.temperature  # (P, N)
-            return F.cross_entropy(logits, pos_rows)
+            return full_softmax_loss(user, self.catalog_embeddings(), pos_rows, self.temperature)
         neg_rows = torch.randint(0, len(self.catalog), (hp.n_uniform_negatives,))  # (U,)
         cand = self.catalog_embeddings(torch.cat([pos_rows.cpu(), neg_rows]))  # (P + U, D)
         p = pos_rows.shape[0]

@@ -53,6 +53,7 @@ class ModelConfig:
     n_time_buckets: int = 24
     mlp_hidden: int = 128
     dropout: float = 0.1
+    attention_dropout: Optional[float] = None  # on the encoder's attention probabilities; None = dropout
     context_dropout: float = 0.5  # elementwise dropout on the context vector
     context_drop_prob: float = 0.5  # share of training examples whose whole context is zeroed
     context_slot_drop_prob: float = 0.0  # training: chance to drop each non-strongest context category
@@ -148,7 +149,7 @@ class ContextualTwoTower(nn.Module):
                                                config.hash_seed + 1)
         self.encoder = CausalSequenceEncoder(d, config.n_layers, config.n_heads, config.max_len,
                                              config.n_time_buckets, config.dropout,
-                                             config.use_time_gaps)
+                                             config.use_time_gaps, config.attention_dropout)
         self.pad_slot = nn.Parameter(torch.zeros(d))  # state slot of a history shorter than m
         self.no_history_state = nn.Parameter(torch.randn(config.state_dim) * 0.02)  # cold start
         self.context = (ContextLayer(d, config.context_dropout, config.context_drop_prob)

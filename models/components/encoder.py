@@ -12,7 +12,12 @@ Why these choices:
 - padded query rows may attend to themselves only. Otherwise a fully masked row would produce
   NaN, which leaks into valid rows through ``0 * NaN`` in the value product;
 - the time-gap embedding can be switched off (``use_time_gaps=False``) so the encoder reads item
-  ids and positions only, the information a plain SASRec gets (the MovieLens head-to-head).
+  ids and positions only, the information a plain SASRec gets (the MovieLens head-to-head);
+- dropout masks come from ``torch.rand`` (``UniformDropout``): on CPU, ``bernoulli_`` (what
+  nn.Dropout draws with) was the largest single cost of a MovieLens training step;
+- dropout on the attention probabilities has its own rate (``attention_dropout``, default the
+  same as ``dropout``): with it the attention cannot take torch's fused CPU kernel, which has no
+  dropout.
 """
 from __future__ import annotations
 
@@ -22,11 +27,27 @@ import torch
 from torch import nn
 
 
+class UniformDropout(nn.Dropout):
+    """nn.Dropout with its mask drawn as ``rand >= p``: the same Bernoulli(1 - p) keep mask and
+    1 / (1 - p) scale, at about half the CPU time of ``bernoulli_`` (forward + backward of a
+    128 x 200 x 64 tensor, 2 threads: 12.8 ms -> 6.8 ms). No parameters: a state dict is the same
+    as with nn.Dropout."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return x
+        if self.p >= 1.0:
+            return torch.zeros_like(x)
+        keep = (torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p))  # same shape as x
+        return x * keep
+
+
 class CausalSequenceEncoder(nn.Module):
     """(token embeddings, time-gap buckets, validity) -> hidden states (B, L, D)."""
 
     def __init__(self, dim: int, n_layers: int, n_heads: int, max_len: int, n_time_buckets: int,
-                 dropout: float, use_time_gaps: bool = True) -> None:
+                 dropout: float, use_time_gaps: bool = True,
+                 attention_dropout: Optional[float] = None) -> None:
         super().__init__()
         self.n_heads = n_heads
         self.max_len = max_len
@@ -35,10 +56,12 @@ class CausalSequenceEncoder(nn.Module):
         nn.init.normal_(self.position.weight, std=0.02)
         if self.time_gap is not None:
             nn.init.normal_(self.time_gap.weight, std=0.02)
-        self.input_dropout = nn.Dropout(dropout)
+        self.input_dropout = UniformDropout(dropout)
         layer = nn.TransformerEncoderLayer(
             d_model=dim, nhead=n_heads, dim_feedforward=2 * dim, dropout=dropout,
             activation="gelu", batch_first=True, norm_first=True)
+        layer.dropout, layer.dropout1, layer.dropout2 = (UniformDropout(dropout) for _ in range(3))
+        layer.self_attn.dropout = dropout if attention_dropout is None else attention_dropout
         self.layers = nn.TransformerEncoder(layer, num_layers=n_layers, enable_nested_tensor=False)
         self.final_norm = nn.LayerNorm(dim)
 

@@ -1,4 +1,5 @@
-"""Pure nn.Modules: shapes, multi-hash ids, causality, padding invariance, context dropout."""
+"""Pure nn.Modules: shapes, multi-hash ids, causality, padding invariance, the encoder's dropout,
+context dropout."""
 from __future__ import annotations
 
 import torch
@@ -6,7 +7,7 @@ import torch
 from models.components.context import (ContextLayer, DemographicsEmbedding, drop_context_slots,
                                        swap_context_slots)
 from models.components.embeddings import MultiHashEmbedding, weighted_pool
-from models.components.encoder import CausalSequenceEncoder
+from models.components.encoder import CausalSequenceEncoder, UniformDropout
 from models.components.heads import ConcatFusion, CrossAttentionFusion, ItemTower
 from models.two_tower import ContextualTwoTower
 
@@ -59,6 +60,34 @@ def test_encoder_is_causal():
     out2 = enc(changed, gaps, valid)
     assert torch.allclose(out[:, :4], out2[:, :4], atol=1e-6)
     assert not torch.allclose(out[:, 4:], out2[:, 4:], atol=1e-3)
+
+
+def test_uniform_dropout_keeps_1_minus_p_scaled_and_is_off_in_eval():
+    torch.manual_seed(0)
+    drop = UniformDropout(0.25)
+    x = torch.rand(200, 500) + 0.5  # no zeros of its own
+    out = drop(x)
+    kept = out != 0
+    assert abs(kept.float().mean().item() - 0.75) < 0.01
+    assert torch.allclose(out[kept], x[kept] / 0.75)
+    assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(UniformDropout(1.0)(x), torch.zeros_like(x))
+    assert torch.equal(UniformDropout(0.0)(x), x)
+
+
+def test_encoder_dropout_modules_and_attention_rate():
+    enc = CausalSequenceEncoder(dim=16, n_layers=2, n_heads=2, max_len=10, n_time_buckets=8,
+                                dropout=0.3)
+    layers = list(enc.layers.layers)
+    for layer in layers:
+        assert all(isinstance(m, UniformDropout) and m.p == 0.3
+                   for m in (layer.dropout, layer.dropout1, layer.dropout2))
+    assert [layer.self_attn.dropout for layer in layers] == [0.3, 0.3]  # None: the same as dropout
+    assert isinstance(enc.input_dropout, UniformDropout)
+    no_attn = CausalSequenceEncoder(dim=16, n_layers=2, n_heads=2, max_len=10, n_time_buckets=8,
+                                    dropout=0.3, attention_dropout=0.0)
+    assert [layer.self_attn.dropout for layer in no_attn.layers.layers] == [0.0, 0.0]
+    assert no_attn.layers.layers[0].dropout1.p == 0.3
 
 
 def test_encoder_ignores_left_padding():

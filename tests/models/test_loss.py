@@ -1,4 +1,5 @@
-"""The logQ-corrected sampled softmax against a hand computation (3 users x 4 candidates)."""
+"""The losses against hand computations: the logQ-corrected sampled softmax (3 users x 4
+candidates) and the full-catalog softmax (2 positions x 3 items)."""
 from __future__ import annotations
 
 import math
@@ -6,7 +7,7 @@ import math
 import pytest
 import torch
 
-from models.system import sampled_softmax_loss
+from models.system import full_softmax_loss, sampled_softmax_loss
 
 
 def test_sampled_softmax_matches_hand_computation():
@@ -36,6 +37,21 @@ def test_sampled_softmax_matches_hand_computation():
     # without the correction the popular candidates are not discounted: a different loss
     plain = sampled_softmax_loss(user, cand, cand_rows, pos_rows, pos_col, torch.zeros(4), tau)
     assert abs(plain.item() - expected) > 1e-2
+
+
+def test_full_softmax_matches_hand_computation_and_trains_the_temperature():
+    user = torch.tensor([[1.0, 0.0], [0.6, 0.8]])
+    items = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.8, 0.6]])
+    pos_rows = torch.tensor([2, 1])
+    log_t = torch.tensor(math.log(0.5), requires_grad=True)
+    dots = [[1.0, 0.0, 0.8], [0.6, 0.8, 0.96]]
+    expected = sum(math.log(sum(math.exp(v / 0.5) for v in dots[i])) - dots[i][pos_rows[i]] / 0.5
+                   for i in range(2)) / 2
+
+    loss = full_softmax_loss(user, items, pos_rows, log_t.exp())
+    assert abs(loss.item() - expected) < 1e-5
+    loss.backward()
+    assert log_t.grad is not None and log_t.grad.abs().item() > 1e-4
 
 
 def test_loss_gradient_flows_to_both_towers():
