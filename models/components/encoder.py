@@ -38,7 +38,7 @@ class UniformDropout(nn.Dropout):
             return x
         if self.p >= 1.0:
             return torch.zeros_like(x)
-        keep = (torch.rand_like(x) >= self.p) * (1.0 / (1.0 - self.p))  # same shape as x
+        keep = (torch.rand_like(x) >= self.p).to(x.dtype).mul_(1.0 / (1.0 - self.p))  # as x
         return x * keep
 
 

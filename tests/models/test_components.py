@@ -73,6 +73,7 @@ def test_uniform_dropout_keeps_1_minus_p_scaled_and_is_off_in_eval():
     assert torch.equal(drop.eval()(x), x)
     assert torch.equal(UniformDropout(1.0)(x), torch.zeros_like(x))
     assert torch.equal(UniformDropout(0.0)(x), x)
+    assert drop.train()(x.to(torch.bfloat16)).dtype == torch.bfloat16  # mixed precision keeps its dtype
 
 
 def test_encoder_dropout_modules_and_attention_rate():
