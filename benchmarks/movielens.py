@@ -429,8 +429,9 @@ def sasrec_record(split: Split, request: Dict[str, Any], result: Dict[str, Any])
 
 def run_one(inputs: Inputs, spec: ModelSpec, lr: float, seed: int, max_epochs: int,
             python: Optional[Path]) -> Dict[str, Any]:
-    """One training run of one model, with the load average around it."""
-    before, started = benchlib.load_avg(), time.perf_counter()
+    """One training run of one model, with the load average around it and the CPU probe before
+    it (runs of one JSON may come from different days and machines)."""
+    before, probe, started = benchlib.load_avg(), benchlib.cpu_probe_s(), time.perf_counter()
     if spec.library == OURS:
         record = run_ours(inputs, spec, lr, seed, max_epochs)
     else:
@@ -438,8 +439,22 @@ def run_one(inputs: Inputs, spec: ModelSpec, lr: float, seed: int, max_epochs: i
             raise RuntimeError("the RecTools venv was not built")
         record = run_sasrec(inputs, spec, lr, seed, max_epochs, python)
     return {"lr": lr, "seed": seed, **record, "process_wall_s": time.perf_counter() - started,
-            "load_before": before, "load_after": benchlib.load_avg(),
-            "glibc_tunables": os.environ.get(allocator.ENV)}
+            "load_before": before, "load_after": benchlib.load_avg(), "cpu_probe_s": probe,
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "commit": source_commit(), "glibc_tunables": os.environ.get(allocator.ENV)}
+
+
+def source_commit() -> Optional[str]:
+    """The commit the run's code came from (``+dirty`` with uncommitted changes), so runs merged
+    into one JSON over several stages say which code produced them; None outside a git checkout."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    try:
+        head, dirty = git("rev-parse", "--short", "HEAD"), git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return head + ("+dirty" if dirty else "")
 
 
 # ======================================================================================
@@ -606,8 +621,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     # A smoke run starts afresh; the real one merges into what earlier stages wrote.
     result = {"datasets": {}, "stages_run": []} if args.quick else load_result(out)
     result.update({"protocol": PROTOCOL, "quick": bool(args.quick),
-                   "head_to_head": [OURS_H2H, SASREC_H2H],
-                   "note": "one run at a time; load averages per run show how busy the machine was"})
+                   "head_to_head": [OURS_H2H, SASREC_H2H]})
+    result.setdefault("note", "one run at a time; load averages per run show how busy the machine was")
     save = lambda: save_report(measurement, result, out)  # noqa: E731
     with tempfile.TemporaryDirectory(prefix="ctt-movielens-inputs-") as tmp:
         for name in datasets:
