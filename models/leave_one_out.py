@@ -332,7 +332,7 @@ class LeaveOneOutDataModule(SplitLoaders, pl.LightningDataModule):
                  users_path: Optional[str] = None, batch_size: int = 128, eval_batch_size: int = 1024,
                  max_len: int = 200, max_ctx: int = 5, max_item_categories: int = 8,
                  country_buckets: int = 64, min_events: int = 3,
-                 shuffle_seed: Optional[int] = None) -> None:
+                 shuffle_seed: Optional[int] = None, length_buckets: int = 0) -> None:
         super().__init__()
         self.save_hyperparameters()
         self.split: Optional[Split] = None

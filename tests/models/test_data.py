@@ -12,7 +12,8 @@ from deltalake import DeltaTable, write_deltalake
 from models import features
 from models.data import (HAS_REAL_CONTEXT, INPUT_TABLES, LABEL_ROW, NO_SUBJECT, REAL_CONTEXT_IDS,
                          REAL_CONTEXT_WEIGHTS, SUBJECT_ITEM_ID, SUBJECT_ROW,
-                         ContextualSequenceDataModule, train_batch_size)
+                         ContextualSequenceDataModule, ShardedBatches, equal_length_cuts,
+                         history_lengths, length_bucketed, train_batch_size)
 import ctt_contracts as C
 
 
@@ -194,3 +195,67 @@ def test_context_top_k_comes_from_the_lakes_build_config(tmp_path):
     old = ContextualSequenceDataModule(str(tmp_path / "k2"), max_len=8, max_ctx=3)
     old.setup()
     assert old.context_top_k == C.DEFAULT_CONTEXT_TOP_K
+
+
+# ------------------------------------------------------------------------------ length buckets
+def test_length_bucketed_sorts_each_run_of_k_batches_and_shuffles_the_batches():
+    rows = torch.tensor([5, 0, 3, 1, 4, 2, 6])  # (7,) an epoch's random order
+    lengths = torch.tensor([9, 1, 7, 3, 5, 2, 8])  # (7,) by row id
+    g = torch.Generator().manual_seed(0)
+    batches = length_bucketed(rows, lengths, batch_size=2, k=2, generator=g)
+    # runs of k x batch_size = 4 rows, 2 batches each: [5, 0, 3, 1] (lengths 2, 9, 3, 1) sorted
+    # -> [1, 5, 3 | 0] (sums 6 and 9); [4, 2, 6] (lengths 5, 7, 8) -> [4, 2 | 6] (12 and 8)
+    expected = {(1, 5, 3), (0,), (4, 2), (6,)}
+    assert {tuple(b.tolist()) for b in batches} == expected
+    assert len(batches) == 4
+    orders = {tuple(tuple(b.tolist()) for b in length_bucketed(
+        rows, lengths, 2, 2, torch.Generator().manual_seed(s))) for s in range(20)}
+    assert len(orders) > 1  # the batch order is shuffled
+
+
+def test_sharded_batches_with_length_buckets_keep_the_epochs_rows_and_group_lengths():
+    n, bs = 300, 10
+    lengths = torch.randint(1, 200, (n,), generator=torch.Generator().manual_seed(1))
+    plain = ShardedBatches(n, bs, shuffle=True, drop_last=True, seed=3)
+    bucketed = ShardedBatches(n, bs, shuffle=True, drop_last=True, seed=3, lengths=lengths,
+                              length_buckets=5)
+    for s in (plain, bucketed):
+        s.set_epoch(2)
+    a, b = list(plain), list(bucketed)
+    assert len(a) == len(b) == len(bucketed) == n // bs
+    assert sorted(i for x in a for i in x) == sorted(i for x in b for i in x)  # same rows
+    tokens = [int(lengths[x].sum()) for x in b]  # (batches,) positions per batch
+    assert max(tokens) < 1.5 * sum(tokens) / len(tokens)  # about equal work per step
+
+    def padding(batches):  # encoder positions that are padding: batch size x longest - real
+        return sum(len(x) * int(lengths[x].max()) - int(lengths[x].sum()) for x in batches)
+
+    assert padding(b) < padding(a) / 2
+    again = ShardedBatches(n, bs, shuffle=True, drop_last=True, seed=3, lengths=lengths,
+                           length_buckets=5)
+    again.set_epoch(2)
+    assert list(again) == b  # a function of (seed, epoch): a resumed run gets the same batches
+    again.set_epoch(3)
+    assert list(again) != b
+    evaluation = ShardedBatches(n, bs, shuffle=False, drop_last=False, lengths=lengths, length_buckets=5)
+    assert [i for x in evaluation for i in x] == list(range(n))  # evaluation keeps row order
+    with pytest.raises(ValueError, match="length of every row"):
+        ShardedBatches(n, bs, shuffle=True, drop_last=True, length_buckets=5)
+    with pytest.raises(ValueError, match="length_buckets must be >= 0"):
+        ShardedBatches(n, bs, shuffle=True, drop_last=True, lengths=lengths, length_buckets=-1)
+
+
+def test_equal_length_cuts_balance_summed_lengths_and_never_leave_a_batch_empty():
+    assert equal_length_cuts(torch.tensor([1, 1, 1, 1, 10, 10]), 3) == [4, 5]  # sums 4, 10, 10
+    assert equal_length_cuts(torch.tensor([2, 2, 2, 2, 2, 2]), 3) == [2, 4]
+    assert equal_length_cuts(torch.tensor([1, 1, 1]), 3) == [1, 2]  # one row each
+    assert equal_length_cuts(torch.tensor([0, 0, 50]), 2) == [2]  # zero lengths count as 1
+    assert equal_length_cuts(torch.tensor([7]), 1) == []
+    with pytest.raises(ValueError, match="cannot cut 2 rows into 3"):
+        equal_length_cuts(torch.tensor([1, 1]), 3)
+
+
+def test_history_lengths_count_real_events_of_left_padded_rows():
+    pad = features.PAD_ITEM
+    ids = torch.tensor([[pad, pad, 4], [pad, 7, 8], [1, 2, 3], [pad, pad, pad]])  # (4, 3)
+    assert history_lengths(ids).tolist() == [1, 2, 3, 0]
