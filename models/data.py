@@ -316,9 +316,10 @@ class ShardedBatches(DistributedSampler):
     def __iter__(self) -> Iterator[List[int]]:  # type: ignore[override]
         g = self.epoch_generator()
         rows = self.shard(g)[: len(self) * self.batch_size]  # (n,) without a dropped short batch
-        batches = list(rows.split(self.batch_size))
         if self.shuffle and self.length_buckets:
             batches = length_bucketed(rows, self.lengths, self.batch_size, self.length_buckets, g)
+        else:
+            batches = list(rows.split(self.batch_size))
         for batch in batches:
             yield batch.tolist()
 
@@ -337,7 +338,8 @@ def length_bucketed(rows: torch.Tensor, lengths: torch.Tensor, batch_size: int, 
     Why equal total length and not equal rows: the loss is a mean over a batch's positions, so
     with equal rows a position of a short-history batch would weigh many times more than one of
     a long-history batch. On MovieLens-1M that shifted the objective towards light users and
-    cost a tenth of the validation NDCG@10; equal-length batches keep every position's weight
+    cost about a fifth of the validation NDCG@10 (0.152 against 0.187 with random batches, one
+    run each); equal-length batches keep every position's weight
     about the same, as random batches do."""
     batches: List[torch.Tensor] = []
     for run in rows.split(k * batch_size):
