@@ -298,14 +298,18 @@ def test_system_validation_excludes_history_and_counts_outside_targets_as_misses
 
 
 # ------------------------------------------------------------------------------ end to end
-def test_fit_and_test_from_the_yaml_config(inputs):
-    args = ["--config", str(CONFIG), "--config", str(SIDE_INFO),
+def tiny_args(inputs, *configs: Path) -> list:
+    """The shipped configs ``configs`` at toy sizes: 2 epochs, dim 8, 128 buckets, batches of 16."""
+    return [*(a for c in configs for a in ("--config", str(c))),
             "--data.events_path", str(inputs["events"]), "--data.items_path", str(inputs["items"]),
             "--data.users_path", str(inputs["users"]), "--trainer.max_epochs", "2",
             "--model.model_config.dim", "8", "--model.model_config.max_len", "6",
             "--model.model_config.item_buckets", "128", "--model.model_config.mlp_hidden", "16",
             "--data.batch_size", "16"]
-    result = loo.fit_and_test(args)
+
+
+def test_fit_and_test_from_the_yaml_config(inputs):
+    result = loo.fit_and_test(tiny_args(inputs, CONFIG, SIDE_INFO))
     assert result["epochs_run"] == 2 and len(result["curve"]) == 2
     assert result["hparams"]["objective"] == "all_positions"
     assert result["hparams"]["model_config"]["use_time_gaps"] is True  # the overlay applied
@@ -316,3 +320,25 @@ def test_fit_and_test_from_the_yaml_config(inputs):
     assert result["history_violations"] == 0
     assert result["wall_to_best_s"] <= result["train_wall_s"]
     assert 0.0 <= result[loo.HR] <= 1.0 and result["split"]["users"] == 41
+
+
+def test_the_config_validates_and_checkpoints_the_averaged_weights(inputs, tmp_path):
+    """configs/movielens.yaml averages the weights (models.averaging.WeightEMA): the checkpoint
+    holds the average, the raw weights ride beside it, and the integer hash coefficients (buffers)
+    are not averaged."""
+    cli = loo.build([*tiny_args(inputs, CONFIG), "--trainer.default_root_dir", str(tmp_path)])
+    system, dm, trainer = cli.model, cli.datamodule, cli.trainer
+    buffers = {k: v.clone() for k, v in system.named_buffers()}
+    assert any(not b.is_floating_point() for b in buffers.values())
+    trainer.fit(system, datamodule=dm)
+    ckpt = torch.load(loo.best_checkpoint(trainer), map_location="cpu", weights_only=True)
+    averaged, raw = ckpt["state_dict"], ckpt["current_model_state"]
+    assert averaged.keys() == raw.keys() == system.state_dict().keys()
+    for name, before in buffers.items():
+        assert torch.equal(averaged[name], before) and torch.equal(raw[name], before), name
+    moved = [k for k, v in averaged.items() if v.is_floating_point() and not torch.equal(v, raw[k])]
+    assert moved  # the average lags the raw weights
+    system.load_state_dict(averaged)
+    lists = loo.top_item_lists(system, dm.splits[C.SPLIT_VAL], loo.TOP_N)
+    monitored = trainer.checkpoint_callback.best_model_score.item()
+    assert loo.evaluate_lists(dm, C.SPLIT_VAL, lists)[loo.NDCG] == pytest.approx(monitored, abs=1e-6)
