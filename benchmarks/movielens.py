@@ -444,15 +444,17 @@ def run_one(inputs: Inputs, spec: ModelSpec, lr: float, seed: int, max_epochs: i
             "commit": source_commit(), "glibc_tunables": os.environ.get(allocator.ENV)}
 
 
-def source_commit() -> Optional[str]:
-    """The commit the run's code came from (``+dirty`` with uncommitted changes), so runs merged
-    into one JSON over several stages say which code produced them; None outside a git checkout."""
+def source_commit(root: Path = ROOT) -> Optional[str]:
+    """The commit the run's code came from (``+dirty`` with uncommitted changes outside
+    benchmarks/results, which this benchmark itself rewrites after every run), so runs merged into
+    one JSON over several stages say which code produced them; None outside a git checkout."""
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True,
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True,
                               check=True).stdout.strip()
     try:
         head = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                    f":(exclude){DEFAULT_OUT.parent.relative_to(ROOT)}")
     except (OSError, subprocess.CalledProcessError):
         return None
     return head + ("+dirty" if dirty else "")

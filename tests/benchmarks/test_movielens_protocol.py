@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
 
 import numpy as np
 import pandas as pd
@@ -163,3 +164,23 @@ def test_report_merges_stages_and_quick_never_overwrites_the_results(tmp_path, m
     assert len(written["bars"]) == len(bench.BARS)
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--out", str(bench.DEFAULT_OUT)])
+
+
+def test_source_commit_is_dirty_for_code_changes_not_for_the_results_it_writes(tmp_path):
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path,
+                       check=True, capture_output=True)
+    results = tmp_path / bench.DEFAULT_OUT.relative_to(bench.ROOT)
+    results.parent.mkdir(parents=True)
+    results.write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "first")
+    head = bench.source_commit(tmp_path)
+    assert head is not None and not head.endswith("+dirty")
+    results.write_text('{"runs": 1}')  # the benchmark rewrote its own results
+    assert bench.source_commit(tmp_path) == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert bench.source_commit(tmp_path) == head + "+dirty"
+    assert bench.source_commit(tmp_path / "not-a-repo") is None
