@@ -25,4 +25,3 @@ class WeightEMA(WeightAveraging):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"decay must be in (0, 1), got {decay}")
         super().__init__(use_buffers=False, multi_avg_fn=get_ema_multi_avg_fn(decay))
-        self.decay = decay
