@@ -32,6 +32,8 @@ from models.components.heads import (ConcatFusion, CrossAttentionFusion, Embeddi
 FUSIONS = ("concat", "cross_attention", "identity")
 ITEM_TOWERS = ("mlp", "embedding", "embedding_dot")
 CATEGORY_POOLS = ("weighted", "mean")
+# encode_user_state runs batches larger than this as length-sorted chunks of this many rows.
+STATE_CHUNK_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,14 @@ def trim_left_padding(item_ids: torch.Tensor, event_ts: torch.Tensor,
     return item_ids[:, first:], event_ts[:, first:]
 
 
+def length_sorted_chunks(item_ids: torch.Tensor, chunk_rows: int) -> tuple[torch.Tensor, list]:
+    """item_ids (B, L) left-padded -> (order (B,), the rows sorted by history length (stable);
+    chunks: consecutive runs of ``chunk_rows`` of ``order``, each a LongTensor of row indices)."""
+    lengths = (item_ids != features.PAD_ITEM).sum(dim=1)  # (B,)
+    order = torch.argsort(lengths, stable=True)  # (B,)
+    return order, list(order.split(chunk_rows))
+
+
 class ContextualTwoTower(nn.Module):
     """User tower (encoder -> state -> context/demographics fusion) and item tower."""
 
@@ -182,7 +192,24 @@ class ContextualTwoTower(nn.Module):
     # ---------------------------------------------------------------- offline half
     def encode_user_state(self, item_ids: torch.Tensor, event_ts: torch.Tensor) -> torch.Tensor:
         """item_ids LongTensor (B, L) left-padded with PAD_ITEM, event_ts LongTensor (B, L) epoch s
-        -> state (B, state_dim): the last ``state_len`` encoder outputs, flattened."""
+        -> state (B, state_dim): the last ``state_len`` encoder outputs, flattened.
+
+        A batch of more than ``STATE_CHUNK_ROWS`` rows is encoded as chunks of rows of similar
+        length (``length_sorted_chunks``), each trimmed to its own longest history, and put back in
+        the input order. Why: evaluation and batch inference take the rows in their stored order,
+        and one long history would pad the whole batch to it (attention is quadratic in the
+        length). Validation of MovieLens-1M (2,999 users, 3 batches of 1,024, 2 threads): 2.2 s
+        -> 1.35 s per epoch.
+        The states are the same as unchunked up to float rounding (left padding changes nothing).
+        """
+        if item_ids.shape[0] <= STATE_CHUNK_ROWS:
+            return self._encode_state(item_ids, event_ts)
+        order, chunks = length_sorted_chunks(item_ids, STATE_CHUNK_ROWS)
+        parts = [self._encode_state(item_ids[rows], event_ts[rows]) for rows in chunks]  # (b, S) each
+        return torch.cat(parts)[torch.argsort(order)]  # (B, S) in the input order
+
+    def _encode_state(self, item_ids: torch.Tensor, event_ts: torch.Tensor) -> torch.Tensor:
+        """``encode_user_state`` of one chunk: (B, L), (B, L) -> (B, state_dim)."""
         m, d = self.config.state_len, self.config.dim
         item_ids, event_ts = trim_left_padding(item_ids, event_ts, keep=m)  # (B, L') L' <= L
         hidden, valid = self.encode_positions(item_ids, event_ts)  # (B, L', D), (B, L')

@@ -9,6 +9,7 @@ from models.components.context import (ContextLayer, DemographicsEmbedding, drop
 from models.components.embeddings import MultiHashEmbedding, weighted_pool
 from models.components.encoder import CausalSequenceEncoder, UniformDropout
 from models.components.heads import ConcatFusion, CrossAttentionFusion, ItemTower
+from models import two_tower
 from models.two_tower import ContextualTwoTower
 
 
@@ -116,6 +117,28 @@ def test_model_state_is_invariant_to_padding_length(tiny_config):
         a = model.encode_user_state(items, ts)
         b = model.encode_user_state(padded_items, padded_ts)
     assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_a_large_batch_is_encoded_in_length_sorted_chunks_in_the_input_order(tiny_config, monkeypatch):
+    """Rows of mixed lengths (empty ones too), more than one chunk: the same states as row by row,
+    and the chunks are runs of rows of non-decreasing length."""
+    cfg = tiny_config(max_len=8, dropout=0.0)
+    model = ContextualTwoTower(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    n, length = 7, 8
+    lengths = torch.tensor([8, 0, 3, 1, 8, 5, 2])  # (n,)
+    items = torch.randint(1, 50, (n, length), generator=g)  # (n, L)
+    items[torch.arange(length).unsqueeze(0) < (length - lengths).unsqueeze(1)] = -1  # left padding
+    ts = torch.arange(length).repeat(n, 1) * 3_600 + 1_700_000_000  # (n, L)
+    order, chunks = two_tower.length_sorted_chunks(items, 3)
+    assert [len(c) for c in chunks] == [3, 3, 1]
+    assert torch.equal(lengths[order], lengths.sort(stable=True).values)
+    monkeypatch.setattr(two_tower, "STATE_CHUNK_ROWS", 3)
+    with torch.no_grad():
+        chunked = model.encode_user_state(items, ts)  # (n, S)
+        one_by_one = torch.cat([model.encode_user_state(items[i:i + 1], ts[i:i + 1])
+                                for i in range(n)])  # (n, S)
+    assert torch.allclose(chunked, one_by_one, atol=1e-5)
 
 
 def test_context_layer_dropout_modes():
