@@ -63,6 +63,9 @@ class ModelConfig:
     # "concat" | "cross_attention" | "identity" (the user embedding is the normalised last state:
     # SASRec's query, for a model without context or demographics)
     fusion: str = "concat"
+    # concat / cross_attention: the fusion MLP's output is added to the last encoder state before
+    # the normalisation, so the MLP learns a correction of SASRec's query rather than replacing it.
+    fusion_residual: bool = False
     state_len: int = 1  # m: number of last encoder states cached per user (1 = last hidden state)
     use_context: bool = True
     use_demographics: bool = True
@@ -94,6 +97,9 @@ class ModelConfig:
                              f"got {self.item_category_pool!r}")
         if self.item_tower not in ITEM_TOWERS:
             raise ValueError(f"item_tower must be one of {ITEM_TOWERS}, got {self.item_tower!r}")
+        if self.fusion == "identity" and self.fusion_residual:
+            raise ValueError("fusion_residual adds the fusion MLP's output to the state; fusion "
+                             "'identity' has no MLP")
         if self.fusion == "identity" and (self.use_context or self.use_demographics
                                           or self.state_len != 1):
             raise ValueError("fusion 'identity' has no MLP to combine context or demographics "
@@ -171,11 +177,11 @@ class ContextualTwoTower(nn.Module):
         if config.fusion == "concat":
             self.fusion: nn.Module = ConcatFusion(d, config.state_len, config.use_context,
                                                   config.use_demographics, config.mlp_hidden,
-                                                  config.dropout)
+                                                  config.dropout, config.fusion_residual)
         elif config.fusion == "cross_attention":
             self.fusion = CrossAttentionFusion(d, config.n_heads, config.state_len, config.use_context,
                                                config.use_demographics, config.mlp_hidden,
-                                               config.dropout)
+                                               config.dropout, config.fusion_residual)
         else:
             self.fusion = IdentityFusion()
         self.item_tower = (ItemTower(d, config.mlp_hidden, config.dropout)

@@ -151,6 +151,7 @@ class NumpyHead:
         self.identity = cfg.fusion == "identity"
         self.mlp = None if self.identity else _Mlp.of(model.fusion.mlp)
         self.cross = _CrossAttention.of(model.fusion) if cfg.fusion == "cross_attention" else None
+        self.residual = cfg.fusion_residual
 
     def query(self, state: Optional[np.ndarray], ctx_ids: Optional[np.ndarray],
               ctx_weights: Optional[np.ndarray], age: Optional[np.ndarray],
@@ -178,7 +179,10 @@ class NumpyHead:
                 if t is not None:
                     q = q + t
             parts = [self.cross(q, states), states[:, -1]] + [t for t in (ctx, demo) if t is not None]
-        user = _normalize(self.mlp(np.concatenate(parts, axis=-1)))  # (B, D)
+        out = self.mlp(np.concatenate(parts, axis=-1))  # (B, D)
+        if self.residual:
+            out = out + state[:, -self.dim:]  # the last state slot
+        user = _normalize(out)  # (B, D)
         if skip is None:
             return user
         return _normalize(user + skip)  # (B, D)

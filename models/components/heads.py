@@ -19,6 +19,19 @@ def mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential
                          nn.Linear(hidden, out_dim))
 
 
+def residual_normalize(out: torch.Tensor, states: torch.Tensor, residual: bool) -> torch.Tensor:
+    """The fusion MLP's output (B, D) (+ the last state of states (B, m, D) when ``residual``)
+    -> (B, D) unit norm.
+
+    Why the residual: a fusion MLP that must rebuild the sequence state from scratch costs
+    next-item quality (MovieLens-100K, seed 0, lr 0.005: + genres, time gaps and demographics
+    through the plain concat MLP, validation NDCG@10 0.105; the same without demographics and
+    with the state itself as the query, 0.118); with the residual the MLP only corrects it."""
+    if residual:
+        out = out + states[:, -1]  # (B, D)
+    return F.normalize(out, dim=-1)  # (B, D)
+
+
 class ConcatFusion(nn.Module):
     """concat(sequence state, context, demographics) -> MLP -> L2-normalised user embedding.
 
@@ -27,17 +40,18 @@ class ConcatFusion(nn.Module):
     """
 
     def __init__(self, dim: int, state_len: int, use_context: bool, use_demographics: bool,
-                 hidden: int, dropout: float) -> None:
+                 hidden: int, dropout: float, residual: bool = False) -> None:
         super().__init__()
         in_dim = state_len * dim + dim * int(use_context) + dim * int(use_demographics)
         self.mlp = mlp(in_dim, hidden, dim, dropout)
+        self.residual = residual
 
     def forward(self, states: torch.Tensor, ctx: Optional[torch.Tensor],
                 demo: Optional[torch.Tensor]) -> torch.Tensor:
         """states (B, m, D), ctx (B, D) or None, demo (B, D) or None -> (B, D) unit norm."""
         parts: List[torch.Tensor] = [states.flatten(1)]  # (B, m*D)
         parts += [t for t in (ctx, demo) if t is not None]
-        return F.normalize(self.mlp(torch.cat(parts, dim=-1)), dim=-1)  # (B, D)
+        return residual_normalize(self.mlp(torch.cat(parts, dim=-1)), states, self.residual)  # (B, D)
 
 
 class CrossAttentionFusion(nn.Module):
@@ -49,13 +63,14 @@ class CrossAttentionFusion(nn.Module):
     """
 
     def __init__(self, dim: int, n_heads: int, state_len: int, use_context: bool,
-                 use_demographics: bool, hidden: int, dropout: float) -> None:
+                 use_demographics: bool, hidden: int, dropout: float, residual: bool = False) -> None:
         super().__init__()
         self.query_bias = nn.Parameter(torch.zeros(dim))  # query when there is no context at all
         self.query_proj = nn.Linear(dim, dim)
         self.attn = nn.MultiheadAttention(dim, n_heads, dropout=dropout, batch_first=True)
         in_dim = 2 * dim + dim * int(use_context) + dim * int(use_demographics)
         self.mlp = mlp(in_dim, hidden, dim, dropout)
+        self.residual = residual
 
     def forward(self, states: torch.Tensor, ctx: Optional[torch.Tensor],
                 demo: Optional[torch.Tensor]) -> torch.Tensor:
@@ -68,7 +83,7 @@ class CrossAttentionFusion(nn.Module):
         attended, _ = self.attn(q, states, states, need_weights=False)  # (B, 1, D)
         parts: List[torch.Tensor] = [attended.squeeze(1), states[:, -1]]  # (B, D) each
         parts += [t for t in (ctx, demo) if t is not None]
-        return F.normalize(self.mlp(torch.cat(parts, dim=-1)), dim=-1)  # (B, D)
+        return residual_normalize(self.mlp(torch.cat(parts, dim=-1)), states, self.residual)  # (B, D)
 
 
 class IdentityFusion(nn.Module):

@@ -67,6 +67,8 @@ def test_config_round_trip_and_validation(tiny_config):
         ModelConfig(item_tower="transformer")
     with pytest.raises(ValueError, match="identity"):
         ModelConfig(fusion="identity")  # context and demographics on by default
+    with pytest.raises(ValueError, match="fusion_residual"):
+        ModelConfig(fusion="identity", fusion_residual=True, use_context=False, use_demographics=False)
 
 
 def test_sasrec_like_towers_are_the_state_and_the_tied_embeddings(tiny_config, random_inputs):
@@ -87,6 +89,24 @@ def test_sasrec_like_towers_are_the_state_and_the_tied_embeddings(tiny_config, r
         assert torch.allclose(got, F.normalize(model.item_emb(items), dim=-1), atol=1e-6)
     assert sum(p.numel() for p in model.fusion.parameters()) == 0
     assert sum(p.numel() for p in model.item_tower.parameters()) == 0
+
+
+@pytest.mark.parametrize("fusion", ["concat", "cross_attention"])
+def test_the_residual_fusion_is_the_normalised_last_state_plus_the_mlp(tiny_config, random_inputs, fusion):
+    """With the MLP's last layer zeroed, the residual query is the normalised last state slot;
+    without the residual it would be the zero vector's normalisation (all zeros)."""
+    import torch.nn.functional as F
+
+    cfg = tiny_config(fusion=fusion, state_len=2, fusion_residual=True)
+    model = ContextualTwoTower(cfg).eval()
+    x = random_inputs(cfg, batch=5)
+    with torch.no_grad():
+        model.fusion.mlp[-1].weight.zero_()
+        model.fusion.mlp[-1].bias.zero_()
+        state = model.encode_user_state(x[0], x[1])  # (B, 2 * D)
+        assert torch.allclose(model(*x), F.normalize(state[:, -cfg.dim:], dim=-1), atol=1e-6)
+        model.fusion.residual = False
+        assert torch.equal(model(*x), torch.zeros(5, cfg.dim))
 
 
 def test_subject_item_embedding_moves_the_query_and_keeps_split_parity(tiny_config, random_inputs):

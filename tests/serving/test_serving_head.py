@@ -31,6 +31,8 @@ VARIANTS = {
     "cross_subject_skip": {"fusion": "cross_attention", "state_len": 2, "use_subject_item": True,
                            "tower_skip": True},
     "no_demographics": {"use_demographics": False},
+    "residual": {"fusion_residual": True},
+    "cross_residual_m2": {"fusion": "cross_attention", "state_len": 2, "fusion_residual": True},
     "sequence_only": {"use_context": False, "use_demographics": False},
     "sasrec_like": {"use_context": False, "use_demographics": False, "fusion": "identity",
                     "item_tower": "embedding", "use_item_categories": False},
