@@ -364,11 +364,6 @@ def equal_length_cuts(lengths: torch.Tensor, n_batches: int) -> List[int]:
     return cuts
 
 
-def history_lengths(item_ids: torch.Tensor) -> torch.Tensor:
-    """(B, L) left-padded histories -> (B,) number of real events."""
-    return (item_ids != features.PAD_ITEM).sum(dim=1)
-
-
 def batch_loader(tensors: Dict[str, torch.Tensor], batch_size: int, shuffle: bool,
                  drop_last: bool, seed: int = 0, rank: int = 0, world_size: int = 1,
                  length_buckets: int = 0) -> DataLoader:
@@ -376,7 +371,7 @@ def batch_loader(tensors: Dict[str, torch.Tensor], batch_size: int, shuffle: boo
     no per-row collate; ``length_buckets`` > 0 batches training rows of similar history length
     (see ``ShardedBatches``)."""
     ds = _IndexedTensors(tensors)
-    lengths = history_lengths(tensors[C.ITEM_IDS]) if length_buckets else None
+    lengths = features.history_lengths(tensors[C.ITEM_IDS]) if length_buckets else None
     sampler = ShardedBatches(len(ds), batch_size, shuffle, drop_last, seed, rank, world_size,
                              lengths, length_buckets)
     # Its own generator: every iter() draws a worker base seed, which would otherwise advance the

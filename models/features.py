@@ -67,6 +67,11 @@ def pad_history(item_ids: Sequence[int], event_ts: Sequence[int],
     return out_items, out_ts
 
 
+def history_lengths(item_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) left-padded histories -> (B,) number of real events."""
+    return (item_ids != PAD_ITEM).sum(dim=1)
+
+
 def pad_context(category_ids: Optional[Sequence[int]], weights: Optional[Sequence[float]],
                 max_ctx: int) -> Tuple[np.ndarray, np.ndarray]:
     """Pad a weighted category list to ``max_ctx`` slots (pad id -1, weight 0).

@@ -145,8 +145,7 @@ def trim_left_padding(item_ids: torch.Tensor, event_ts: torch.Tensor,
 def length_sorted_chunks(item_ids: torch.Tensor, chunk_rows: int) -> tuple[torch.Tensor, list]:
     """item_ids (B, L) left-padded -> (order (B,), the rows sorted by history length (stable);
     chunks: consecutive runs of ``chunk_rows`` of ``order``, each a LongTensor of row indices)."""
-    lengths = (item_ids != features.PAD_ITEM).sum(dim=1)  # (B,)
-    order = torch.argsort(lengths, stable=True)  # (B,)
+    order = torch.argsort(features.history_lengths(item_ids), stable=True)  # (B,)
     return order, list(order.split(chunk_rows))
 
 

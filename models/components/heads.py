@@ -24,9 +24,8 @@ def residual_normalize(out: torch.Tensor, states: torch.Tensor, residual: bool) 
     -> (B, D) unit norm.
 
     Why the residual: a fusion MLP that must rebuild the sequence state from scratch costs
-    next-item quality (MovieLens-100K, seed 0, lr 0.005: + genres, time gaps and demographics
-    through the plain concat MLP, validation NDCG@10 0.105; the same without demographics and
-    with the state itself as the query, 0.118); with the residual the MLP only corrects it."""
+    next-item quality (the measurements are in configs/movielens_side_info.yaml); with the
+    residual the MLP only corrects it."""
     if residual:
         out = out + states[:, -1]  # (B, D)
     return F.normalize(out, dim=-1)  # (B, D)

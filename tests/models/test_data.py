@@ -13,7 +13,7 @@ from models import features
 from models.data import (HAS_REAL_CONTEXT, INPUT_TABLES, LABEL_ROW, NO_SUBJECT, REAL_CONTEXT_IDS,
                          REAL_CONTEXT_WEIGHTS, SUBJECT_ITEM_ID, SUBJECT_ROW,
                          ContextualSequenceDataModule, ShardedBatches, equal_length_cuts,
-                         history_lengths, length_bucketed, train_batch_size)
+                         length_bucketed, train_batch_size)
 import ctt_contracts as C
 
 
@@ -258,4 +258,4 @@ def test_equal_length_cuts_balance_summed_lengths_and_never_leave_a_batch_empty(
 def test_history_lengths_count_real_events_of_left_padded_rows():
     pad = features.PAD_ITEM
     ids = torch.tensor([[pad, pad, 4], [pad, 7, 8], [1, 2, 3], [pad, pad, pad]])  # (4, 3)
-    assert history_lengths(ids).tolist() == [1, 2, 3, 0]
+    assert features.history_lengths(ids).tolist() == [1, 2, 3, 0]
