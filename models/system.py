@@ -50,6 +50,7 @@ from models import features
 from models.data import (EXCLUDE_ROWS, HAS_REAL_CONTEXT, LABEL_ROW, REAL_CONTEXT_IDS, REAL_CONTEXT_WEIGHTS,
                          SUBJECT_ROW, Catalog)
 from models.metrics import COVERAGE_K, DEFAULT_KS, TiedRanks, metric_key, rank_targets, retrieval_metrics
+from models.softmax import linear_cross_entropy
 from models.two_tower import ContextualTwoTower, ModelConfig, trim_left_padding
 from models.warm_start import cooccurrence_vectors, user_item_matrix
 import ctt_contracts as C
@@ -102,10 +103,10 @@ def full_softmax_loss(user_emb: torch.Tensor, item_emb: torch.Tensor, pos_rows: 
     The temperature divides the (P, D) queries, not the (P, N) logits: the same scores, one pass
     over P x D numbers instead of two over P x N (forward and backward). With P in the tens of
     thousands (every position of a batch) and N in the thousands, the logits are the step's
-    largest tensor and most of its memory traffic.
+    largest tensor and most of its memory traffic, so it is never stored whole
+    (``models.softmax.linear_cross_entropy``).
     """
-    logits = (user_emb / temperature) @ item_emb.T  # (P, N)
-    return F.cross_entropy(logits, pos_rows)
+    return linear_cross_entropy(user_emb / temperature, item_emb, pos_rows)
 
 
 def next_item_targets(history_rows: torch.Tensor, label_rows: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,71 @@
+"""Cross-entropy over a whole catalog without writing the (P, N) logits to memory.
+
+``F.cross_entropy(query @ items.T, targets)`` with P positions in the thousands (every position
+of a batch, the all-positions objective) and N catalog items in the thousands makes the logits
+the step's largest tensor: the product, the log-softmax and their backward each stream it
+through main memory, and with an inner dimension of 64 the matrix products are bound by writing
+that output, not by arithmetic. ``linear_cross_entropy`` instead takes ``CHUNK_ROWS`` positions
+at a time, so a chunk's logits (128 x a few thousand floats, about the size of a core's L2)
+are produced, turned into the gradient ``softmax - onehot`` in place and consumed by the two
+gradient products while still in cache. The gradients are computed in the forward pass and
+scaled in the backward, which is exact because the loss is a mean and its gradient is linear in
+the upstream gradient. On a 2-core CPU with P = 6,800, N = 3,700, D = 64: 193 ms -> 72 ms for
+forward + backward, the same loss and gradients to 1e-8.
+
+Torch has no fused linear + cross-entropy on CPU (the fused kernels of Liger and of
+torch.compile's templates target GPUs), hence this module.
+"""
+from __future__ import annotations
+
+import torch
+from torch.autograd.function import once_differentiable
+
+CHUNK_ROWS = 128  # 128 x 3,700 float32 logits = 1.9 MB; 64 / 256 / 512 rows: 81 / 93 / 100 ms
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """mean_p(logsumexp(query_p @ items.T) - query_p . items[target_p]), gradients from forward."""
+
+    @staticmethod
+    def forward(ctx, query: torch.Tensor, items: torch.Tensor, targets: torch.Tensor,
+                chunk_rows: int) -> torch.Tensor:
+        want_query, want_items = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_query = torch.empty_like(query) if want_query else None  # (P, D)
+        grad_items = torch.zeros_like(items) if want_items else None  # (N, D)
+        total = query.new_zeros(())
+        for start in range(0, query.shape[0], chunk_rows):
+            q, t = query[start:start + chunk_rows], targets[start:start + chunk_rows]  # (c, D), (c,)
+            logits = q @ items.T  # (c, N)
+            lse = torch.logsumexp(logits, dim=1, keepdim=True)  # (c, 1)
+            total += lse.sum() - logits.gather(1, t.unsqueeze(1)).sum()
+            if grad_query is None and grad_items is None:
+                continue
+            grad = logits.sub_(lse).exp_()  # (c, N) softmax, in place of the logits
+            grad[torch.arange(t.shape[0], device=t.device), t] -= 1.0  # softmax - onehot
+            if grad_query is not None:
+                torch.mm(grad, items, out=grad_query[start:start + chunk_rows])
+            if grad_items is not None:
+                grad_items.addmm_(grad.T, q)
+        n = max(query.shape[0], 1)
+        ctx.save_for_backward(grad_query, grad_items)
+        ctx.n = n
+        return total / n
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: torch.Tensor):
+        grad_query, grad_items = ctx.saved_tensors
+        scale = grad_out / ctx.n
+        return (None if grad_query is None else grad_query * scale,
+                None if grad_items is None else grad_items * scale, None, None)
+
+
+def linear_cross_entropy(query: torch.Tensor, items: torch.Tensor, targets: torch.Tensor,
+                         chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """query (P, D), items (N, D), targets (P,) rows of items -> mean cross-entropy of the (P, N)
+    scores ``query @ items.T`` against the targets, the value and gradients of
+    ``F.cross_entropy(query @ items.T, targets)`` computed ``chunk_rows`` positions at a time."""
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= items.shape[0]):
+        raise ValueError(f"targets must be rows of items in [0, {items.shape[0]}), got "
+                         f"[{int(targets.min())}, {int(targets.max())}]")
+    return _LinearCrossEntropy.apply(query, items, targets, chunk_rows)
