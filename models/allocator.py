@@ -9,6 +9,11 @@ on ml-1m-u2999 (2 torch threads) a third of an epoch's CPU time was system time.
 glibc's mmap and trim thresholds keeps those blocks in the heap for the next step; one epoch
 went from 39 s to 26 s wall (``benchmarks/movielens.py``, README "MovieLens").
 
+Ours' own full-catalog loss no longer builds those tensors (``models.softmax``: 128 positions at
+a time); the thresholds stay for everything else a step allocates, for RecTools' SASRec, whose
+loss does build them, and so that both sides of the MovieLens benchmark run under the same
+allocator.
+
 The thresholds are read once, when the process starts (``GLIBC_TUNABLES``), so a command that
 wants them re-executes itself with them added (:func:`reexec_with_tunables`: same PID, same
 arguments). A user's own ``glibc.malloc.*`` thresholds in ``GLIBC_TUNABLES`` are left alone, and

@@ -192,7 +192,8 @@ class ContextualRetrievalSystem(pl.LightningModule):
         if item_counts is not None and self.hparams.id_gate_k > 0:
             self.id_gate = id_gate(item_counts, self.hparams.id_gate_k)
         self.val_metrics = retrieval_metrics(len(catalog), self.eval_ks).clone(prefix="val/")
-        self.val_metrics_no_ctx = retrieval_metrics(len(catalog), self.eval_ks).clone(prefix=NO_CONTEXT_PREFIX)
+        self.val_metrics_no_ctx = retrieval_metrics(len(catalog), self.eval_ks).clone(
+            prefix=NO_CONTEXT_PREFIX)
         # What serving sees: the logged subject item's categories where there is one, else none.
         self.val_metrics_served = retrieval_metrics(len(catalog), self.eval_ks).clone(prefix=SERVED_PREFIX)
 
@@ -417,7 +418,8 @@ class ContextualRetrievalSystem(pl.LightningModule):
                                   {"params": groups["none"], "weight_decay": 0.0}], lr=hp.lr)
 
 
-def both_modes(no_context: Dict[str, torch.Tensor], served: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def both_modes(no_context: Dict[str, torch.Tensor],
+               served: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Computed validation metrics {"val_no_context/recall@100": v, ...} and {"val_served/...": v}
     -> their mean per metric, as logger keys {"val_both/recall_at_100": v, ...}.
 
