@@ -10,7 +10,7 @@ are produced, turned into the gradient ``softmax - onehot`` in place and consume
 gradient products while still in cache. The gradients are computed in the forward pass and
 scaled in the backward, which is exact because the loss is a mean and its gradient is linear in
 the upstream gradient. On a 2-core CPU with P = 6,800, N = 3,700, D = 64: 193 ms -> 72 ms for
-forward + backward, the same loss and gradients to 1e-8.
+forward + backward, with gradients equal to 1e-8 and the loss to 1e-5.
 
 Torch has no fused linear + cross-entropy on CPU (the fused kernels of Liger and of
 torch.compile's templates target GPUs), hence this module.
