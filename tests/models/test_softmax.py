@@ -53,3 +53,24 @@ def test_without_autograd_it_is_the_plain_loss():
 def test_a_target_outside_the_items_is_refused():
     with pytest.raises(ValueError, match="targets must be rows"):
         linear_cross_entropy(torch.randn(2, 3), torch.randn(4, 3), torch.tensor([0, 4]))
+
+
+def test_logits_spread_far_beyond_the_exp_floor_give_the_exact_loss_and_gradients():
+    # A trained model's logits span hundreds (low temperature, large item norms): the floor on
+    # the shifted logits must not move the loss or the gradients against a float64 reference.
+    gen = torch.Generator().manual_seed(1)
+    query64 = (torch.randn(9, 4, generator=gen, dtype=torch.float64) * 100).requires_grad_()
+    items64 = torch.randn(13, 4, generator=gen, dtype=torch.float64).requires_grad_()
+    targets = torch.randint(0, 13, (9,), generator=gen)
+    ref = F.cross_entropy(query64 @ items64.T, targets)
+    ref.backward()
+    spread = (query64 @ items64.T).detach()
+    assert (spread.max(1).values - spread.min(1).values).min() > 150  # far past the floor of 80
+
+    query = query64.detach().float().requires_grad_()
+    items = items64.detach().float().requires_grad_()
+    loss = linear_cross_entropy(query, items, targets, chunk_rows=4)
+    loss.backward()
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
+    assert torch.allclose(query.grad.double(), query64.grad, atol=1e-5)
+    assert torch.allclose(items.grad.double(), items64.grad, atol=1e-5)
