@@ -24,9 +24,9 @@ CHUNK_ROWS = 128  # 128 x 3,700 float32 logits = 1.9 MB; 64 / 256 / 512 rows: 81
 # Logits more than 80 below a row's largest are raised to -80 before the exp. exp(-80) = 1.8e-35
 # is still a normal float32 (the smallest is 1.2e-38); below about -87 exp returns subnormals or
 # zero through a slow path, and products of subnormals are slow too: one 128 x 3,700 chunk's
-# exp and two gradient products took 13 ms instead of 0.8 ms once the logits spread that far,
-# which a trained model's do (its temperature falls and its item norms grow). Against a largest
-# term of 1 the floor changes the row's sum by at most N * 1.8e-35, nothing in float32.
+# exp and two gradient products took 13 ms instead of 0.8 ms with logits spread that far, which
+# a trained model's can reach (a learned temperature of 0.05, growing item norms). Against a
+# largest term of 1 the floor changes the row's sum by at most N * 1.8e-35, nothing in float32.
 EXP_FLOOR = -80.0
 
 
