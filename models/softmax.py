@@ -57,10 +57,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 torch.mm(grad, items, out=grad_query[start:start + chunk_rows])
             if grad_items is not None:
                 grad_items.addmm_(grad.T, q)
-        n = max(query.shape[0], 1)
         ctx.save_for_backward(grad_query, grad_items)
-        ctx.n = n
-        return total / n
+        ctx.n = max(query.shape[0], 1)
+        return total / ctx.n
 
     @staticmethod
     @once_differentiable
@@ -76,7 +75,8 @@ def linear_cross_entropy(query: torch.Tensor, items: torch.Tensor, targets: torc
     """query (P, D), items (N, D), targets (P,) rows of items -> mean cross-entropy of the (P, N)
     scores ``query @ items.T`` against the targets, the value and gradients of
     ``F.cross_entropy(query @ items.T, targets)`` computed ``chunk_rows`` positions at a time."""
-    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= items.shape[0]):
-        raise ValueError(f"targets must be rows of items in [0, {items.shape[0]}), got "
-                         f"[{int(targets.min())}, {int(targets.max())}]")
+    if targets.numel():
+        low, high = (int(v) for v in torch.aminmax(targets))  # one pass, one read-back per step
+        if low < 0 or high >= items.shape[0]:
+            raise ValueError(f"targets must be rows of items in [0, {items.shape[0]}), got [{low}, {high}]")
     return _LinearCrossEntropy.apply(query, items, targets, chunk_rows)
