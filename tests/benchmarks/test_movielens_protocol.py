@@ -119,8 +119,8 @@ def test_sasrec_record_scores_lists_and_checks_the_stopping_metric(imported):
 
 def run(lr, seed, hr, ndcg, val_ndcg, wall):
     return {"lr": lr, "seed": seed, loo.HR: hr, loo.NDCG: ndcg, "val": {loo.HR: 0.0, loo.NDCG: val_ndcg},
-            "wall_to_best_s": wall, "cpu_to_best_s": 2 * wall, "epochs_run": 10, "best_epoch": 5,
-            "history_violations": 0}
+            "wall_to_best_s": wall, "cpu_to_best_s": 2 * wall, "train_wall_s": wall + 60.0,
+            "epochs_run": 10, "best_epoch": 5, "history_violations": 0}
 
 
 def test_lr_choice_summary_bars_and_readme_table():
@@ -136,7 +136,8 @@ def test_lr_choice_summary_bars_and_readme_table():
     report = {"datasets": {"ml-1m-u2999": {"models": {
         "ours_ids": {"label": "ours", "summary": ours}, "sasrec": {"label": "SASRec", "summary": base}}}}}
     got = {b["name"]: b for b in bench.bars(report)}
-    assert set(got) == {name for name, *_ in bench.BARS}
+    assert set(got) == {name for name, *_ in bench.BARS} | {bench.BUDGET_BAR}
+    assert got[bench.BUDGET_BAR]["value"] is None and got[bench.BUDGET_BAR]["met"] is None  # no runs
     assert got["ml-1m-u2999_hr10_ours_vs_sasrec"]["value"] == pytest.approx(0.3 / 0.25)
     assert got["ml-1m-u2999_hr10_ours_vs_sasrec"]["met"] is True
     assert got["ml-1m-u2999_ndcg10_ours_vs_sasrec"]["met"] is False  # 0.1 / 0.2
@@ -151,6 +152,20 @@ def test_lr_choice_summary_bars_and_readme_table():
     assert "| `ml-1m-u2999_time_to_best_ours_vs_sasrec` | 0.25 | 0.5 | yes | movielens.json |" in table
 
 
+def test_budget_bar_sums_every_runs_training_time_over_models_and_data_sets():
+    grid = {bench.lr_key(lr): run(lr, 0, 0.1, 0.1, 0.1, 3000.0) for lr in (1e-3, 2e-3)}  # 3,060 s each
+    seed1 = {"1": run(1e-3, 1, 0.1, 0.1, 0.1, 1140.0)}
+    side_info = {"0.001": run(1e-3, 0, 0.1, 0.1, 0.1, 600.0)}
+    report = {"datasets": {"ml-100k": {"models": {"sasrec": {"grid": grid, "seeds": seed1}}},
+                           "ml-1m-u2999": {"models": {"ours_side_info": {"grid": side_info}}}}}
+    bar = bench.budget_bar(report)
+    assert bar["value"] == pytest.approx((2 * 3060 + 1200 + 660) / 60)  # 133 min
+    assert bar["met"] is True
+    report["datasets"]["ml-1m-u2999"]["models"]["ours_side_info"]["seeds"] = {
+        "1": run(1e-3, 1, 0.1, 0.1, 0.1, 1020.0)}  # + 18 min: 151 > 150
+    assert bench.budget_bar(report)["met"] is False
+
+
 def test_report_merges_stages_and_quick_never_overwrites_the_results(tmp_path, measurement):
     path = tmp_path / "r.json"
     result = bench.load_result(path)
@@ -161,7 +176,8 @@ def test_report_merges_stages_and_quick_never_overwrites_the_results(tmp_path, m
     assert list(written) == list(benchlib.ENVELOPE_KEYS) and written["result"] == result
     again = bench.load_result(path)
     assert again["datasets"]["ml-100k"]["models"]["ours_ids"]["grid"]["0.001"][loo.HR] == 0.1
-    assert len(written["bars"]) == len(bench.BARS)
+    assert len(written["bars"]) == len(bench.BARS) + 1
+    assert written["bars"][-1] == {"name": bench.BUDGET_BAR, "value": 61 / 60, "target": 150.0, "met": True}
     with pytest.raises(SystemExit):
         bench.main(["--quick", "--out", str(bench.DEFAULT_OUT)])
 
