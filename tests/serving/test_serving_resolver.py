@@ -84,19 +84,19 @@ def test_scann_answer_agrees_with_the_exact_one(bundle, serving_env, tmp_path):
     settings that reach its target by timing them, so the pick varies from run to run)."""
     queries = np.stack([_expected_query(bundle, serving_env, u, None) for u in PARITY_USERS])  # (U, D)
     index_dir = tmp_path / "index"
+    # (2U, D): build_index tunes on the first half and measures the second, here the same users
     build_index(bundle.item_ids, bundle.item_embeddings, bundle.model_version, index_dir, backend="scann",
                 queries=np.concatenate([queries, queries]), query_source="test:parity_users")
     resolver = Resolver.from_paths(serving_env.bundle_dir, index_dir, serving_env.repo_dir)
+    pos = {int(i): p for p, i in enumerate(bundle.item_ids)}
     recalls = []
-    for user in PARITY_USERS:
+    for user, q in zip(PARITY_USERS, queries):
         approx = resolver.recommend(user, k=100)
         exact = resolver.recommend(user, k=100, exact=True)
         assert approx.index_backend == "scann" and exact.index_backend == "brute_force"
         a_ids = [i for i, _ in approx.items]
         recalls.append(len(set(a_ids) & {i for i, _ in exact.items}) / 100)
         # ScaNN's exact reorder: a returned score is the item's true dot product
-        q = _expected_query(bundle, serving_env, user, None)
-        pos = {int(i): p for p, i in enumerate(bundle.item_ids)}
         true = bundle.item_embeddings[[pos[i] for i in a_ids]] @ q
         np.testing.assert_allclose([s for _, s in approx.items], true, atol=1e-4)
     assert np.mean(recalls) >= 0.95
