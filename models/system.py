@@ -65,18 +65,26 @@ TRAIN_CONTEXTS = ("pseudo", "real", "mixed")
 OBJECTIVES = ("last_item", "all_positions")
 
 
-def id_gate(item_counts: torch.Tensor, k: float) -> torch.Tensor:
-    """(N,) training label counts -> (N,) weight of each item's id embedding, count / (count + k).
+def id_gate(item_counts: torch.Tensor, k: float, floor: float = 0.0) -> torch.Tensor:
+    """(N,) training label counts -> (N,) weight of each item's id embedding,
+    floor + (1 - floor) * count / (count + k).
 
     Why: on a real log most items converted at serving time were never converted in training;
     their id vectors are noise (random rows or other items' rows through hash collisions), so an
     unseen item should be represented by its categories alone and an item with many conversions
     mostly by its own id. k = 0 disables the gate (every id at full weight).
+
+    Why a floor: at 0 every unseen item of a leaf gets the same embedding, so the subject item
+    itself ties with all its unseen siblings and, in a leaf of more than k items, the tie's
+    expected rank falls outside the top k. A small share of its own id keeps the subject
+    (whose embedding is part of the query) first among them and moves the others little.
     """
     if k < 0:
         raise ValueError(f"id_gate_k must be >= 0, got {k}")
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError(f"id_gate_floor must be in [0, 1], got {floor}")
     counts = item_counts.to(torch.float32)
-    return torch.ones_like(counts) if k == 0 else counts / (counts + k)
+    return torch.ones_like(counts) if k == 0 else floor + (1.0 - floor) * counts / (counts + k)
 
 
 def sampled_softmax_loss(user_emb: torch.Tensor, cand_emb: torch.Tensor, cand_rows: torch.Tensor,
@@ -146,7 +154,7 @@ class ContextualRetrievalSystem(pl.LightningModule):
                  learn_temperature: bool = True, n_uniform_negatives: int = 512,
                  logq_correction: bool = True, logq_weight: float = 1.0,
                  history_drop_prob: float = 0.05, item_init: str = "random",
-                 id_gate_k: float = 0.0, train_context: str = "pseudo",
+                 id_gate_k: float = 0.0, id_gate_floor: float = 0.0, train_context: str = "pseudo",
                  eval_ks: Sequence[int] = DEFAULT_KS, eval_chunk_size: int = 1024,
                  objective: str = "last_item", full_softmax: bool = False) -> None:
         super().__init__()
@@ -190,7 +198,7 @@ class ContextualRetrievalSystem(pl.LightningModule):
             raise ValueError(f"item_freq must be ({len(catalog)},), got {tuple(item_freq.shape)}")
         self.catalog, self.item_freq = catalog, item_freq.float()
         if item_counts is not None and self.hparams.id_gate_k > 0:
-            self.id_gate = id_gate(item_counts, self.hparams.id_gate_k)
+            self.id_gate = id_gate(item_counts, self.hparams.id_gate_k, self.hparams.id_gate_floor)
         self.val_metrics = retrieval_metrics(len(catalog), self.eval_ks).clone(prefix="val/")
         self.val_metrics_no_ctx = retrieval_metrics(len(catalog), self.eval_ks).clone(
             prefix=NO_CONTEXT_PREFIX)

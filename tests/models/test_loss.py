@@ -74,6 +74,19 @@ def test_id_gate_is_count_over_count_plus_k():
         id_gate(counts, -1.0)
 
 
+def test_id_gate_floor_keeps_a_share_of_every_id():
+    """floor + (1 - floor) * count / (count + k): an unseen item keeps the floor, a frequent one
+    still tends to 1; without a gate (k = 0) the floor changes nothing."""
+    from models.system import id_gate
+
+    counts = torch.tensor([0.0, 1.0, 3.0, 9.0])
+    assert torch.allclose(id_gate(counts, 1.0, 0.1), torch.tensor([0.1, 0.55, 0.775, 0.91]))
+    assert torch.equal(id_gate(counts, 0.0, 0.1), torch.ones(4))
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="id_gate_floor"):
+            id_gate(counts, 1.0, bad)
+
+
 def test_mixed_context_takes_real_context_and_subject_where_the_example_has_one():
     from models.data import HAS_REAL_CONTEXT, REAL_CONTEXT_IDS, REAL_CONTEXT_WEIGHTS, SUBJECT_ROW
     from models.system import mixed_context
