@@ -1,12 +1,13 @@
-"""Quality regression: on a tiny realistic world the trained contextual model must rank clearly
-better than the same architecture untrained (Recall@100 with the real context), so the check
-fails when training learns nothing. It does not (yet) assert a win over top-category popularity:
-at this size the trained model does not reach it (README quality section).
+"""Quality regression: on a tiny realistic world the trained contextual model must beat
+top-category popularity (the lookup of models/baselines.py) at Recall@100 with the real
+context, and rank clearly better than the same architecture untrained, so the check fails when
+training learns nothing (here: trained 0.59, lookup 0.54, untrained 0.32).
 
 The world is the realistic preset of pipelines/synthetic.py at a size that trains in seconds;
 generation and the build run through the jobs' own functions on the shared local Spark session,
-training through ``ctt-train`` with configs/contextual.yaml (dimensions shrunk), evaluation
-through models.evaluate with the exported bundle (the served item embeddings).
+training through ``ctt-train`` with configs/contextual.yaml (dimensions shrunk; the hash tables
+keep their shipped sizes: at 4,096 rows the collisions took the win away, 0.535 against 0.542),
+evaluation through models.evaluate with the exported bundle (the served item embeddings).
 """
 from __future__ import annotations
 
@@ -27,8 +28,7 @@ from pipelines.synthetic import SyntheticConfig
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = ["--model.model_config.dim", "32", "--model.model_config.mlp_hidden", "64",
-         "--model.model_config.n_layers", "1", "--model.model_config.item_buckets", "4096",
-         "--model.model_config.category_buckets", "4096", "--model.n_uniform_negatives", "128",
+         "--model.model_config.n_layers", "1", "--model.n_uniform_negatives", "128",
          "--data.batch_size", "128", "--trainer.max_epochs", "2", "--trainer.max_time", "00:00:30:00",
          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
 MARGIN = 1.2  # trained over untrained, Recall@100
@@ -48,7 +48,7 @@ def real(result: ev.EvaluationResult, variant: str, metric: str) -> float:
 
 @pytest.mark.spark
 @pytest.mark.integration
-def test_trained_contextual_model_learns_beyond_its_initial_ranking(world, tmp_path):
+def test_trained_contextual_model_beats_top_category_popularity(world, tmp_path):
     from models.cli import train_main
 
     summary = train_main(["--config", str(REPO / "configs" / "contextual.yaml"), "--data.lake_root", world,
@@ -56,7 +56,8 @@ def test_trained_contextual_model_learns_beyond_its_initial_ranking(world, tmp_p
                           "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", *SMALL])
     trained = load_bundle(summary["bundle"])
     result = ev.evaluate_from_lake(trained, None, world)
-    assert real(result, ev.TOP_CATEGORY_POPULARITY, "recall@100") > 0  # the world has signal
+    lookup = real(result, ev.TOP_CATEGORY_POPULARITY, "recall@100")
+    assert lookup > 0  # the world has signal
 
     torch.manual_seed(0)
     untrained = ContextualTwoTower(trained.config).eval()
@@ -65,3 +66,4 @@ def test_trained_contextual_model_learns_beyond_its_initial_ranking(world, tmp_p
     untrained_result = ev.evaluate_from_lake(fresh, None, world)
     learned, initial = (real(r, ev.CONTEXTUAL, "recall@100") for r in (result, untrained_result))
     assert learned >= MARGIN * initial, (learned, initial)
+    assert learned > lookup, (learned, lookup)
