@@ -334,16 +334,16 @@ def _time_searches(index: ItemIndex, queries: np.ndarray, k: int,
     turn searches a query of its own: the queries are dealt round-robin, so no setting is timed
     on a query another setting has just searched. Timed on the same query one after another,
     the later settings found that query's leaves in the CPU caches: at 1M near-random items 360
-    leaves timed faster than 300 (0.85 vs 0.88 ms p50, where distinct queries give 1.11 vs 0.98),
+    leaves timed faster than 300 (0.85 vs 0.88 ms p50, where distinct queries gave 1.11 vs 0.98;
+    both on a machine busy with another job),
     and a trained bundle's recorded latency was half what the serving benchmark then measured
     (0.39 vs 0.76 ms p50). Serving searches queries the index has not just seen."""
     n = len(settings)
     rounds = max(1, min(_LATENCY_QUERIES, len(queries) // n))
-    dealt = queries[np.arange(rounds * n) % len(queries)]  # (rounds * n, D); repeats only if Q < n
     samples: List[List[float]] = [[] for _ in settings]
     for r in range(rounds):
         for i, (leaves, reorder) in enumerate(settings):
-            q = dealt[r * n + i]
+            q = queries[(r * n + i) % len(queries)]  # (D,) a query repeats only when Q < n
             t0 = time.perf_counter()
             index.searcher.search(q, final_num_neighbors=k, pre_reorder_num_neighbors=max(k, reorder),
                                   leaves_to_search=leaves)
