@@ -32,7 +32,7 @@ from ctt_contracts.flags import (add_exclusive_flags, bundle_field, dataclass_pa
 from ctt_contracts.process import entry_point
 from serving.app import DEFAULT_MAX_BODY_BYTES
 from serving.index import (BACKENDS, DEFAULT_K, DEFAULT_N_QUERIES, DEFAULT_TARGET_RECALL,
-                           build_index)
+                           MAX_DEFAULT_SHARDS, SHARD_MIN_ITEMS, build_index)
 from serving.errors import ServingError
 from serving.metrics import (MULTIPROC_ENV, ServingMetrics, mark_worker_dead, multiprocess_dir,
                              prepare_multiprocess_dir, values_in_files)
@@ -85,6 +85,9 @@ class IndexBuildConfig:
         "perturbed catalog vectors", None)
     n_queries: int = flag_field("queries drawn to tune and measure recall", DEFAULT_N_QUERIES)
     seed: int = flag_field("seed of the perturbed queries", 0)
+    shards: Optional[int] = flag_field(
+        "row-range shards, one ScaNN searcher each, searched in parallel threads by the server; "
+        f"default: one per {SHARD_MIN_ITEMS:,} items, at most {MAX_DEFAULT_SHARDS}", None)
 
 
 def build_index_parser() -> argparse.ArgumentParser:
@@ -113,7 +116,7 @@ def build_index_main(argv: Optional[List[str]] = None) -> int:
     index = build_index(bundle.item_ids, bundle.item_embeddings, bundle.model_version, cfg.out,
                         queries=queries, query_source=source, k=cfg.k,
                         target_recall=cfg.target_recall, backend=cfg.backend,
-                        n_queries=cfg.n_queries, seed=cfg.seed)
+                        n_queries=cfg.n_queries, seed=cfg.seed, shards=cfg.shards)
     print(index.manifest.to_json())
     return 0
 
@@ -166,6 +169,9 @@ class ServeConfig:
         "query_from_state (same function)", HEAD_NUMPY, choices=HEAD_BACKENDS)
     torch_threads: int = flag_field(
         "intra-op threads of the torch head; 1 is fastest for one-row requests", 1)
+    search_threads: Optional[int] = flag_field(
+        "threads one request's index search fans out over (at most one per index shard); "
+        "default: one per shard, up to this machine's cores", None)
     max_body_bytes: int = flag_field(
         "request bodies above this many bytes are answered 413 before parsing",
         DEFAULT_MAX_BODY_BYTES)
@@ -184,6 +190,8 @@ class ServeConfig:
             raise ValueError(f"--max-body-bytes must be >= 0, got {self.max_body_bytes}")
         if self.workers < 1:
             raise ValueError(f"--workers must be >= 1, got {self.workers}")
+        if self.search_threads is not None and self.search_threads < 1:
+            raise ValueError(f"--search-threads must be >= 1, got {self.search_threads}")
         if not 0.0 <= self.request_log_sample_rate <= 1.0:
             raise ValueError(f"--request-log-sample-rate must be in [0, 1], "
                              f"got {self.request_log_sample_rate}")
@@ -234,6 +242,7 @@ def serve_main(argv: Optional[List[str]] = None) -> int:
             LOG.info("metrics folder %s: %d files of an earlier run removed", multiprocess_dir(),
                      removed)
         resolver = make_resolver(source, flags, cfg.head)
+        resolver.index.use_threads(cfg.search_threads)
         metrics = ServingMetrics()
         request_log = (RequestLog(cfg.request_log, cfg.request_log_sample_rate)
                        if cfg.request_log is not None else None)

@@ -321,6 +321,8 @@ class Resolver:
                 "dim": int(self.config.dim), "fusion": self.config.fusion,
                 "bundle_created_at": manifest.get(C.BUNDLE_CREATED_AT),
                 "index_backend": self.index.backend, "index_size": self.index.size,
+                "index_shards": len(self.index.searchers),
+                "search_threads": self.index.search_threads,
                 "head": self.head_backend, "feature_service": C.FEATURE_SERVICE}
 
     # ------------------------------------------------------------------ steps

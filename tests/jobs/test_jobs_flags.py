@@ -302,6 +302,7 @@ def test_serve_takes_exactly_one_bundle_source(capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (["--workers", "0"], "--workers must be >= 1, got 0"),
+    (["--search-threads", "0"], "--search-threads must be >= 1, got 0"),
     (["--max-body-bytes", "-1"], "--max-body-bytes must be >= 0, got -1"),
     (["--request-log-sample-rate", "1.5"], "--request-log-sample-rate must be in [0, 1]"),
     (["--request-log-sample-rate", "0.5"], "--request-log-sample-rate needs --request-log"),

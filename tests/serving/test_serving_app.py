@@ -19,6 +19,7 @@ from fastapi.testclient import TestClient
 import ctt_contracts as C
 from serving.app import create_app
 from serving.cli import build_index_main
+from serving.index import SCANN_ASSETS, shard_dir
 from serving.resolver import Resolver
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -132,10 +133,11 @@ def test_locked_sqlite_store_is_503_then_recovers_without_restart(client, servin
 def test_build_index_cli(serving_env, tmp_path, capsys):
     out = tmp_path / "cli_index"
     assert build_index_main(["--bundle", str(serving_env.bundle_dir), "--out", str(out),
-                             "--n-queries", "100"]) == 0
+                             "--n-queries", "100", "--shards", "2"]) == 0
     printed = capsys.readouterr().out
-    assert serving_env.model_version in printed
-    assert (out / C.INDEX_MANIFEST).is_file() and (out / C.INDEX_DIR).is_dir()
+    assert serving_env.model_version in printed and '"shards": 2' in printed
+    assert (out / C.INDEX_MANIFEST).is_file()
+    assert all((out / shard_dir(i) / SCANN_ASSETS).is_file() for i in (0, 1))
 
 
 def _free_port() -> int:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import shutil
 
 import numpy as np
@@ -11,8 +12,8 @@ import ctt_contracts as C
 from serving.errors import IndexMismatchError
 from serving.index import (BACKEND_BRUTE_FORCE, BACKEND_SCANN, BRUTE_FORCE_MAX_ITEMS,
                            DEFAULT_N_QUERIES, brute_force_topk, build_index,
-                           choose_scann_params, load_index, recall_at_k, sample_queries,
-                           sha256_array)
+                           choose_scann_params, load_index, merge_topk, recall_at_k,
+                           sample_queries, sha256_array, shard_bounds, shard_dir)
 
 N_ITEMS, DIM = 6000, 32
 # build_index's default: with 400 the held-out half (200 queries) scattered about +-0.005
@@ -76,9 +77,28 @@ def test_recall_counts_items_tied_with_the_kth_exact_score():
 
 def test_params_scale_with_catalog_size():
     small, large = choose_scann_params(10_000, 64), choose_scann_params(1_000_000, 64)
+    assert (small.shards, large.shards) == (1, 2)
     assert small.num_leaves < large.num_leaves
-    assert large.num_leaves == 2000 and small.dims_per_block == 2
-    assert choose_scann_params(10_000, 33).dims_per_block == 1
+    assert large.num_leaves == round(2 * 500_000 ** 0.5)  # per shard of 500k items
+    assert choose_scann_params(1_000_000, 64, shards=1).num_leaves == 2000
+    assert small.dims_per_block == 2 and choose_scann_params(10_000, 33).dims_per_block == 1
+    with pytest.raises(ValueError, match="shards"):
+        choose_scann_params(10, 8, shards=6)
+
+
+def test_shard_bounds_cover_every_row_once():
+    np.testing.assert_array_equal(shard_bounds(10, 3), [0, 3, 6, 10])
+    np.testing.assert_array_equal(shard_bounds(7, 1), [0, 7])
+    with pytest.raises(ValueError):
+        shard_bounds(3, 0)
+
+
+def test_merge_keeps_the_best_of_every_shard():
+    pos = [np.array([[0, 1, 2]]), np.array([[10, 11, 12]])]
+    scores = [np.array([[0.9, 0.5, 0.1]]), np.array([[0.8, 0.7, 0.0]])]
+    got_pos, got_scores = merge_topk(pos, scores, 4)
+    np.testing.assert_array_equal(got_pos, [[0, 10, 11, 1]])
+    np.testing.assert_allclose(got_scores, [[0.9, 0.8, 0.7, 0.5]])
 
 
 def test_scann_manifest_and_recall(scann_dir, catalog):
@@ -91,7 +111,7 @@ def test_scann_manifest_and_recall(scann_dir, catalog):
     assert manifest["recall_at_k"] >= 0.95 and manifest["recall_k"] == 100
     assert manifest["build_seconds"] > 0
     assert {"num_leaves", "leaves_to_search", "pre_reorder_num_neighbors"} <= set(manifest["scann"])
-    assert (scann_dir / C.INDEX_DIR / "scann_assets.pbtxt").is_file()
+    assert (scann_dir / shard_dir(0) / "scann_assets.pbtxt").is_file()
 
     # recall on a fresh query sample (not the one used for tuning or the manifest figure)
     index = load_index(scann_dir, "run-a-0123abcd", ids, emb)
@@ -170,7 +190,7 @@ def test_load_detects_corrupt_or_missing_files(scann_dir, catalog, tmp_path):
     ids, emb = catalog
     bad = tmp_path / "bad"
     shutil.copytree(scann_dir, bad)
-    victim = bad / C.INDEX_DIR / "dataset.npy"
+    victim = bad / shard_dir(0) / "dataset.npy"
     data = bytearray(victim.read_bytes())
     data[-8:] = b"\x00" * 8 if data[-8:] != b"\x00" * 8 else b"\x01" * 8
     victim.write_bytes(bytes(data))
@@ -190,7 +210,7 @@ def test_manifest_lists_every_file_and_other_formats_are_refused(scann_dir, cata
     manifest = json.loads((scann_dir / C.INDEX_MANIFEST).read_text())
     on_disk = {p.relative_to(scann_dir).as_posix() for p in scann_dir.rglob("*") if p.is_file()}
     assert set(manifest["files_sha256"]) == on_disk - {C.INDEX_MANIFEST}
-    assert {C.INDEX_ITEM_IDS, f"{C.INDEX_DIR}/scann_assets.pbtxt"} <= on_disk
+    assert {C.INDEX_ITEM_IDS, f"{shard_dir(0)}/scann_assets.pbtxt"} <= on_disk
     assert not any(name.endswith(".pkl") for name in on_disk)
     np.testing.assert_array_equal(np.load(scann_dir / C.INDEX_ITEM_IDS, allow_pickle=False), ids)
 
@@ -200,6 +220,76 @@ def test_manifest_lists_every_file_and_other_formats_are_refused(scann_dir, cata
     (old / C.INDEX_MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(IndexMismatchError, match="format v1.*rebuild"):
         load_index(old, "run-a-0123abcd", ids, emb)
+
+
+@pytest.fixture(scope="module")
+def sharded_dir(tmp_path_factory, catalog):
+    ids, emb = catalog
+    out = tmp_path_factory.mktemp("idx") / "sharded"
+    build_index(ids, emb, "run-a-0123abcd", out, backend=BACKEND_SCANN, n_queries=N_QUERIES,
+                shards=2)
+    return out
+
+
+def _search_in_forked_child(index, q, conn):
+    conn.send(index.search(q, 50))
+    conn.close()
+
+
+def test_sharded_index_merges_shards_searched_in_parallel(sharded_dir, catalog):
+    """Two row-range shards, one searcher each: every shard is on disk and listed, the merged
+    answer reaches the recall target with true scores, threads change nothing but the latency,
+    and a forked worker searches with a thread pool of its own."""
+    ids, emb = catalog
+    manifest = json.loads((sharded_dir / C.INDEX_MANIFEST).read_text())
+    assert manifest["scann"]["shards"] == 2 and manifest["search_threads"] >= 1
+    assert {f"{shard_dir(i)}/scann_assets.pbtxt" for i in (0, 1)} <= set(manifest["files_sha256"])
+    index = load_index(sharded_dir, "run-a-0123abcd", ids, emb)
+    assert [s.size() for s in index.searchers] == [N_ITEMS // 2, N_ITEMS // 2]
+
+    q = sample_queries(emb, 200, seed=4321)
+    approx = np.stack([index.search_positions(row, 100)[0] for row in q])
+    exact = brute_force_topk(emb, q, 100)[0]
+    assert recall_at_k(approx, exact, q, emb) >= 0.95
+    # ScaNN's batched path scores with other kernels: near-ties may swap, the sets agree.
+    assert recall_at_k(index.search_batch_positions(q, 100), approx) >= 0.99
+    assert {int(p) for p in approx.ravel()} & set(range(N_ITEMS // 2, N_ITEMS))  # shard 1 answers
+    got_ids, got_scores = index.search(q[0], 20)
+    np.testing.assert_allclose(got_scores, emb[np.argsort(ids)][np.searchsorted(
+        np.sort(ids), got_ids)] @ q[0], atol=1e-5)
+
+    index.use_threads(2)
+    threaded = index.search(q[1], 50)
+    index.use_threads(1)
+    serial = index.search(q[1], 50)
+    np.testing.assert_array_equal(threaded[0], serial[0])
+    np.testing.assert_array_equal(threaded[1], serial[1])
+
+    index.use_threads(2)
+    index.search(q[2], 10)  # the parent's pool exists before the fork
+    parent_end, child_end = multiprocessing.Pipe()
+    child = multiprocessing.get_context("fork").Process(
+        target=_search_in_forked_child, args=(index, q[1], child_end))
+    child.start()
+    assert parent_end.poll(60), "the forked worker's search hung"
+    forked = parent_end.recv()
+    child.join(10)
+    np.testing.assert_array_equal(forked[0], threaded[0])
+
+
+def test_sharded_index_refuses_a_manifest_with_another_shard_count(sharded_dir, catalog, tmp_path):
+    ids, emb = catalog
+    bad = tmp_path / "bad"
+    shutil.copytree(sharded_dir, bad)
+    manifest = json.loads((bad / C.INDEX_MANIFEST).read_text())
+    manifest["scann"]["shards"] = 3
+    (bad / C.INDEX_MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(IndexMismatchError, match=r"shard 0 holds 3000 points.*rows 0\.\.2000"):
+        load_index(bad, "run-a-0123abcd", ids, emb)
+    manifest["scann"]["shards"] = 1
+    (bad / C.INDEX_MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(IndexMismatchError, match=r"shard 0 holds 3000 points.*rows 0\.\.6000"):
+        load_index(bad, "run-a-0123abcd", ids, emb)
 
 
 def test_tiny_catalog_uses_exact_brute_force_and_rebuild_replaces(tmp_path):

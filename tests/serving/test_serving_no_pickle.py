@@ -21,7 +21,7 @@ import pytest
 from models.export import BundleError, load_bundle, sha256_file
 import ctt_contracts as C
 from serving.errors import IndexMismatchError
-from serving.index import SCANN_ASSETS, _load_scann, load_index
+from serving.index import SCANN_ASSETS, _load_scann, load_index, shard_dir
 from serving.resolver import Resolver
 
 SCANN_DOCIDS = "scann_docids.pkl"  # the file scann_ops_pybind.load_searcher unpickles if present
@@ -151,12 +151,12 @@ def test_scanns_own_loader_would_run_the_payload(artifacts, tmp_path):
     import scann
 
     _, index = artifacts
-    scann_dir = index / C.INDEX_DIR
+    scann_dir = index / shard_dir(0)
     manifest = json.loads((index / C.INDEX_MANIFEST).read_text())
     ours_marker, theirs_marker = tmp_path / "ours", tmp_path / "theirs"
 
     (scann_dir / SCANN_DOCIDS).write_bytes(payload(ours_marker))
-    searcher = _load_scann(scann_dir, manifest["files_sha256"])
+    searcher = _load_scann(index, shard_dir(0), manifest["files_sha256"])
     assert not ours_marker.exists()
     assert searcher.size() == manifest["n_items"] and searcher.docids is None
 
@@ -169,11 +169,11 @@ def test_scann_assets_cannot_point_outside_the_folder(artifacts, serving_env):
     """scann_assets.pbtxt names the files ScaNN's C++ reads; one naming a path outside the index
     (manifest re-signed) is refused before ScaNN opens anything."""
     bundle, index = artifacts
-    assets = index / C.INDEX_DIR / SCANN_ASSETS
+    assets = index / shard_dir(0) / SCANN_ASSETS
     text = assets.read_text()
     assert '"dataset.npy"' in text
     assets.write_text(text.replace('"dataset.npy"', '"../../bundle/item_embeddings.npy"'))
-    _list_in_index_manifest(index, f"{C.INDEX_DIR}/{SCANN_ASSETS}")
+    _list_in_index_manifest(index, f"{shard_dir(0)}/{SCANN_ASSETS}")
     with pytest.raises(IndexMismatchError, match="not a file of this index"):
         load_index(index, serving_env.model_version, *_catalog(bundle))
 

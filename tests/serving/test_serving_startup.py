@@ -20,7 +20,7 @@ from typing import Callable, Dict, Iterator, List, Tuple
 import pytest
 from conftest import ServingEnv, sqlite_store_yaml, write_repo_yaml
 
-import ctt_contracts as C
+from serving.index import shard_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EXIT_STARTUP_ERROR = 2
@@ -71,7 +71,7 @@ def _repo_never_applied(env: ServingEnv, tmp: Path) -> Dict[str, Path]:
 
 def _pickle_in_index(env: ServingEnv, tmp: Path) -> Dict[str, Path]:
     index = Path(shutil.copytree(env.index_dir, tmp / "index"))
-    (index / C.INDEX_DIR / "scann_docids.pkl").write_bytes(pickle.dumps(Payload(tmp / "pwned")))
+    (index / shard_dir(0) / "scann_docids.pkl").write_bytes(pickle.dumps(Payload(tmp / "pwned")))
     return {"--index": index}
 
 
@@ -82,7 +82,7 @@ CASES: List[Tuple[Callable[[ServingEnv, Path], Dict[str, Path]], str]] = [
     (_repo_without_yaml, r"feature repo .*not_a_repo does not load.*feature_store\.yaml"),
     (_repo_with_garbage_yaml, r"feature repo .*garbage_repo does not load.*ParserError"),
     (_repo_never_applied, r"FeatureService 'contextual_two_tower_v1'.*feast apply"),
-    (_pickle_in_index, r"holds pickle files \['scann/scann_docids\.pkl'\]: refused"),
+    (_pickle_in_index, r"holds pickle files \['scann/0/scann_docids\.pkl'\]: refused"),
 ]
 # ~30 s per process on a busy machine: one per kind of failure.
 SUBPROCESS_CASES = [c for c in CASES
