@@ -210,7 +210,8 @@ def pss_mb(pid: int) -> Optional[float]:
     return None
 
 
-def start_server(dep: Deployment, port: int, workers: int, work: Path) -> Tuple[subprocess.Popen, Any]:
+def start_server(dep: Deployment, port: int, workers: int, search_threads: Optional[int],
+                 work: Path) -> Tuple[subprocess.Popen, Any]:
     metrics_dir = work / f"prometheus-{port}"
     metrics_dir.mkdir(parents=True, exist_ok=True)
     log = open(work / f"server-{port}.log", "w+")
@@ -218,7 +219,8 @@ def start_server(dep: Deployment, port: int, workers: int, work: Path) -> Tuple[
     proc = subprocess.Popen(
         [sys.executable, str(REPO_ROOT / "jobs" / "serve.py"), "--host", "127.0.0.1", "--port",
          str(port), "--bundle", str(dep.bundle_dir), "--index", str(dep.index_dir),
-         "--feature-repo", str(dep.repo), "--workers", str(workers), "--log-level", "warning"],
+         "--feature-repo", str(dep.repo), "--workers", str(workers), "--log-level", "warning",
+         *([] if search_threads is None else ["--search-threads", str(search_threads)])],
         stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
     return proc, log
 
@@ -359,6 +361,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--items", type=int, default=BAR_ITEMS)
     p.add_argument("--workers", type=int, default=2, help="server worker processes")
+    p.add_argument("--search-threads", type=int, default=None,
+                   help="ctt-serve --search-threads (default: the server's)")
     p.add_argument("--seconds", type=float, default=30.0, help="measured seconds per phase")
     p.add_argument("--warmup", type=float, default=5.0, help="wrk run before each phase (s)")
     p.add_argument("--users", type=int, default=5000)
@@ -381,7 +385,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         script = wrk_script(dep.requests, work / "pool.lua")
         port = bench._free_port()
         base = f"http://127.0.0.1:{port}"
-        proc, log = start_server(dep, port, args.workers, work)
+        proc, log = start_server(dep, port, args.workers, args.search_threads, work)
         phases: Dict[str, Any] = {}
         try:
             startup_s = wait_healthy(base, proc, log, args.workers)
@@ -415,6 +419,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     result = {
         "setup": {**dep.facts, "server": f"python jobs/serve.py --workers {args.workers} (gunicorn "
                   f"+ uvicorn workers) on 127.0.0.1", "online_store": "Feast SQLite",
+                  "search_threads": args.search_threads or "server default",
                   "client": "wrk (compiled, closed loop, keep-alive), request pool round-robin",
                   "server_startup_s": round(startup_s, 1), "workers": args.workers},
         "phases": phases, "server_memory": memory,

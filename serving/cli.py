@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,7 +172,7 @@ class ServeConfig:
         "intra-op threads of the torch head; 1 is fastest for one-row requests", 1)
     search_threads: Optional[int] = flag_field(
         "threads one request's index search fans out over (at most one per index shard); "
-        "default: one per shard, up to this machine's cores", None)
+        "default: this machine's cores / --workers, so that busy workers do not contend", None)
     max_body_bytes: int = flag_field(
         "request bodies above this many bytes are answered 413 before parsing",
         DEFAULT_MAX_BODY_BYTES)
@@ -197,6 +198,15 @@ class ServeConfig:
                              f"got {self.request_log_sample_rate}")
         if self.request_log_sample_rate > 0 and self.request_log is None:
             raise ValueError("--request-log-sample-rate needs --request-log FOLDER")
+
+
+    def threads_per_search(self) -> int:
+        """--search-threads, else the cores each worker has to itself: at low load a request's
+        shards run side by side; at saturation every core is already busy with a request of its
+        own, and more threads than cores only add hand-offs (README: sizing)."""
+        if self.search_threads is not None:
+            return self.search_threads
+        return max(1, (os.cpu_count() or 1) // self.workers)
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -242,7 +252,7 @@ def serve_main(argv: Optional[List[str]] = None) -> int:
             LOG.info("metrics folder %s: %d files of an earlier run removed", multiprocess_dir(),
                      removed)
         resolver = make_resolver(source, flags, cfg.head)
-        resolver.index.use_threads(cfg.search_threads)
+        resolver.index.use_threads(cfg.threads_per_search())
         metrics = ServingMetrics()
         request_log = (RequestLog(cfg.request_log, cfg.request_log_sample_rate)
                        if cfg.request_log is not None else None)

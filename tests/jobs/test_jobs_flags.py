@@ -6,6 +6,7 @@ no Spark, no training."""
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import warnings
 from dataclasses import field, fields, make_dataclass
@@ -311,6 +312,14 @@ def test_serve_refuses_a_bad_server_config_as_a_usage_error(extra, message, caps
     with pytest.raises(SystemExit) as done:
         serve_main(["--bundle", "B", "--feature-repo", "R", *extra])
     assert done.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_search_threads_default_to_the_cores_each_worker_has(monkeypatch):
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert ServeConfig(workers=1).threads_per_search() == 8
+    assert ServeConfig(workers=3).threads_per_search() == 2
+    assert ServeConfig(workers=16).threads_per_search() == 1
+    assert ServeConfig(workers=16, search_threads=4).threads_per_search() == 4
 
 
 def test_batch_inference_and_refresh_read_the_same_encoding_flags():
