@@ -140,7 +140,7 @@ class Deployment:
 
 
 def build_deployment(work: Path, n_items: int, n_users: int, n_subject: int,
-                     n_requests: int) -> Deployment:
+                     n_requests: int, shards: Optional[int]) -> Deployment:
     """Bundle + tuned ScaNN index + populated Feast repo + a request pool, as serving.py does."""
     bench = _serving_bench()
     torch.manual_seed(0)
@@ -157,7 +157,7 @@ def build_deployment(work: Path, n_items: int, n_users: int, n_subject: int,
     index_dir = work / "index"
     index = build_index(bundle.item_ids, bundle.item_embeddings, bundle.model_version, index_dir,
                         queries=sc.queries[: len(sc.queries) // 2],
-                        query_source="resolver_queries", backend=BACKEND_SCANN)
+                        query_source="resolver_queries", backend=BACKEND_SCANN, shards=shards)
     requests = [{k: v for k, v in r.items() if v is not None}
                 for r in bench.request_stream(sc, n_requests, seed=3)]
     facts = {"n_items": n_items, "dim": config.dim, "state_dim": config.state_dim,
@@ -361,6 +361,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--items", type=int, default=BAR_ITEMS)
     p.add_argument("--workers", type=int, default=2, help="server worker processes")
+    p.add_argument("--shards", type=int, default=None,
+                   help="index shards (ctt-build-index --shards; default: by catalog size)")
     p.add_argument("--search-threads", type=int, default=None,
                    help="ctt-serve --search-threads (default: the server's)")
     p.add_argument("--seconds", type=float, default=30.0, help="measured seconds per phase")
@@ -380,7 +382,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     work = args.work_dir or Path(tempfile.mkdtemp(prefix="ctt-load-test-"))
     try:
         t0 = time.perf_counter()
-        dep = build_deployment(work, args.items, args.users, args.subject_items, args.pool)
+        dep = build_deployment(work, args.items, args.users, args.subject_items, args.pool,
+                               args.shards)
         print(f"deployment ready in {time.perf_counter() - t0:.0f}s: {dep.facts}", flush=True)
         script = wrk_script(dep.requests, work / "pool.lua")
         port = bench._free_port()
@@ -389,6 +392,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         phases: Dict[str, Any] = {}
         try:
             startup_s = wait_healthy(base, proc, log, args.workers)
+            served = httpx.get(f"{base}/version", timeout=10).json()
             pids = server_pids(proc.pid)
             rss_idle = rss_mb(pids)
             print(f"server up in {startup_s:.0f}s ({len(pids)} processes), RSS {rss_idle:.0f} MB",
@@ -419,7 +423,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     result = {
         "setup": {**dep.facts, "server": f"python jobs/serve.py --workers {args.workers} (gunicorn "
                   f"+ uvicorn workers) on 127.0.0.1", "online_store": "Feast SQLite",
-                  "search_threads": args.search_threads or "server default",
+                  "search_threads": served["search_threads"],
                   "client": "wrk (compiled, closed loop, keep-alive), request pool round-robin",
                   "server_startup_s": round(startup_s, 1), "workers": args.workers},
         "phases": phases, "server_memory": memory,

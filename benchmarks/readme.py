@@ -235,6 +235,14 @@ def _ms(stage: Optional[Dict[str, Any]], *keys: str) -> str:
     return " / ".join(num(stage.get(k), 2) for k in keys)
 
 
+def index_cell(params: Optional[Dict[str, Any]]) -> str:
+    """ScaNN's shape and search knobs: shards x leaves searched / leaves, candidates reordered."""
+    if not params:
+        return "-"
+    return (f"{params.get('shards', 1)} x {params['leaves_to_search']}/{params['num_leaves']} "
+            f"leaves, {params['pre_reorder_num_neighbors']:,} reordered")
+
+
 def render_serving(reports: Dict[str, Report]) -> List[str]:
     rows = []
     for file, r in reports.items():
@@ -250,12 +258,13 @@ def render_serving(reports: Dict[str, Report]) -> List[str]:
                 _ms(head.get("numpy_ms"), "p50"),
                 (f"{_ms(search.get('scann_ms'), 'p50')} vs {_ms(search.get('brute_force_ms'), 'p50')} ms: "
                  f"{num(search.get('speedup_p50'), 1)}x"),
-                num(search.get("recall_at_100"), 3),
+                num(search.get("recall_at_100"), 3), index_cell(x["index"].get("scann_params")),
                 _ms(http.get("client_ms"), "p50", "p99"), file])
     out = [provenance(f, r) for f, r in reports.items()] + [""]
     return out + table(("items", "weights", "in-process p50 / p99 / p99.9 ms",
                         "stage p50 ms (feast / head / search)", "head alone p50 ms",
-                        "ScaNN vs exact search p50", "recall@100", "HTTP p50 / p99 ms (Python client)",
+                        "ScaNN vs exact search p50", "recall@100", "index (per shard)",
+                        "HTTP p50 / p99 ms (Python client)",
                         "results file"), rows)
 
 
@@ -271,7 +280,9 @@ def render_load_test(reports: Dict[str, Report]) -> List[str]:
                      f"{lat['p50']:.2f} / {lat['p99']:.2f} / {lat['p999']:.2f} / {lat['max']:.1f}",
                      f"{num(rss.get('growth_mb'), 1)} MB"])
     return ([provenance(file, r),
-             f"{setup['n_items']:,} items (index recall@100 {setup['index_recall_at_100']}), "
+             f"{setup['n_items']:,} items (index recall@100 {setup['index_recall_at_100']}, "
+             f"{index_cell(setup.get('index_scann_params'))}, search threads per request: "
+             f"{setup.get('search_threads', 1)}), "
              f"{setup['users_with_state']:,} users with a state, server: {setup['server']}, "
              f"online store: {setup['online_store']}, client: {setup['client']}.", ""]
             + table(("phase", "client", "requests", "errors", "req/s",

@@ -341,7 +341,8 @@ def run_scale(n_items: int, model: ContextualTwoTower, config: ModelConfig, work
     tune, held_out = sc.queries[: len(sc.queries) // 2], sc.queries[len(sc.queries) // 2:]
     index_dir = work / f"index_{n_items}"
     index = build_index(bundle.item_ids, bundle.item_embeddings, bundle.model_version, index_dir,
-                        queries=tune, query_source="resolver_queries", backend=BACKEND_SCANN)
+                        queries=tune, query_source="resolver_queries", backend=BACKEND_SCANN,
+                        shards=args.shards)
     m = index.manifest
     print(f"index: build {m.build_seconds:.1f}s, params {m.scann}, recall@100 {m.recall_at_k:.4f}",
           flush=True)
@@ -428,6 +429,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--train-users", type=int, default=5000)
     p.add_argument("--train-items", type=int, default=5000)
     p.add_argument("--train-epochs", type=int, default=5)
+    p.add_argument("--shards", type=int, default=None,
+                   help="index shards (ctt-build-index --shards; default: by catalog size)")
     p.add_argument("--no-http", action="store_true")
     args = benchlib.parse_args(
         p, argv, RESULTS, {"scales": [20_000], "requests": 700, "http_requests": 700, "users": 500,
