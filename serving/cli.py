@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from ctt_contracts.flags import (add_exclusive_flags, bundle_field, dataclass_pa
 from ctt_contracts.process import entry_point
 from serving.app import DEFAULT_MAX_BODY_BYTES
 from serving.index import (BACKENDS, DEFAULT_K, DEFAULT_N_QUERIES, DEFAULT_TARGET_RECALL,
-                           MAX_DEFAULT_SHARDS, SHARD_MIN_ITEMS, build_index)
+                           MAX_DEFAULT_SHARDS, SHARD_MIN_ITEMS, build_index, usable_cores)
 from serving.errors import ServingError
 from serving.metrics import (MULTIPROC_ENV, ServingMetrics, mark_worker_dead, multiprocess_dir,
                              prepare_multiprocess_dir, values_in_files)
@@ -74,7 +73,8 @@ class IndexBuildConfig:
     """What ``ctt-build-index`` builds: the bundle's catalog, where to, and how it is tuned."""
 
     bundle: Path = bundle_field()
-    out: Path = flag_field("index folder to write (<out>/scann + <out>/index_manifest.json)")
+    out: Path = flag_field(
+        "index folder to write (<out>/scann/<shard>/ + <out>/index_manifest.json)")
     k: int = flag_field("k of the recall target", DEFAULT_K)
     target_recall: float = flag_field("recall@k the tuned index must reach against brute force",
                                       DEFAULT_TARGET_RECALL)
@@ -90,6 +90,10 @@ class IndexBuildConfig:
         "row-range shards, one ScaNN searcher each, searched in parallel threads by the server; "
         f"default: one per {SHARD_MIN_ITEMS:,} items, at most {MAX_DEFAULT_SHARDS}", None)
 
+    def __post_init__(self) -> None:
+        if self.shards is not None and self.shards < 1:
+            raise ValueError(f"--shards must be >= 1, got {self.shards}")
+
 
 def build_index_parser() -> argparse.ArgumentParser:
     return dataclass_parser(
@@ -101,7 +105,10 @@ def build_index_parser() -> argparse.ArgumentParser:
 def build_index_main(argv: Optional[List[str]] = None) -> int:
     """Load the bundle (checksums verified), build + tune + measure the index, print the manifest."""
     parser = build_index_parser()
-    cfg = from_args(IndexBuildConfig, parser.parse_args(argv))
+    try:
+        cfg = from_args(IndexBuildConfig, parser.parse_args(argv))
+    except ValueError as err:
+        parser.error(str(err))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from models.export import load_bundle
 
@@ -199,14 +206,14 @@ class ServeConfig:
         if self.request_log_sample_rate > 0 and self.request_log is None:
             raise ValueError("--request-log-sample-rate needs --request-log FOLDER")
 
-
     def threads_per_search(self) -> int:
         """--search-threads, else the cores each worker has to itself: at low load a request's
         shards run side by side; at saturation every core is already busy with a request of its
-        own, and more threads than cores only add hand-offs (README: sizing)."""
+        own, and more threads than cores only add hand-offs (README: "Index shards and search
+        threads")."""
         if self.search_threads is not None:
             return self.search_threads
-        return max(1, (os.cpu_count() or 1) // self.workers)
+        return max(1, usable_cores() // self.workers)
 
 
 def serve_parser() -> argparse.ArgumentParser:

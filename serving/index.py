@@ -151,6 +151,14 @@ def sample_queries(embeddings: np.ndarray, n: int, seed: int = 0,
     return q / np.linalg.norm(q, axis=1, keepdims=True)
 
 
+def usable_cores() -> int:
+    """CPUs this process may run on (its affinity mask; a container's CPU quota is not visible)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # platforms without sched_getaffinity
+        return os.cpu_count() or 1
+
+
 def shard_bounds(n_items: int, shards: int) -> np.ndarray:
     """Row ranges of the shards: (shards + 1,) int64, shard i holds rows [b[i], b[i + 1])."""
     if not 1 <= shards <= n_items:
@@ -298,10 +306,10 @@ class ItemIndex:
         self.searchers = list(searchers)  # scann ScannSearcher per shard; empty: brute force
         self.params = ScannParams.from_dict(manifest.scann) if manifest.scann else None
         self.bounds = shard_bounds(self.size, len(self.searchers)) if self.searchers else None
-        self.search_threads = 1
-        self.use_threads(search_threads)
         self._pool: Optional[ThreadPoolExecutor] = None
         self._pool_pid = -1
+        self.search_threads = 1
+        self.use_threads(search_threads)
 
     @property
     def size(self) -> int:
@@ -316,13 +324,19 @@ class ItemIndex:
         return BACKEND_SCANN if self.searchers else BACKEND_BRUTE_FORCE
 
     def use_threads(self, threads: Optional[int]) -> None:
-        """Search threads per query: None = one per shard, up to the cores of this machine."""
+        """Search threads per query: None = one per shard, up to the cores this process may use."""
         n_shards = max(1, len(self.searchers))
         if threads is None:
-            threads = min(n_shards, os.cpu_count() or 1)
+            threads = min(n_shards, usable_cores())
         if threads < 1:
             raise ValueError(f"search threads must be >= 1, got {threads}")
+        self.close()
         self.search_threads = int(min(threads, n_shards))
+
+    def close(self) -> None:
+        """Stop this process's search threads (they are made again on the next search)."""
+        if self._pool is not None and self._pool_pid == os.getpid():
+            self._pool.shutdown(wait=False)
         self._pool = None
 
     def search_positions(self, query: np.ndarray, k: int,
@@ -354,8 +368,11 @@ class ItemIndex:
         if pool is None:
             parts = [shard(i) for i in range(len(self.searchers))]
         else:
-            futures = [pool.submit(shard, i) for i in range(1, len(self.searchers))]
-            parts = [shard(0)] + [f.result() for f in futures]
+            # Shards dealt to the threads round-robin; the calling thread takes the first group.
+            groups = [range(t, len(self.searchers), self.search_threads)
+                      for t in range(self.search_threads)]
+            futures = [pool.submit(lambda g: [shard(i) for i in g], g) for g in groups[1:]]
+            parts = [shard(i) for i in groups[0]] + [p for f in futures for p in f.result()]
         pos, scores = merge_topk([p[None, :] for p, _ in parts], [s[None, :] for _, s in parts], k)
         return pos[0], scores[0]
 
@@ -380,17 +397,21 @@ class ItemIndex:
                 q, final_num_neighbors=k,
                 pre_reorder_num_neighbors=max(k, pre_reorder or p.pre_reorder_num_neighbors),
                 leaves_to_search=leaves_to_search or p.leaves_to_search)
-            positions.append(np.asarray(pos, dtype=np.int64) + start)  # (B, k)
-            scores.append(np.asarray(sc, dtype=np.float32))
+            sc = np.asarray(sc, dtype=np.float32)  # (B, k)
+            # ScaNN pads a row that found fewer than k with position 0 and score NaN: a miss.
+            pos = np.where(np.isnan(sc), -1, np.asarray(pos, dtype=np.int64) + start)
+            positions.append(pos)  # (B, k)
+            scores.append(np.where(np.isnan(sc), -np.inf, sc))
         if len(self.searchers) == 1:
             return positions[0]
         return merge_topk(positions, scores, k)[0]
 
     def _executor(self) -> Optional[ThreadPoolExecutor]:
+        """This process's pool, made on first use: threads do not survive a fork, so a pool made
+        before gunicorn forks its workers would hand the workers' searches to nobody."""
         if self.search_threads < 2:
             return None
         if self._pool is None or self._pool_pid != os.getpid():
-            # A pool inherited through fork has no threads behind it: make this process's own.
             self._pool = ThreadPoolExecutor(self.search_threads - 1, thread_name_prefix="search")
             self._pool_pid = os.getpid()
         return self._pool
@@ -568,6 +589,9 @@ def build_index(item_ids: np.ndarray, embeddings: np.ndarray, model_version: str
         backend=backend, scann=None, build_seconds=0.0, recall_k=k_eff, recall_at_k=float("nan"),
         recall_tune_at_k=None, n_recall_queries=int(eval_q.shape[0]), query_source=query_source,
         created_at=datetime.now(timezone.utc).isoformat(), scann_version=_scann_version())
+    if shards is not None and (backend != BACKEND_SCANN or params is not None):
+        LOG.warning("shards=%d ignored: %s", shards, "the given params set the shards"
+                    if params is not None else f"the {backend} backend has no shards")
     searchers: List[object] = []
     if backend == BACKEND_SCANN:
         p = params or choose_scann_params(n, dim, k_eff, shards)
@@ -583,6 +607,7 @@ def build_index(item_ids: np.ndarray, embeddings: np.ndarray, model_version: str
                       and c["pre_reorder_num_neighbors"] == tuned.pre_reorder_num_neighbors)
         manifest.search_ms = {key: chosen[key] for key in ("p50", "p99", "mean")}
         manifest.search_threads = untuned.search_threads
+        untuned.close()
     manifest.build_seconds = round(time.perf_counter() - t0, 3)
     index = ItemIndex(item_ids, embeddings, manifest, searchers)
     manifest.recall_at_k = recall_at_k(index.search_batch_positions(eval_q, k_eff),
@@ -682,7 +707,7 @@ def load_index(index_dir: Path | str, model_version: str, item_ids: np.ndarray,
     doc_ids = _load_doc_ids(index_dir, manifest.files_sha256, item_ids)
     searchers: List[object] = []
     if manifest.backend == BACKEND_SCANN:
-        shards = int(ScannParams.from_dict(manifest.scann).shards)
+        shards = _manifest_shards(manifest, index_dir)
         bounds = shard_bounds(manifest.n_items, shards)
         for i in range(shards):
             searcher = _load_scann(index_dir, shard_dir(i), manifest.files_sha256)
@@ -693,6 +718,23 @@ def load_index(index_dir: Path | str, model_version: str, item_ids: np.ndarray,
     elif manifest.backend != BACKEND_BRUTE_FORCE:
         raise IndexMismatchError(f"unknown backend {manifest.backend!r} in {index_dir}")
     return ItemIndex(doc_ids, embeddings, manifest, searchers, search_threads)
+
+
+def _manifest_shards(manifest: IndexManifest, index_dir: Path) -> int:
+    """The shard count a ScaNN manifest records, which must name exactly the shard folders it
+    lists (scann/0 .. scann/<shards - 1>)."""
+    shards = (manifest.scann or {}).get("shards") if isinstance(manifest.scann, dict) else None
+    if not isinstance(shards, int) or not 1 <= shards <= manifest.n_items:
+        raise IndexMismatchError(f"{index_dir}: the manifest's scann.shards must be an integer in "
+                                 f"[1, {manifest.n_items}], got {shards!r}; rebuild the index")
+    listed = {PurePosixPath(name).parts[1] for name in manifest.files_sha256
+              if PurePosixPath(name).parts[0] == C.INDEX_DIR and len(PurePosixPath(name).parts) > 2}
+    expected = {str(i) for i in range(shards)}
+    if listed != expected:
+        raise IndexMismatchError(f"{index_dir}: the manifest records {shards} shard(s) but lists "
+                                 f"the folders {sorted(listed)} under {C.INDEX_DIR}/; rebuild "
+                                 f"the index")
+    return shards
 
 
 def check_listing(index_dir: Path, listed: Dict[str, str]) -> None:

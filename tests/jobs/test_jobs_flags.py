@@ -6,7 +6,6 @@ no Spark, no training."""
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import warnings
 from dataclasses import field, fields, make_dataclass
@@ -31,8 +30,9 @@ from pipelines.ingest import EventMapping
 from pipelines.inference import BatchInferenceConfig, EncodingConfig, inference_parser
 from pipelines.lease import LeaseCommand, lease_parser
 from pipelines.refresh import RefreshConfig, build_parser as refresh_parser
+from serving import cli as serving_cli
 from serving.cli import (IndexBuildConfig, ModelSource, ResolverFlags, ServeConfig,
-                         build_index_parser, serve_main, serve_parser)
+                         build_index_main, build_index_parser, serve_main, serve_parser)
 from serving.replay import ReplayConfig, parser as replay_parser
 
 TINY_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "test_tiny.yaml"
@@ -315,11 +315,17 @@ def test_serve_refuses_a_bad_server_config_as_a_usage_error(extra, message, caps
 
 
 def test_search_threads_default_to_the_cores_each_worker_has(monkeypatch):
-    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(serving_cli, "usable_cores", lambda: 8)
     assert ServeConfig(workers=1).threads_per_search() == 8
     assert ServeConfig(workers=3).threads_per_search() == 2
     assert ServeConfig(workers=16).threads_per_search() == 1
     assert ServeConfig(workers=16, search_threads=4).threads_per_search() == 4
+
+
+def test_build_index_refuses_a_bad_shard_count_as_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as done:
+        build_index_main(["--bundle", "B", "--out", "O", "--shards", "0"])
+    assert done.value.code == 2 and "--shards must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_batch_inference_and_refresh_read_the_same_encoding_flags():

@@ -271,25 +271,45 @@ def test_sharded_index_merges_shards_searched_in_parallel(sharded_dir, catalog):
     child = multiprocessing.get_context("fork").Process(
         target=_search_in_forked_child, args=(index, q[1], child_end))
     child.start()
-    assert parent_end.poll(60), "the forked worker's search hung"
-    forked = parent_end.recv()
-    child.join(10)
+    try:
+        assert parent_end.poll(60), "the forked worker's search hung"
+        forked = parent_end.recv()
+        child.join(10)
+        assert child.exitcode == 0
+    finally:
+        child.kill()
     np.testing.assert_array_equal(forked[0], threaded[0])
 
 
-def test_sharded_index_refuses_a_manifest_with_another_shard_count(sharded_dir, catalog, tmp_path):
+@pytest.mark.parametrize("shards, message", [
+    (3, r"records 3 shard\(s\) but lists the folders \['0', '1'\]"),
+    (1, r"records 1 shard\(s\) but lists the folders \['0', '1'\]"),
+    (0, r"scann.shards must be an integer in \[1, 6000\], got 0"),
+    ("2", r"must be an integer .* got '2'"),
+])
+def test_sharded_index_refuses_a_manifest_with_another_shard_count(sharded_dir, catalog, tmp_path,
+                                                                    shards, message):
     ids, emb = catalog
     bad = tmp_path / "bad"
     shutil.copytree(sharded_dir, bad)
     manifest = json.loads((bad / C.INDEX_MANIFEST).read_text())
-    manifest["scann"]["shards"] = 3
+    manifest["scann"]["shards"] = shards
     (bad / C.INDEX_MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(IndexMismatchError, match=r"shard 0 holds 3000 points.*rows 0\.\.2000"):
+    with pytest.raises(IndexMismatchError, match=message):
         load_index(bad, "run-a-0123abcd", ids, emb)
-    manifest["scann"]["shards"] = 1
-    (bad / C.INDEX_MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(IndexMismatchError, match=r"shard 0 holds 3000 points.*rows 0\.\.6000"):
-        load_index(bad, "run-a-0123abcd", ids, emb)
+
+
+def test_batched_search_marks_scann_padding_as_a_miss(sharded_dir, catalog):
+    """One leaf per shard finds fewer than k items: ScaNN pads those rows (position 0, score
+    NaN), which must come back as -1 (a miss for recall), never as a repeated real position."""
+    ids, emb = catalog
+    index = load_index(sharded_dir, "run-a-0123abcd", ids, emb)
+    q = sample_queries(emb, 20, seed=5)
+    pos = index.search_batch_positions(q, 1000, leaves_to_search=1, pre_reorder=1000)
+    assert (pos == -1).any()
+    for row in pos:
+        found = row[row >= 0]
+        assert len(np.unique(found)) == len(found)
 
 
 def test_tiny_catalog_uses_exact_brute_force_and_rebuild_replaces(tmp_path):
