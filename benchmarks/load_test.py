@@ -140,7 +140,7 @@ class Deployment:
 
 
 def build_deployment(work: Path, n_items: int, n_users: int, n_subject: int,
-                     n_requests: int, shards: Optional[int]) -> Deployment:
+                     n_requests: int, shards: int) -> Deployment:
     """Bundle + tuned ScaNN index + populated Feast repo + a request pool, as serving.py does."""
     bench = _serving_bench()
     torch.manual_seed(0)
@@ -361,8 +361,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--items", type=int, default=BAR_ITEMS)
     p.add_argument("--workers", type=int, default=2, help="server worker processes")
-    p.add_argument("--shards", type=int, default=None,
-                   help="index shards (ctt-build-index --shards; default: by catalog size)")
+    p.add_argument("--shards", type=int, default=1,
+                   help="index shards (ctt-build-index --shards); 1: the workers fill the cores, "
+                        "where one searcher per request costs the least CPU")
     p.add_argument("--search-threads", type=int, default=None,
                    help="ctt-serve --search-threads (default: the server's)")
     p.add_argument("--seconds", type=float, default=30.0, help="measured seconds per phase")

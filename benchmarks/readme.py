@@ -265,7 +265,23 @@ def render_serving(reports: Dict[str, Report]) -> List[str]:
                         "stage p50 ms (feast / head / search)", "head alone p50 ms",
                         "ScaNN vs exact search p50", "recall@100", "index (per shard)",
                         "HTTP p50 / p99 ms (Python client)",
-                        "results file"), rows)
+                        "results file"), rows) + render_layouts(reports)
+
+
+def render_layouts(reports: Dict[str, Report]) -> List[str]:
+    """The sharded index beside one searcher, per run that measured both."""
+    rows = []
+    for file, r in reports.items():
+        for x in r["result"]["by_size"]:
+            for lay in x.get("index_layouts") or []:
+                rows.append([f"{x['n_items']:,}", r["result"].get("model_weights", "-").split(" (")[0],
+                             lay["layout"], index_cell(lay["scann_params"]),
+                             _ms(lay["search_ms"], "p50", "p99"), num(lay["recall_at_100"], 3), file])
+    if not rows:
+        return []
+    return ["", "Index layouts, one query at a time on the same held-out queries:", ""] + table(
+        ("items", "weights", "layout", "index (per shard)", "search p50 / p99 ms", "recall@100",
+         "results file"), rows)
 
 
 def render_load_test(reports: Dict[str, Report]) -> List[str]:

@@ -217,6 +217,38 @@ def bench_search(index: ItemIndex, queries: np.ndarray, k: int = 100,
             "speedup_p50": round(b["p50"] / s["p50"], 2), "speedup_mean": round(b["mean"] / s["mean"], 2)}
 
 
+def bench_layouts(index: ItemIndex, bundle: Bundle, tune: np.ndarray, queries: np.ndarray,
+                  k: int = 100, warmup: int = 20) -> Optional[List[Dict[str, Any]]]:
+    """A sharded index beside one searcher over the same catalog (built and tuned alike): search
+    latency with its shards in one thread (a server whose workers fill the cores) and in its own
+    threads. None for an index of one shard."""
+    if len(index.searchers) < 2:
+        return None
+    single = build_index(bundle.item_ids, bundle.item_embeddings, bundle.model_version, None,
+                         queries=tune, query_source="resolver_queries", backend=BACKEND_SCANN,
+                         shards=1)
+    threads = index.search_threads
+    exact = brute_force_topk(index.embeddings, queries, k)[0]
+    rows = []
+    for name, idx, n_threads in (("one searcher", single, 1),
+                                 (f"{len(index.searchers)} shards, 1 thread", index, 1),
+                                 (f"{len(index.searchers)} shards, {threads} threads", index, threads)):
+        idx.use_threads(n_threads)
+        for q in queries[:warmup]:
+            idx.search_positions(q, k)
+        ms, found = [], []
+        for q in queries:
+            t0 = time.perf_counter()
+            found.append(idx.search_positions(q, k)[0])
+            ms.append((time.perf_counter() - t0) * 1e3)
+        rows.append({"layout": name, "scann_params": idx.manifest.scann, "search_ms":
+                     benchlib.percentiles(ms), "recall_at_100": round(recall_at_k(
+                         np.stack(found), exact, queries, idx.embeddings), 4)})
+    index.use_threads(threads)
+    single.close()
+    return rows
+
+
 def bench_in_process(resolver: Resolver, reqs: List[Dict[str, Any]], exact: bool,
                      warmup: int = 200) -> Dict[str, Any]:
     for r in reqs[:warmup]:
@@ -347,6 +379,7 @@ def run_scale(n_items: int, model: ContextualTwoTower, config: ModelConfig, work
     print(f"index: build {m.build_seconds:.1f}s, params {m.scann}, recall@100 {m.recall_at_k:.4f}",
           flush=True)
     search = bench_search(index, held_out[: args.search_queries])
+    layouts = bench_layouts(index, bundle, tune, held_out[: args.search_queries])
     resolver = Resolver(bundle, index, store)
     reqs = request_stream(sc, args.requests, seed=2)
     head_only = bench_head(resolver, reqs)
@@ -363,7 +396,7 @@ def run_scale(n_items: int, model: ContextualTwoTower, config: ModelConfig, work
         "index": {"build_seconds": m.build_seconds, "scann_params": m.scann,
                   "recall_at_100_manifest": round(m.recall_at_k, 4), "query_source": m.query_source,
                   "search_ms_at_build": m.search_ms, "tuning_candidates": m.tuning_candidates},
-        "search_only": search, "head_only": head_only,
+        "search_only": search, "index_layouts": layouts, "head_only": head_only,
         "in_process_scann": in_proc, "in_process_brute_force": in_proc_exact, "http": http,
     }
     result["targets_met"] = {

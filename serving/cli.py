@@ -32,7 +32,8 @@ from ctt_contracts.flags import (add_exclusive_flags, bundle_field, dataclass_pa
 from ctt_contracts.process import entry_point
 from serving.app import DEFAULT_MAX_BODY_BYTES
 from serving.index import (BACKENDS, DEFAULT_K, DEFAULT_N_QUERIES, DEFAULT_TARGET_RECALL,
-                           MAX_DEFAULT_SHARDS, SHARD_MIN_ITEMS, build_index, usable_cores)
+                           MAX_DEFAULT_SHARDS, SHARD_MIN_ITEMS, ItemIndex, build_index,
+                           usable_cores)
 from serving.errors import ServingError
 from serving.metrics import (MULTIPROC_ENV, ServingMetrics, mark_worker_dead, multiprocess_dir,
                              prepare_multiprocess_dir, values_in_files)
@@ -216,6 +217,17 @@ class ServeConfig:
         return max(1, usable_cores() // self.workers)
 
 
+def warn_serial_shards(index: ItemIndex) -> None:
+    """A sharded index searched with fewer threads than shards runs shards one after another:
+    more CPU per request than one searcher (at 1M items, serving benchmark: "Index layouts")."""
+    if index.search_threads < len(index.searchers):
+        LOG.warning("the index has %d shards but each request searches with %d thread(s): "
+                    "shards run one after another, which costs more CPU than one searcher; "
+                    "build the index with --shards 1 when the workers fill every core, or give "
+                    "each worker more --search-threads", len(index.searchers),
+                    index.search_threads)
+
+
 def serve_parser() -> argparse.ArgumentParser:
     p = dataclass_parser("ctt-serve", "Online resolver over HTTP: POST /recommend, GET /health, "
                          "GET /version.", ServeConfig, ResolverFlags, (ModelSource, MLFLOW_FIELDS))
@@ -260,6 +272,7 @@ def serve_main(argv: Optional[List[str]] = None) -> int:
                      removed)
         resolver = make_resolver(source, flags, cfg.head)
         resolver.index.use_threads(cfg.threads_per_search())
+        warn_serial_shards(resolver.index)
         metrics = ServingMetrics()
         request_log = (RequestLog(cfg.request_log, cfg.request_log_sample_rate)
                        if cfg.request_log is not None else None)

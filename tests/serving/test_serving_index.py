@@ -299,6 +299,19 @@ def test_sharded_index_refuses_a_manifest_with_another_shard_count(sharded_dir, 
         load_index(bad, "run-a-0123abcd", ids, emb)
 
 
+def test_serve_warns_when_shards_run_one_after_another(sharded_dir, catalog, caplog):
+    from serving.cli import warn_serial_shards
+
+    ids, emb = catalog
+    index = load_index(sharded_dir, "run-a-0123abcd", ids, emb, search_threads=2)
+    with caplog.at_level("WARNING", logger="serving.cli"):
+        warn_serial_shards(index)
+        assert not caplog.records
+        index.use_threads(1)
+        warn_serial_shards(index)
+    assert "2 shards but each request searches with 1 thread" in caplog.text
+
+
 def test_batched_search_marks_scann_padding_as_a_miss(sharded_dir, catalog):
     """One leaf per shard finds fewer than k items: ScaNN pads those rows (position 0, score
     NaN), which must come back as -1 (a miss for recall), never as a repeated real position."""
