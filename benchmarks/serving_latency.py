@@ -38,7 +38,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import pandas as pd
@@ -191,24 +191,26 @@ def train_bundle(work: Path, users: int, items: int, epochs: int) -> Path:
     return Path(summary["bundle"])
 
 
+def timed_ms(search: Callable[[np.ndarray], Any], queries: np.ndarray, warmup: int) -> List[float]:
+    """Milliseconds of `search` per query (D,), one at a time, after `warmup` untimed ones."""
+    for q in queries[:warmup]:
+        search(q)
+    out = []
+    for q in queries:
+        t0 = time.perf_counter()
+        search(q)
+        out.append((time.perf_counter() - t0) * 1e3)
+    return out
+
+
 def bench_search(index: ItemIndex, queries: np.ndarray, k: int = 100,
                  warmup: int = 20) -> Dict[str, Any]:
     """Per-query latency of ScaNN and of the exact brute force, each timed in its own pass over
     the queries after ``warmup`` untimed ones. Interleaving them would time ScaNN right after a
     full scan of the embedding matrix has evicted its partitions from the CPU caches, a state
     the resolver never serves from."""
-    def timed(search) -> List[float]:
-        for q in queries[:warmup]:
-            search(q)
-        out = []
-        for q in queries:
-            t0 = time.perf_counter()
-            search(q)
-            out.append((time.perf_counter() - t0) * 1e3)
-        return out
-
-    scann_ms = timed(lambda q: index.search_positions(q, k))
-    bf_ms = timed(lambda q: brute_force_topk(index.embeddings, q[None, :], k))
+    scann_ms = timed_ms(lambda q: index.search_positions(q, k), queries, warmup)
+    bf_ms = timed_ms(lambda q: brute_force_topk(index.embeddings, q[None, :], k), queries, warmup)
     approx = np.stack([index.search_positions(q, k)[0] for q in queries])
     rec = recall_at_k(approx, brute_force_topk(index.embeddings, queries, k)[0], queries,
                       index.embeddings)
@@ -234,16 +236,11 @@ def bench_layouts(index: ItemIndex, bundle: Bundle, tune: np.ndarray, queries: n
                                  (f"{len(index.searchers)} shards, 1 thread", index, 1),
                                  (f"{len(index.searchers)} shards, {threads} threads", index, threads)):
         idx.use_threads(n_threads)
-        for q in queries[:warmup]:
-            idx.search_positions(q, k)
-        ms, found = [], []
-        for q in queries:
-            t0 = time.perf_counter()
-            found.append(idx.search_positions(q, k)[0])
-            ms.append((time.perf_counter() - t0) * 1e3)
-        rows.append({"layout": name, "scann_params": idx.manifest.scann, "search_ms":
-                     benchlib.percentiles(ms), "recall_at_100": round(recall_at_k(
-                         np.stack(found), exact, queries, idx.embeddings), 4)})
+        ms = timed_ms(lambda q: idx.search_positions(q, k), queries, warmup)
+        found = np.stack([idx.search_positions(q, k)[0] for q in queries])  # (Q, k)
+        rows.append({"layout": name, "scann_params": idx.manifest.scann,
+                     "search_ms": benchlib.percentiles(ms),
+                     "recall_at_100": round(recall_at_k(found, exact, queries, idx.embeddings), 4)})
     index.use_threads(threads)
     single.close()
     return rows

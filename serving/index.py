@@ -443,7 +443,7 @@ def _build_scann(embeddings: np.ndarray, params: ScannParams) -> List[object]:
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         builder = scann.scann_ops_pybind.builder(embeddings[lo:hi], params.num_neighbors,
                                                  "dot_product")
-        builder = builder.set_n_training_threads(os.cpu_count() or 1)
+        builder = builder.set_n_training_threads(usable_cores())
         builder = builder.tree(
             num_leaves=params.num_leaves, num_leaves_to_search=params.leaves_to_search,
             training_sample_size=min(params.training_sample_size, int(hi - lo)),
@@ -723,12 +723,12 @@ def load_index(index_dir: Path | str, model_version: str, item_ids: np.ndarray,
 def _manifest_shards(manifest: IndexManifest, index_dir: Path) -> int:
     """The shard count a ScaNN manifest records, which must name exactly the shard folders it
     lists (scann/0 .. scann/<shards - 1>)."""
-    shards = (manifest.scann or {}).get("shards") if isinstance(manifest.scann, dict) else None
+    shards = manifest.scann.get("shards") if isinstance(manifest.scann, dict) else None
     if not isinstance(shards, int) or not 1 <= shards <= manifest.n_items:
         raise IndexMismatchError(f"{index_dir}: the manifest's scann.shards must be an integer in "
                                  f"[1, {manifest.n_items}], got {shards!r}; rebuild the index")
-    listed = {PurePosixPath(name).parts[1] for name in manifest.files_sha256
-              if PurePosixPath(name).parts[0] == C.INDEX_DIR and len(PurePosixPath(name).parts) > 2}
+    paths = [PurePosixPath(name).parts for name in manifest.files_sha256]
+    listed = {parts[1] for parts in paths if len(parts) > 2 and parts[0] == C.INDEX_DIR}
     expected = {str(i) for i in range(shards)}
     if listed != expected:
         raise IndexMismatchError(f"{index_dir}: the manifest records {shards} shard(s) but lists "
